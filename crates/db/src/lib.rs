@@ -1,1 +1,31 @@
+//! PostgreSQL for the queue runner: connecting, and the schema.
+//!
+//! The schema is Hydra's (version 87) for every table Hydra has, plus the
+//! runner's own `hqr_` tables. Migrations live in `sql/` at the top of the
+//! repository and are applied by [`migrate`] (`hydra-queue-runner migrate`).
 
+mod migrate;
+pub mod status;
+
+pub use migrate::{HYDRA_SCHEMA_VERSION, MigrateError, MigrationReport, migrate};
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConnectError {
+    #[error("invalid database URL: {0}")]
+    BadUrl(#[source] sqlx::Error),
+    #[error("cannot connect to the database: {0}")]
+    Connect(#[source] sqlx::Error),
+}
+
+/// A connection pool to the database at `url` (a `postgres://` URL).
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, ConnectError> {
+    let options: PgConnectOptions = url.parse().map_err(ConnectError::BadUrl)?;
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .connect_with(options)
+        .await
+        .map_err(ConnectError::Connect)
+}

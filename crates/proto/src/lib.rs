@@ -1,1 +1,68 @@
+//! The gRPC protocol between the queue runner and its builders, generated
+//! from `proto/builder.proto`, and the version handshake both sides apply.
 
+use thiserror::Error;
+
+/// Generated messages and service stubs (`hydra.builder.v1`).
+pub mod v1 {
+    tonic::include_proto!("hydra.builder.v1");
+}
+
+/// The protocol version of this build. Runner and builder must agree exactly:
+/// a mismatch is refused at join, with a message saying which side to upgrade.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A peer that speaks another protocol version.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error(
+    "protocol version mismatch: this {local_role} speaks builder protocol {local}, the {peer_role} speaks {peer}; \
+     run the same hydra-queue-runner/hydra-builder release on both sides"
+)]
+pub struct VersionMismatch {
+    pub local_role: &'static str,
+    pub peer_role: &'static str,
+    pub local: u32,
+    pub peer: u32,
+}
+
+/// Checks a peer's protocol version. `local_role` is "runner" or "builder".
+pub fn check_peer_version(local_role: &'static str, peer: u32) -> Result<(), VersionMismatch> {
+    if peer == PROTOCOL_VERSION {
+        return Ok(());
+    }
+    let peer_role = if local_role == "runner" { "builder" } else { "runner" };
+    Err(VersionMismatch { local_role, peer_role, local: PROTOCOL_VERSION, peer })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::v1::*;
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn a_mismatch_names_both_versions_and_the_fix() {
+        assert!(check_peer_version("runner", PROTOCOL_VERSION).is_ok());
+        let err = check_peer_version("runner", PROTOCOL_VERSION + 1).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("runner speaks builder protocol 1"), "{msg}");
+        assert!(msg.contains("builder speaks 2"), "{msg}");
+    }
+
+    #[test]
+    fn messages_round_trip_and_garbage_is_an_error() {
+        let join = BuilderMessage {
+            msg: Some(builder_message::Msg::Join(Join {
+                protocol_version: PROTOCOL_VERSION,
+                machine_name: "b1".into(),
+                systems: vec!["x86_64-linux".into()],
+                max_jobs: 4,
+                store_dir: "/nix/store".into(),
+                ..Default::default()
+            })),
+        };
+        let bytes = join.encode_to_vec();
+        assert_eq!(BuilderMessage::decode(bytes.as_slice()).unwrap(), join);
+        assert!(BuilderMessage::decode(&[0xff, 0xff, 0xff][..]).is_err());
+    }
+}

@@ -1,1 +1,26 @@
+//! The test kit every integration test uses: real PostgreSQL, real Nix.
+//!
+//! - [`pg`]: a throwaway PostgreSQL 15 cluster per test run (started by the
+//!   `with-postgres` wrapper that the README's test command uses, or by the
+//!   first test of a process when run alone) and a fresh database per test,
+//!   migrated by the project's own migration code. `DATABASE_URL` points the
+//!   tests at an existing server instead.
+//! - [`nix`]: private Nix stores (a nix-daemon in its own mount namespace
+//!   with a private `/nix`), so that the runner and every builder have a
+//!   store of their own, and helpers that instantiate small `.nix` files.
 
+pub mod nix;
+pub mod pg;
+
+pub use nix::{NixStore, nix_config};
+pub use pg::{PgCluster, TestDb};
+
+/// Installs a tracing subscriber that writes to the test's captured output.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}

@@ -1,1 +1,25 @@
+//! An async client of the nix-daemon worker protocol (Nix 2.8 speaks 1.34).
+//!
+//! The client offers 1.34 and uses `min(1.34, daemon's)`, so a newer daemon
+//! simply talks 1.34 to it. Daemons older than 1.26 (Nix 2.3 and before)
+//! are refused: their error format differs.
+//!
+//! - [`wire`]: the protocol's integers, strings and lists;
+//! - [`client`]: the handshake and the operations;
+//! - [`types`]: what the operations take and return.
 
+mod client;
+mod error;
+mod types;
+mod wire;
+
+pub use client::{ClientSettings, DaemonClient, PROTOCOL_VERSION};
+pub use error::DaemonError;
+pub use types::{BuildMode, BuildResult, BuildStatus, LogLine, PathInfo, Realisation};
+
+/// The socket a system nix-daemon listens on, unless `NIX_DAEMON_SOCKET_PATH` says otherwise.
+pub fn default_socket_path() -> std::path::PathBuf {
+    std::env::var_os("NIX_DAEMON_SOCKET_PATH")
+        .map(Into::into)
+        .unwrap_or_else(|| "/nix/var/nix/daemon-socket/socket".into())
+}

@@ -1,0 +1,523 @@
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::Path;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+
+use super::types::{BuildMode, BuildResult, BuildStatus, LogLine, PathInfo, Realisation};
+use super::wire::*;
+use super::DaemonError;
+use crate::derivation::aterm::output_fields;
+use crate::hash::{Hash, HashAlgo};
+use crate::{Derivation, StoreDir};
+
+const WORKER_MAGIC_1: u64 = 0x6e697863;
+const WORKER_MAGIC_2: u64 = 0x6478696f;
+
+/// The protocol version this client offers (Nix 2.8's).
+pub const PROTOCOL_VERSION: u64 = (1 << 8) | 34;
+const MIN_MINOR: u64 = 26;
+
+const STDERR_NEXT: u64 = 0x6f6c6d67;
+const STDERR_READ: u64 = 0x64617461;
+const STDERR_WRITE: u64 = 0x64617416;
+const STDERR_LAST: u64 = 0x616c7473;
+const STDERR_ERROR: u64 = 0x63787470;
+const STDERR_START_ACTIVITY: u64 = 0x53545254;
+const STDERR_STOP_ACTIVITY: u64 = 0x53544f50;
+const STDERR_RESULT: u64 = 0x52534c54;
+
+const RES_BUILD_LOG_LINE: u64 = 101;
+const RES_POST_BUILD_LOG_LINE: u64 = 107;
+
+/// Frames of at most this size carry NAR data to the daemon.
+const FRAME_SIZE: usize = 64 << 10;
+
+#[repr(u64)]
+enum Op {
+    IsValidPath = 1,
+    AddTempRoot = 11,
+    SetOptions = 19,
+    QueryPathInfo = 26,
+    QueryValidPaths = 31,
+    BuildDerivation = 36,
+    NarFromPath = 38,
+    AddToStoreNar = 39,
+    QueryDerivationOutputMap = 41,
+    RegisterDrvOutput = 42,
+    QueryRealisation = 43,
+    BuildPaths = 9,
+}
+
+/// Settings sent with `SetOptions`; limits apply to the builds that follow.
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    pub keep_failed: bool,
+    pub keep_going: bool,
+    pub try_fallback: bool,
+    pub verbosity: u64,
+    pub max_build_jobs: u64,
+    /// Seconds without output before a build is killed (0 = no limit).
+    pub max_silent_time: u64,
+    pub build_cores: u64,
+    pub use_substitutes: bool,
+    /// Further settings by name (`timeout`, `max-build-log-size`, ...).
+    pub overrides: BTreeMap<String, String>,
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        ClientSettings {
+            keep_failed: false,
+            keep_going: false,
+            try_fallback: false,
+            verbosity: 0,
+            max_build_jobs: 1,
+            max_silent_time: 0,
+            build_cores: 0,
+            use_substitutes: false,
+            overrides: BTreeMap::new(),
+        }
+    }
+}
+
+type Reader = BufReader<Box<dyn AsyncRead + Send + Unpin>>;
+type Writer = BufWriter<Box<dyn AsyncWrite + Send + Unpin>>;
+
+/// One connection to a nix-daemon. Operations take `&mut self`: a
+/// connection carries one request at a time, as in Nix.
+pub struct DaemonClient {
+    r: Reader,
+    w: Writer,
+    minor: u64,
+    daemon_version: Option<String>,
+    store_dir: StoreDir,
+}
+
+impl DaemonClient {
+    /// Connects to a daemon's unix socket and performs the handshake.
+    pub async fn connect(socket: &Path) -> Result<DaemonClient, DaemonError> {
+        let stream = tokio::net::UnixStream::connect(socket).await?;
+        let (r, w) = stream.into_split();
+        Self::handshake(Box::new(r), Box::new(w)).await
+    }
+
+    /// Performs the handshake over any byte stream (a socket, or the stdio
+    /// of `nix-daemon --stdio`).
+    pub async fn handshake(
+        r: Box<dyn AsyncRead + Send + Unpin>,
+        w: Box<dyn AsyncWrite + Send + Unpin>,
+    ) -> Result<DaemonClient, DaemonError> {
+        let mut c = DaemonClient {
+            r: BufReader::new(r),
+            w: BufWriter::new(w),
+            minor: 0,
+            daemon_version: None,
+            store_dir: StoreDir::default(),
+        };
+        write_u64(&mut c.w, WORKER_MAGIC_1).await?;
+        c.w.flush().await?;
+        let magic = read_u64(&mut c.r).await?;
+        if magic != WORKER_MAGIC_2 {
+            return Err(DaemonError::Protocol(format!("not a nix-daemon (magic {magic:#x})")));
+        }
+        let daemon = read_u64(&mut c.r).await?;
+        let (major, minor) = (daemon >> 8, daemon & 0xff);
+        if major != 1 || minor < MIN_MINOR {
+            return Err(DaemonError::UnsupportedVersion { major, minor });
+        }
+        c.minor = minor.min(PROTOCOL_VERSION & 0xff);
+        write_u64(&mut c.w, PROTOCOL_VERSION).await?;
+        write_u64(&mut c.w, 0).await?; // no CPU affinity (>= 1.14)
+        write_u64(&mut c.w, 0).await?; // obsolete reserveSpace (>= 1.11)
+        c.w.flush().await?;
+        if c.minor >= 33 {
+            c.daemon_version = Some(read_string(&mut c.r).await?);
+        }
+        c.process_stderr(&mut |_| {}).await?;
+        Ok(c)
+    }
+
+    /// The negotiated protocol version, as (1, minor).
+    pub fn protocol_minor(&self) -> u64 {
+        self.minor
+    }
+
+    /// The daemon's Nix version, when it says (protocol >= 1.33).
+    pub fn daemon_version(&self) -> Option<&str> {
+        self.daemon_version.as_deref()
+    }
+
+    pub async fn set_options(&mut self, s: &ClientSettings) -> Result<(), DaemonError> {
+        self.op(Op::SetOptions).await?;
+        for v in [
+            s.keep_failed as u64,
+            s.keep_going as u64,
+            s.try_fallback as u64,
+            s.verbosity,
+            s.max_build_jobs,
+            s.max_silent_time,
+            1, // obsolete useBuildHook
+            0, // build verbosity: lvlError
+            0, // obsolete logType
+            0, // obsolete printBuildTrace
+            s.build_cores,
+            s.use_substitutes as u64,
+        ] {
+            write_u64(&mut self.w, v).await?;
+        }
+        write_u64(&mut self.w, s.overrides.len() as u64).await?;
+        for (k, v) in &s.overrides {
+            write_bytes(&mut self.w, k.as_bytes()).await?;
+            write_bytes(&mut self.w, v.as_bytes()).await?;
+        }
+        self.process_stderr(&mut |_| {}).await
+    }
+
+    pub async fn is_valid_path(&mut self, path: &str) -> Result<bool, DaemonError> {
+        self.op(Op::IsValidPath).await?;
+        write_bytes(&mut self.w, path.as_bytes()).await?;
+        self.process_stderr(&mut |_| {}).await?;
+        read_bool(&mut self.r).await
+    }
+
+    /// The subset of `paths` that is valid in the store.
+    pub async fn query_valid_paths(&mut self, paths: &[String]) -> Result<BTreeSet<String>, DaemonError> {
+        self.op(Op::QueryValidPaths).await?;
+        write_strings(&mut self.w, paths).await?;
+        write_u64(&mut self.w, 0).await?; // do not substitute
+        self.process_stderr(&mut |_| {}).await?;
+        Ok(read_strings(&mut self.r).await?.into_iter().collect())
+    }
+
+    /// Path info of `path`, or `None` if it is not valid.
+    pub async fn query_path_info(&mut self, path: &str) -> Result<Option<PathInfo>, DaemonError> {
+        self.op(Op::QueryPathInfo).await?;
+        write_bytes(&mut self.w, path.as_bytes()).await?;
+        self.process_stderr(&mut |_| {}).await?;
+        if !read_bool(&mut self.r).await? {
+            return Ok(None);
+        }
+        let deriver = read_string(&mut self.r).await?;
+        let nar_hash_hex = read_string(&mut self.r).await?;
+        let nar_hash = Hash::parse_digest(HashAlgo::Sha256, &nar_hash_hex)
+            .map_err(|e| DaemonError::Protocol(format!("bad NAR hash for {path}: {e}")))?;
+        let references = read_strings(&mut self.r).await?;
+        let registration_time = read_u64(&mut self.r).await?;
+        let nar_size = read_u64(&mut self.r).await?;
+        let ultimate = read_bool(&mut self.r).await?;
+        let signatures = read_strings(&mut self.r).await?;
+        let ca = read_string(&mut self.r).await?;
+        Ok(Some(PathInfo {
+            path: path.to_owned(),
+            deriver: (!deriver.is_empty()).then_some(deriver),
+            nar_hash,
+            references,
+            registration_time,
+            nar_size,
+            ultimate,
+            signatures,
+            ca: (!ca.is_empty()).then_some(ca),
+        }))
+    }
+
+    /// The closure of `paths` under references (the paths included). A
+    /// path that is not valid is an error naming it.
+    pub async fn query_closure(&mut self, paths: &[String]) -> Result<BTreeSet<String>, DaemonError> {
+        let mut seen: BTreeSet<String> = BTreeSet::new();
+        let mut queue: VecDeque<String> = paths.iter().cloned().collect();
+        while let Some(p) = queue.pop_front() {
+            if !seen.insert(p.clone()) {
+                continue;
+            }
+            let info = self.query_path_info(&p).await?.ok_or_else(|| DaemonError::Nix {
+                message: format!("path '{p}' is not valid"),
+                traces: vec![],
+            })?;
+            queue.extend(info.references.into_iter().filter(|r| !seen.contains(r)));
+        }
+        Ok(seen)
+    }
+
+    /// Streams the NAR of `path` into `sink`; returns its path info.
+    pub async fn nar_from_path<W: AsyncWrite + Unpin>(
+        &mut self,
+        path: &str,
+        sink: &mut W,
+    ) -> Result<PathInfo, DaemonError> {
+        let info = self.query_path_info(path).await?.ok_or_else(|| DaemonError::Nix {
+            message: format!("path '{path}' is not valid"),
+            traces: vec![],
+        })?;
+        if info.nar_size == 0 {
+            return Err(DaemonError::UnknownNarSize(path.to_owned()));
+        }
+        self.op(Op::NarFromPath).await?;
+        write_bytes(&mut self.w, path.as_bytes()).await?;
+        self.process_stderr(&mut |_| {}).await?;
+        // The NAR follows unframed; its recorded size says where it ends.
+        let mut limited = (&mut self.r).take(info.nar_size);
+        let copied = tokio::io::copy(&mut limited, sink).await?;
+        if copied != info.nar_size {
+            return Err(DaemonError::Protocol(format!("NAR of {path} ended after {copied} of {} bytes", info.nar_size)));
+        }
+        Ok(info)
+    }
+
+    /// Adds a path from its NAR. The daemon checks the NAR against
+    /// `info.nar_hash` and `info.nar_size`.
+    pub async fn add_to_store_nar<R: AsyncRead + Unpin>(
+        &mut self,
+        info: &PathInfo,
+        nar: &mut R,
+        repair: bool,
+        dont_check_sigs: bool,
+    ) -> Result<(), DaemonError> {
+        self.op(Op::AddToStoreNar).await?;
+        write_bytes(&mut self.w, info.path.as_bytes()).await?;
+        write_bytes(&mut self.w, info.deriver.as_deref().unwrap_or("").as_bytes()).await?;
+        write_bytes(&mut self.w, info.nar_hash.to_base16().as_bytes()).await?;
+        write_strings(&mut self.w, &info.references).await?;
+        write_u64(&mut self.w, info.registration_time).await?;
+        write_u64(&mut self.w, info.nar_size).await?;
+        write_u64(&mut self.w, info.ultimate as u64).await?;
+        write_strings(&mut self.w, &info.signatures).await?;
+        write_bytes(&mut self.w, info.ca.as_deref().unwrap_or("").as_bytes()).await?;
+        write_u64(&mut self.w, repair as u64).await?;
+        write_u64(&mut self.w, dont_check_sigs as u64).await?;
+        let mut buf = vec![0u8; FRAME_SIZE];
+        loop {
+            let n = nar.read(&mut buf).await?;
+            write_u64(&mut self.w, n as u64).await?;
+            if n == 0 {
+                break;
+            }
+            self.w.write_all(&buf[..n]).await?;
+        }
+        self.process_stderr(&mut |_| {}).await
+    }
+
+    /// Builds `drv` (a derivation without input derivations: resolved, or
+    /// with every input already present) under the name `drv_path`.
+    pub async fn build_derivation(
+        &mut self,
+        drv_path: &str,
+        drv: &Derivation,
+        mode: BuildMode,
+        on_log: &mut (dyn FnMut(LogLine) + Send),
+    ) -> Result<BuildResult, DaemonError> {
+        self.op(Op::BuildDerivation).await?;
+        write_bytes(&mut self.w, drv_path.as_bytes()).await?;
+        write_u64(&mut self.w, drv.outputs.len() as u64).await?;
+        for (name, out) in &drv.outputs {
+            write_bytes(&mut self.w, name.as_bytes()).await?;
+            for field in output_fields(&self.store_dir, out, false) {
+                write_bytes(&mut self.w, field.as_bytes()).await?;
+            }
+        }
+        let srcs: Vec<String> = drv.input_srcs.iter().map(|p| self.store_dir.display(p)).collect();
+        write_strings(&mut self.w, &srcs).await?;
+        write_bytes(&mut self.w, drv.platform.as_bytes()).await?;
+        write_bytes(&mut self.w, drv.builder.as_bytes()).await?;
+        write_strings(&mut self.w, &drv.args).await?;
+        write_u64(&mut self.w, drv.env.len() as u64).await?;
+        for (k, v) in &drv.env {
+            write_bytes(&mut self.w, k.as_bytes()).await?;
+            write_bytes(&mut self.w, v.as_bytes()).await?;
+        }
+        write_u64(&mut self.w, mode as u64).await?;
+        self.process_stderr(on_log).await?;
+        self.read_build_result().await
+    }
+
+    /// Builds derivations already in the store, given as `drv!out1,out2`
+    /// (or `drv!*`), as `nix-store --realise` does.
+    pub async fn build_paths(
+        &mut self,
+        paths: &[String],
+        mode: BuildMode,
+        on_log: &mut (dyn FnMut(LogLine) + Send),
+    ) -> Result<(), DaemonError> {
+        self.op(Op::BuildPaths).await?;
+        write_strings(&mut self.w, paths).await?;
+        write_u64(&mut self.w, mode as u64).await?;
+        self.process_stderr(on_log).await?;
+        read_u64(&mut self.r).await?;
+        Ok(())
+    }
+
+    /// Output name -> path (None where not known yet, as for CA outputs).
+    pub async fn query_derivation_output_map(
+        &mut self,
+        drv_path: &str,
+    ) -> Result<BTreeMap<String, Option<String>>, DaemonError> {
+        self.op(Op::QueryDerivationOutputMap).await?;
+        write_bytes(&mut self.w, drv_path.as_bytes()).await?;
+        self.process_stderr(&mut |_| {}).await?;
+        let n = read_u64(&mut self.r).await?;
+        let mut map = BTreeMap::new();
+        for _ in 0..n {
+            let name = read_string(&mut self.r).await?;
+            let path = read_string(&mut self.r).await?;
+            map.insert(name, (!path.is_empty()).then_some(path));
+        }
+        Ok(map)
+    }
+
+    pub async fn register_drv_output(&mut self, realisation: &Realisation) -> Result<(), DaemonError> {
+        self.op(Op::RegisterDrvOutput).await?;
+        let json = serde_json::to_string(realisation).expect("realisations serialise");
+        write_bytes(&mut self.w, json.as_bytes()).await?;
+        self.process_stderr(&mut |_| {}).await
+    }
+
+    /// The realisation recorded for `id` (`sha256:<hex>!<output>`), if any.
+    pub async fn query_realisation(&mut self, id: &str) -> Result<Option<Realisation>, DaemonError> {
+        self.op(Op::QueryRealisation).await?;
+        write_bytes(&mut self.w, id.as_bytes()).await?;
+        self.process_stderr(&mut |_| {}).await?;
+        let found = read_strings(&mut self.r).await?;
+        found
+            .first()
+            .map(|json| {
+                serde_json::from_str(json).map_err(|e| DaemonError::Protocol(format!("bad realisation {json:?}: {e}")))
+            })
+            .transpose()
+    }
+
+    /// Keeps `path` from garbage collection while this connection is open.
+    pub async fn add_temp_root(&mut self, path: &str) -> Result<(), DaemonError> {
+        self.op(Op::AddTempRoot).await?;
+        write_bytes(&mut self.w, path.as_bytes()).await?;
+        self.process_stderr(&mut |_| {}).await?;
+        read_u64(&mut self.r).await?;
+        Ok(())
+    }
+
+    async fn op(&mut self, op: Op) -> Result<(), DaemonError> {
+        write_u64(&mut self.w, op as u64).await
+    }
+
+    async fn read_build_result(&mut self) -> Result<BuildResult, DaemonError> {
+        let status = BuildStatus::from_code(read_u64(&mut self.r).await?);
+        let error_msg = read_string(&mut self.r).await?;
+        let times_built = read_u64(&mut self.r).await?;
+        let is_non_deterministic = read_bool(&mut self.r).await?;
+        let start_time = read_u64(&mut self.r).await?;
+        let stop_time = read_u64(&mut self.r).await?;
+        let n = read_u64(&mut self.r).await?;
+        let mut built_outputs = BTreeMap::new();
+        for _ in 0..n {
+            let id = read_string(&mut self.r).await?;
+            let json = read_string(&mut self.r).await?;
+            let r: Realisation = serde_json::from_str(&json)
+                .map_err(|e| DaemonError::Protocol(format!("bad realisation {json:?}: {e}")))?;
+            let output = id.rsplit_once('!').map(|(_, o)| o.to_owned()).unwrap_or_default();
+            built_outputs.insert(output, r);
+        }
+        Ok(BuildResult { status, error_msg, times_built, is_non_deterministic, start_time, stop_time, built_outputs })
+    }
+
+    /// Flushes the request, then reads the daemon's messages up to
+    /// `STDERR_LAST`, passing log lines on; an error message becomes
+    /// [`DaemonError::Nix`].
+    async fn process_stderr(&mut self, on_log: &mut (dyn FnMut(LogLine) + Send)) -> Result<(), DaemonError> {
+        self.w.flush().await?;
+        loop {
+            match read_u64(&mut self.r).await? {
+                STDERR_LAST => return Ok(()),
+                STDERR_NEXT => {
+                    let msg = read_string(&mut self.r).await?;
+                    on_log(LogLine::Daemon(msg.trim_end_matches('\n').to_owned()));
+                }
+                STDERR_ERROR => return Err(self.read_error().await?),
+                STDERR_START_ACTIVITY => {
+                    read_u64(&mut self.r).await?; // id
+                    read_u64(&mut self.r).await?; // level
+                    read_u64(&mut self.r).await?; // type
+                    let text = read_string(&mut self.r).await?;
+                    self.read_fields().await?;
+                    read_u64(&mut self.r).await?; // parent
+                    if !text.is_empty() {
+                        on_log(LogLine::Daemon(text));
+                    }
+                }
+                STDERR_STOP_ACTIVITY => {
+                    read_u64(&mut self.r).await?;
+                }
+                STDERR_RESULT => {
+                    read_u64(&mut self.r).await?; // activity id
+                    let kind = read_u64(&mut self.r).await?;
+                    let fields = self.read_fields().await?;
+                    if matches!(kind, RES_BUILD_LOG_LINE | RES_POST_BUILD_LOG_LINE)
+                        && let Some(line) = fields.into_iter().next()
+                    {
+                        on_log(LogLine::Build(line));
+                    }
+                }
+                STDERR_READ | STDERR_WRITE => {
+                    return Err(DaemonError::Protocol("daemon asked for a data transfer this client never requests".into()));
+                }
+                other => return Err(DaemonError::Protocol(format!("unknown message {other:#x} from the daemon"))),
+            }
+        }
+    }
+
+    /// Reads activity fields, keeping the string ones.
+    async fn read_fields(&mut self) -> Result<Vec<String>, DaemonError> {
+        let n = read_u64(&mut self.r).await?;
+        let mut strings = Vec::new();
+        for _ in 0..n {
+            match read_u64(&mut self.r).await? {
+                0 => {
+                    read_u64(&mut self.r).await?;
+                }
+                1 => strings.push(read_string(&mut self.r).await?),
+                t => return Err(DaemonError::Protocol(format!("unknown field type {t}"))),
+            }
+        }
+        Ok(strings)
+    }
+
+    /// Reads the structured error of protocol >= 1.26.
+    async fn read_error(&mut self) -> Result<DaemonError, DaemonError> {
+        let _type = read_string(&mut self.r).await?;
+        let _level = read_u64(&mut self.r).await?;
+        let _name = read_string(&mut self.r).await?;
+        let message = read_string(&mut self.r).await?;
+        let _have_pos = read_u64(&mut self.r).await?;
+        let n = read_u64(&mut self.r).await?;
+        let mut traces = Vec::new();
+        for _ in 0..n {
+            let _have_pos = read_u64(&mut self.r).await?;
+            traces.push(read_string(&mut self.r).await?);
+        }
+        Ok(DaemonError::Nix { message: strip_ansi(&message), traces })
+    }
+}
+
+/// Nix colours its messages; logs and error texts are kept plain.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn strips_colours() {
+        assert_eq!(super::strip_ansi("\u{1b}[31;1merror:\u{1b}[0m bad"), "error: bad");
+    }
+}

@@ -1,0 +1,34 @@
+use thiserror::Error;
+
+/// What can go wrong talking to a nix-daemon.
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    /// The connection failed or closed: the daemon or its machine is gone.
+    #[error("connection to the nix-daemon failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The daemon sent something that is not the protocol.
+    #[error("nix-daemon protocol error: {0}")]
+    Protocol(String),
+    #[error("nix-daemon speaks protocol {major}.{minor}; at least 1.26 (Nix 2.4) is required")]
+    UnsupportedVersion { major: u64, minor: u64 },
+    /// The daemon carried out the request and reported an error, with Nix's message.
+    #[error("nix-daemon: {message}")]
+    Nix { message: String, traces: Vec<String> },
+    #[error("the nix-daemon does not know the size of the NAR of {0}; cannot export it")]
+    UnknownNarSize(String),
+}
+
+impl DaemonError {
+    /// The message Nix gave, when the daemon reported the error itself.
+    pub fn nix_message(&self) -> Option<&str> {
+        match self {
+            DaemonError::Nix { message, .. } => Some(message),
+            _ => None,
+        }
+    }
+
+    /// Did the connection break (as opposed to a request being refused)?
+    pub fn is_connection_error(&self) -> bool {
+        matches!(self, DaemonError::Io(_) | DaemonError::Protocol(_))
+    }
+}

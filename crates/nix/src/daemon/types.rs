@@ -1,0 +1,119 @@
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// What the store knows about a valid path (`ValidPathInfo`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathInfo {
+    /// The full store path.
+    pub path: String,
+    pub deriver: Option<String>,
+    /// `sha256:<base16>` hash of the path's NAR.
+    pub nar_hash: crate::Hash,
+    pub references: Vec<String>,
+    pub registration_time: u64,
+    pub nar_size: u64,
+    pub ultimate: bool,
+    pub signatures: Vec<String>,
+    /// Content address (`fixed:r:sha256:...`, `text:sha256:...`), if any.
+    pub ca: Option<String>,
+}
+
+/// A realisation: which path a CA derivation's output was built to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Realisation {
+    /// `sha256:<hashModulo hex>!<output>`.
+    pub id: String,
+    /// Base name of the output path, as Nix 2.8 writes it.
+    #[serde(rename = "outPath")]
+    pub out_path: String,
+    #[serde(default)]
+    pub signatures: Vec<String>,
+    #[serde(rename = "dependentRealisations", default)]
+    pub dependent_realisations: BTreeMap<String, String>,
+}
+
+/// `BuildMode`: how to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildMode {
+    Normal = 0,
+    Repair = 1,
+    Check = 2,
+}
+
+/// Nix's `BuildResult::Status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildStatus {
+    Built,
+    Substituted,
+    AlreadyValid,
+    PermanentFailure,
+    InputRejected,
+    OutputRejected,
+    TransientFailure,
+    CachedFailure,
+    TimedOut,
+    MiscFailure,
+    DependencyFailed,
+    LogLimitExceeded,
+    NotDeterministic,
+    ResolvesToAlreadyValid,
+    NoSubstituters,
+    Unknown(u64),
+}
+
+impl BuildStatus {
+    pub(crate) fn from_code(code: u64) -> BuildStatus {
+        use BuildStatus::*;
+        match code {
+            0 => Built,
+            1 => Substituted,
+            2 => AlreadyValid,
+            3 => PermanentFailure,
+            4 => InputRejected,
+            5 => OutputRejected,
+            6 => TransientFailure,
+            7 => CachedFailure,
+            8 => TimedOut,
+            9 => MiscFailure,
+            10 => DependencyFailed,
+            11 => LogLimitExceeded,
+            12 => NotDeterministic,
+            13 => ResolvesToAlreadyValid,
+            14 => NoSubstituters,
+            other => Unknown(other),
+        }
+    }
+
+    pub fn is_success(self) -> bool {
+        matches!(
+            self,
+            BuildStatus::Built
+                | BuildStatus::Substituted
+                | BuildStatus::AlreadyValid
+                | BuildStatus::ResolvesToAlreadyValid
+        )
+    }
+}
+
+/// The outcome of a build through the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildResult {
+    pub status: BuildStatus,
+    pub error_msg: String,
+    pub times_built: u64,
+    pub is_non_deterministic: bool,
+    pub start_time: u64,
+    pub stop_time: u64,
+    /// Realisations of the built outputs, by output name.
+    pub built_outputs: BTreeMap<String, Realisation>,
+}
+
+/// A line of output from the daemon while it works.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogLine {
+    /// A line the build itself printed.
+    Build(String),
+    /// A message of the daemon's (`building '...'`, warnings).
+    Daemon(String),
+}

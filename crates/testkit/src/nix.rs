@@ -1,0 +1,196 @@
+//! Private Nix stores for tests, and instantiating test expressions.
+//!
+//! A [`NixStore`] is a nix-daemon running in its own mount namespace with a
+//! private directory bind-mounted on `/nix`, so it has a store of its own,
+//! as a separate machine would. Its socket lives outside that `/nix`, so
+//! processes in the host namespace (the runner, tests, `nix-instantiate`)
+//! reach that store through the daemon. The socket is bound before the
+//! daemon starts and handed over by socket activation: nobody waits for it.
+
+use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use thiserror::Error;
+
+/// The Nix settings tests and the demo use: root without a daemon's build
+/// users, no sandbox, no network substituters, CA derivations enabled.
+pub fn nix_config() -> String {
+    [
+        "sandbox = false",
+        "build-users-group =",
+        "substituters =",
+        "experimental-features = nix-command ca-derivations",
+        "keep-derivations = true",
+        "warn-dirty = false",
+    ]
+    .join("\n")
+}
+
+#[derive(Debug, Error)]
+pub enum NixError {
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{what} failed ({status}): {stderr}")]
+    Command { what: String, status: String, stderr: String },
+    #[error("private stores need root (for unshare --mount and the bind mount on /nix)")]
+    NotRoot,
+}
+
+/// A store of its own, served by a nix-daemon in a private mount namespace.
+pub struct NixStore {
+    root: PathBuf,
+    socket: PathBuf,
+    daemon: Child,
+}
+
+impl NixStore {
+    /// Starts a daemon over a new, empty store.
+    pub fn start() -> Result<NixStore, NixError> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(NixError::NotRoot);
+        }
+        let root = tempfile::Builder::new().prefix("hq-store-").tempdir()?.keep();
+        let nix_dir = root.join("nix");
+        std::fs::create_dir_all(&nix_dir)?;
+        let socket = root.join("daemon.sock");
+        let listener = UnixListener::bind(&socket)?;
+        let log = std::fs::File::create(root.join("daemon.log"))?;
+        let fd = listener.as_raw_fd();
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(r#"mount --bind "$0" /nix && export LISTEN_PID=$$ LISTEN_FDS=1 && exec nix-daemon"#)
+            .arg(&nix_dir)
+            .env("NIX_CONFIG", nix_config())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0);
+        // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::fcntl(3, libc::F_SETFD, 0);
+                Ok(())
+            });
+        }
+        let daemon = cmd.spawn()?;
+        drop(listener);
+        Ok(NixStore { root, socket, daemon })
+    }
+
+    /// The daemon's socket: give it to our client or to Nix's tools.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// A scratch directory of this store's, outside the store.
+    pub fn scratch(&self) -> &Path {
+        &self.root
+    }
+
+    /// The environment that points Nix's own tools at this store.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("NIX_REMOTE", "daemon".to_owned()),
+            ("NIX_DAEMON_SOCKET_PATH", self.socket.display().to_string()),
+            ("NIX_CONFIG", nix_config()),
+        ]
+    }
+
+    /// A Nix tool (`nix-store`, `nix-instantiate`, ...) talking to this store.
+    pub fn command(&self, program: &str) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.envs(self.env()).kill_on_drop(true);
+        cmd
+    }
+
+    /// A command run inside the store's mount namespace, where its `/nix`
+    /// is visible (to read store files directly).
+    pub fn command_inside(&self, program: &str) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new("nsenter");
+        cmd.args(["-t", &self.daemon.id().to_string(), "-m", "--", program])
+            .env("NIX_CONFIG", nix_config())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Runs a Nix tool against this store and returns its stdout.
+    pub async fn run(&self, program: &str, args: &[&str]) -> Result<String, NixError> {
+        output(self.command(program).args(args), &format!("{program} {}", args.join(" "))).await
+    }
+
+    /// Runs a command inside the store's namespace and returns its stdout.
+    pub async fn run_inside(&self, program: &str, args: &[&str]) -> Result<String, NixError> {
+        output(self.command_inside(program).args(args), &format!("{program} {}", args.join(" "))).await
+    }
+
+    /// Reads a file of the store (for example a `.drv`) as bytes.
+    pub async fn read_store_file(&self, path: &str) -> Result<Vec<u8>, NixError> {
+        let out = self.command_inside("cat").arg(path).output().await?;
+        check(&out, &format!("cat {path}"))?;
+        Ok(out.stdout)
+    }
+
+    /// Instantiates the attributes `attrs` of `expr`, a Nix expression that
+    /// may use the test prelude as `prelude` (`with prelude; { ... }`).
+    /// Returns attribute -> `.drv` path.
+    pub async fn instantiate(&self, expr: &str, attrs: &[&str]) -> Result<BTreeMap<String, String>, NixError> {
+        let file = self.write_expr(expr)?;
+        let mut args: Vec<&str> = vec![file.to_str().expect("UTF-8 temp path")];
+        for a in attrs {
+            args.extend(["-A", a]);
+        }
+        let out = self.run("nix-instantiate", &args).await?;
+        let paths: Vec<&str> = out.lines().collect();
+        Ok(attrs.iter().map(|a| a.to_string()).zip(paths.into_iter().map(str::to_owned)).collect())
+    }
+
+    /// Writes `expr` to a file, with the prelude in scope as `prelude`.
+    fn write_expr(&self, expr: &str) -> Result<PathBuf, NixError> {
+        let dir = self.root.join("exprs");
+        std::fs::create_dir_all(&dir)?;
+        let prelude = dir.join("prelude.nix");
+        std::fs::write(&prelude, include_str!("prelude.nix"))?;
+        let file = dir.join(format!("{}.nix", uuid::Uuid::new_v4().simple()));
+        let salt = uuid::Uuid::new_v4().simple().to_string();
+        std::fs::write(
+            &file,
+            format!("let prelude = import {} {{ salt = \"{salt}\"; }}; in\n{expr}\n", prelude.display()),
+        )?;
+        Ok(file)
+    }
+}
+
+impl Drop for NixStore {
+    fn drop(&mut self) {
+        // The daemon forks a child per connection: end the whole group.
+        // SAFETY: killpg on the group we created for the daemon.
+        unsafe { libc::killpg(self.daemon.id() as i32, libc::SIGKILL) };
+        let _ = self.daemon.wait();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+async fn output(cmd: &mut tokio::process::Command, what: &str) -> Result<String, NixError> {
+    let out = cmd.output().await?;
+    check(&out, what)?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn check(out: &std::process::Output, what: &str) -> Result<(), NixError> {
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(NixError::Command {
+        what: what.to_owned(),
+        status: out.status.to_string(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
