@@ -95,7 +95,7 @@ impl NixStore {
         &self.root
     }
 
-    /// The environment that points Nix's own tools at this store.
+    /// The environment that points a Nix client at this store's daemon.
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![
             ("NIX_REMOTE", "daemon".to_owned()),
@@ -104,36 +104,29 @@ impl NixStore {
         ]
     }
 
-    /// A Nix tool (`nix-store`, `nix-instantiate`, ...) talking to this store.
+    /// A command (a Nix tool, or `cat` of a store file) run inside the
+    /// store's mount namespace, where it works on this store directly.
+    ///
+    /// Nix's CLI is not pointed at the daemon instead: through a daemon,
+    /// Nix 2.8's `nix-store -r` reads `.drv` files from its own filesystem
+    /// and fails on derivations that depend on CA outputs.
     pub fn command(&self, program: &str) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new(program);
-        cmd.envs(self.env()).kill_on_drop(true);
-        cmd
-    }
-
-    /// A command run inside the store's mount namespace, where its `/nix`
-    /// is visible (to read store files directly).
-    pub fn command_inside(&self, program: &str) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new("nsenter");
         cmd.args(["-t", &self.daemon.id().to_string(), "-m", "--", program])
             .env("NIX_CONFIG", nix_config())
+            .env_remove("NIX_REMOTE")
             .kill_on_drop(true);
         cmd
     }
 
-    /// Runs a Nix tool against this store and returns its stdout.
+    /// Runs a command in the store's namespace and returns its stdout.
     pub async fn run(&self, program: &str, args: &[&str]) -> Result<String, NixError> {
         output(self.command(program).args(args), &format!("{program} {}", args.join(" "))).await
     }
 
-    /// Runs a command inside the store's namespace and returns its stdout.
-    pub async fn run_inside(&self, program: &str, args: &[&str]) -> Result<String, NixError> {
-        output(self.command_inside(program).args(args), &format!("{program} {}", args.join(" "))).await
-    }
-
     /// Reads a file of the store (for example a `.drv`) as bytes.
     pub async fn read_store_file(&self, path: &str) -> Result<Vec<u8>, NixError> {
-        let out = self.command_inside("cat").arg(path).output().await?;
+        let out = self.command("cat").arg(path).output().await?;
         check(&out, &format!("cat {path}"))?;
         Ok(out.stdout)
     }

@@ -174,6 +174,7 @@ impl DaemonClient {
     }
 
     pub async fn is_valid_path(&mut self, path: &str) -> Result<bool, DaemonError> {
+        self.check_path(path)?;
         self.op(Op::IsValidPath).await?;
         write_bytes(&mut self.w, path.as_bytes()).await?;
         self.process_stderr(&mut |_| {}).await?;
@@ -182,6 +183,7 @@ impl DaemonClient {
 
     /// The subset of `paths` that is valid in the store.
     pub async fn query_valid_paths(&mut self, paths: &[String]) -> Result<BTreeSet<String>, DaemonError> {
+        paths.iter().try_for_each(|p| self.check_path(p))?;
         self.op(Op::QueryValidPaths).await?;
         write_strings(&mut self.w, paths).await?;
         write_u64(&mut self.w, 0).await?; // do not substitute
@@ -191,6 +193,7 @@ impl DaemonClient {
 
     /// Path info of `path`, or `None` if it is not valid.
     pub async fn query_path_info(&mut self, path: &str) -> Result<Option<PathInfo>, DaemonError> {
+        self.check_path(path)?;
         self.op(Op::QueryPathInfo).await?;
         write_bytes(&mut self.w, path.as_bytes()).await?;
         self.process_stderr(&mut |_| {}).await?;
@@ -272,6 +275,8 @@ impl DaemonClient {
         repair: bool,
         dont_check_sigs: bool,
     ) -> Result<(), DaemonError> {
+        self.check_path(&info.path)?;
+        info.references.iter().try_for_each(|p| self.check_path(p))?;
         self.op(Op::AddToStoreNar).await?;
         write_bytes(&mut self.w, info.path.as_bytes()).await?;
         write_bytes(&mut self.w, info.deriver.as_deref().unwrap_or("").as_bytes()).await?;
@@ -305,6 +310,7 @@ impl DaemonClient {
         mode: BuildMode,
         on_log: &mut (dyn FnMut(LogLine) + Send),
     ) -> Result<BuildResult, DaemonError> {
+        self.check_path(drv_path)?;
         self.op(Op::BuildDerivation).await?;
         write_bytes(&mut self.w, drv_path.as_bytes()).await?;
         write_u64(&mut self.w, drv.outputs.len() as u64).await?;
@@ -337,6 +343,7 @@ impl DaemonClient {
         mode: BuildMode,
         on_log: &mut (dyn FnMut(LogLine) + Send),
     ) -> Result<(), DaemonError> {
+        paths.iter().try_for_each(|p| self.check_path(p))?;
         self.op(Op::BuildPaths).await?;
         write_strings(&mut self.w, paths).await?;
         write_u64(&mut self.w, mode as u64).await?;
@@ -350,6 +357,7 @@ impl DaemonClient {
         &mut self,
         drv_path: &str,
     ) -> Result<BTreeMap<String, Option<String>>, DaemonError> {
+        self.check_path(drv_path)?;
         self.op(Op::QueryDerivationOutputMap).await?;
         write_bytes(&mut self.w, drv_path.as_bytes()).await?;
         self.process_stderr(&mut |_| {}).await?;
@@ -386,10 +394,19 @@ impl DaemonClient {
 
     /// Keeps `path` from garbage collection while this connection is open.
     pub async fn add_temp_root(&mut self, path: &str) -> Result<(), DaemonError> {
+        self.check_path(path)?;
         self.op(Op::AddTempRoot).await?;
         write_bytes(&mut self.w, path.as_bytes()).await?;
         self.process_stderr(&mut |_| {}).await?;
         read_u64(&mut self.r).await?;
+        Ok(())
+    }
+
+    /// Checks `path` is a store path before it goes to the daemon: Nix 2.8
+    /// answers a malformed one by closing the connection.
+    fn check_path(&self, path: &str) -> Result<(), DaemonError> {
+        let p = path.split_once('!').map_or(path, |(p, _)| p);
+        self.store_dir.parse_path(p)?;
         Ok(())
     }
 

@@ -14,6 +14,10 @@ pub enum DaemonError {
     /// The daemon carried out the request and reported an error, with Nix's message.
     #[error("nix-daemon: {message}")]
     Nix { message: String, traces: Vec<String> },
+    /// Refused before sending: a malformed path would make the daemon drop
+    /// the connection.
+    #[error("invalid store path: {0}")]
+    InvalidPath(#[from] crate::store_path::StorePathError),
     #[error("the nix-daemon does not know the size of the NAR of {0}; cannot export it")]
     UnknownNarSize(String),
 }
