@@ -9,7 +9,8 @@ pub mod status;
 
 pub use migrate::{HYDRA_SCHEMA_VERSION, MigrateError, MigrationReport, migrate};
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -21,8 +22,12 @@ pub enum ConnectError {
 }
 
 /// A connection pool to the database at `url` (a `postgres://` URL).
+///
+/// One direct connection is made first: an unreachable server is reported
+/// at once, not after the pool's acquire timeout of retries.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, ConnectError> {
     let options: PgConnectOptions = url.parse().map_err(ConnectError::BadUrl)?;
+    PgConnection::connect_with(&options).await.map_err(ConnectError::Connect)?.close().await.ok();
     PgPoolOptions::new()
         .max_connections(max_connections)
         .connect_with(options)
