@@ -27,7 +27,12 @@ pub enum ConnectError {
 /// at once, not after the pool's acquire timeout of retries.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, ConnectError> {
     let options: PgConnectOptions = url.parse().map_err(ConnectError::BadUrl)?;
-    PgConnection::connect_with(&options).await.map_err(ConnectError::Connect)?.close().await.ok();
+    PgConnection::connect_with(&options)
+        .await
+        .map_err(ConnectError::Connect)?
+        .close()
+        .await
+        .ok();
     PgPoolOptions::new()
         .max_connections(max_connections)
         .connect_with(options)

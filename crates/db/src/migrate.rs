@@ -50,8 +50,15 @@ pub async fn migrate(pool: &PgPool) -> Result<MigrationReport, MigrateError> {
         other => MigrateError::Failed(other),
     })?;
     let after = applied_versions(pool).await?;
-    let applied = after.iter().copied().filter(|v| !before.contains(v)).collect();
-    Ok(MigrationReport { applied, current: after.last().copied().unwrap_or(0) })
+    let applied = after
+        .iter()
+        .copied()
+        .filter(|v| !before.contains(v))
+        .collect();
+    Ok(MigrationReport {
+        applied,
+        current: after.last().copied().unwrap_or(0),
+    })
 }
 
 async fn applied_versions(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
@@ -73,9 +80,13 @@ async fn check_hydra_schema(pool: &PgPool) -> Result<(), MigrateError> {
     if !exists {
         return Ok(());
     }
-    let found: Option<i32> = sqlx::query_scalar("select max(version) from SchemaVersion").fetch_one(pool).await?;
+    let found: Option<i32> = sqlx::query_scalar("select max(version) from SchemaVersion")
+        .fetch_one(pool)
+        .await?;
     match found {
-        Some(found) if found > HYDRA_SCHEMA_VERSION => Err(MigrateError::NewerHydraSchema { found }),
+        Some(found) if found > HYDRA_SCHEMA_VERSION => {
+            Err(MigrateError::NewerHydraSchema { found })
+        }
         _ => Ok(()),
     }
 }

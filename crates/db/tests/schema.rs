@@ -10,7 +10,11 @@ async fn applies_to_an_empty_database_and_again_as_a_no_op() {
     let first = migrate(&db.pool).await.unwrap();
     assert_eq!(first.applied, vec![1, 2, 3]);
     let second = migrate(&db.pool).await.unwrap();
-    assert!(second.applied.is_empty(), "second run applied {:?}", second.applied);
+    assert!(
+        second.applied.is_empty(),
+        "second run applied {:?}",
+        second.applied
+    );
     assert_eq!(second.current, 3);
 }
 
@@ -29,31 +33,113 @@ async fn columns(db: &TestDb, table: &str) -> Vec<(String, bool)> {
 async fn has_the_hydra_columns_the_runner_uses() {
     let db = TestDb::new().await;
     let expected: &[(&str, &[&str])] = &[
-        ("Builds", &["id", "finished", "timestamp", "jobset_id", "job", "drvpath", "system", "maxsilent",
-            "timeout", "priority", "globalpriority", "starttime", "stoptime", "iscachedbuild", "buildstatus",
-            "size", "closuresize", "releasename", "notificationpendingsince"]),
-        ("BuildSteps", &["build", "stepnr", "type", "drvpath", "busy", "status", "errormsg", "starttime",
-            "stoptime", "machine", "system", "propagatedfrom", "overhead", "timesbuilt",
-            "isnondeterministic", "resolveddrvpath"]),
+        (
+            "Builds",
+            &[
+                "id",
+                "finished",
+                "timestamp",
+                "jobset_id",
+                "job",
+                "drvpath",
+                "system",
+                "maxsilent",
+                "timeout",
+                "priority",
+                "globalpriority",
+                "starttime",
+                "stoptime",
+                "iscachedbuild",
+                "buildstatus",
+                "size",
+                "closuresize",
+                "releasename",
+                "notificationpendingsince",
+            ],
+        ),
+        (
+            "BuildSteps",
+            &[
+                "build",
+                "stepnr",
+                "type",
+                "drvpath",
+                "busy",
+                "status",
+                "errormsg",
+                "starttime",
+                "stoptime",
+                "machine",
+                "system",
+                "propagatedfrom",
+                "overhead",
+                "timesbuilt",
+                "isnondeterministic",
+                "resolveddrvpath",
+            ],
+        ),
         ("BuildOutputs", &["build", "name", "path"]),
         ("BuildStepOutputs", &["build", "stepnr", "name", "path"]),
         ("Jobsets", &["id", "project", "name", "schedulingshares"]),
-        ("BuildProducts", &["build", "productnr", "type", "subtype", "filesize", "sha256hash", "path", "name", "defaultpath"]),
-        ("BuildMetrics", &["build", "name", "unit", "value", "project", "jobset", "job", "timestamp"]),
+        (
+            "BuildProducts",
+            &[
+                "build",
+                "productnr",
+                "type",
+                "subtype",
+                "filesize",
+                "sha256hash",
+                "path",
+                "name",
+                "defaultpath",
+            ],
+        ),
+        (
+            "BuildMetrics",
+            &[
+                "build",
+                "name",
+                "unit",
+                "value",
+                "project",
+                "jobset",
+                "job",
+                "timestamp",
+            ],
+        ),
         ("FailedPaths", &["path"]),
     ];
     for (table, cols) in expected {
-        let have: Vec<String> = columns(&db, table).await.into_iter().map(|(c, _)| c).collect();
+        let have: Vec<String> = columns(&db, table)
+            .await
+            .into_iter()
+            .map(|(c, _)| c)
+            .collect();
         for col in *cols {
-            assert!(have.iter().any(|h| h == col), "{table} lacks {col}; has {have:?}");
+            assert!(
+                have.iter().any(|h| h == col),
+                "{table} lacks {col}; has {have:?}"
+            );
         }
     }
     // CA outputs are not known before the build.
     for table in ["BuildOutputs", "BuildStepOutputs"] {
-        let path_nullable = columns(&db, table).await.into_iter().find(|(c, _)| c == "path").unwrap().1;
-        assert!(path_nullable, "{table}.path must be nullable for CA outputs");
+        let path_nullable = columns(&db, table)
+            .await
+            .into_iter()
+            .find(|(c, _)| c == "path")
+            .unwrap()
+            .1;
+        assert!(
+            path_nullable,
+            "{table}.path must be nullable for CA outputs"
+        );
     }
-    let version: i32 = sqlx::query_scalar("select version from SchemaVersion").fetch_one(&db.pool).await.unwrap();
+    let version: i32 = sqlx::query_scalar("select version from SchemaVersion")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
     assert_eq!(version, 87);
 }
 
@@ -61,8 +147,15 @@ async fn has_the_hydra_columns_the_runner_uses() {
 async fn scheduling_shares_must_be_positive() {
     let db = TestDb::new().await;
     seed_build(&db).await;
-    let err = sqlx::query("update Jobsets set schedulingShares = 0").execute(&db.pool).await.unwrap_err();
-    assert!(err.to_string().contains("jobsets_schedulingshares_nonzero_check"), "{err}");
+    let err = sqlx::query("update Jobsets set schedulingShares = 0")
+        .execute(&db.pool)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("jobsets_schedulingshares_nonzero_check"),
+        "{err}"
+    );
 }
 
 /// A user, project, jobset and one queued build.
@@ -71,8 +164,14 @@ async fn seed_build(db: &TestDb) -> i32 {
         .execute(&db.pool)
         .await
         .unwrap();
-    sqlx::query("insert into Projects (name, displayName, owner) values ('p', 'P', 'u')").execute(&db.pool).await.unwrap();
-    sqlx::query("insert into Jobsets (name, project) values ('j', 'p')").execute(&db.pool).await.unwrap();
+    sqlx::query("insert into Projects (name, displayName, owner) values ('p', 'P', 'u')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("insert into Jobsets (name, project) values ('j', 'p')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
     sqlx::query_scalar(
         "insert into Builds (finished, timestamp, jobset_id, job, drvPath, system)
          values (0, 1, (select id from Jobsets), 'job', '/nix/store/00000000000000000000000000000000-a.drv', 'x86_64-linux')
@@ -89,19 +188,37 @@ async fn triggers_send_the_notifications_the_runner_listens_to() {
     seed_build(&db).await;
     let mut listener = PgListener::connect(&db.url).await.unwrap();
     listener
-        .listen_all(["builds_bumped", "builds_cancelled", "builds_restarted", "builds_deleted", "jobset_shares_changed"])
+        .listen_all([
+            "builds_bumped",
+            "builds_cancelled",
+            "builds_restarted",
+            "builds_deleted",
+            "jobset_shares_changed",
+        ])
         .await
         .unwrap();
     let steps: &[(&str, &str)] = &[
         ("update Builds set globalPriority = 10", "builds_bumped"),
-        ("update Builds set finished = 1, buildStatus = 4, startTime = 1, stopTime = 1", "builds_cancelled"),
-        ("update Builds set finished = 0, buildStatus = null", "builds_restarted"),
-        ("update Jobsets set schedulingShares = 5", "jobset_shares_changed"),
+        (
+            "update Builds set finished = 1, buildStatus = 4, startTime = 1, stopTime = 1",
+            "builds_cancelled",
+        ),
+        (
+            "update Builds set finished = 0, buildStatus = null",
+            "builds_restarted",
+        ),
+        (
+            "update Jobsets set schedulingShares = 5",
+            "jobset_shares_changed",
+        ),
         ("delete from Builds", "builds_deleted"),
     ];
     for (sql, channel) in steps {
         sqlx::query(sql).execute(&db.pool).await.unwrap();
-        let n = tokio::time::timeout(std::time::Duration::from_secs(10), listener.recv()).await.unwrap().unwrap();
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), listener.recv())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(n.channel(), *channel, "after {sql}");
     }
 }
@@ -118,7 +235,10 @@ async fn refuses_a_database_migrated_by_a_newer_runner() {
     .unwrap();
     let err = migrate(&db.pool).await.unwrap_err();
     assert!(matches!(err, MigrateError::NewerSchema(9999)), "{err:?}");
-    assert!(err.to_string().contains("newer hydra-queue-runner"), "{err}");
+    assert!(
+        err.to_string().contains("newer hydra-queue-runner"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -129,23 +249,39 @@ async fn refuses_a_newer_hydra_schema() {
         .await
         .unwrap();
     let err = migrate(&db.pool).await.unwrap_err();
-    assert!(matches!(err, MigrateError::NewerHydraSchema { found: 88 }), "{err:?}");
+    assert!(
+        matches!(err, MigrateError::NewerHydraSchema { found: 88 }),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
 async fn applies_on_top_of_a_database_hydra_created_and_keeps_its_data() {
     let db = TestDb::empty().await;
-    sqlx::raw_sql(include_str!("fixtures/hydra-87-subset.sql")).execute(&db.pool).await.unwrap();
+    sqlx::raw_sql(include_str!("fixtures/hydra-87-subset.sql"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
     let report = migrate(&db.pool).await.unwrap();
     assert_eq!(report.applied, vec![1, 2, 3]);
-    let (status, drv): (i32, String) = sqlx::query_as("select buildStatus, drvPath from Builds where id = 1")
+    let (status, drv): (i32, String) =
+        sqlx::query_as("select buildStatus, drvPath from Builds where id = 1")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (status, drv.as_str()),
+        (0, "/nix/store/00000000000000000000000000000000-hello.drv")
+    );
+    let starred: i64 = sqlx::query_scalar("select count(*) from StarredJobs")
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    assert_eq!((status, drv.as_str()), (0, "/nix/store/00000000000000000000000000000000-hello.drv"));
-    let starred: i64 = sqlx::query_scalar("select count(*) from StarredJobs").fetch_one(&db.pool).await.unwrap();
     assert_eq!(starred, 1, "Hydra's other tables are untouched");
-    let versions: Vec<i32> = sqlx::query_scalar("select version from SchemaVersion").fetch_all(&db.pool).await.unwrap();
+    let versions: Vec<i32> = sqlx::query_scalar("select version from SchemaVersion")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
     assert_eq!(versions, vec![87]);
     // Hydra's own constraint (emailOverride without a default) still holds.
     let err = sqlx::query("insert into Jobsets (name, project, nixExprInput, nixExprPath, emailOverride) values ('k', 'p', 'a', 'b', null)")

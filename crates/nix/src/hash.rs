@@ -110,7 +110,10 @@ impl Hash {
         } else if digest.len() == size.div_ceil(3) * 4 {
             decode_base64(digest).ok_or_else(|| HashError::BadEncoding(digest.to_owned()))?
         } else {
-            return Err(HashError::WrongLength { algo, hash: digest.to_owned() });
+            return Err(HashError::WrongLength {
+                algo,
+                hash: digest.to_owned(),
+            });
         };
         Ok(Hash { algo, bytes })
     }
@@ -177,8 +180,17 @@ mod tests {
 
     #[test]
     fn rejects_unknown_algorithms_and_lengths() {
-        assert!(matches!(Hash::parse_prefixed("sha3:00"), Err(HashError::UnknownAlgo(_))));
-        assert!(matches!(Hash::parse_prefixed("sha256:00"), Err(HashError::WrongLength { .. })));
-        assert!(matches!(Hash::parse_prefixed("abc"), Err(HashError::MissingAlgo(_))));
+        assert!(matches!(
+            Hash::parse_prefixed("sha3:00"),
+            Err(HashError::UnknownAlgo(_))
+        ));
+        assert!(matches!(
+            Hash::parse_prefixed("sha256:00"),
+            Err(HashError::WrongLength { .. })
+        ));
+        assert!(matches!(
+            Hash::parse_prefixed("abc"),
+            Err(HashError::MissingAlgo(_))
+        ));
     }
 }

@@ -15,7 +15,10 @@ use crate::hash::{Hash, HashAlgo};
 #[derive(Debug, Error)]
 pub enum NarError {
     #[error("cannot serialise {path} as a NAR: {source}")]
-    Encode { path: String, source: nix_nar::NarError },
+    Encode {
+        path: String,
+        source: nix_nar::NarError,
+    },
     #[error("I/O error while reading the NAR of {path}: {source}")]
     Io { path: String, source: io::Error },
     #[error("corrupt NAR: {0}")]
@@ -28,7 +31,10 @@ pub enum NarError {
 
 /// A reader of the NAR serialisation of `path` (file, directory or symlink).
 pub fn nar_reader(path: &Path) -> Result<impl Read, NarError> {
-    nix_nar::Encoder::new(path).map_err(|source| NarError::Encode { path: path.display().to_string(), source })
+    nix_nar::Encoder::new(path).map_err(|source| NarError::Encode {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// The NAR of `path` in memory (for small paths and tests).
@@ -36,14 +42,20 @@ pub fn nar_bytes(path: &Path) -> Result<Vec<u8>, NarError> {
     let mut out = Vec::new();
     nar_reader(path)?
         .read_to_end(&mut out)
-        .map_err(|source| NarError::Io { path: path.display().to_string(), source })?;
+        .map_err(|source| NarError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
     Ok(out)
 }
 
 /// The `narHash` and `narSize` of `path`, as `nix-store -q --hash/--size` print.
 pub fn hash_path(path: &Path) -> Result<(Hash, u64), NarError> {
     let mut reader = HashingReader::new(nar_reader(path)?);
-    io::copy(&mut reader, &mut io::sink()).map_err(|source| NarError::Io { path: path.display().to_string(), source })?;
+    io::copy(&mut reader, &mut io::sink()).map_err(|source| NarError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
     Ok(reader.finish())
 }
 
@@ -51,7 +63,10 @@ pub fn hash_path(path: &Path) -> Result<(Hash, u64), NarError> {
 /// before anything imports it.
 pub fn verify_nar(nar: &[u8], expected_hash: &Hash, expected_size: u64) -> Result<(), NarError> {
     if nar.len() as u64 != expected_size {
-        return Err(NarError::SizeMismatch { expected: expected_size, actual: nar.len() as u64 });
+        return Err(NarError::SizeMismatch {
+            expected: expected_size,
+            actual: nar.len() as u64,
+        });
     }
     let actual = HashAlgo::Sha256.digest(nar);
     if &actual != expected_hash {
@@ -66,7 +81,9 @@ pub fn verify_nar(nar: &[u8], expected_hash: &Hash, expected_size: u64) -> Resul
 /// Walks every entry of `nar`, so a truncated or garbled archive is an error.
 pub fn check_structure(nar: &[u8]) -> Result<(), NarError> {
     let dec = nix_nar::Decoder::new(nar).map_err(|e| NarError::Corrupt(e.to_string()))?;
-    let entries = dec.entries().map_err(|e| NarError::Corrupt(e.to_string()))?;
+    let entries = dec
+        .entries()
+        .map_err(|e| NarError::Corrupt(e.to_string()))?;
     for entry in entries {
         let entry = entry.map_err(|e| NarError::Corrupt(e.to_string()))?;
         if let nix_nar::Content::File { mut data, .. } = entry.content {
@@ -76,10 +93,32 @@ pub fn check_structure(nar: &[u8]) -> Result<(), NarError> {
     Ok(())
 }
 
+/// The contents of a NAR that holds one regular file (a `.drv`, a log).
+pub fn single_file_contents(nar: &[u8]) -> Result<Vec<u8>, NarError> {
+    let dec = nix_nar::Decoder::new(nar).map_err(|e| NarError::Corrupt(e.to_string()))?;
+    let mut entries = dec
+        .entries()
+        .map_err(|e| NarError::Corrupt(e.to_string()))?;
+    let entry = entries
+        .next()
+        .ok_or_else(|| NarError::Corrupt("empty NAR".into()))?
+        .map_err(|e| NarError::Corrupt(e.to_string()))?;
+    match entry.content {
+        nix_nar::Content::File { mut data, .. } if entry.path.is_none() => {
+            let mut out = Vec::new();
+            data.read_to_end(&mut out)
+                .map_err(|e| NarError::Corrupt(e.to_string()))?;
+            Ok(out)
+        }
+        _ => Err(NarError::Corrupt("NAR is not a single regular file".into())),
+    }
+}
+
 /// Unpacks `nar` at `dest` (which must not exist).
 pub fn unpack(nar: &[u8], dest: &Path) -> Result<(), NarError> {
     let dec = nix_nar::Decoder::new(nar).map_err(|e| NarError::Corrupt(e.to_string()))?;
-    dec.unpack(dest).map_err(|e| NarError::Corrupt(e.to_string()))
+    dec.unpack(dest)
+        .map_err(|e| NarError::Corrupt(e.to_string()))
 }
 
 /// A reader that SHA-256-hashes and counts what passes through it.
@@ -91,12 +130,22 @@ pub struct HashingReader<R> {
 
 impl<R: Read> HashingReader<R> {
     pub fn new(inner: R) -> Self {
-        HashingReader { inner, hasher: Sha256::new(), size: 0 }
+        HashingReader {
+            inner,
+            hasher: Sha256::new(),
+            size: 0,
+        }
     }
 
     /// The hash and size of everything read so far.
     pub fn finish(self) -> (Hash, u64) {
-        (Hash { algo: HashAlgo::Sha256, bytes: self.hasher.finalize().to_vec() }, self.size)
+        (
+            Hash {
+                algo: HashAlgo::Sha256,
+                bytes: self.hasher.finalize().to_vec(),
+            },
+            self.size,
+        )
     }
 }
 
@@ -121,8 +170,23 @@ mod tests {
         let nar = nar_bytes(&file).unwrap();
         assert!(check_structure(&nar).is_ok());
         for cut in [8, 40, nar.len() - 8] {
-            assert!(matches!(check_structure(&nar[..cut]), Err(NarError::Corrupt(_))), "cut at {cut}");
+            assert!(
+                matches!(check_structure(&nar[..cut]), Err(NarError::Corrupt(_))),
+                "cut at {cut}"
+            );
         }
+    }
+
+    #[test]
+    fn reads_back_a_single_file_and_refuses_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"Derive(...)").unwrap();
+        assert_eq!(
+            single_file_contents(&nar_bytes(&file).unwrap()).unwrap(),
+            b"Derive(...)"
+        );
+        assert!(single_file_contents(&nar_bytes(dir.path()).unwrap()).is_err());
     }
 
     #[test]
@@ -133,8 +197,14 @@ mod tests {
         let nar = nar_bytes(&file).unwrap();
         let (hash, size) = hash_path(&file).unwrap();
         assert!(verify_nar(&nar, &hash, size).is_ok());
-        assert!(matches!(verify_nar(&nar, &hash, size + 1), Err(NarError::SizeMismatch { .. })));
+        assert!(matches!(
+            verify_nar(&nar, &hash, size + 1),
+            Err(NarError::SizeMismatch { .. })
+        ));
         let other = Hash::sha256(b"other");
-        assert!(matches!(verify_nar(&nar, &other, size), Err(NarError::HashMismatch { .. })));
+        assert!(matches!(
+            verify_nar(&nar, &other, size),
+            Err(NarError::HashMismatch { .. })
+        ));
     }
 }

@@ -67,13 +67,20 @@ impl StoreDir {
     /// Nix's `makeStorePath`: the path named by `type:sha256:<hex>:<dir>:<name>`.
     pub fn make_store_path(&self, kind: &str, hash: &Hash, name: &str) -> StorePath {
         let fingerprint = format!("{kind}:{}:{}:{name}", hash.to_prefixed_base16(), self.0);
-        StorePath::from_parts(&Hash::sha256(fingerprint.as_bytes()).compress(HASH_BYTES), name)
+        StorePath::from_parts(
+            &Hash::sha256(fingerprint.as_bytes()).compress(HASH_BYTES),
+            name,
+        )
     }
 
     /// The path of output `output` of an input-addressed derivation whose
     /// `hashDerivationModulo` is `drv_hash`.
     pub fn make_output_path(&self, output: &str, drv_hash: &Hash, drv_name: &str) -> StorePath {
-        self.make_store_path(&format!("output:{output}"), drv_hash, &output_path_name(drv_name, output))
+        self.make_store_path(
+            &format!("output:{output}"),
+            drv_hash,
+            &output_path_name(drv_name, output),
+        )
     }
 
     /// The path of a content-addressed store object (`makeFixedOutputPath`).
@@ -92,8 +99,13 @@ impl StoreDir {
                 self.make_store_path(&kind, hash, name)
             }
             ContentAddressMethod::Recursive | ContentAddressMethod::Flat => {
-                let prefix = if method == ContentAddressMethod::Recursive { "r:" } else { "" };
-                let inner = Hash::sha256(format!("fixed:out:{prefix}{}:", hash.to_prefixed_base16()));
+                let prefix = if method == ContentAddressMethod::Recursive {
+                    "r:"
+                } else {
+                    ""
+                };
+                let inner =
+                    Hash::sha256(format!("fixed:out:{prefix}{}:", hash.to_prefixed_base16()));
                 self.make_store_path("output:out", &inner, name)
             }
         }
@@ -144,7 +156,11 @@ impl ContentAddressMethod {
 
 /// The name of the store path of output `output` of a derivation named `drv_name`.
 pub fn output_path_name(drv_name: &str, output: &str) -> String {
-    if output == "out" { drv_name.to_owned() } else { format!("{drv_name}-{output}") }
+    if output == "out" {
+        drv_name.to_owned()
+    } else {
+        format!("{drv_name}-{output}")
+    }
 }
 
 /// A store path without its store directory: `<hash>-<name>`.
@@ -165,12 +181,19 @@ impl StorePath {
         }
         base32::decode(&base[..HASH_CHARS]).map_err(|_| bad_hash())?;
         let name = &base[HASH_CHARS + 1..];
-        validate_name(name).map_err(|reason| StorePathError::BadName { path: base.to_owned(), reason })?;
-        Ok(StorePath { base: base.to_owned() })
+        validate_name(name).map_err(|reason| StorePathError::BadName {
+            path: base.to_owned(),
+            reason,
+        })?;
+        Ok(StorePath {
+            base: base.to_owned(),
+        })
     }
 
     fn from_parts(hash: &[u8], name: &str) -> StorePath {
-        StorePath { base: format!("{}-{name}", base32::encode(hash)) }
+        StorePath {
+            base: format!("{}-{name}", base32::encode(hash)),
+        }
     }
 
     pub fn hash_part(&self) -> &str {
@@ -196,7 +219,10 @@ fn validate_name(name: &str) -> Result<(), &'static str> {
     if name.starts_with('.') {
         return Err("name starts with a dot");
     }
-    if !name.bytes().all(|c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c)) {
+    if !name
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c))
+    {
         return Err("name contains a character outside [A-Za-z0-9+-._?=]");
     }
     Ok(())
@@ -221,21 +247,32 @@ mod tests {
     #[test]
     fn parses_and_prints_a_store_path() {
         let dir = StoreDir::default();
-        let p = dir.parse_path("/nix/store/3pysdbjixd4amzidam0kp6vwzpqy58y3-a.drv").unwrap();
+        let p = dir
+            .parse_path("/nix/store/3pysdbjixd4amzidam0kp6vwzpqy58y3-a.drv")
+            .unwrap();
         assert_eq!(p.name(), "a.drv");
         assert!(p.is_derivation());
-        assert_eq!(dir.display(&p), "/nix/store/3pysdbjixd4amzidam0kp6vwzpqy58y3-a.drv");
+        assert_eq!(
+            dir.display(&p),
+            "/nix/store/3pysdbjixd4amzidam0kp6vwzpqy58y3-a.drv"
+        );
     }
 
     #[test]
     fn rejects_malformed_paths_with_a_reason() {
         let dir = StoreDir::default();
-        assert!(matches!(dir.parse_path("/tmp/x"), Err(StorePathError::NotInStore { .. })));
+        assert!(matches!(
+            dir.parse_path("/tmp/x"),
+            Err(StorePathError::NotInStore { .. })
+        ));
         assert!(matches!(
             dir.parse_path("/nix/store/3pysdbjixd4amzidam0kp6vwzpqy58y3-a/b"),
             Err(StorePathError::NotInStore { .. })
         ));
-        assert!(matches!(dir.parse_path("/nix/store/short-a"), Err(StorePathError::BadHash(_))));
+        assert!(matches!(
+            dir.parse_path("/nix/store/short-a"),
+            Err(StorePathError::BadHash(_))
+        ));
         assert!(matches!(
             dir.parse_path("/nix/store/3pysdbjixd4amzidam0kp6vwzpqy58y3-a b"),
             Err(StorePathError::BadName { .. })

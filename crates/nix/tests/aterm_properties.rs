@@ -16,11 +16,17 @@ fn output() -> impl Strategy<Value = DerivationOutput> {
     prop_oneof![
         store_path().prop_map(DerivationOutput::InputAddressed),
         Just(DerivationOutput::Deferred),
-        Just(DerivationOutput::Floating { method: ContentAddressMethod::Recursive, algo: HashAlgo::Sha256 }),
+        Just(DerivationOutput::Floating {
+            method: ContentAddressMethod::Recursive,
+            algo: HashAlgo::Sha256
+        }),
         (store_path(), any::<[u8; 32]>()).prop_map(|(path, h)| DerivationOutput::Fixed {
             path,
             method: ContentAddressMethod::Flat,
-            hash: hydra_nix::Hash { algo: HashAlgo::Sha256, bytes: h.to_vec() },
+            hash: hydra_nix::Hash {
+                algo: HashAlgo::Sha256,
+                bytes: h.to_vec()
+            },
         }),
     ]
 }
@@ -28,22 +34,28 @@ fn output() -> impl Strategy<Value = DerivationOutput> {
 fn derivation() -> impl Strategy<Value = Derivation> {
     (
         prop::collection::btree_map("[a-z]{1,8}", output(), 1..4),
-        prop::collection::btree_map(store_path(), prop::collection::btree_set("[a-z]{1,5}", 1..3), 0..4),
+        prop::collection::btree_map(
+            store_path(),
+            prop::collection::btree_set("[a-z]{1,5}", 1..3),
+            0..4,
+        ),
         prop::collection::btree_set(store_path(), 0..4),
         ".*",
         ".*",
         prop::collection::vec(".*", 0..4),
         prop::collection::btree_map(".*", ".*", 0..6),
     )
-        .prop_map(|(outputs, input_drvs, input_srcs, platform, builder, args, env)| Derivation {
-            outputs,
-            input_drvs: input_drvs.into_iter().collect::<BTreeMap<_, BTreeSet<_>>>(),
-            input_srcs,
-            platform,
-            builder,
-            args,
-            env,
-        })
+        .prop_map(
+            |(outputs, input_drvs, input_srcs, platform, builder, args, env)| Derivation {
+                outputs,
+                input_drvs: input_drvs.into_iter().collect::<BTreeMap<_, BTreeSet<_>>>(),
+                input_srcs,
+                platform,
+                builder,
+                args,
+                env,
+            },
+        )
 }
 
 proptest! {

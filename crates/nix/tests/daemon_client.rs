@@ -1,13 +1,17 @@
 //! The worker-protocol client against a real nix-daemon over a private store.
 
-use hydra_nix::daemon::{BuildMode, BuildStatus, DaemonClient, DaemonError, LogLine, PathInfo, Realisation};
+use hydra_nix::daemon::{
+    BuildMode, BuildStatus, DaemonClient, DaemonError, LogLine, PathInfo, Realisation,
+};
 use hydra_nix::nar;
 use hydra_nix::store_path::ContentAddressMethod;
 use hydra_nix::{Derivation, StoreDir};
 use hydra_testkit::NixStore;
 
 async fn connect(store: &NixStore) -> DaemonClient {
-    DaemonClient::connect(store.socket()).await.expect("handshake with nix-daemon")
+    DaemonClient::connect(store.socket())
+        .await
+        .expect("handshake with nix-daemon")
 }
 
 #[tokio::test]
@@ -38,7 +42,8 @@ async fn imported_nar_reads_back_identically_with_nixs_hash() {
     let (hash, size) = nar::hash_path(&root).unwrap();
     assert_eq!(size, nar_bytes.len() as u64);
     let dir = StoreDir::default();
-    let path = dir.make_fixed_output_path(ContentAddressMethod::Recursive, &hash, "tree", &[], false);
+    let path =
+        dir.make_fixed_output_path(ContentAddressMethod::Recursive, &hash, "tree", &[], false);
     let info = PathInfo {
         path: dir.display(&path),
         deriver: None,
@@ -50,20 +55,36 @@ async fn imported_nar_reads_back_identically_with_nixs_hash() {
         signatures: vec![],
         ca: Some(format!("fixed:r:{}", hash.to_prefixed_base32())),
     };
-    client.add_to_store_nar(&info, &mut nar_bytes.as_slice(), false, true).await.unwrap();
+    client
+        .add_to_store_nar(&info, &mut nar_bytes.as_slice(), false, true)
+        .await
+        .unwrap();
 
     assert!(client.is_valid_path(&info.path).await.unwrap());
     let got = client.query_path_info(&info.path).await.unwrap().unwrap();
     assert_eq!((got.nar_hash.clone(), got.nar_size), (hash.clone(), size));
-    let nix_hash = store.run("nix-store", &["-q", "--hash", &info.path]).await.unwrap();
-    assert_eq!(nix_hash.trim(), hash.to_prefixed_base32(), "our NAR hash equals nix-store -q --hash");
+    let nix_hash = store
+        .run("nix-store", &["-q", "--hash", &info.path])
+        .await
+        .unwrap();
+    assert_eq!(
+        nix_hash.trim(),
+        hash.to_prefixed_base32(),
+        "our NAR hash equals nix-store -q --hash"
+    );
 
     let mut exported = Vec::new();
-    client.nar_from_path(&info.path, &mut exported).await.unwrap();
+    client
+        .nar_from_path(&info.path, &mut exported)
+        .await
+        .unwrap();
     assert_eq!(exported, nar_bytes);
     let unpacked = src.path().join("unpacked");
     nar::unpack(&exported, &unpacked).unwrap();
-    assert_eq!(std::fs::read(unpacked.join("sub/b")).unwrap(), vec![7u8; 100_000]);
+    assert_eq!(
+        std::fs::read(unpacked.join("sub/b")).unwrap(),
+        vec![7u8; 100_000]
+    );
 }
 
 #[tokio::test]
@@ -89,10 +110,18 @@ async fn a_nar_with_the_wrong_hash_is_refused_and_the_connection_survives() {
         signatures: vec![],
         ca: None,
     };
-    let err = client.add_to_store_nar(&info, &mut bytes.as_slice(), false, true).await.unwrap_err();
-    let msg = err.nix_message().unwrap_or_else(|| panic!("expected a Nix error, got {err}"));
+    let err = client
+        .add_to_store_nar(&info, &mut bytes.as_slice(), false, true)
+        .await
+        .unwrap_err();
+    let msg = err
+        .nix_message()
+        .unwrap_or_else(|| panic!("expected a Nix error, got {err}"));
     assert!(msg.contains("hash mismatch"), "{msg}");
-    assert!(!client.is_valid_path(&info.path).await.unwrap(), "nothing was imported");
+    assert!(
+        !client.is_valid_path(&info.path).await.unwrap(),
+        "nothing was imported"
+    );
 }
 
 #[tokio::test]
@@ -100,21 +129,37 @@ async fn daemon_errors_come_back_typed_with_nixs_message() {
     let store = NixStore::start().unwrap();
     let mut client = connect(&store).await;
     let missing = "/nix/store/00000000000000000000000000000000-missing.drv!out".to_owned();
-    let err = client.build_paths(&[missing], BuildMode::Normal, &mut |_| {}).await.unwrap_err();
+    let err = client
+        .build_paths(&[missing], BuildMode::Normal, &mut |_| {})
+        .await
+        .unwrap_err();
     assert!(matches!(err, DaemonError::Nix { .. }), "{err:?}");
     assert!(err.nix_message().unwrap().contains("missing.drv"), "{err}");
     // The connection is still usable after the daemon reported an error.
-    assert!(!client.is_valid_path("/nix/store/00000000000000000000000000000000-x").await.unwrap());
+    assert!(
+        !client
+            .is_valid_path("/nix/store/00000000000000000000000000000000-x")
+            .await
+            .unwrap()
+    );
 }
 
 #[tokio::test]
 async fn a_malformed_path_is_refused_before_it_reaches_the_daemon() {
     let store = NixStore::start().unwrap();
     let mut client = connect(&store).await;
-    let err = client.query_path_info("/not/a/store/path").await.unwrap_err();
+    let err = client
+        .query_path_info("/not/a/store/path")
+        .await
+        .unwrap_err();
     assert!(matches!(err, DaemonError::InvalidPath(_)), "{err:?}");
     // Nix 2.8 would have closed the connection; ours is still open.
-    assert!(!client.is_valid_path("/nix/store/00000000000000000000000000000000-x").await.unwrap());
+    assert!(
+        !client
+            .is_valid_path("/nix/store/00000000000000000000000000000000-x")
+            .await
+            .unwrap()
+    );
 }
 
 #[tokio::test]
@@ -138,19 +183,32 @@ async fn builds_a_derivation_through_the_client_with_its_log() {
     client.add_temp_root(&paths["ok"]).await.unwrap();
     let mut lines = Vec::new();
     let result = client
-        .build_derivation(&paths["ok"], &drv, BuildMode::Normal, &mut |l| lines.push(l))
+        .build_derivation(&paths["ok"], &drv, BuildMode::Normal, &mut |l| {
+            lines.push(l)
+        })
         .await
         .unwrap();
     assert_eq!(result.status, BuildStatus::Built, "{}", result.error_msg);
-    assert!(lines.contains(&LogLine::Build("building-now".into())), "{lines:?}");
+    assert!(
+        lines.contains(&LogLine::Build("building-now".into())),
+        "{lines:?}"
+    );
     let out = dir.display(drv.outputs["out"].path().unwrap());
     assert!(client.is_valid_path(&out).await.unwrap());
     assert_eq!(store.read_store_file(&out).await.unwrap(), b"result\n");
 
-    let bad = Derivation::parse(&dir, &store.read_store_file(&paths["bad"]).await.unwrap()).unwrap();
-    let result = client.build_derivation(&paths["bad"], &bad, BuildMode::Normal, &mut |_| {}).await.unwrap();
+    let bad =
+        Derivation::parse(&dir, &store.read_store_file(&paths["bad"]).await.unwrap()).unwrap();
+    let result = client
+        .build_derivation(&paths["bad"], &bad, BuildMode::Normal, &mut |_| {})
+        .await
+        .unwrap();
     assert_eq!(result.status, BuildStatus::PermanentFailure);
-    assert!(result.error_msg.contains("exit code 3"), "{}", result.error_msg);
+    assert!(
+        result.error_msg.contains("exit code 3"),
+        "{}",
+        result.error_msg
+    );
 }
 
 #[tokio::test]
@@ -166,12 +224,28 @@ async fn closure_realisations_and_output_maps() {
         )
         .await
         .unwrap();
-    store.run("nix-store", &["-r", &paths["top"]]).await.unwrap();
+    store
+        .run("nix-store", &["-r", &paths["top"]])
+        .await
+        .unwrap();
     let mut client = connect(&store).await;
 
-    let top_out = client.query_derivation_output_map(&paths["top"]).await.unwrap()["out"].clone().unwrap();
-    let base_out = client.query_derivation_output_map(&paths["base"]).await.unwrap()["out"].clone().unwrap();
-    let closure = client.query_closure(std::slice::from_ref(&top_out)).await.unwrap();
+    let top_out = client
+        .query_derivation_output_map(&paths["top"])
+        .await
+        .unwrap()["out"]
+        .clone()
+        .unwrap();
+    let base_out = client
+        .query_derivation_output_map(&paths["base"])
+        .await
+        .unwrap()["out"]
+        .clone()
+        .unwrap();
+    let closure = client
+        .query_closure(std::slice::from_ref(&top_out))
+        .await
+        .unwrap();
     assert_eq!(closure.into_iter().collect::<Vec<_>>(), {
         let mut v = vec![top_out.clone(), base_out.clone()];
         v.sort();

@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use hydra_nix::daemon::{BuildMode, DaemonClient};
-use hydra_nix::derivation::hashing::{DrvHashes, drv_output_id};
 use hydra_nix::derivation::DerivationKind;
+use hydra_nix::derivation::hashing::{DrvHashes, drv_output_id};
 use hydra_nix::{Derivation, StoreDir, StorePath};
 use hydra_testkit::NixStore;
 
@@ -20,7 +20,14 @@ enum Kind {
     Fixed,
 }
 
-const KINDS: [Kind; 6] = [Kind::Plain, Kind::Multi, Kind::Ca, Kind::CaMulti, Kind::CaSelfRef, Kind::Fixed];
+const KINDS: [Kind; 6] = [
+    Kind::Plain,
+    Kind::Multi,
+    Kind::Ca,
+    Kind::CaMulti,
+    Kind::CaSelfRef,
+    Kind::Fixed,
+];
 
 /// A small deterministic generator, so a failure names a reproducible seed.
 struct Rng(u64);
@@ -46,14 +53,22 @@ fn generate(seed: u64, n: usize) -> (String, Vec<String>) {
             for _ in 0..rng.below(4) {
                 let j = rng.below(i as u64) as usize;
                 let multi = matches!(kinds[j], Kind::Multi | Kind::CaMulti);
-                refs.push(if multi && rng.below(2) == 0 { format!("${{d{j}.dev}}") } else { format!("${{d{j}}}") });
+                refs.push(if multi && rng.below(2) == 0 {
+                    format!("${{d{j}.dev}}")
+                } else {
+                    format!("${{d{j}}}")
+                });
             }
         }
         let refs = refs.join(" ");
         let def = match kind {
-            Kind::Plain => format!(r#"mkDrv {{ name = "d{i}"; script = "echo {i} {refs} > $out"; }}"#),
+            Kind::Plain => {
+                format!(r#"mkDrv {{ name = "d{i}"; script = "echo {i} {refs} > $out"; }}"#)
+            }
             Kind::Ca => format!(r#"mkCA {{ name = "d{i}"; script = "echo {i} {refs} > $out"; }}"#),
-            Kind::CaSelfRef => format!(r#"mkCA {{ name = "d{i}"; script = "echo {i} $out {refs} > $out"; }}"#),
+            Kind::CaSelfRef => {
+                format!(r#"mkCA {{ name = "d{i}"; script = "echo {i} $out {refs} > $out"; }}"#)
+            }
             Kind::Multi | Kind::CaMulti => format!(
                 r#"{} {{ name = "d{i}"; outputs = [ "out" "dev" ]; script = "echo {i} {refs} > $out; echo dev $out > $dev"; }}"#,
                 if kind == Kind::Multi { "mkDrv" } else { "mkCA" }
@@ -63,17 +78,10 @@ fn generate(seed: u64, n: usize) -> (String, Vec<String>) {
         attrs.push_str(&format!("  d{i} = {def};\n"));
         kinds.push(kind);
     }
-    (format!("with prelude; rec {{\n{attrs}}}"), (0..n).map(|i| format!("d{i}")).collect())
-}
-
-/// Reads a `.drv` through the daemon (NAR export, unpacked with our NAR code).
-async fn read_drv(client: &mut DaemonClient, path: &str) -> Vec<u8> {
-    let mut nar = Vec::new();
-    client.nar_from_path(path, &mut nar).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("f");
-    hydra_nix::nar::unpack(&nar, &file).unwrap();
-    std::fs::read(file).unwrap()
+    (
+        format!("with prelude; rec {{\n{attrs}}}"),
+        (0..n).map(|i| format!("d{i}")).collect(),
+    )
 }
 
 struct Graph {
@@ -92,21 +100,32 @@ async fn instantiate_graph(seed: u64, n: usize) -> Graph {
     let dir = StoreDir::default();
     let mut drvs = BTreeMap::new();
     for path in paths.values() {
-        let bytes = read_drv(&mut client, path).await;
-        let drv = Derivation::parse(&dir, &bytes).unwrap_or_else(|e| panic!("seed {seed}: {path}: {e}"));
+        let bytes = client.read_store_file(path).await.unwrap();
+        let drv =
+            Derivation::parse(&dir, &bytes).unwrap_or_else(|e| panic!("seed {seed}: {path}: {e}"));
         drvs.insert(path.clone(), (bytes, drv));
     }
     let mut hashes = DrvHashes::default();
-    let by_path: HashMap<StorePath, Derivation> =
-        drvs.iter().map(|(p, (_, d))| (dir.parse_path(p).unwrap(), d.clone())).collect();
+    let by_path: HashMap<StorePath, Derivation> = drvs
+        .iter()
+        .map(|(p, (_, d))| (dir.parse_path(p).unwrap(), d.clone()))
+        .collect();
     for p in by_path.keys() {
         hashes
             .compute(&dir, p, &mut |q: &StorePath| {
-                by_path.get(q).cloned().ok_or_else(|| std::io::Error::other(format!("{q} not generated")))
+                by_path
+                    .get(q)
+                    .cloned()
+                    .ok_or_else(|| std::io::Error::other(format!("{q} not generated")))
             })
             .unwrap();
     }
-    Graph { store, client, drvs, hashes }
+    Graph {
+        store,
+        client,
+        drvs,
+        hashes,
+    }
 }
 
 #[tokio::test]
@@ -116,8 +135,16 @@ async fn drv_files_round_trip_and_every_path_equals_nixs() {
         let g = instantiate_graph(seed, 30).await;
         assert_eq!(g.drvs.len(), 30);
         for (path, (bytes, drv)) in &g.drvs {
-            assert_eq!(drv.to_aterm(&dir).as_bytes(), &bytes[..], "seed {seed}: {path} does not round-trip");
-            assert_eq!(&dir.display(&drv.drv_path(&dir).unwrap()), path, "seed {seed}: .drv path");
+            assert_eq!(
+                drv.to_aterm(&dir).as_bytes(),
+                &bytes[..],
+                "seed {seed}: {path} does not round-trip"
+            );
+            assert_eq!(
+                &dir.display(&drv.drv_path(&dir).unwrap()),
+                path,
+                "seed {seed}: .drv path"
+            );
             let expected = g.hashes.expected_output_paths(&dir, drv).unwrap();
             for (output, out) in &drv.outputs {
                 match (out.path(), expected.get(output)) {
@@ -125,7 +152,9 @@ async fn drv_files_round_trip_and_every_path_equals_nixs() {
                         assert_eq!(actual, computed, "seed {seed}: {path}!{output}")
                     }
                     (None, None) => {}
-                    (a, c) => panic!("seed {seed}: {path}!{output}: Nix has {a:?}, we computed {c:?}"),
+                    (a, c) => {
+                        panic!("seed {seed}: {path}!{output}: Nix has {a:?}, we computed {c:?}")
+                    }
                 }
             }
         }
@@ -148,8 +177,18 @@ async fn resolution_and_realisation_ids_equal_nixs() {
         }
     };
     let mut builder = DaemonClient::connect(g.store.socket()).await.unwrap();
-    builder.set_options(&hydra_nix::daemon::ClientSettings { verbosity: 3, max_build_jobs: 2, ..Default::default() }).await.unwrap();
-    builder.build_paths(&all, BuildMode::Normal, &mut on_log).await.unwrap();
+    builder
+        .set_options(&hydra_nix::daemon::ClientSettings {
+            verbosity: 3,
+            max_build_jobs: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    builder
+        .build_paths(&all, BuildMode::Normal, &mut on_log)
+        .await
+        .unwrap();
 
     let mut resolved_count = 0;
     for (path, (_, drv)) in g.drvs.clone() {
@@ -157,22 +196,36 @@ async fn resolution_and_realisation_ids_equal_nixs() {
         // computed from hashDerivationModulo.
         let kind = drv.kind().unwrap();
         let map = g.client.query_derivation_output_map(&path).await.unwrap();
-        if matches!(kind, DerivationKind::ContentAddressed { fixed: false } | DerivationKind::InputAddressed { deferred: true }) {
+        if matches!(
+            kind,
+            DerivationKind::ContentAddressed { fixed: false }
+                | DerivationKind::InputAddressed { deferred: true }
+        ) {
             let h = g.hashes.output_hashes(&dir, &drv).unwrap();
             for (output, hash) in &h.hashes {
                 let id = drv_output_id(hash, output);
                 let r = g.client.query_realisation(&id).await.unwrap();
                 let r = r.unwrap_or_else(|| panic!("{path}!{output}: Nix has no realisation {id}"));
-                assert!(map[output].as_ref().unwrap().ends_with(&r.out_path), "{path}!{output}");
+                assert!(
+                    map[output].as_ref().unwrap().ends_with(&r.out_path),
+                    "{path}!{output}"
+                );
             }
         }
         if !drv.needs_resolution().unwrap() {
-            assert!(!nix_resolved.contains_key(&path), "Nix resolved {path}, we would not");
+            assert!(
+                !nix_resolved.contains_key(&path),
+                "Nix resolved {path}, we would not"
+            );
             continue;
         }
         let mut inputs = BTreeMap::new();
         for (input, outputs) in &drv.input_drvs {
-            let map = g.client.query_derivation_output_map(&dir.display(input)).await.unwrap();
+            let map = g
+                .client
+                .query_derivation_output_map(&dir.display(input))
+                .await
+                .unwrap();
             for o in outputs {
                 let actual = map[o].as_ref().expect("input output known after the build");
                 inputs.insert((input.clone(), o.clone()), dir.parse_path(actual).unwrap());
@@ -184,6 +237,9 @@ async fn resolution_and_realisation_ids_equal_nixs() {
         assert_eq!(Some(&ours), nix_resolved.get(&path), "resolution of {path}");
         resolved_count += 1;
     }
-    assert!(resolved_count > 5, "the generated graph exercised only {resolved_count} resolutions");
+    assert!(
+        resolved_count > 5,
+        "the generated graph exercised only {resolved_count} resolutions"
+    );
     assert_eq!(resolved_count, nix_resolved.len());
 }

@@ -30,8 +30,17 @@ pub fn check_peer_version(local_role: &'static str, peer: u32) -> Result<(), Ver
     if peer == PROTOCOL_VERSION {
         return Ok(());
     }
-    let peer_role = if local_role == "runner" { "builder" } else { "runner" };
-    Err(VersionMismatch { local_role, peer_role, local: PROTOCOL_VERSION, peer })
+    let peer_role = if local_role == "runner" {
+        "builder"
+    } else {
+        "runner"
+    };
+    Err(VersionMismatch {
+        local_role,
+        peer_role,
+        local: PROTOCOL_VERSION,
+        peer,
+    })
 }
 
 #[cfg(test)]

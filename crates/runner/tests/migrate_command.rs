@@ -9,17 +9,32 @@ fn runner() -> std::process::Command {
 #[tokio::test]
 async fn migrate_applies_then_reports_current() {
     let db = TestDb::empty().await;
-    let first = runner().args(["migrate", "--database-url", &db.url]).output().unwrap();
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let first = runner()
+        .args(["migrate", "--database-url", &db.url])
+        .output()
+        .unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     assert!(String::from_utf8_lossy(&first.stdout).contains("applied migrations [1, 2, 3]"));
-    let second = runner().arg("migrate").env("HYDRA_DATABASE_URL", &db.url).output().unwrap();
+    let second = runner()
+        .arg("migrate")
+        .env("HYDRA_DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
     assert!(second.status.success());
     assert!(String::from_utf8_lossy(&second.stdout).contains("schema is current (migration 3)"));
 }
 
 #[test]
 fn migrate_without_a_database_says_how_to_give_one() {
-    let out = runner().arg("migrate").env_remove("HYDRA_DATABASE_URL").output().unwrap();
+    let out = runner()
+        .arg("migrate")
+        .env_remove("HYDRA_DATABASE_URL")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--database-url"));
 }
@@ -27,7 +42,11 @@ fn migrate_without_a_database_says_how_to_give_one() {
 #[test]
 fn migrate_against_an_unreachable_server_fails_clearly() {
     let out = runner()
-        .args(["migrate", "--database-url", "postgres://nobody@127.0.0.1:1/none"])
+        .args([
+            "migrate",
+            "--database-url",
+            "postgres://nobody@127.0.0.1:1/none",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());

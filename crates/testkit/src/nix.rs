@@ -35,7 +35,11 @@ pub enum NixError {
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
     #[error("{what} failed ({status}): {stderr}")]
-    Command { what: String, status: String, stderr: String },
+    Command {
+        what: String,
+        status: String,
+        stderr: String,
+    },
     #[error("private stores need root (for unshare --mount and the bind mount on /nix)")]
     NotRoot,
 }
@@ -54,7 +58,10 @@ impl NixStore {
         if unsafe { libc::geteuid() } != 0 {
             return Err(NixError::NotRoot);
         }
-        let root = tempfile::Builder::new().prefix("hq-store-").tempdir()?.keep();
+        let root = tempfile::Builder::new()
+            .prefix("hq-store-")
+            .tempdir()?
+            .keep();
         let nix_dir = root.join("nix");
         std::fs::create_dir_all(&nix_dir)?;
         let socket = root.join("daemon.sock");
@@ -63,7 +70,9 @@ impl NixStore {
         let fd = listener.as_raw_fd();
         let mut cmd = Command::new("unshare");
         cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-            .arg(r#"mount --bind "$0" /nix && export LISTEN_PID=$$ LISTEN_FDS=1 && exec nix-daemon"#)
+            .arg(
+                r#"mount --bind "$0" /nix && export LISTEN_PID=$$ LISTEN_FDS=1 && exec nix-daemon"#,
+            )
             .arg(&nix_dir)
             .env("NIX_CONFIG", nix_config())
             .stdin(Stdio::null())
@@ -82,7 +91,11 @@ impl NixStore {
         }
         let daemon = cmd.spawn()?;
         drop(listener);
-        Ok(NixStore { root, socket, daemon })
+        Ok(NixStore {
+            root,
+            socket,
+            daemon,
+        })
     }
 
     /// The daemon's socket: give it to our client or to Nix's tools.
@@ -121,7 +134,11 @@ impl NixStore {
 
     /// Runs a command in the store's namespace and returns its stdout.
     pub async fn run(&self, program: &str, args: &[&str]) -> Result<String, NixError> {
-        output(self.command(program).args(args), &format!("{program} {}", args.join(" "))).await
+        output(
+            self.command(program).args(args),
+            &format!("{program} {}", args.join(" ")),
+        )
+        .await
     }
 
     /// Reads a file of the store (for example a `.drv`) as bytes.
@@ -134,7 +151,11 @@ impl NixStore {
     /// Instantiates the attributes `attrs` of `expr`, a Nix expression that
     /// may use the test prelude as `prelude` (`with prelude; { ... }`).
     /// Returns attribute -> `.drv` path.
-    pub async fn instantiate(&self, expr: &str, attrs: &[&str]) -> Result<BTreeMap<String, String>, NixError> {
+    pub async fn instantiate(
+        &self,
+        expr: &str,
+        attrs: &[&str],
+    ) -> Result<BTreeMap<String, String>, NixError> {
         let file = self.write_expr(expr)?;
         let mut args: Vec<&str> = vec![file.to_str().expect("UTF-8 temp path")];
         for a in attrs {
@@ -142,7 +163,11 @@ impl NixStore {
         }
         let out = self.run("nix-instantiate", &args).await?;
         let paths: Vec<&str> = out.lines().collect();
-        Ok(attrs.iter().map(|a| a.to_string()).zip(paths.into_iter().map(str::to_owned)).collect())
+        Ok(attrs
+            .iter()
+            .map(|a| a.to_string())
+            .zip(paths.into_iter().map(str::to_owned))
+            .collect())
     }
 
     /// Writes `expr` to a file, with the prelude in scope as `prelude`.
@@ -155,7 +180,10 @@ impl NixStore {
         let salt = uuid::Uuid::new_v4().simple().to_string();
         std::fs::write(
             &file,
-            format!("let prelude = import {} {{ salt = \"{salt}\"; }}; in\n{expr}\n", prelude.display()),
+            format!(
+                "let prelude = import {} {{ salt = \"{salt}\"; }}; in\n{expr}\n",
+                prelude.display()
+            ),
         )?;
         Ok(file)
     }

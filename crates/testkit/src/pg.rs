@@ -13,7 +13,9 @@ pub const CLUSTER_URL_ENV: &str = "HYDRA_TEST_PG_URL";
 
 #[derive(Debug, Error)]
 pub enum PgError {
-    #[error("PostgreSQL binaries not found (looked for initdb in $HYDRA_PG_BINDIR, /usr/lib/postgresql/*/bin and PATH)")]
+    #[error(
+        "PostgreSQL binaries not found (looked for initdb in $HYDRA_PG_BINDIR, /usr/lib/postgresql/*/bin and PATH)"
+    )]
     NoBinaries,
     #[error("{what} failed: {detail}")]
     Command { what: String, detail: String },
@@ -36,7 +38,12 @@ impl PgCluster {
     pub fn start() -> Result<PgCluster, PgError> {
         let bindir = find_bindir()?;
         let root = tempfile::Builder::new().prefix("hq-pg-").tempdir()?.keep();
-        let mut cluster = PgCluster { root, bindir, port: free_port()?, stopped: false };
+        let mut cluster = PgCluster {
+            root,
+            bindir,
+            port: free_port()?,
+            stopped: false,
+        };
         cluster.init_and_start()?;
         Ok(cluster)
     }
@@ -51,7 +58,17 @@ impl PgCluster {
         }
         self.run(
             "initdb",
-            &["-D", path_str(&data), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"],
+            &[
+                "-D",
+                path_str(&data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ],
         )?;
         let options = format!(
             "-F -k {} -p {} -c listen_addresses=127.0.0.1 -c max_connections=400 \
@@ -60,7 +77,21 @@ impl PgCluster {
             self.port
         );
         let log = self.root.join("postgres.log");
-        self.run("pg_ctl", &["-D", path_str(&data), "-l", path_str(&log), "-o", &options, "-w", "-t", "60", "start"])
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                path_str(&data),
+                "-l",
+                path_str(&log),
+                "-o",
+                &options,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        )
     }
 
     fn run(&self, program: &str, args: &[&str]) -> Result<(), PgError> {
@@ -106,7 +137,10 @@ impl PgCluster {
         if !self.stopped {
             self.stopped = true;
             let data = self.root.join("data");
-            self.run("pg_ctl", &["-D", path_str(&data), "-m", "fast", "-w", "stop"])?;
+            self.run(
+                "pg_ctl",
+                &["-D", path_str(&data), "-m", "fast", "-w", "stop"],
+            )?;
         }
         Ok(())
     }
@@ -120,7 +154,19 @@ impl PgCluster {
             self.port
         );
         let log = self.root.join("postgres.log");
-        self.run("pg_ctl", &["-D", path_str(&data), "-l", path_str(&log), "-o", &options, "-w", "start"])?;
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                path_str(&data),
+                "-l",
+                path_str(&log),
+                "-o",
+                &options,
+                "-w",
+                "start",
+            ],
+        )?;
         self.stopped = false;
         Ok(())
     }
@@ -131,7 +177,10 @@ impl Drop for PgCluster {
         if !self.stopped {
             self.stopped = true;
             let data = self.root.join("data");
-            let _ = self.run("pg_ctl", &["-D", path_str(&data), "-m", "immediate", "-w", "stop"]);
+            let _ = self.run(
+                "pg_ctl",
+                &["-D", path_str(&data), "-m", "immediate", "-w", "stop"],
+            );
         }
         let _ = std::fs::remove_dir_all(&self.root);
     }
@@ -147,7 +196,10 @@ fn is_root() -> bool {
 }
 
 fn chown_to_postgres(path: &Path) -> Result<(), PgError> {
-    let out = Command::new("chown").arg("postgres:postgres").arg(path).output()?;
+    let out = Command::new("chown")
+        .arg("postgres:postgres")
+        .arg(path)
+        .output()?;
     if !out.status.success() {
         return Err(PgError::Command {
             what: format!("chown postgres {}", path.display()),
@@ -168,16 +220,23 @@ fn find_bindir() -> Result<PathBuf, PgError> {
         .map(|e| e.path().join("bin"))
         .filter(|p| p.join("initdb").exists())
         .collect();
-    versions.sort_by_key(|p| p.parent().and_then(|v| v.file_name()?.to_str()?.parse::<u32>().ok()));
+    versions.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name()?.to_str()?.parse::<u32>().ok())
+    });
     if let Some(dir) = versions.pop() {
         return Ok(dir);
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).find(|d| d.join("initdb").exists()).ok_or(PgError::NoBinaries)
+    std::env::split_paths(&path)
+        .find(|d| d.join("initdb").exists())
+        .ok_or(PgError::NoBinaries)
 }
 
 fn free_port() -> Result<u16, PgError> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// The admin URL of the cluster this process's tests use: the run's cluster
@@ -189,7 +248,8 @@ pub fn cluster_admin_url() -> String {
     static LOCAL: OnceLock<String> = OnceLock::new();
     LOCAL
         .get_or_init(|| {
-            let cluster = PgCluster::start().unwrap_or_else(|e| panic!("cannot start a PostgreSQL cluster: {e}"));
+            let cluster = PgCluster::start()
+                .unwrap_or_else(|e| panic!("cannot start a PostgreSQL cluster: {e}"));
             let url = cluster.url("postgres");
             // Kept until the test process exits; `atexit` removes it then.
             *PROCESS_CLUSTER.lock().unwrap() = Some(cluster);
@@ -219,7 +279,9 @@ impl TestDb {
     /// A new database with the project's schema applied by its own migrations.
     pub async fn new() -> TestDb {
         let db = Self::empty().await;
-        hydra_db::migrate(&db.pool).await.unwrap_or_else(|e| panic!("migrating {}: {e}", db.name));
+        hydra_db::migrate(&db.pool)
+            .await
+            .unwrap_or_else(|e| panic!("migrating {}: {e}", db.name));
         db
     }
 
@@ -227,14 +289,18 @@ impl TestDb {
     pub async fn empty() -> TestDb {
         let admin_url = cluster_admin_url();
         let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-        let admin = hydra_db::connect(&admin_url, 1).await.unwrap_or_else(|e| panic!("{admin_url}: {e}"));
+        let admin = hydra_db::connect(&admin_url, 1)
+            .await
+            .unwrap_or_else(|e| panic!("{admin_url}: {e}"));
         sqlx::query(&format!("create database {name}"))
             .execute(&admin)
             .await
             .unwrap_or_else(|e| panic!("create database {name}: {e}"));
         admin.close().await;
         let url = replace_db(&admin_url, &name);
-        let pool = hydra_db::connect(&url, 10).await.unwrap_or_else(|e| panic!("{url}: {e}"));
+        let pool = hydra_db::connect(&url, 10)
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
         TestDb { url, name, pool }
     }
 }
@@ -261,8 +327,14 @@ mod tests {
     #[test]
     fn replaces_the_database_in_urls() {
         use super::replace_db;
-        assert_eq!(replace_db("postgres://u@h:1/postgres", "x"), "postgres://u@h:1/x");
+        assert_eq!(
+            replace_db("postgres://u@h:1/postgres", "x"),
+            "postgres://u@h:1/x"
+        );
         assert_eq!(replace_db("postgres://u@h:1", "x"), "postgres://u@h:1/x");
-        assert_eq!(replace_db("postgres://u@h/a?sslmode=disable", "x"), "postgres://u@h/x?sslmode=disable");
+        assert_eq!(
+            replace_db("postgres://u@h/a?sslmode=disable", "x"),
+            "postgres://u@h/x?sslmode=disable"
+        );
     }
 }

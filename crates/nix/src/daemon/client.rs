@@ -3,9 +3,9 @@ use std::path::Path;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 
+use super::DaemonError;
 use super::types::{BuildMode, BuildResult, BuildStatus, LogLine, PathInfo, Realisation};
 use super::wire::*;
-use super::DaemonError;
 use crate::derivation::aterm::output_fields;
 use crate::hash::{Hash, HashAlgo};
 use crate::{Derivation, StoreDir};
@@ -118,7 +118,9 @@ impl DaemonClient {
         c.w.flush().await?;
         let magic = read_u64(&mut c.r).await?;
         if magic != WORKER_MAGIC_2 {
-            return Err(DaemonError::Protocol(format!("not a nix-daemon (magic {magic:#x})")));
+            return Err(DaemonError::Protocol(format!(
+                "not a nix-daemon (magic {magic:#x})"
+            )));
         }
         let daemon = read_u64(&mut c.r).await?;
         let (major, minor) = (daemon >> 8, daemon & 0xff);
@@ -182,7 +184,10 @@ impl DaemonClient {
     }
 
     /// The subset of `paths` that is valid in the store.
-    pub async fn query_valid_paths(&mut self, paths: &[String]) -> Result<BTreeSet<String>, DaemonError> {
+    pub async fn query_valid_paths(
+        &mut self,
+        paths: &[String],
+    ) -> Result<BTreeSet<String>, DaemonError> {
         paths.iter().try_for_each(|p| self.check_path(p))?;
         self.op(Op::QueryValidPaths).await?;
         write_strings(&mut self.w, paths).await?;
@@ -225,17 +230,23 @@ impl DaemonClient {
 
     /// The closure of `paths` under references (the paths included). A
     /// path that is not valid is an error naming it.
-    pub async fn query_closure(&mut self, paths: &[String]) -> Result<BTreeSet<String>, DaemonError> {
+    pub async fn query_closure(
+        &mut self,
+        paths: &[String],
+    ) -> Result<BTreeSet<String>, DaemonError> {
         let mut seen: BTreeSet<String> = BTreeSet::new();
         let mut queue: VecDeque<String> = paths.iter().cloned().collect();
         while let Some(p) = queue.pop_front() {
             if !seen.insert(p.clone()) {
                 continue;
             }
-            let info = self.query_path_info(&p).await?.ok_or_else(|| DaemonError::Nix {
-                message: format!("path '{p}' is not valid"),
-                traces: vec![],
-            })?;
+            let info = self
+                .query_path_info(&p)
+                .await?
+                .ok_or_else(|| DaemonError::Nix {
+                    message: format!("path '{p}' is not valid"),
+                    traces: vec![],
+                })?;
             queue.extend(info.references.into_iter().filter(|r| !seen.contains(r)));
         }
         Ok(seen)
@@ -247,10 +258,13 @@ impl DaemonClient {
         path: &str,
         sink: &mut W,
     ) -> Result<PathInfo, DaemonError> {
-        let info = self.query_path_info(path).await?.ok_or_else(|| DaemonError::Nix {
-            message: format!("path '{path}' is not valid"),
-            traces: vec![],
-        })?;
+        let info = self
+            .query_path_info(path)
+            .await?
+            .ok_or_else(|| DaemonError::Nix {
+                message: format!("path '{path}' is not valid"),
+                traces: vec![],
+            })?;
         if info.nar_size == 0 {
             return Err(DaemonError::UnknownNarSize(path.to_owned()));
         }
@@ -261,9 +275,20 @@ impl DaemonClient {
         let mut limited = (&mut self.r).take(info.nar_size);
         let copied = tokio::io::copy(&mut limited, sink).await?;
         if copied != info.nar_size {
-            return Err(DaemonError::Protocol(format!("NAR of {path} ended after {copied} of {} bytes", info.nar_size)));
+            return Err(DaemonError::Protocol(format!(
+                "NAR of {path} ended after {copied} of {} bytes",
+                info.nar_size
+            )));
         }
         Ok(info)
+    }
+
+    /// The contents of a store path that is a regular file, such as a `.drv`.
+    pub async fn read_store_file(&mut self, path: &str) -> Result<Vec<u8>, DaemonError> {
+        let mut nar = Vec::new();
+        self.nar_from_path(path, &mut nar).await?;
+        crate::nar::single_file_contents(&nar)
+            .map_err(|e| DaemonError::Protocol(format!("{path}: {e}")))
     }
 
     /// Adds a path from its NAR. The daemon checks the NAR against
@@ -276,10 +301,16 @@ impl DaemonClient {
         dont_check_sigs: bool,
     ) -> Result<(), DaemonError> {
         self.check_path(&info.path)?;
-        info.references.iter().try_for_each(|p| self.check_path(p))?;
+        info.references
+            .iter()
+            .try_for_each(|p| self.check_path(p))?;
         self.op(Op::AddToStoreNar).await?;
         write_bytes(&mut self.w, info.path.as_bytes()).await?;
-        write_bytes(&mut self.w, info.deriver.as_deref().unwrap_or("").as_bytes()).await?;
+        write_bytes(
+            &mut self.w,
+            info.deriver.as_deref().unwrap_or("").as_bytes(),
+        )
+        .await?;
         write_bytes(&mut self.w, info.nar_hash.to_base16().as_bytes()).await?;
         write_strings(&mut self.w, &info.references).await?;
         write_u64(&mut self.w, info.registration_time).await?;
@@ -320,7 +351,11 @@ impl DaemonClient {
                 write_bytes(&mut self.w, field.as_bytes()).await?;
             }
         }
-        let srcs: Vec<String> = drv.input_srcs.iter().map(|p| self.store_dir.display(p)).collect();
+        let srcs: Vec<String> = drv
+            .input_srcs
+            .iter()
+            .map(|p| self.store_dir.display(p))
+            .collect();
         write_strings(&mut self.w, &srcs).await?;
         write_bytes(&mut self.w, drv.platform.as_bytes()).await?;
         write_bytes(&mut self.w, drv.builder.as_bytes()).await?;
@@ -371,7 +406,10 @@ impl DaemonClient {
         Ok(map)
     }
 
-    pub async fn register_drv_output(&mut self, realisation: &Realisation) -> Result<(), DaemonError> {
+    pub async fn register_drv_output(
+        &mut self,
+        realisation: &Realisation,
+    ) -> Result<(), DaemonError> {
         self.op(Op::RegisterDrvOutput).await?;
         let json = serde_json::to_string(realisation).expect("realisations serialise");
         write_bytes(&mut self.w, json.as_bytes()).await?;
@@ -379,7 +417,10 @@ impl DaemonClient {
     }
 
     /// The realisation recorded for `id` (`sha256:<hex>!<output>`), if any.
-    pub async fn query_realisation(&mut self, id: &str) -> Result<Option<Realisation>, DaemonError> {
+    pub async fn query_realisation(
+        &mut self,
+        id: &str,
+    ) -> Result<Option<Realisation>, DaemonError> {
         self.op(Op::QueryRealisation).await?;
         write_bytes(&mut self.w, id.as_bytes()).await?;
         self.process_stderr(&mut |_| {}).await?;
@@ -387,7 +428,8 @@ impl DaemonClient {
         found
             .first()
             .map(|json| {
-                serde_json::from_str(json).map_err(|e| DaemonError::Protocol(format!("bad realisation {json:?}: {e}")))
+                serde_json::from_str(json)
+                    .map_err(|e| DaemonError::Protocol(format!("bad realisation {json:?}: {e}")))
             })
             .transpose()
     }
@@ -428,16 +470,30 @@ impl DaemonClient {
             let json = read_string(&mut self.r).await?;
             let r: Realisation = serde_json::from_str(&json)
                 .map_err(|e| DaemonError::Protocol(format!("bad realisation {json:?}: {e}")))?;
-            let output = id.rsplit_once('!').map(|(_, o)| o.to_owned()).unwrap_or_default();
+            let output = id
+                .rsplit_once('!')
+                .map(|(_, o)| o.to_owned())
+                .unwrap_or_default();
             built_outputs.insert(output, r);
         }
-        Ok(BuildResult { status, error_msg, times_built, is_non_deterministic, start_time, stop_time, built_outputs })
+        Ok(BuildResult {
+            status,
+            error_msg,
+            times_built,
+            is_non_deterministic,
+            start_time,
+            stop_time,
+            built_outputs,
+        })
     }
 
     /// Flushes the request, then reads the daemon's messages up to
     /// `STDERR_LAST`, passing log lines on; an error message becomes
     /// [`DaemonError::Nix`].
-    async fn process_stderr(&mut self, on_log: &mut (dyn FnMut(LogLine) + Send)) -> Result<(), DaemonError> {
+    async fn process_stderr(
+        &mut self,
+        on_log: &mut (dyn FnMut(LogLine) + Send),
+    ) -> Result<(), DaemonError> {
         self.w.flush().await?;
         loop {
             match read_u64(&mut self.r).await? {
@@ -472,9 +528,15 @@ impl DaemonClient {
                     }
                 }
                 STDERR_READ | STDERR_WRITE => {
-                    return Err(DaemonError::Protocol("daemon asked for a data transfer this client never requests".into()));
+                    return Err(DaemonError::Protocol(
+                        "daemon asked for a data transfer this client never requests".into(),
+                    ));
                 }
-                other => return Err(DaemonError::Protocol(format!("unknown message {other:#x} from the daemon"))),
+                other => {
+                    return Err(DaemonError::Protocol(format!(
+                        "unknown message {other:#x} from the daemon"
+                    )));
+                }
             }
         }
     }
@@ -508,7 +570,10 @@ impl DaemonClient {
             let _have_pos = read_u64(&mut self.r).await?;
             traces.push(read_string(&mut self.r).await?);
         }
-        Ok(DaemonError::Nix { message: strip_ansi(&message), traces })
+        Ok(DaemonError::Nix {
+            message: strip_ansi(&message),
+            traces,
+        })
     }
 }
 
@@ -535,6 +600,9 @@ fn strip_ansi(s: &str) -> String {
 mod tests {
     #[test]
     fn strips_colours() {
-        assert_eq!(super::strip_ansi("\u{1b}[31;1merror:\u{1b}[0m bad"), "error: bad");
+        assert_eq!(
+            super::strip_ansi("\u{1b}[31;1merror:\u{1b}[0m bad"),
+            "error: bad"
+        );
     }
 }

@@ -13,7 +13,10 @@ pub enum DaemonError {
     UnsupportedVersion { major: u64, minor: u64 },
     /// The daemon carried out the request and reported an error, with Nix's message.
     #[error("nix-daemon: {message}")]
-    Nix { message: String, traces: Vec<String> },
+    Nix {
+        message: String,
+        traces: Vec<String>,
+    },
     /// Refused before sending: a malformed path would make the daemon drop
     /// the connection.
     #[error("invalid store path: {0}")]

@@ -20,7 +20,9 @@ pub async fn read_bool<R: AsyncRead + Unpin>(r: &mut R) -> Result<bool, DaemonEr
 pub async fn read_bytes<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, DaemonError> {
     let len = read_u64(r).await?;
     if len > MAX_STRING {
-        return Err(DaemonError::Protocol(format!("string of {len} bytes exceeds the limit")));
+        return Err(DaemonError::Protocol(format!(
+            "string of {len} bytes exceeds the limit"
+        )));
     }
     let mut buf = vec![0u8; len as usize];
     r.read_exact(&mut buf).await?;
@@ -34,13 +36,16 @@ pub async fn read_bytes<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, Daem
 }
 
 pub async fn read_string<R: AsyncRead + Unpin>(r: &mut R) -> Result<String, DaemonError> {
-    String::from_utf8(read_bytes(r).await?).map_err(|_| DaemonError::Protocol("string is not UTF-8".into()))
+    String::from_utf8(read_bytes(r).await?)
+        .map_err(|_| DaemonError::Protocol("string is not UTF-8".into()))
 }
 
 pub async fn read_strings<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<String>, DaemonError> {
     let n = read_u64(r).await?;
     if n > MAX_STRING {
-        return Err(DaemonError::Protocol(format!("list of {n} items exceeds the limit")));
+        return Err(DaemonError::Protocol(format!(
+            "list of {n} items exceeds the limit"
+        )));
     }
     let mut out = Vec::with_capacity(n.min(1024) as usize);
     for _ in 0..n {
@@ -84,14 +89,20 @@ mod tests {
     async fn strings_are_padded_to_eight_bytes() {
         let mut buf = Vec::new();
         write_bytes(&mut buf, b"abc").await.unwrap();
-        assert_eq!(buf, [3, 0, 0, 0, 0, 0, 0, 0, b'a', b'b', b'c', 0, 0, 0, 0, 0]);
+        assert_eq!(
+            buf,
+            [3, 0, 0, 0, 0, 0, 0, 0, b'a', b'b', b'c', 0, 0, 0, 0, 0]
+        );
         assert_eq!(read_string(&mut buf.as_slice()).await.unwrap(), "abc");
     }
 
     #[tokio::test]
     async fn a_huge_length_is_a_protocol_error_not_an_allocation() {
         let buf = u64::MAX.to_le_bytes();
-        assert!(matches!(read_bytes(&mut buf.as_slice()).await, Err(DaemonError::Protocol(_))));
+        assert!(matches!(
+            read_bytes(&mut buf.as_slice()).await,
+            Err(DaemonError::Protocol(_))
+        ));
     }
 
     #[tokio::test]
@@ -99,6 +110,9 @@ mod tests {
         let mut buf = Vec::new();
         write_bytes(&mut buf, b"a").await.unwrap();
         buf[10] = 1;
-        assert!(matches!(read_bytes(&mut buf.as_slice()).await, Err(DaemonError::Protocol(_))));
+        assert!(matches!(
+            read_bytes(&mut buf.as_slice()).await,
+            Err(DaemonError::Protocol(_))
+        ));
     }
 }

@@ -26,7 +26,11 @@ pub struct DrvParseError {
 impl Derivation {
     /// Parses the text of a `.drv` file.
     pub fn parse(store: &StoreDir, bytes: &[u8]) -> Result<Derivation, DrvParseError> {
-        let mut p = Parser { store, bytes, pos: 0 };
+        let mut p = Parser {
+            store,
+            bytes,
+            pos: 0,
+        };
         let drv = p.derivation()?;
         if p.pos != bytes.len() {
             return Err(p.error("trailing bytes after the derivation"));
@@ -35,20 +39,32 @@ impl Derivation {
     }
 
     /// Parses a `.drv` file, naming the file in any error.
-    pub fn parse_file(store: &StoreDir, path: &std::path::Path) -> Result<Derivation, DrvParseError> {
+    pub fn parse_file(
+        store: &StoreDir,
+        path: &std::path::Path,
+    ) -> Result<Derivation, DrvParseError> {
         let bytes = std::fs::read(path).map_err(|e| DrvParseError {
             file: Some(path.display().to_string()),
             offset: 0,
             message: format!("cannot read: {e}"),
         })?;
-        Derivation::parse(store, &bytes).map_err(|e| DrvParseError { file: Some(path.display().to_string()), ..e })
+        Derivation::parse(store, &bytes).map_err(|e| DrvParseError {
+            file: Some(path.display().to_string()),
+            ..e
+        })
     }
 
     /// The ATerm text of this derivation, as Nix writes it.
     pub fn to_aterm(&self, store: &StoreDir) -> String {
-        let mut w = Writer { store, out: String::new() };
-        let inputs: BTreeMap<String, &BTreeSet<String>> =
-            self.input_drvs.iter().map(|(p, o)| (store.display(p), o)).collect();
+        let mut w = Writer {
+            store,
+            out: String::new(),
+        };
+        let inputs: BTreeMap<String, &BTreeSet<String>> = self
+            .input_drvs
+            .iter()
+            .map(|(p, o)| (store.display(p), o))
+            .collect();
         w.derivation(self, false, &inputs);
         w.out
     }
@@ -61,8 +77,12 @@ impl Derivation {
         mask_outputs: bool,
         inputs: &BTreeMap<String, BTreeSet<String>>,
     ) -> String {
-        let mut w = Writer { store, out: String::new() };
-        let inputs: BTreeMap<String, &BTreeSet<String>> = inputs.iter().map(|(k, v)| (k.clone(), v)).collect();
+        let mut w = Writer {
+            store,
+            out: String::new(),
+        };
+        let inputs: BTreeMap<String, &BTreeSet<String>> =
+            inputs.iter().map(|(k, v)| (k.clone(), v)).collect();
         w.derivation(self, mask_outputs, &inputs);
         w.out
     }
@@ -86,17 +106,29 @@ fn parse_method_algo(s: &str) -> Option<(ContentAddressMethod, HashAlgo)> {
 
 /// The four ATerm fields of an output after its name: path, hashAlgo, hash.
 pub(crate) fn output_fields(store: &StoreDir, out: &DerivationOutput, mask: bool) -> [String; 3] {
-    let path = |p: &StorePath| if mask { String::new() } else { store.display(p) };
+    let path = |p: &StorePath| {
+        if mask {
+            String::new()
+        } else {
+            store.display(p)
+        }
+    };
     match out {
         DerivationOutput::InputAddressed(p) => [path(p), String::new(), String::new()],
-        DerivationOutput::Fixed { path: p, method, hash } => {
-            [path(p), method_algo(*method, hash.algo), hash.to_base16()]
+        DerivationOutput::Fixed {
+            path: p,
+            method,
+            hash,
+        } => [path(p), method_algo(*method, hash.algo), hash.to_base16()],
+        DerivationOutput::Floating { method, algo } => {
+            [String::new(), method_algo(*method, *algo), String::new()]
         }
-        DerivationOutput::Floating { method, algo } => [String::new(), method_algo(*method, *algo), String::new()],
         DerivationOutput::Deferred => [String::new(), String::new(), String::new()],
-        DerivationOutput::Impure { method, algo } => {
-            [String::new(), method_algo(*method, *algo), "impure".to_owned()]
-        }
+        DerivationOutput::Impure { method, algo } => [
+            String::new(),
+            method_algo(*method, *algo),
+            "impure".to_owned(),
+        ],
     }
 }
 
@@ -108,7 +140,9 @@ pub(crate) fn output_from_fields(
     hash: &str,
 ) -> Result<DerivationOutput, String> {
     let store_path = || store.parse_path(path).map_err(|e| e.to_string());
-    let method_algo = || parse_method_algo(hash_algo).ok_or_else(|| format!("unknown hash algorithm {hash_algo:?}"));
+    let method_algo = || {
+        parse_method_algo(hash_algo).ok_or_else(|| format!("unknown hash algorithm {hash_algo:?}"))
+    };
     Ok(match (path.is_empty(), hash_algo.is_empty(), hash) {
         (false, true, "") => DerivationOutput::InputAddressed(store_path()?),
         (true, true, "") => DerivationOutput::Deferred,
@@ -123,9 +157,17 @@ pub(crate) fn output_from_fields(
         (false, false, h) if !h.is_empty() => {
             let (method, algo) = method_algo()?;
             let hash = Hash::parse_digest(algo, h).map_err(|e| e.to_string())?;
-            DerivationOutput::Fixed { path: store_path()?, method, hash }
+            DerivationOutput::Fixed {
+                path: store_path()?,
+                method,
+                hash,
+            }
         }
-        _ => return Err(format!("output fields ({path:?}, {hash_algo:?}, {hash:?}) fit no output kind")),
+        _ => {
+            return Err(format!(
+                "output fields ({path:?}, {hash_algo:?}, {hash:?}) fit no output kind"
+            ));
+        }
     })
 }
 
@@ -137,7 +179,11 @@ struct Parser<'a> {
 
 impl Parser<'_> {
     fn error(&self, message: impl fmt::Display) -> DrvParseError {
-        DrvParseError { file: None, offset: self.pos, message: message.to_string() }
+        DrvParseError {
+            file: None,
+            offset: self.pos,
+            message: message.to_string(),
+        }
     }
 
     fn expect(&mut self, token: &str) -> Result<(), DrvParseError> {
@@ -154,7 +200,10 @@ impl Parser<'_> {
     }
 
     /// Parses `[item,item,...]`.
-    fn list<T>(&mut self, mut item: impl FnMut(&mut Self) -> Result<T, DrvParseError>) -> Result<Vec<T>, DrvParseError> {
+    fn list<T>(
+        &mut self,
+        mut item: impl FnMut(&mut Self) -> Result<T, DrvParseError>,
+    ) -> Result<Vec<T>, DrvParseError> {
         self.expect("[")?;
         let mut items = Vec::new();
         if self.peek_is(b']') {
@@ -184,7 +233,10 @@ impl Parser<'_> {
                 }
                 Some(b'"') => break,
                 Some(b'\\') => {
-                    let c = *self.bytes.get(self.pos + 1).ok_or_else(|| self.error("unterminated escape"))?;
+                    let c = *self
+                        .bytes
+                        .get(self.pos + 1)
+                        .ok_or_else(|| self.error("unterminated escape"))?;
                     out.push(match c {
                         b'n' => b'\n',
                         b'r' => b'\r',
@@ -210,7 +262,11 @@ impl Parser<'_> {
     fn store_path(&mut self) -> Result<StorePath, DrvParseError> {
         let at = self.pos;
         let s = self.string()?;
-        self.store.parse_path(&s).map_err(|e| DrvParseError { file: None, offset: at, message: e.to_string() })
+        self.store.parse_path(&s).map_err(|e| DrvParseError {
+            file: None,
+            offset: at,
+            message: e.to_string(),
+        })
     }
 
     fn tuple_end(&mut self) -> Result<(), DrvParseError> {
@@ -239,7 +295,15 @@ impl Parser<'_> {
         self.expect(",")?;
         let env = self.list(Self::env_pair)?.into_iter().collect();
         self.expect(")")?;
-        Ok(Derivation { outputs, input_drvs, input_srcs, platform, builder, args, env })
+        Ok(Derivation {
+            outputs,
+            input_drvs,
+            input_srcs,
+            platform,
+            builder,
+            args,
+            env,
+        })
     }
 
     fn output(&mut self) -> Result<(String, DerivationOutput), DrvParseError> {
@@ -253,8 +317,12 @@ impl Parser<'_> {
         self.expect(",")?;
         let hash = self.string()?;
         self.tuple_end()?;
-        let out = output_from_fields(self.store, &path, &algo, &hash)
-            .map_err(|m| DrvParseError { file: None, offset: at, message: format!("output {name:?}: {m}") })?;
+        let out =
+            output_from_fields(self.store, &path, &algo, &hash).map_err(|m| DrvParseError {
+                file: None,
+                offset: at,
+                message: format!("output {name:?}: {m}"),
+            })?;
         Ok((name, out))
     }
 
@@ -309,7 +377,12 @@ impl Writer<'_> {
         self.out.push(']');
     }
 
-    fn derivation(&mut self, drv: &Derivation, mask: bool, inputs: &BTreeMap<String, &BTreeSet<String>>) {
+    fn derivation(
+        &mut self,
+        drv: &Derivation,
+        mask: bool,
+        inputs: &BTreeMap<String, &BTreeSet<String>>,
+    ) {
         let store = self.store;
         self.out.push_str("Derive(");
         self.list(&drv.outputs, |w, (name, out)| {
@@ -382,7 +455,11 @@ mod tests {
         let store = StoreDir::default();
         for cut in 0..DEP.len() {
             let err = Derivation::parse(&store, &DEP.as_bytes()[..cut]).unwrap_err();
-            assert!(err.offset <= cut, "offset {} beyond input of {cut} bytes", err.offset);
+            assert!(
+                err.offset <= cut,
+                "offset {} beyond input of {cut} bytes",
+                err.offset
+            );
         }
     }
 

@@ -45,7 +45,10 @@ pub enum DrvGraphError<E: std::error::Error + 'static> {
     #[error("cannot load {path}: {source}")]
     Load { path: StorePath, source: E },
     #[error("cannot hash {path}: {source}")]
-    Hash { path: StorePath, source: HashModuloError },
+    Hash {
+        path: StorePath,
+        source: HashModuloError,
+    },
 }
 
 /// The fixed `impureOutputHash` Nix 2.8 uses for impure derivations.
@@ -80,11 +83,21 @@ pub fn hash_derivation_modulo<'a>(
                 _ => None,
             })
             .collect();
-        return Ok(DrvHash { hashes, kind: DrvHashKind::Regular });
+        return Ok(DrvHash {
+            hashes,
+            kind: DrvHashKind::Regular,
+        });
     }
     if kind == DerivationKind::Impure {
-        let hashes = drv.outputs.keys().map(|name| (name.clone(), impure_output_hash())).collect();
-        return Ok(DrvHash { hashes, kind: DrvHashKind::Deferred });
+        let hashes = drv
+            .outputs
+            .keys()
+            .map(|name| (name.clone(), impure_output_hash()))
+            .collect();
+        return Ok(DrvHash {
+            hashes,
+            kind: DrvHashKind::Deferred,
+        });
     }
     let mut result_kind = match kind {
         DerivationKind::ContentAddressed { fixed: false } => DrvHashKind::Deferred,
@@ -100,13 +113,26 @@ pub fn hash_derivation_modulo<'a>(
             let h = res
                 .hashes
                 .get(output)
-                .ok_or_else(|| HashModuloError::MissingOutput { input: path.clone(), output: output.clone() })?;
-            inputs.entry(h.to_base16()).or_default().insert(output.clone());
+                .ok_or_else(|| HashModuloError::MissingOutput {
+                    input: path.clone(),
+                    output: output.clone(),
+                })?;
+            inputs
+                .entry(h.to_base16())
+                .or_default()
+                .insert(output.clone());
         }
     }
     let hash = Hash::sha256(drv.to_aterm_modulo(store, mask_outputs, &inputs));
-    let hashes = drv.outputs.keys().map(|name| (name.clone(), hash.clone())).collect();
-    Ok(DrvHash { hashes, kind: result_kind })
+    let hashes = drv
+        .outputs
+        .keys()
+        .map(|name| (name.clone(), hash.clone()))
+        .collect();
+    Ok(DrvHash {
+        hashes,
+        kind: result_kind,
+    })
 }
 
 /// Memoised hashes of `.drv` files, computed bottom-up over the input graph.
@@ -136,13 +162,24 @@ impl DrvHashes {
             }
             let drv = match drv {
                 Some(d) => d,
-                None => load(&p).map_err(|source| DrvGraphError::Load { path: p.clone(), source })?,
+                None => load(&p).map_err(|source| DrvGraphError::Load {
+                    path: p.clone(),
+                    source,
+                })?,
             };
-            let missing: Vec<StorePath> =
-                drv.input_drvs.keys().filter(|i| !self.cache.contains_key(*i)).cloned().collect();
+            let missing: Vec<StorePath> = drv
+                .input_drvs
+                .keys()
+                .filter(|i| !self.cache.contains_key(*i))
+                .cloned()
+                .collect();
             if missing.is_empty() {
-                let h = hash_derivation_modulo(store, &drv, false, |i| self.cache.get(i))
-                    .map_err(|source| DrvGraphError::Hash { path: p.clone(), source })?;
+                let h = hash_derivation_modulo(store, &drv, false, |i| self.cache.get(i)).map_err(
+                    |source| DrvGraphError::Hash {
+                        path: p.clone(),
+                        source,
+                    },
+                )?;
                 self.cache.insert(p, h);
             } else {
                 stack.push((p, Some(drv)));
@@ -154,7 +191,11 @@ impl DrvHashes {
 
     /// Nix's `staticOutputHashes`: the masked hashes that key a derivation's
     /// realisations (`sha256:<hex>!<output>`). Inputs must be hashed already.
-    pub fn output_hashes(&self, store: &StoreDir, drv: &Derivation) -> Result<DrvHash, HashModuloError> {
+    pub fn output_hashes(
+        &self,
+        store: &StoreDir,
+        drv: &Derivation,
+    ) -> Result<DrvHash, HashModuloError> {
         hash_derivation_modulo(store, drv, true, |i| self.cache.get(i))
     }
 
@@ -179,7 +220,13 @@ impl DrvHashes {
             DerivationKind::ContentAddressed { fixed: true } => {
                 for (output, out) in &drv.outputs {
                     if let DerivationOutput::Fixed { method, hash, .. } = out {
-                        let p = store.make_fixed_output_path(*method, hash, &output_path_name(name, output), &[], false);
+                        let p = store.make_fixed_output_path(
+                            *method,
+                            hash,
+                            &output_path_name(name, output),
+                            &[],
+                            false,
+                        );
                         paths.insert(output.clone(), p);
                     }
                 }

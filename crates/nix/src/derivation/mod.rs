@@ -38,21 +38,33 @@ pub enum DerivationOutput {
     /// The path is fixed by the derivation's inputs.
     InputAddressed(StorePath),
     /// A fixed-output derivation: the content hash is declared up front.
-    Fixed { path: StorePath, method: ContentAddressMethod, hash: Hash },
+    Fixed {
+        path: StorePath,
+        method: ContentAddressMethod,
+        hash: Hash,
+    },
     /// A floating content-addressed output: the path is known after the build.
-    Floating { method: ContentAddressMethod, algo: HashAlgo },
+    Floating {
+        method: ContentAddressMethod,
+        algo: HashAlgo,
+    },
     /// Input-addressed, but depending on floating CA outputs: the path is
     /// known once the derivation is resolved.
     Deferred,
     /// An impure derivation's output (never cached, always rebuilt).
-    Impure { method: ContentAddressMethod, algo: HashAlgo },
+    Impure {
+        method: ContentAddressMethod,
+        algo: HashAlgo,
+    },
 }
 
 impl DerivationOutput {
     /// The path, when it is known without building.
     pub fn path(&self) -> Option<&StorePath> {
         match self {
-            DerivationOutput::InputAddressed(p) | DerivationOutput::Fixed { path: p, .. } => Some(p),
+            DerivationOutput::InputAddressed(p) | DerivationOutput::Fixed { path: p, .. } => {
+                Some(p)
+            }
             _ => None,
         }
     }
@@ -81,12 +93,17 @@ pub enum DerivationError {
 impl Derivation {
     /// The `name` attribute, which names the `.drv` and the outputs.
     pub fn name(&self) -> Result<&str, DerivationError> {
-        self.env.get("name").map(String::as_str).ok_or(DerivationError::NoName)
+        self.env
+            .get("name")
+            .map(String::as_str)
+            .ok_or(DerivationError::NoName)
     }
 
     pub fn kind(&self) -> Result<DerivationKind, DerivationError> {
         let mut kinds = self.outputs.values().map(|o| match o {
-            DerivationOutput::InputAddressed(_) => DerivationKind::InputAddressed { deferred: false },
+            DerivationOutput::InputAddressed(_) => {
+                DerivationKind::InputAddressed { deferred: false }
+            }
             DerivationOutput::Deferred => DerivationKind::InputAddressed { deferred: true },
             DerivationOutput::Fixed { .. } => DerivationKind::ContentAddressed { fixed: true },
             DerivationOutput::Floating { .. } => DerivationKind::ContentAddressed { fixed: false },
@@ -95,7 +112,9 @@ impl Derivation {
         let first = kinds.next().ok_or(DerivationError::NoOutputs)?;
         // As in Nix 2.8, every output must be of the same kind.
         if let Some(other) = kinds.find(|k| *k != first) {
-            return Err(DerivationError::MixedOutputs(format!("{first:?} and {other:?}")));
+            return Err(DerivationError::MixedOutputs(format!(
+                "{first:?} and {other:?}"
+            )));
         }
         let kind = first;
         if kind == (DerivationKind::ContentAddressed { fixed: true }) && self.outputs.len() != 1 {
@@ -106,7 +125,11 @@ impl Derivation {
 
     /// Every store path this derivation refers to (its `.drv` file's references).
     pub fn references(&self) -> Vec<StorePath> {
-        self.input_srcs.iter().chain(self.input_drvs.keys()).cloned().collect()
+        self.input_srcs
+            .iter()
+            .chain(self.input_drvs.keys())
+            .cloned()
+            .collect()
     }
 
     /// The path the `.drv` file of this derivation has in the store.
@@ -118,6 +141,9 @@ impl Derivation {
 
     /// The output paths known without building, by output name.
     pub fn known_output_paths(&self) -> BTreeMap<&str, Option<&StorePath>> {
-        self.outputs.iter().map(|(name, out)| (name.as_str(), out.path())).collect()
+        self.outputs
+            .iter()
+            .map(|(name, out)| (name.as_str(), out.path()))
+            .collect()
     }
 }

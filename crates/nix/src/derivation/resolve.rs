@@ -19,7 +19,9 @@ use crate::store_path::{StoreDir, StorePath, output_path_name};
 
 #[derive(Debug, Error)]
 pub enum ResolveError {
-    #[error("output {output:?} of input {input} is not known, so the derivation cannot be resolved")]
+    #[error(
+        "output {output:?} of input {input} is not known, so the derivation cannot be resolved"
+    )]
     MissingInputOutput { input: StorePath, output: String },
     #[error(transparent)]
     Derivation(#[from] DerivationError),
@@ -32,14 +34,24 @@ pub enum ResolveError {
 /// The placeholder a derivation's own builder sees for its output
 /// `output` when the path is not known in advance (`hashPlaceholder`).
 pub fn hash_placeholder(output: &str) -> String {
-    format!("/{}", Hash::sha256(format!("nix-output:{output}")).to_base32())
+    format!(
+        "/{}",
+        Hash::sha256(format!("nix-output:{output}")).to_base32()
+    )
 }
 
 /// The placeholder a dependent sees for output `output` of the CA
 /// derivation `drv_path` (`downstreamPlaceholder`).
 pub fn downstream_placeholder(drv_path: &StorePath, output: &str) -> String {
-    let drv_name = drv_path.name().strip_suffix(".drv").unwrap_or(drv_path.name());
-    let clear = format!("nix-upstream-output:{}:{}", drv_path.hash_part(), output_path_name(drv_name, output));
+    let drv_name = drv_path
+        .name()
+        .strip_suffix(".drv")
+        .unwrap_or(drv_path.name());
+    let clear = format!(
+        "nix-upstream-output:{}:{}",
+        drv_path.hash_part(),
+        output_path_name(drv_name, output)
+    );
     format!("/{}", Hash::sha256(clear).to_base32())
 }
 
@@ -64,23 +76,41 @@ impl Derivation {
         store: &StoreDir,
         input_outputs: &BTreeMap<(StorePath, String), StorePath>,
     ) -> Result<Derivation, ResolveError> {
-        let mut resolved = Derivation { input_drvs: BTreeMap::new(), ..self.clone() };
+        let mut resolved = Derivation {
+            input_drvs: BTreeMap::new(),
+            ..self.clone()
+        };
         let mut rewrites = BTreeMap::new();
         for (input, outputs) in &self.input_drvs {
             for output in outputs {
-                let actual = input_outputs.get(&(input.clone(), output.clone())).ok_or_else(|| {
-                    ResolveError::MissingInputOutput { input: input.clone(), output: output.clone() }
-                })?;
+                let actual = input_outputs
+                    .get(&(input.clone(), output.clone()))
+                    .ok_or_else(|| ResolveError::MissingInputOutput {
+                        input: input.clone(),
+                        output: output.clone(),
+                    })?;
                 rewrites.insert(downstream_placeholder(input, output), store.display(actual));
                 resolved.input_srcs.insert(actual.clone());
             }
         }
-        let rewrite = |s: &str| rewrites.iter().fold(s.to_owned(), |acc, (from, to)| acc.replace(from, to));
+        let rewrite = |s: &str| {
+            rewrites
+                .iter()
+                .fold(s.to_owned(), |acc, (from, to)| acc.replace(from, to))
+        };
         resolved.builder = rewrite(&resolved.builder);
         resolved.args = resolved.args.iter().map(|a| rewrite(a)).collect();
-        resolved.env = resolved.env.iter().map(|(k, v)| (rewrite(k), rewrite(v))).collect();
+        resolved.env = resolved
+            .env
+            .iter()
+            .map(|(k, v)| (rewrite(k), rewrite(v)))
+            .collect();
 
-        if resolved.outputs.values().any(|o| *o == DerivationOutput::Deferred) {
+        if resolved
+            .outputs
+            .values()
+            .any(|o| *o == DerivationOutput::Deferred)
+        {
             let h = hash_derivation_modulo(store, &resolved, true, |_| None)?;
             if h.kind == DrvHashKind::Deferred {
                 return Err(ResolveError::StillDeferred);
@@ -106,8 +136,13 @@ mod tests {
     fn downstream_placeholder_matches_nix() {
         // From the .drv Nix 2.8 wrote for a dependent of ca.drv.
         let store = StoreDir::default();
-        let ca = store.parse_path("/nix/store/ni0hs03sfvslsghklccmb6dhsn8463fr-ca.drv").unwrap();
-        assert_eq!(downstream_placeholder(&ca, "out"), "/0g4kw7209n7k4kfk64by9qfsqg4l5yq0vfnnlxqd4y4pxyn6ajfw");
+        let ca = store
+            .parse_path("/nix/store/ni0hs03sfvslsghklccmb6dhsn8463fr-ca.drv")
+            .unwrap();
+        assert_eq!(
+            downstream_placeholder(&ca, "out"),
+            "/0g4kw7209n7k4kfk64by9qfsqg4l5yq0vfnnlxqd4y4pxyn6ajfw"
+        );
     }
 
     #[test]

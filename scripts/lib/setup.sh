@@ -1,0 +1,55 @@
+# Installs what the demo and the tests need on a fresh Debian machine, when
+# missing: Nix (Debian's nix-bin), PostgreSQL 15 binaries, cargo-nextest.
+# Sourced by scripts/test.sh and scripts/demo.sh.
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_updated=
+apt_install() {
+  if [ -z "$apt_updated" ]; then
+    as_root apt-get update -qq
+    apt_updated=1
+  fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+ensure_nix() {
+  if ! command -v nix-store >/dev/null 2>&1; then
+    log "installing Nix (nix-bin)"
+    apt_install nix-bin
+  fi
+  # Private stores bind-mount a directory on /nix.
+  [ -d /nix ] || as_root mkdir -p /nix
+  for tool in unshare nsenter runuser; do
+    command -v "$tool" >/dev/null 2>&1 || apt_install util-linux
+  done
+}
+
+ensure_postgres() {
+  if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+    log "installing PostgreSQL 15"
+    apt_install postgresql-15 || apt_install postgresql
+  fi
+  id postgres >/dev/null 2>&1 || as_root useradd --system --no-create-home postgres
+}
+
+ensure_nextest() {
+  if ! cargo nextest --version >/dev/null 2>&1; then
+    log "installing cargo-nextest"
+    cargo install cargo-nextest --locked
+  fi
+}
+
+ensure_all() {
+  ensure_nix
+  ensure_postgres
+}
+
+export NIX_CONFIG="sandbox = false
+build-users-group =
+substituters =
+experimental-features = nix-command ca-derivations"

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, clippy, then every test with real
+# PostgreSQL (one throwaway cluster for the run) and real Nix (private
+# stores per test). Installs what is missing first. Run as root (private
+# stores need mount namespaces).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib/setup.sh
+
+ensure_all
+ensure_nextest
+
+log "checking formatting"
+cargo fmt --all -- --check
+
+log "clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "building"
+cargo build --workspace --all-targets --locked
+cargo nextest run --workspace --no-run --locked
+
+log "running the tests (PostgreSQL cluster for this run, private Nix stores per test)"
+exec ./target/debug/with-postgres -- cargo nextest run --workspace --locked --no-fail-fast "$@"
