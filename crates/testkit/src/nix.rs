@@ -68,11 +68,13 @@ impl NixStore {
         let listener = UnixListener::bind(&socket)?;
         let log = std::fs::File::create(root.join("daemon.log"))?;
         let fd = listener.as_raw_fd();
+        // The shell reports on fd 4 once the bind mount is in place: from
+        // then on its namespace is the store's, and `nsenter` reaches it.
+        let (ready_read, ready_write) = std::io::pipe()?;
+        let ready_fd = ready_write.as_raw_fd();
         let mut cmd = Command::new("unshare");
         cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-            .arg(
-                r#"mount --bind "$0" /nix && export LISTEN_PID=$$ LISTEN_FDS=1 && exec nix-daemon"#,
-            )
+            .arg(r#"mount --bind "$0" /nix && echo ready >&4 && exec 4>&- && export LISTEN_PID=$$ LISTEN_FDS=1 && exec nix-daemon"#)
             .arg(&nix_dir)
             .env("NIX_CONFIG", nix_config())
             .stdin(Stdio::null())
@@ -82,25 +84,47 @@ impl NixStore {
         // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::dup2(fd, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
+                for (from, to) in [(fd, 3), (ready_fd, 4)] {
+                    if libc::dup2(from, to) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::fcntl(to, libc::F_SETFD, 0);
                 }
-                libc::fcntl(3, libc::F_SETFD, 0);
                 Ok(())
             });
         }
         let daemon = cmd.spawn()?;
-        drop(listener);
-        Ok(NixStore {
-            root,
-            socket,
-            daemon,
-        })
+        drop((listener, ready_write));
+        let store = NixStore { root, socket, daemon };
+        store.wait_until_mounted(ready_read)?;
+        Ok(store)
+    }
+
+    /// Blocks until the shell in the new namespace says the bind mount is
+    /// done (end of file instead means it failed: the log says why).
+    fn wait_until_mounted(&self, mut ready: std::io::PipeReader) -> Result<(), NixError> {
+        use std::io::Read;
+        let mut buf = String::new();
+        ready.read_to_string(&mut buf)?;
+        if buf.trim() != "ready" {
+            let log = std::fs::read_to_string(self.root.join("daemon.log")).unwrap_or_default();
+            return Err(NixError::Command {
+                what: "mounting a private /nix for nix-daemon".into(),
+                status: "failed".into(),
+                stderr: log,
+            });
+        }
+        Ok(())
     }
 
     /// The daemon's socket: give it to our client or to Nix's tools.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The daemon's process id (its mount namespace is the store's).
+    pub fn daemon_pid(&self) -> u32 {
+        self.daemon.id()
     }
 
     /// A scratch directory of this store's, outside the store.
