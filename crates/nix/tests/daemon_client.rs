@@ -8,6 +8,24 @@ use hydra_nix::store_path::ContentAddressMethod;
 use hydra_nix::{Derivation, StoreDir};
 use hydra_testkit::NixStore;
 
+/// The path info of `src` added to the store by content (`nix-store --add`-like).
+fn content_addressed_info(src: &std::path::Path, name: &str) -> PathInfo {
+    let (hash, size) = nar::hash_path(src).unwrap();
+    let dir = StoreDir::default();
+    let path = dir.make_fixed_output_path(ContentAddressMethod::Recursive, &hash, name, &[], false);
+    PathInfo {
+        path: dir.display(&path),
+        deriver: None,
+        ca: Some(format!("fixed:r:{}", hash.to_prefixed_base32())),
+        nar_hash: hash,
+        references: vec![],
+        registration_time: 0,
+        nar_size: size,
+        ultimate: false,
+        signatures: vec![],
+    }
+}
+
 async fn connect(store: &NixStore) -> DaemonClient {
     DaemonClient::connect(store.socket())
         .await
@@ -95,20 +113,9 @@ async fn a_nar_with_the_wrong_hash_is_refused_and_the_connection_survives() {
     let file = src.path().join("f");
     std::fs::write(&file, "content").unwrap();
     let bytes = nar::nar_bytes(&file).unwrap();
-    let (hash, size) = nar::hash_path(&file).unwrap();
-    let dir = StoreDir::default();
-    let path = dir.make_fixed_output_path(ContentAddressMethod::Recursive, &hash, "f", &[], false);
-    let wrong = hydra_nix::Hash::sha256(b"something else");
     let info = PathInfo {
-        path: dir.display(&path),
-        deriver: None,
-        nar_hash: wrong,
-        references: vec![],
-        registration_time: 0,
-        nar_size: size,
-        ultimate: false,
-        signatures: vec![],
-        ca: None,
+        nar_hash: hydra_nix::Hash::sha256(b"something else"),
+        ..content_addressed_info(&file, "f")
     };
     let err = client
         .add_to_store_nar(&info, &mut bytes.as_slice(), false, true)

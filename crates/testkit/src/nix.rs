@@ -95,7 +95,11 @@ impl NixStore {
         }
         let daemon = cmd.spawn()?;
         drop((listener, ready_write));
-        let store = NixStore { root, socket, daemon };
+        let store = NixStore {
+            root,
+            socket,
+            daemon,
+        };
         store.wait_until_mounted(ready_read)?;
         Ok(store)
     }
