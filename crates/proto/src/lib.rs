@@ -43,6 +43,50 @@ pub fn check_peer_version(local_role: &'static str, peer: u32) -> Result<(), Ver
     })
 }
 
+/// What can end a join before it starts, on the builder's side.
+#[derive(Debug, Error)]
+pub enum HandshakeError {
+    #[error("the runner refused this builder: {0}")]
+    Refused(String),
+    #[error(transparent)]
+    Version(#[from] VersionMismatch),
+    #[error("the runner answered the join with something other than Welcome or Refused")]
+    Unexpected,
+}
+
+/// Runner side: reads the first message of an `Open` stream, which must be
+/// a `Join` of this protocol version. The error is the gRPC status to end
+/// the stream with, carrying a message the builder's operator can act on.
+pub async fn accept_join(
+    inbound: &mut tonic::Streaming<v1::BuilderMessage>,
+) -> Result<v1::Join, tonic::Status> {
+    let first = inbound.message().await?.ok_or_else(|| {
+        tonic::Status::invalid_argument("the control stream ended before the builder joined")
+    })?;
+    match first.msg {
+        Some(v1::builder_message::Msg::Join(join)) => {
+            check_peer_version("runner", join.protocol_version)
+                .map_err(|e| tonic::Status::failed_precondition(e.to_string()))?;
+            Ok(join)
+        }
+        _ => Err(tonic::Status::invalid_argument(
+            "the first message on the control stream must be a Join",
+        )),
+    }
+}
+
+/// Builder side: checks the runner's answer to a join.
+pub fn check_welcome(msg: v1::RunnerMessage) -> Result<v1::Welcome, HandshakeError> {
+    match msg.msg {
+        Some(v1::runner_message::Msg::Welcome(w)) => {
+            check_peer_version("builder", w.protocol_version)?;
+            Ok(w)
+        }
+        Some(v1::runner_message::Msg::Refused(r)) => Err(HandshakeError::Refused(r.reason)),
+        _ => Err(HandshakeError::Unexpected),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::v1::*;
