@@ -70,28 +70,33 @@ impl PgCluster {
                 "--locale=C",
             ],
         )?;
+        self.start_server()
+    }
+
+    /// `pg_ctl start` on the private socket directory and port, tuned for
+    /// tests (no fsync: the data is thrown away).
+    fn start_server(&self) -> Result<(), PgError> {
+        let data = self.root.join("data");
         let options = format!(
             "-F -k {} -p {} -c listen_addresses=127.0.0.1 -c max_connections=400 \
              -c synchronous_commit=off -c full_page_writes=off -c shared_buffers=128MB",
-            path_str(&sockets),
+            path_str(&self.root.join("sock")),
             self.port
         );
         let log = self.root.join("postgres.log");
-        self.run(
-            "pg_ctl",
-            &[
-                "-D",
-                path_str(&data),
-                "-l",
-                path_str(&log),
-                "-o",
-                &options,
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ],
-        )
+        let args = [
+            "-D",
+            path_str(&data),
+            "-l",
+            path_str(&log),
+            "-o",
+            &options,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        ];
+        self.run("pg_ctl", &args)
     }
 
     fn run(&self, program: &str, args: &[&str]) -> Result<(), PgError> {
@@ -147,26 +152,7 @@ impl PgCluster {
 
     /// Starts a stopped server again on the same port and data.
     pub fn restart(&mut self) -> Result<(), PgError> {
-        let data = self.root.join("data");
-        let options = format!(
-            "-F -k {} -p {} -c listen_addresses=127.0.0.1 -c max_connections=400",
-            path_str(&self.root.join("sock")),
-            self.port
-        );
-        let log = self.root.join("postgres.log");
-        self.run(
-            "pg_ctl",
-            &[
-                "-D",
-                path_str(&data),
-                "-l",
-                path_str(&log),
-                "-o",
-                &options,
-                "-w",
-                "start",
-            ],
-        )?;
+        self.start_server()?;
         self.stopped = false;
         Ok(())
     }
