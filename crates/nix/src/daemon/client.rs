@@ -15,7 +15,10 @@ const WORKER_MAGIC_2: u64 = 0x6478696f;
 
 /// The protocol version this client offers (Nix 2.8's).
 pub const PROTOCOL_VERSION: u64 = (1 << 8) | 34;
-const MIN_MINOR: u64 = 26;
+/// The oldest daemon spoken to: Nix 2.4's 1.32. Every field this client
+/// reads unconditionally (build times >= 1.29, built outputs >= 1.28, JSON
+/// realisations >= 1.31, the substitute flag >= 1.27) exists from there on.
+const MIN_MINOR: u64 = 32;
 
 const STDERR_NEXT: u64 = 0x6f6c6d67;
 const STDERR_READ: u64 = 0x64617461;
@@ -557,7 +560,7 @@ impl DaemonClient {
         Ok(strings)
     }
 
-    /// Reads the structured error of protocol >= 1.26.
+    /// Reads the structured error (protocol >= 1.26).
     async fn read_error(&mut self) -> Result<DaemonError, DaemonError> {
         let _type = read_string(&mut self.r).await?;
         let _level = read_u64(&mut self.r).await?;
@@ -598,6 +601,49 @@ fn strip_ansi(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// A peer that answers the client's magic with `magic` and `version`.
+    async fn handshake_with(magic: u64, version: u64) -> Result<DaemonClient, DaemonError> {
+        let (client_end, mut peer) = tokio::io::duplex(64);
+        tokio::spawn(async move {
+            let _ = peer.read_u64_le().await;
+            let _ = peer.write_u64_le(magic).await;
+            let _ = peer.write_u64_le(version).await;
+        });
+        let (r, w) = tokio::io::split(client_end);
+        DaemonClient::handshake(Box::new(r), Box::new(w)).await
+    }
+
+    #[tokio::test]
+    async fn refuses_a_daemon_older_than_1_32() {
+        let err = handshake_with(WORKER_MAGIC_2, (1 << 8) | 30)
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(
+                err,
+                DaemonError::UnsupportedVersion {
+                    major: 1,
+                    minor: 30
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("at least 1.32"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn refuses_a_peer_that_is_not_a_daemon() {
+        let err = handshake_with(0x1234, PROTOCOL_VERSION)
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, DaemonError::Protocol(_)), "{err:?}");
+        assert!(err.to_string().contains("not a nix-daemon"), "{err}");
+    }
+
     #[test]
     fn strips_colours() {
         assert_eq!(

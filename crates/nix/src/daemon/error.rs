@@ -9,7 +9,7 @@ pub enum DaemonError {
     /// The daemon sent something that is not the protocol.
     #[error("nix-daemon protocol error: {0}")]
     Protocol(String),
-    #[error("nix-daemon speaks protocol {major}.{minor}; at least 1.26 (Nix 2.4) is required")]
+    #[error("nix-daemon speaks protocol {major}.{minor}; at least 1.32 (Nix 2.4) is required")]
     UnsupportedVersion { major: u64, minor: u64 },
     /// The daemon carried out the request and reported an error, with Nix's message.
     #[error("nix-daemon: {message}")]

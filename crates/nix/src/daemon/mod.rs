@@ -1,8 +1,8 @@
 //! An async client of the nix-daemon worker protocol (Nix 2.8 speaks 1.34).
 //!
 //! The client offers 1.34 and uses `min(1.34, daemon's)`, so a newer daemon
-//! simply talks 1.34 to it. Daemons older than 1.26 (Nix 2.3 and before)
-//! are refused: their error format differs.
+//! simply talks 1.34 to it. Daemons older than 1.32 (Nix 2.3 and before)
+//! are refused: their errors, build results and realisations differ.
 //!
 //! - [`wire`]: the protocol's integers, strings and lists;
 //! - [`client`]: the handshake and the operations;
