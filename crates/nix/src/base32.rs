@@ -61,11 +61,6 @@ pub fn decode(input: &str) -> Result<Vec<u8>, Base32Error> {
     Ok(out)
 }
 
-/// Is `c` a letter of Nix's base32 alphabet?
-pub fn is_base32_char(c: u8) -> bool {
-    ALPHABET.contains(&c)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

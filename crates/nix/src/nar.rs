@@ -80,14 +80,12 @@ pub fn verify_nar(nar: &[u8], expected_hash: &Hash, expected_size: u64) -> Resul
 
 /// Walks every entry of `nar`, so a truncated or garbled archive is an error.
 pub fn check_structure(nar: &[u8]) -> Result<(), NarError> {
-    let dec = nix_nar::Decoder::new(nar).map_err(|e| NarError::Corrupt(e.to_string()))?;
-    let entries = dec
-        .entries()
-        .map_err(|e| NarError::Corrupt(e.to_string()))?;
+    let dec = nix_nar::Decoder::new(nar).map_err(corrupt)?;
+    let entries = dec.entries().map_err(corrupt)?;
     for entry in entries {
-        let entry = entry.map_err(|e| NarError::Corrupt(e.to_string()))?;
+        let entry = entry.map_err(corrupt)?;
         if let nix_nar::Content::File { mut data, .. } = entry.content {
-            io::copy(&mut data, &mut io::sink()).map_err(|e| NarError::Corrupt(e.to_string()))?;
+            io::copy(&mut data, &mut io::sink()).map_err(corrupt)?;
         }
     }
     Ok(())
@@ -95,19 +93,16 @@ pub fn check_structure(nar: &[u8]) -> Result<(), NarError> {
 
 /// The contents of a NAR that holds one regular file (a `.drv`, a log).
 pub fn single_file_contents(nar: &[u8]) -> Result<Vec<u8>, NarError> {
-    let dec = nix_nar::Decoder::new(nar).map_err(|e| NarError::Corrupt(e.to_string()))?;
-    let mut entries = dec
-        .entries()
-        .map_err(|e| NarError::Corrupt(e.to_string()))?;
+    let dec = nix_nar::Decoder::new(nar).map_err(corrupt)?;
+    let mut entries = dec.entries().map_err(corrupt)?;
     let entry = entries
         .next()
         .ok_or_else(|| NarError::Corrupt("empty NAR".into()))?
-        .map_err(|e| NarError::Corrupt(e.to_string()))?;
+        .map_err(corrupt)?;
     match entry.content {
         nix_nar::Content::File { mut data, .. } if entry.path.is_none() => {
             let mut out = Vec::new();
-            data.read_to_end(&mut out)
-                .map_err(|e| NarError::Corrupt(e.to_string()))?;
+            data.read_to_end(&mut out).map_err(corrupt)?;
             Ok(out)
         }
         _ => Err(NarError::Corrupt("NAR is not a single regular file".into())),
@@ -116,9 +111,12 @@ pub fn single_file_contents(nar: &[u8]) -> Result<Vec<u8>, NarError> {
 
 /// Unpacks `nar` at `dest` (which must not exist).
 pub fn unpack(nar: &[u8], dest: &Path) -> Result<(), NarError> {
-    let dec = nix_nar::Decoder::new(nar).map_err(|e| NarError::Corrupt(e.to_string()))?;
-    dec.unpack(dest)
-        .map_err(|e| NarError::Corrupt(e.to_string()))
+    let dec = nix_nar::Decoder::new(nar).map_err(corrupt)?;
+    dec.unpack(dest).map_err(corrupt)
+}
+
+fn corrupt(e: impl std::fmt::Display) -> NarError {
+    NarError::Corrupt(e.to_string())
 }
 
 /// A reader that SHA-256-hashes and counts what passes through it.

@@ -35,14 +35,6 @@ impl Default for StoreDir {
 }
 
 impl StoreDir {
-    pub fn new(dir: impl Into<String>) -> Self {
-        let mut dir = dir.into();
-        while dir.len() > 1 && dir.ends_with('/') {
-            dir.pop();
-        }
-        StoreDir(dir)
-    }
-
     pub fn as_str(&self) -> &str {
         &self.0
     }

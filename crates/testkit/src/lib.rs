@@ -14,13 +14,3 @@ pub mod pg;
 
 pub use nix::{NixStore, nix_config};
 pub use pg::{PgCluster, TestDb};
-
-/// Installs a tracing subscriber that writes to the test's captured output.
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}

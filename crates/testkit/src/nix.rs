@@ -126,25 +126,6 @@ impl NixStore {
         &self.socket
     }
 
-    /// The daemon's process id (its mount namespace is the store's).
-    pub fn daemon_pid(&self) -> u32 {
-        self.daemon.id()
-    }
-
-    /// A scratch directory of this store's, outside the store.
-    pub fn scratch(&self) -> &Path {
-        &self.root
-    }
-
-    /// The environment that points a Nix client at this store's daemon.
-    pub fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("NIX_REMOTE", "daemon".to_owned()),
-            ("NIX_DAEMON_SOCKET_PATH", self.socket.display().to_string()),
-            ("NIX_CONFIG", nix_config()),
-        ]
-    }
-
     /// A command (a Nix tool, or `cat` of a store file) run inside the
     /// store's mount namespace, where it works on this store directly.
     ///
@@ -191,6 +172,17 @@ impl NixStore {
         }
         let out = self.run("nix-instantiate", &args).await?;
         let paths: Vec<&str> = out.lines().collect();
+        if paths.len() != attrs.len() {
+            return Err(NixError::Command {
+                what: format!("nix-instantiate {}", args.join(" ")),
+                status: format!(
+                    "printed {} paths for {} attributes",
+                    paths.len(),
+                    attrs.len()
+                ),
+                stderr: out,
+            });
+        }
         Ok(attrs
             .iter()
             .map(|a| a.to_string())

@@ -29,7 +29,6 @@ pub struct PgCluster {
     root: PathBuf,
     bindir: PathBuf,
     port: u16,
-    stopped: bool,
 }
 
 impl PgCluster {
@@ -38,17 +37,16 @@ impl PgCluster {
     pub fn start() -> Result<PgCluster, PgError> {
         let bindir = find_bindir()?;
         let root = tempfile::Builder::new().prefix("hq-pg-").tempdir()?.keep();
-        let mut cluster = PgCluster {
+        let cluster = PgCluster {
             root,
             bindir,
             port: free_port()?,
-            stopped: false,
         };
         cluster.init_and_start()?;
         Ok(cluster)
     }
 
-    fn init_and_start(&mut self) -> Result<(), PgError> {
+    fn init_and_start(&self) -> Result<(), PgError> {
         let data = self.root.join("data");
         let sockets = self.root.join("sock");
         std::fs::create_dir_all(&sockets)?;
@@ -136,38 +134,15 @@ impl PgCluster {
     pub fn root(&self) -> &Path {
         &self.root
     }
-
-    /// Stops the server (fast shutdown); the data stays until drop.
-    pub fn stop(&mut self) -> Result<(), PgError> {
-        if !self.stopped {
-            self.stopped = true;
-            let data = self.root.join("data");
-            self.run(
-                "pg_ctl",
-                &["-D", path_str(&data), "-m", "fast", "-w", "stop"],
-            )?;
-        }
-        Ok(())
-    }
-
-    /// Starts a stopped server again on the same port and data.
-    pub fn restart(&mut self) -> Result<(), PgError> {
-        self.start_server()?;
-        self.stopped = false;
-        Ok(())
-    }
 }
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
-        if !self.stopped {
-            self.stopped = true;
-            let data = self.root.join("data");
-            let _ = self.run(
-                "pg_ctl",
-                &["-D", path_str(&data), "-m", "immediate", "-w", "stop"],
-            );
-        }
+        let data = self.root.join("data");
+        let _ = self.run(
+            "pg_ctl",
+            &["-D", path_str(&data), "-m", "immediate", "-w", "stop"],
+        );
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }

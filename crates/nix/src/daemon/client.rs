@@ -38,6 +38,7 @@ const FRAME_SIZE: usize = 64 << 10;
 #[repr(u64)]
 enum Op {
     IsValidPath = 1,
+    BuildPaths = 9,
     AddTempRoot = 11,
     SetOptions = 19,
     QueryPathInfo = 26,
@@ -48,7 +49,6 @@ enum Op {
     QueryDerivationOutputMap = 41,
     RegisterDrvOutput = 42,
     QueryRealisation = 43,
-    BuildPaths = 9,
 }
 
 /// Settings sent with `SetOptions`; limits apply to the builds that follow.
@@ -231,28 +231,38 @@ impl DaemonClient {
         }))
     }
 
-    /// The closure of `paths` under references (the paths included). A
-    /// path that is not valid is an error naming it.
+    /// Path info of `path`; a path that is not valid is an error naming it.
+    pub async fn require_path_info(&mut self, path: &str) -> Result<PathInfo, DaemonError> {
+        self.query_path_info(path)
+            .await?
+            .ok_or_else(|| DaemonError::Nix {
+                message: format!("path '{path}' is not valid"),
+                traces: vec![],
+            })
+    }
+
+    /// The closure of `paths` under references (the paths included), with
+    /// each path's info. A path that is not valid is an error naming it.
     pub async fn query_closure(
         &mut self,
         paths: &[String],
-    ) -> Result<BTreeSet<String>, DaemonError> {
-        let mut seen: BTreeSet<String> = BTreeSet::new();
+    ) -> Result<BTreeMap<String, PathInfo>, DaemonError> {
+        let mut closure = BTreeMap::new();
         let mut queue: VecDeque<String> = paths.iter().cloned().collect();
         while let Some(p) = queue.pop_front() {
-            if !seen.insert(p.clone()) {
+            if closure.contains_key(&p) {
                 continue;
             }
-            let info = self
-                .query_path_info(&p)
-                .await?
-                .ok_or_else(|| DaemonError::Nix {
-                    message: format!("path '{p}' is not valid"),
-                    traces: vec![],
-                })?;
-            queue.extend(info.references.into_iter().filter(|r| !seen.contains(r)));
+            let info = self.require_path_info(&p).await?;
+            queue.extend(
+                info.references
+                    .iter()
+                    .filter(|r| !closure.contains_key(*r))
+                    .cloned(),
+            );
+            closure.insert(p, info);
         }
-        Ok(seen)
+        Ok(closure)
     }
 
     /// Streams the NAR of `path` into `sink`; returns its path info.
@@ -261,29 +271,34 @@ impl DaemonClient {
         path: &str,
         sink: &mut W,
     ) -> Result<PathInfo, DaemonError> {
-        let info = self
-            .query_path_info(path)
-            .await?
-            .ok_or_else(|| DaemonError::Nix {
-                message: format!("path '{path}' is not valid"),
-                traces: vec![],
-            })?;
+        let info = self.require_path_info(path).await?;
+        self.export_nar(&info, sink).await?;
+        Ok(info)
+    }
+
+    /// Streams the NAR of the path `info` describes into `sink`.
+    pub async fn export_nar<W: AsyncWrite + Unpin>(
+        &mut self,
+        info: &PathInfo,
+        sink: &mut W,
+    ) -> Result<(), DaemonError> {
         if info.nar_size == 0 {
-            return Err(DaemonError::UnknownNarSize(path.to_owned()));
+            return Err(DaemonError::UnknownNarSize(info.path.clone()));
         }
+        self.check_path(&info.path)?;
         self.op(Op::NarFromPath).await?;
-        write_bytes(&mut self.w, path.as_bytes()).await?;
+        write_bytes(&mut self.w, info.path.as_bytes()).await?;
         self.process_stderr(&mut |_| {}).await?;
         // The NAR follows unframed; its recorded size says where it ends.
         let mut limited = (&mut self.r).take(info.nar_size);
         let copied = tokio::io::copy(&mut limited, sink).await?;
         if copied != info.nar_size {
             return Err(DaemonError::Protocol(format!(
-                "NAR of {path} ended after {copied} of {} bytes",
-                info.nar_size
+                "NAR of {} ended after {copied} of {} bytes",
+                info.path, info.nar_size
             )));
         }
-        Ok(info)
+        Ok(())
     }
 
     /// The contents of a store path that is a regular file, such as a `.drv`.
@@ -430,10 +445,7 @@ impl DaemonClient {
         let found = read_strings(&mut self.r).await?;
         found
             .first()
-            .map(|json| {
-                serde_json::from_str(json)
-                    .map_err(|e| DaemonError::Protocol(format!("bad realisation {json:?}: {e}")))
-            })
+            .map(|json| parse_realisation(json))
             .transpose()
     }
 
@@ -471,8 +483,7 @@ impl DaemonClient {
         for _ in 0..n {
             let id = read_string(&mut self.r).await?;
             let json = read_string(&mut self.r).await?;
-            let r: Realisation = serde_json::from_str(&json)
-                .map_err(|e| DaemonError::Protocol(format!("bad realisation {json:?}: {e}")))?;
+            let r = parse_realisation(&json)?;
             let output = id
                 .rsplit_once('!')
                 .map(|(_, o)| o.to_owned())
@@ -578,6 +589,11 @@ impl DaemonClient {
             traces,
         })
     }
+}
+
+fn parse_realisation(json: &str) -> Result<Realisation, DaemonError> {
+    serde_json::from_str(json)
+        .map_err(|e| DaemonError::Protocol(format!("bad realisation {json:?}: {e}")))
 }
 
 /// Nix colours its messages; logs and error texts are kept plain.

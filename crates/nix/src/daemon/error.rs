@@ -33,9 +33,4 @@ impl DaemonError {
             _ => None,
         }
     }
-
-    /// Did the connection break (as opposed to a request being refused)?
-    pub fn is_connection_error(&self) -> bool {
-        matches!(self, DaemonError::Io(_) | DaemonError::Protocol(_))
-    }
 }

@@ -16,10 +16,3 @@ mod wire;
 pub use client::{ClientSettings, DaemonClient, PROTOCOL_VERSION};
 pub use error::DaemonError;
 pub use types::{BuildMode, BuildResult, BuildStatus, LogLine, PathInfo, Realisation};
-
-/// The socket a system nix-daemon listens on, unless `NIX_DAEMON_SOCKET_PATH` says otherwise.
-pub fn default_socket_path() -> std::path::PathBuf {
-    std::env::var_os("NIX_DAEMON_SOCKET_PATH")
-        .map(Into::into)
-        .unwrap_or_else(|| "/nix/var/nix/daemon-socket/socket".into())
-}

@@ -60,12 +60,9 @@ impl Derivation {
             store,
             out: String::new(),
         };
-        let inputs: BTreeMap<String, &BTreeSet<String>> = self
-            .input_drvs
-            .iter()
-            .map(|(p, o)| (store.display(p), o))
-            .collect();
-        w.derivation(self, false, &inputs);
+        // Store paths order by base name, which is the order of full paths.
+        let inputs = self.input_drvs.iter().map(|(p, o)| (store.display(p), o));
+        w.derivation(self, false, inputs);
         w.out
     }
 
@@ -81,9 +78,7 @@ impl Derivation {
             store,
             out: String::new(),
         };
-        let inputs: BTreeMap<String, &BTreeSet<String>> =
-            inputs.iter().map(|(k, v)| (k.clone(), v)).collect();
-        w.derivation(self, mask_outputs, &inputs);
+        w.derivation(self, mask_outputs, inputs);
         w.out
     }
 }
@@ -377,11 +372,12 @@ impl Writer<'_> {
         self.out.push(']');
     }
 
-    fn derivation(
+    /// Writes `drv` with `inputs` (sorted by path or hash) as its input derivations.
+    fn derivation<'a, S: AsRef<str>>(
         &mut self,
         drv: &Derivation,
         mask: bool,
-        inputs: &BTreeMap<String, &BTreeSet<String>>,
+        inputs: impl IntoIterator<Item = (S, &'a BTreeSet<String>)>,
     ) {
         let store = self.store;
         self.out.push_str("Derive(");
@@ -397,7 +393,7 @@ impl Writer<'_> {
         self.out.push(',');
         self.list(inputs, |w, (path, outs)| {
             w.out.push('(');
-            w.string(path);
+            w.string(path.as_ref());
             w.out.push(',');
             w.list(outs.iter(), |w, o| w.string(o));
             w.out.push(')');

@@ -138,12 +138,4 @@ impl Derivation {
         let name = format!("{}.drv", self.name()?);
         Ok(store.make_text_path(&name, &Hash::sha256(text.as_bytes()), &self.references()))
     }
-
-    /// The output paths known without building, by output name.
-    pub fn known_output_paths(&self) -> BTreeMap<&str, Option<&StorePath>> {
-        self.outputs
-            .iter()
-            .map(|(name, out)| (name.as_str(), out.path()))
-            .collect()
-    }
 }

@@ -173,7 +173,7 @@ async fn build_step(
 ) -> Result<Vec<String>> {
     // Resolve CA dependents against the outputs recorded so far; otherwise
     // hand the builder the inputs' outputs as plain sources.
-    let (basic_path, mut basic) = if drv.needs_resolution()? {
+    let (basic_path, basic) = if drv.needs_resolution()? {
         let resolved = drv.resolve(dir, outputs)?;
         (resolved.drv_path(dir)?, resolved)
     } else {
@@ -189,7 +189,6 @@ async fn build_step(
         }
         (path.clone(), b)
     };
-    basic.input_drvs.clear();
     let mut bc = DaemonClient::connect(builder.socket()).await?;
     let inputs: Vec<String> = basic.input_srcs.iter().map(|p| dir.display(p)).collect();
     copy_closure(rc, &mut bc, &inputs).await?;
@@ -234,32 +233,32 @@ async fn copy_closure(
     to: &mut DaemonClient,
     paths: &[String],
 ) -> Result<()> {
-    let closure: Vec<String> = from.query_closure(paths).await?.into_iter().collect();
-    let mut missing: BTreeSet<String> = closure.iter().cloned().collect();
-    for valid in to.query_valid_paths(&closure).await? {
+    let mut missing = from.query_closure(paths).await?;
+    let all: Vec<String> = missing.keys().cloned().collect();
+    for valid in to.query_valid_paths(&all).await? {
         missing.remove(&valid);
     }
     while !missing.is_empty() {
-        let mut progressed = false;
-        for p in missing.clone() {
-            let info = from.query_path_info(&p).await?.context("path vanished")?;
-            if info
-                .references
-                .iter()
-                .any(|r| r != &p && missing.contains(r))
-            {
-                continue;
-            }
+        // A path goes once every path it refers to is there.
+        let ready: Vec<String> = missing
+            .iter()
+            .filter(|(p, info)| {
+                info.references
+                    .iter()
+                    .all(|r| r == *p || !missing.contains_key(r))
+            })
+            .map(|(p, _)| p.clone())
+            .collect();
+        if ready.is_empty() {
+            bail!("reference cycle among {:?}", missing.keys());
+        }
+        for p in ready {
+            let info = missing.remove(&p).expect("ready paths are missing");
             let mut nar = Vec::new();
-            from.nar_from_path(&p, &mut nar).await?;
+            from.export_nar(&info, &mut nar).await?;
             hydra_nix::nar::verify_nar(&nar, &info.nar_hash, info.nar_size)?;
             to.add_to_store_nar(&info, &mut nar.as_slice(), false, true)
                 .await?;
-            missing.remove(&p);
-            progressed = true;
-        }
-        if !progressed {
-            bail!("reference cycle among {missing:?}");
         }
     }
     Ok(())
