@@ -8,9 +8,12 @@
 //! - [`nix`]: private Nix stores (a nix-daemon in its own mount namespace
 //!   with a private `/nix`), so that the runner and every builder have a
 //!   store of their own, and helpers that instantiate small `.nix` files.
+//! - [`farm`]: a runner and builders over those, with a queue to submit to.
 
+pub mod farm;
 pub mod nix;
 pub mod pg;
 
+pub use farm::{BuilderSpec, Farm, JobOptions};
 pub use nix::{NixStore, nix_config};
 pub use pg::{PgCluster, TestDb};

@@ -1,0 +1,194 @@
+//! Attempts: one dispatch of a step to a machine. An attempt is persisted
+//! (`hqr_attempts`, with its busy BuildSteps row) before its job is sent,
+//! and every report from a builder names one; a report is applied only by
+//! the connection that owns the attempt.
+
+use std::collections::HashMap;
+
+use hydra_nix::{Hash, StorePath};
+use sqlx::PgConnection;
+use thiserror::Error;
+use uuid::Uuid;
+
+use crate::completion::nix_support::OutputScan;
+use crate::graph::BuildId;
+
+/// An output NAR received from the builder, verified and imported.
+#[derive(Debug, Clone)]
+pub struct Upload {
+    pub nar_hash: Hash,
+    pub nar_size: u64,
+    pub scan: OutputScan,
+}
+
+#[derive(Debug)]
+pub struct Attempt {
+    pub id: Uuid,
+    /// The machine's name, as BuildSteps.machine records it.
+    pub machine: String,
+    /// The connection (Welcome.machine_id) that owns the attempt.
+    pub connection: String,
+    pub drv_path: StorePath,
+    /// The BuildSteps row: (build, stepnr).
+    pub build: BuildId,
+    pub stepnr: i32,
+    pub start_time: i64,
+    /// Output path -> what was uploaded for it.
+    pub uploads: HashMap<String, Upload>,
+    pub log_bytes: u64,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum OwnershipError {
+    #[error("'{0}' is not an attempt id")]
+    BadId(String),
+    #[error("attempt {0} is not running (finished, aborted or unknown)")]
+    Unknown(Uuid),
+    #[error(
+        "attempt {attempt} belongs to another connection of machine {machine}; this report is not applied"
+    )]
+    NotOwner { attempt: Uuid, machine: String },
+}
+
+impl From<OwnershipError> for tonic::Status {
+    fn from(e: OwnershipError) -> tonic::Status {
+        match e {
+            OwnershipError::BadId(_) => tonic::Status::invalid_argument(e.to_string()),
+            _ => tonic::Status::failed_precondition(e.to_string()),
+        }
+    }
+}
+
+/// The running attempts, by id.
+#[derive(Debug, Default)]
+pub struct Attempts {
+    running: HashMap<Uuid, Attempt>,
+}
+
+impl Attempts {
+    pub fn insert(&mut self, attempt: Attempt) {
+        self.running.insert(attempt.id, attempt);
+    }
+
+    /// The attempt `id`, if `connection` owns it.
+    pub fn owned(&mut self, id: &str, connection: &str) -> Result<&mut Attempt, OwnershipError> {
+        let uuid = Uuid::parse_str(id).map_err(|_| OwnershipError::BadId(id.to_owned()))?;
+        let attempt = self
+            .running
+            .get_mut(&uuid)
+            .ok_or(OwnershipError::Unknown(uuid))?;
+        if attempt.connection != connection {
+            return Err(OwnershipError::NotOwner {
+                attempt: uuid,
+                machine: attempt.machine.clone(),
+            });
+        }
+        Ok(attempt)
+    }
+
+    /// Takes the attempt out of the running set, if `connection` owns it:
+    /// whoever takes it is the only one to finish it.
+    pub fn take_owned(&mut self, id: &str, connection: &str) -> Result<Attempt, OwnershipError> {
+        let uuid = self.owned(id, connection)?.id;
+        Ok(self.running.remove(&uuid).expect("just found"))
+    }
+
+    pub fn take(&mut self, id: &Uuid) -> Option<Attempt> {
+        self.running.remove(id)
+    }
+
+    /// Attempts owned by `connection` (a machine that went away).
+    pub fn take_all_of(&mut self, connection: &str) -> Vec<Attempt> {
+        let ids: Vec<Uuid> = self
+            .running
+            .values()
+            .filter(|a| a.connection == connection)
+            .map(|a| a.id)
+            .collect();
+        ids.iter()
+            .filter_map(|id| self.running.remove(id))
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.running.is_empty()
+    }
+}
+
+/// Persists a new attempt.
+pub async fn persist(tx: &mut PgConnection, a: &Attempt) -> Result<(), sqlx::Error> {
+    sqlx::query("insert into hqr_attempts (id, build, stepnr, drv_path, machine) values ($1, $2, $3, $4, $5)")
+        .bind(a.id)
+        .bind(a.build)
+        .bind(a.stepnr)
+        .bind(a.drv_path.to_string())
+        .bind(&a.machine)
+        .execute(tx)
+        .await
+        .map(|_| ())
+}
+
+/// Records how an attempt ended (a BuildSteps status code).
+pub async fn close(tx: &mut PgConnection, id: &Uuid, outcome: i32) -> Result<(), sqlx::Error> {
+    sqlx::query("update hqr_attempts set finished_at = now(), outcome = $2 where id = $1 and finished_at is null")
+        .bind(id)
+        .bind(outcome)
+        .execute(tx)
+        .await
+        .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attempt(connection: &str) -> Attempt {
+        Attempt {
+            id: Uuid::new_v4(),
+            machine: "b1".into(),
+            connection: connection.into(),
+            drv_path: StorePath::from_base_name("7rjj86a15146cq1d3qy068lml7n8ykzm-hello.drv")
+                .unwrap(),
+            build: 1,
+            stepnr: 1,
+            start_time: 0,
+            uploads: HashMap::new(),
+            log_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn only_the_owning_connection_may_report() {
+        let mut all = Attempts::default();
+        let a = attempt("conn-1");
+        let id = a.id.to_string();
+        all.insert(a);
+        assert!(matches!(
+            all.owned(&id, "conn-2"),
+            Err(OwnershipError::NotOwner { .. })
+        ));
+        assert!(matches!(
+            all.owned("garbage", "conn-1"),
+            Err(OwnershipError::BadId(_))
+        ));
+        assert!(all.take_owned(&id, "conn-1").is_ok());
+        assert!(matches!(
+            all.take_owned(&id, "conn-1"),
+            Err(OwnershipError::Unknown(_))
+        ));
+    }
+
+    #[test]
+    fn a_disconnect_takes_every_attempt_of_that_connection() {
+        let mut all = Attempts::default();
+        all.insert(attempt("c1"));
+        all.insert(attempt("c1"));
+        all.insert(attempt("c2"));
+        assert_eq!(all.take_all_of("c1").len(), 2);
+        assert_eq!(all.len(), 1);
+    }
+}

@@ -1,0 +1,479 @@
+//! Completion: a finished attempt (or a step that cannot run) recorded in
+//! PostgreSQL first, in one transaction, and then applied to the graph.
+//!
+//! - success: the step row, the builds it was the top level of (with
+//!   outputs, products, metrics), and its dependents become runnable;
+//! - permanent failure: the step row, every build that needed the step
+//!   (its own build with the status, the builds above with "dependency
+//!   failed" and `propagatedFrom`), and the steps only they needed leave;
+//! - abort (a builder fault): the attempt is recorded as 3 and the step
+//!   goes back to its queue after a backoff; it never fails a build until
+//!   `max_tries` attempts have been aborted.
+
+pub mod nix_support;
+mod outputs;
+
+use std::time::Instant;
+
+use hydra_db::status::BuildStatus;
+use hydra_proto::v1::{CompletionReport, Outcome};
+use thiserror::Error;
+use uuid::Uuid;
+
+use crate::attempts::{self, Attempt, OwnershipError};
+use crate::dispatch::Assignment;
+use crate::graph::{Build, Dropped, StepId};
+use crate::record::{self, NewStepRow, StepResult, Success};
+use crate::{Fatal, Shared};
+
+/// Why a report was not applied.
+#[derive(Debug, Error)]
+pub enum ReportError {
+    #[error(transparent)]
+    Ownership(#[from] OwnershipError),
+    #[error(transparent)]
+    Fatal(#[from] Fatal),
+}
+
+/// How a step failed, for its rows.
+struct Failure<'a> {
+    status: BuildStatus,
+    error_msg: &'a str,
+    start_time: i64,
+    stop_time: i64,
+    machine: &'a str,
+    times_built: Option<i32>,
+    is_non_deterministic: Option<bool>,
+}
+
+/// On start: busy rows left by a previous run are closed as aborted, so
+/// that nothing looks running that is not (the steps are recomputed from
+/// the queue and dispatched again).
+pub async fn close_stale_attempts(shared: &Shared) -> Result<(), Fatal> {
+    let now = record::now();
+    let mut tx = shared.pool.begin().await?;
+    let closed = sqlx::query(
+        "update BuildSteps set busy = 0, status = 3, stopTime = $1,
+                errorMsg = coalesce(errorMsg, 'aborted: the queue runner stopped while the step ran')
+         where busy != 0",
+    )
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "update hqr_attempts set finished_at = now(), outcome = 3 where finished_at is null",
+    )
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    if closed.rows_affected() > 0 {
+        tracing::info!(
+            "closed {} step rows left busy by a previous run",
+            closed.rows_affected()
+        );
+    }
+    Ok(())
+}
+
+/// Applies a builder's completion report for an attempt that `connection` owns.
+pub async fn on_report(
+    shared: &Shared,
+    connection: &str,
+    report: CompletionReport,
+) -> Result<(), ReportError> {
+    let attempt = shared
+        .attempts
+        .lock()
+        .take_owned(&report.attempt_id, connection)?;
+    let outcome = Outcome::try_from(report.outcome).unwrap_or(Outcome::Unspecified);
+    let status = match outcome {
+        Outcome::Succeeded => {
+            return outputs::succeed(shared, attempt, &report)
+                .await
+                .map_err(ReportError::from);
+        }
+        Outcome::InfrastructureFailure | Outcome::Unspecified => {
+            let reason = format!("the builder could not build the step: {}", report.error_msg);
+            abort_attempt(shared, attempt, &reason).await?;
+            return Ok(());
+        }
+        Outcome::Failed => BuildStatus::Failed,
+        Outcome::TimedOut => BuildStatus::TimedOut,
+        Outcome::LogLimitExceeded => BuildStatus::LogLimitExceeded,
+        Outcome::OutputLimitExceeded => BuildStatus::NarSizeLimitExceeded,
+        Outcome::NotDeterministic => BuildStatus::NotDeterministic,
+    };
+    let step = shared
+        .graph
+        .lock()
+        .step_of_attempt(&attempt.drv_path, &attempt.id);
+    let Some(step) = step else {
+        return Ok(()); // dropped meanwhile; its rows were closed then
+    };
+    let log_file = shared.logs.finish(&attempt.drv_path).map_err(Fatal::from)?;
+    tracing::info!(drv = %attempt.drv_path, machine = %attempt.machine, "step failed ({status:?}): {}", report.error_msg);
+    let failure = Failure {
+        status,
+        error_msg: &report.error_msg,
+        start_time: nonzero(report.start_time as i64).unwrap_or(attempt.start_time),
+        stop_time: nonzero(report.stop_time as i64).unwrap_or_else(record::now),
+        machine: &attempt.machine,
+        times_built: nonzero(report.times_built as i64).map(|t| t as i32),
+        is_non_deterministic: report.is_non_deterministic.then_some(true),
+    };
+    fail_step(
+        shared,
+        step,
+        Some((&attempt, &log_file.display().to_string())),
+        &failure,
+    )
+    .await?;
+    release(shared, &attempt);
+    Ok(())
+}
+
+fn nonzero(v: i64) -> Option<i64> {
+    (v != 0).then_some(v)
+}
+
+/// A builder fault ended `attempt`: record it as aborted (3) and requeue
+/// the step with backoff, or fail it as aborted after `max_tries`.
+pub async fn abort_attempt(shared: &Shared, attempt: Attempt, reason: &str) -> Result<(), Fatal> {
+    tracing::warn!(drv = %attempt.drv_path, machine = %attempt.machine, attempt = %attempt.id, "attempt aborted: {reason}");
+    let log_file = shared.logs.finish(&attempt.drv_path)?;
+    let now = record::now();
+    let mut tx = shared.pool.begin().await?;
+    record::finish_build_step(
+        &mut tx,
+        attempt.build,
+        attempt.stepnr,
+        &StepResult {
+            status: BuildStatus::Aborted,
+            error_msg: Some(reason),
+            start_time: attempt.start_time,
+            stop_time: now,
+            machine: &attempt.machine,
+            times_built: None,
+            is_non_deterministic: None,
+            log_file: &log_file.display().to_string(),
+            outputs: &[],
+        },
+    )
+    .await?;
+    attempts::close(&mut tx, &attempt.id, BuildStatus::Aborted.code()).await?;
+    tx.commit().await?;
+    release(shared, &attempt);
+    let give_up = {
+        let mut graph = shared.graph.lock();
+        let Some(id) = graph.step_id(&attempt.drv_path) else {
+            return Ok(());
+        };
+        let tries = graph.step(id).map_or(0, |s| s.aborted_attempts) + 1;
+        let wait = shared.config.retry_delay(tries);
+        let now = Instant::now();
+        if graph
+            .requeue(&attempt.drv_path, &attempt.id, now, Some(now + wait))
+            .is_err()
+        {
+            return Ok(()); // not this attempt's step any more
+        }
+        (tries >= shared.config.max_tries).then_some((id, tries))
+    };
+    if let Some((id, tries)) = give_up {
+        let msg = format!("gave up after {tries} aborted attempts; the last: {reason}");
+        let failure = Failure {
+            status: BuildStatus::Aborted,
+            error_msg: &msg,
+            start_time: now,
+            stop_time: now,
+            machine: "",
+            times_built: None,
+            is_non_deterministic: None,
+        };
+        fail_step(shared, id, None, &failure).await?;
+    }
+    shared.wake_dispatcher();
+    Ok(())
+}
+
+/// No connected machine supported the step for `max_unsupported_secs`.
+pub async fn fail_unsupported(shared: &Shared, step: StepId) -> Result<(), Fatal> {
+    let (system, features) = {
+        let graph = shared.graph.lock();
+        let Some(s) = graph.step(step) else {
+            return Ok(());
+        };
+        (s.system.clone(), s.required_features.join(", "))
+    };
+    let msg = format!(
+        "unsupported system type or feature: no connected machine builds '{system}'{} (waited {} s)",
+        if features.is_empty() {
+            String::new()
+        } else {
+            format!(" with features {features}")
+        },
+        shared.config.max_unsupported_secs
+    );
+    let now = record::now();
+    let failure = Failure {
+        status: BuildStatus::Unsupported,
+        error_msg: &msg,
+        start_time: now,
+        stop_time: now,
+        machine: "",
+        times_built: None,
+        is_non_deterministic: None,
+    };
+    fail_step(shared, step, None, &failure).await
+}
+
+/// The step could not even be prepared (its `.drv` or inputs are gone from
+/// the runner's store): it fails as aborted, with the reason.
+pub async fn fail_before_start(shared: &Shared, a: &Assignment, reason: &str) -> Result<(), Fatal> {
+    shared.machines.lock().release(&a.machine, &a.attempt);
+    {
+        let mut graph = shared.graph.lock();
+        if graph
+            .requeue(&a.drv_path, &a.attempt, Instant::now(), None)
+            .is_err()
+        {
+            return Ok(());
+        }
+    }
+    let now = record::now();
+    let msg = format!("cannot build: {reason}");
+    let failure = Failure {
+        status: BuildStatus::Aborted,
+        error_msg: &msg,
+        start_time: now,
+        stop_time: now,
+        machine: "",
+        times_built: None,
+        is_non_deterministic: None,
+    };
+    fail_step(shared, a.step, None, &failure).await?;
+    shared.wake_dispatcher();
+    Ok(())
+}
+
+/// Records a permanent failure of `step` for every build that needs it,
+/// then removes them (and what only they needed) from the graph.
+async fn fail_step(
+    shared: &Shared,
+    step: StepId,
+    attempt: Option<(&Attempt, &str)>,
+    failure: &Failure<'_>,
+) -> Result<(), Fatal> {
+    let (drv, system, outputs, builds) = {
+        let graph = shared.graph.lock();
+        let Some(s) = graph.step(step) else {
+            return Ok(());
+        };
+        (
+            s.drv_path.clone(),
+            s.system.clone(),
+            Vec::<String>::new(),
+            graph.dependent_builds(step),
+        )
+    };
+    let mut tx = shared.pool.begin().await?;
+    let owner = write_failure(
+        &mut tx, shared, &drv, &system, attempt, &builds, None, failure,
+    )
+    .await?;
+    if matches!(
+        failure.status,
+        BuildStatus::Failed | BuildStatus::NotDeterministic
+    ) {
+        let known = known_outputs(shared, &drv).await?;
+        record::insert_failed_paths(&mut tx, &known).await?;
+    }
+    tx.commit().await?;
+    let _ = outputs;
+    let failed = {
+        let mut graph = shared.graph.lock();
+        graph.step_failed(step, attempt.map(|(a, _)| &a.id)).ok()
+    };
+    let Some(failed) = failed else { return Ok(()) };
+    // Builds that attached to the step while the transaction ran.
+    let late: Vec<Build> = failed
+        .builds
+        .into_iter()
+        .filter(|b| !builds.iter().any(|o| o.id == b.id))
+        .collect();
+    if !late.is_empty() {
+        let mut tx = shared.pool.begin().await?;
+        write_failure(&mut tx, shared, &drv, &system, None, &late, owner, failure).await?;
+        tx.commit().await?;
+    }
+    drop_steps(shared, failed.dropped).await
+}
+
+/// The rows of a failure: the owner's step row (closed, or created when
+/// there was no attempt), a propagated row for every other build, and the
+/// builds themselves. Returns the owner build.
+#[allow(clippy::too_many_arguments)]
+async fn write_failure(
+    tx: &mut sqlx::PgConnection,
+    shared: &Shared,
+    drv: &hydra_nix::StorePath,
+    system: &str,
+    attempt: Option<(&Attempt, &str)>,
+    builds: &[Build],
+    owner: Option<i32>,
+    f: &Failure<'_>,
+) -> Result<Option<i32>, Fatal> {
+    let drv_full = shared.store.dir().display(drv);
+    let owner = match (attempt, owner) {
+        (Some((a, log_file)), _) => {
+            record::finish_build_step(
+                tx,
+                a.build,
+                a.stepnr,
+                &StepResult {
+                    status: f.status,
+                    error_msg: Some(f.error_msg),
+                    start_time: f.start_time,
+                    stop_time: f.stop_time,
+                    machine: f.machine,
+                    times_built: f.times_built,
+                    is_non_deterministic: f.is_non_deterministic,
+                    log_file,
+                    outputs: &[],
+                },
+            )
+            .await?;
+            attempts::close(tx, &a.id, f.status.code()).await?;
+            Some(a.build)
+        }
+        (None, Some(o)) => Some(o),
+        (None, None) => builds.first().map(|b| b.id),
+    };
+    for b in builds {
+        let has_row = attempt.is_some() && Some(b.id) == owner;
+        if !has_row {
+            record::create_build_step(
+                tx,
+                &NewStepRow {
+                    build: b.id,
+                    drv_path: &drv_full,
+                    system,
+                    status: Some(f.status),
+                    machine: f.machine,
+                    start_time: Some(f.start_time),
+                    error_msg: Some(f.error_msg),
+                    propagated_from: owner.filter(|o| *o != b.id),
+                    outputs: &[],
+                },
+            )
+            .await?;
+        }
+        let status = if b.drv_path != *drv && f.status == BuildStatus::Failed {
+            BuildStatus::DepFailed
+        } else {
+            f.status
+        };
+        record::mark_failed_build(tx, b.id, status, f.start_time, f.stop_time, false).await?;
+    }
+    if let Some(o) = owner {
+        let others: Vec<i32> = builds.iter().map(|b| b.id).filter(|b| *b != o).collect();
+        record::notify_build_finished(tx, o, &others).await?;
+    }
+    Ok(owner)
+}
+
+/// The output paths of `drv` that are known without building.
+async fn known_outputs(shared: &Shared, drv: &hydra_nix::StorePath) -> Result<Vec<String>, Fatal> {
+    let mut client = shared.store.client().await?;
+    let map = client
+        .query_derivation_output_map(&shared.store.dir().display(drv))
+        .await
+        .map_err(crate::store::StoreError::from)?;
+    Ok(map.into_values().flatten().collect())
+}
+
+/// Steps no live build needs any more: running ones are aborted on their
+/// machines and their rows closed as cancelled (4).
+pub async fn drop_steps(shared: &Shared, dropped: Dropped) -> Result<(), Fatal> {
+    for (attempt_id, machine) in dropped.running {
+        let attempt = shared.attempts.lock().take(&attempt_id);
+        let tx = shared.machines.lock().get(&machine).map(|m| m.tx.clone());
+        if let Some(tx) = tx {
+            let abort = hydra_proto::v1::RunnerMessage {
+                msg: Some(hydra_proto::v1::runner_message::Msg::Abort(
+                    hydra_proto::v1::AbortJob {
+                        attempt_id: attempt_id.to_string(),
+                        reason: "no build needs this step any more".into(),
+                    },
+                )),
+            };
+            let _ = tx.send(Ok(abort)).await;
+        }
+        let Some(attempt) = attempt else { continue };
+        tracing::info!(drv = %attempt.drv_path, machine = %attempt.machine, "aborting a step no build needs");
+        let log_file = shared.logs.finish(&attempt.drv_path)?;
+        let mut tx = shared.pool.begin().await?;
+        record::finish_build_step(
+            &mut tx,
+            attempt.build,
+            attempt.stepnr,
+            &StepResult {
+                status: BuildStatus::Cancelled,
+                error_msg: Some("cancelled: no build needs this step any more"),
+                start_time: attempt.start_time,
+                stop_time: record::now(),
+                machine: &attempt.machine,
+                times_built: None,
+                is_non_deterministic: None,
+                log_file: &log_file.display().to_string(),
+                outputs: &[],
+            },
+        )
+        .await?;
+        attempts::close(&mut tx, &attempt.id, BuildStatus::Cancelled.code()).await?;
+        tx.commit().await?;
+        release(shared, &attempt);
+    }
+    shared.wake_dispatcher();
+    Ok(())
+}
+
+/// Frees the machine slot an attempt held and wakes the dispatcher.
+fn release(shared: &Shared, attempt: &Attempt) {
+    shared
+        .machines
+        .lock()
+        .release(&attempt.machine, &attempt.id);
+    shared.wake_dispatcher();
+}
+
+/// For tests and status: a readable attempt id.
+pub fn attempt_label(id: &Uuid) -> String {
+    id.simple().to_string()[..8].to_owned()
+}
+
+/// Records the success of `step` for the builds in `direct`.
+async fn write_success(
+    tx: &mut sqlx::PgConnection,
+    direct: &[Build],
+    owner: i32,
+    s: &Success<'_>,
+) -> Result<(), sqlx::Error> {
+    for b in direct {
+        record::mark_succeeded_build(tx, b, s, b.id != owner).await?;
+        record::notify_build_finished(tx, b.id, &[]).await?;
+    }
+    Ok(())
+}
+
+pub use outputs::Measured;
+
+/// Measures outputs that are valid in the runner's store (a cached build).
+pub async fn measure_valid(
+    client: &mut hydra_nix::daemon::DaemonClient,
+    outputs: Vec<(String, String)>,
+) -> Result<Measured, Fatal> {
+    outputs::measure(client, outputs, |_| None)
+        .await
+        .map_err(Fatal::from)
+}

@@ -1,0 +1,252 @@
+//! A successful attempt: its outputs checked, measured and recorded.
+
+use std::time::Instant;
+
+use hydra_db::status::BuildStatus;
+use hydra_nix::daemon::DaemonClient;
+use hydra_proto::v1::CompletionReport;
+
+use super::nix_support::{BuildOutputInfo, OutputScan, scan_nar};
+use super::{abort_attempt, release, write_success};
+use crate::attempts::{self, Attempt};
+use crate::graph::Build;
+use crate::record::{self, StepResult, Success};
+use crate::store::StoreError;
+use crate::{Fatal, Shared};
+
+/// A built output: its path, NAR size, and what Hydra reads from it.
+pub struct BuiltOutput {
+    pub name: String,
+    pub path: String,
+    pub nar_size: u64,
+    pub scan: OutputScan,
+}
+
+/// Outputs of a build, measured: everything `Builds` records about them.
+pub struct Measured {
+    pub outputs: Vec<BuiltOutput>,
+    pub info: BuildOutputInfo,
+    pub size: i64,
+    pub closure_size: i64,
+}
+
+impl Measured {
+    pub fn paths(&self) -> Vec<(String, String)> {
+        self.outputs
+            .iter()
+            .map(|o| (o.name.clone(), o.path.clone()))
+            .collect()
+    }
+
+    pub fn success<'a>(
+        &'a self,
+        paths: &'a [(String, String)],
+        start_time: i64,
+        stop_time: i64,
+    ) -> Success<'a> {
+        Success {
+            info: &self.info,
+            outputs: paths,
+            size: self.size,
+            closure_size: self.closure_size,
+            start_time,
+            stop_time,
+        }
+    }
+}
+
+/// Reads an output already in the runner's store (not uploaded by this
+/// attempt): its NAR is exported and scanned.
+pub async fn scan_store_output(
+    client: &mut DaemonClient,
+    path: &str,
+) -> Result<(u64, OutputScan), StoreError> {
+    let mut nar = Vec::new();
+    let info = client.nar_from_path(path, &mut nar).await?;
+    let scan = tokio::task::spawn_blocking(move || scan_nar(nar.as_slice()))
+        .await
+        .expect("scanning does not panic")
+        .map_err(|e| StoreError::BadDerivation {
+            path: path.to_owned(),
+            message: format!("unreadable NAR in the runner's store: {e}"),
+        })?;
+    Ok((info.nar_size, scan))
+}
+
+/// Sizes and `nix-support` of `outputs` (name, path), which must be valid
+/// in the runner's store; `scans` has what the upload already learnt.
+pub async fn measure(
+    client: &mut DaemonClient,
+    outputs: Vec<(String, String)>,
+    mut uploaded: impl FnMut(&str) -> Option<(u64, OutputScan)>,
+) -> Result<Measured, StoreError> {
+    let mut built = Vec::new();
+    for (name, path) in outputs {
+        let (nar_size, scan) = match uploaded(&path) {
+            Some(known) => known,
+            None => scan_store_output(client, &path).await?,
+        };
+        built.push(BuiltOutput {
+            name,
+            path,
+            nar_size,
+            scan,
+        });
+    }
+    let paths: Vec<String> = built.iter().map(|o| o.path.clone()).collect();
+    let closure = client.query_closure(&paths).await?;
+    let closure_size = closure.values().map(|i| i.nar_size as i64).sum();
+    let size = built.iter().map(|o| o.nar_size as i64).sum();
+    let named: Vec<(String, String, &OutputScan)> = built
+        .iter()
+        .map(|o| (o.name.clone(), o.path.clone(), &o.scan))
+        .collect();
+    let info = BuildOutputInfo::from_scans(&named);
+    Ok(Measured {
+        outputs: built,
+        info,
+        size,
+        closure_size,
+    })
+}
+
+/// The builder says the attempt built the step. Every output must be in
+/// the runner's store (uploaded and verified by this attempt, or already
+/// there); otherwise the attempt is aborted and the step retried.
+pub async fn succeed(
+    shared: &Shared,
+    mut attempt: Attempt,
+    report: &CompletionReport,
+) -> Result<(), Fatal> {
+    let mut client = shared.store.client().await?;
+    let outputs = match expected_outputs(shared, &mut client, &attempt, report).await {
+        Ok(o) => o,
+        Err(reason) => return abort_attempt(shared, attempt, &reason).await,
+    };
+    for (name, path) in &outputs {
+        if !attempt.uploads.contains_key(path)
+            && !client.is_valid_path(path).await.map_err(StoreError::from)?
+        {
+            let reason =
+                format!("the builder reported success but output '{name}' ({path}) never arrived");
+            return abort_attempt(shared, attempt, &reason).await;
+        }
+    }
+    let uploads = std::mem::take(&mut attempt.uploads);
+    let measured = measure(&mut client, outputs, |p| {
+        uploads.get(p).map(|u| (u.nar_size, u.scan.clone()))
+    })
+    .await?;
+    let log_file = shared.logs.finish(&attempt.drv_path)?.display().to_string();
+    let Some(step) = shared
+        .graph
+        .lock()
+        .step_of_attempt(&attempt.drv_path, &attempt.id)
+    else {
+        return Ok(());
+    };
+    let direct: Vec<Build> = {
+        let graph = shared.graph.lock();
+        let s = graph.step(step).expect("step of a running attempt");
+        s.toplevel_of
+            .iter()
+            .filter_map(|b| graph.build(*b))
+            .cloned()
+            .collect()
+    };
+    let start_time = if report.start_time > 0 {
+        report.start_time as i64
+    } else {
+        attempt.start_time
+    };
+    let stop_time = if report.stop_time > 0 {
+        report.stop_time as i64
+    } else {
+        record::now()
+    };
+    let paths = measured.paths();
+    let success = measured.success(&paths, start_time, stop_time);
+    let mut tx = shared.pool.begin().await?;
+    record::finish_build_step(
+        &mut tx,
+        attempt.build,
+        attempt.stepnr,
+        &StepResult {
+            status: BuildStatus::Success,
+            error_msg: None,
+            start_time,
+            stop_time,
+            machine: &attempt.machine,
+            times_built: (report.times_built > 0).then_some(report.times_built as i32),
+            is_non_deterministic: report.is_non_deterministic.then_some(true),
+            log_file: &log_file,
+            outputs: &paths,
+        },
+    )
+    .await?;
+    attempts::close(&mut tx, &attempt.id, BuildStatus::Success.code()).await?;
+    write_success(&mut tx, &direct, attempt.build, &success).await?;
+    tx.commit().await?;
+    tracing::info!(drv = %attempt.drv_path, machine = %attempt.machine, "step succeeded");
+
+    let done = {
+        let mut graph = shared.graph.lock();
+        let jobset = graph.build(attempt.build).map(|b| b.jobset_id);
+        let done = graph.step_succeeded(step, Some(&attempt.id), Instant::now());
+        if let Some(j) = jobset {
+            shared.shares.lock().add_used(
+                j,
+                (stop_time - start_time).max(0) as f64,
+                Instant::now(),
+            );
+        }
+        done
+    };
+    let done = done.expect("the attempt owned its step");
+    let late: Vec<Build> = done
+        .builds
+        .into_iter()
+        .filter(|b| !direct.iter().any(|d| d.id == b.id))
+        .collect();
+    if !late.is_empty() {
+        let mut tx = shared.pool.begin().await?;
+        write_success(&mut tx, &late, attempt.build, &success).await?;
+        tx.commit().await?;
+    }
+    release(shared, &attempt);
+    Ok(())
+}
+
+/// Output name -> path: from the `.drv` where the path is fixed, from the
+/// builder's report where it is known only after the build (CA).
+async fn expected_outputs(
+    shared: &Shared,
+    client: &mut DaemonClient,
+    attempt: &Attempt,
+    report: &CompletionReport,
+) -> Result<Vec<(String, String)>, String> {
+    let dir = shared.store.dir();
+    let drv = shared
+        .store
+        .read_derivation(client, &attempt.drv_path)
+        .await
+        .map_err(|e| format!("cannot re-read the derivation: {e}"))?;
+    let mut outputs = Vec::new();
+    for (name, out) in &drv.outputs {
+        let path = match out.path() {
+            Some(p) => dir.display(p),
+            None => {
+                let reported = report
+                    .outputs
+                    .iter()
+                    .find(|o| &o.name == name)
+                    .ok_or_else(|| format!("the builder did not report output '{name}'"))?;
+                dir.parse_path(&reported.path)
+                    .map_err(|e| format!("the builder reported a bad path for '{name}': {e}"))?;
+                reported.path.clone()
+            }
+        };
+        outputs.push((name.clone(), path));
+    }
+    Ok(outputs)
+}

@@ -1,0 +1,136 @@
+//! The runner's configuration: one TOML file, every key optional with a
+//! Hydra-like default, unknown keys rejected with their name.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration in {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// Settings of `hydra-queue-runner serve`. The defaults suit a coordinator
+/// with a local nix-daemon; tests shorten the timers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunnerConfig {
+    /// PostgreSQL URL; `--database-url` / `HYDRA_DATABASE_URL` take precedence.
+    pub database_url: Option<String>,
+    /// Maximum connections to PostgreSQL.
+    pub database_connections: u32,
+    /// Where builders connect (gRPC).
+    pub listen: SocketAddr,
+    /// Logs and other state: `<data_dir>/build-logs/..`.
+    pub data_dir: PathBuf,
+    /// The runner's own nix-daemon: inputs are served from it and outputs
+    /// imported into it.
+    pub store_socket: PathBuf,
+    /// Largest total NAR size of a step's outputs (status 11 beyond).
+    pub max_output_size: u64,
+    /// Largest build log of a step (status 10 beyond).
+    pub max_log_size: u64,
+    /// How long a runnable step may find no connected machine that supports
+    /// its system and features, while some machine is connected, before it
+    /// fails as unsupported (status 9).
+    pub max_unsupported_secs: u64,
+    /// How often builders ping.
+    pub ping_interval_secs: u32,
+    /// Aborted attempts (infrastructure faults) before a step fails as aborted.
+    pub max_tries: u32,
+    /// Backoff before retrying an aborted step: base * factor^(tries-1).
+    pub retry_base_secs: f64,
+    pub retry_factor: f64,
+    /// A machine reporting less free disk than this gets no new steps.
+    pub min_free_disk: u64,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        RunnerConfig {
+            database_url: None,
+            database_connections: 16,
+            listen: "127.0.0.1:7070".parse().expect("literal address"),
+            data_dir: "/var/lib/hydra/queue-runner".into(),
+            store_socket: "/nix/var/nix/daemon-socket/socket".into(),
+            max_output_size: 2 << 30,
+            max_log_size: 64 << 20,
+            max_unsupported_secs: 300,
+            ping_interval_secs: 10,
+            max_tries: 5,
+            retry_base_secs: 10.0,
+            retry_factor: 3.0,
+            min_free_disk: 1 << 30,
+        }
+    }
+}
+
+impl RunnerConfig {
+    /// Reads `path`; a missing key takes its default.
+    pub fn load(path: &Path) -> Result<RunnerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<RunnerConfig, String> {
+        let config: RunnerConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.max_tries == 0 {
+            return Err("max_tries must be at least 1".into());
+        }
+        if self.retry_factor < 1.0 || self.retry_base_secs < 0.0 {
+            return Err("retry_base_secs must be >= 0 and retry_factor >= 1".into());
+        }
+        Ok(())
+    }
+
+    /// The wait before attempt `tries + 1`, after `tries` aborted attempts.
+    pub fn retry_delay(&self, tries: u32) -> Duration {
+        let exp = self.retry_factor.powi(tries.saturating_sub(1) as i32);
+        Duration::from_secs_f64((self.retry_base_secs * exp).min(24.0 * 3600.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_gives_the_defaults() {
+        let c = RunnerConfig::parse("").unwrap();
+        assert_eq!(c.max_log_size, 64 << 20);
+        assert_eq!(c.listen.port(), 7070);
+    }
+
+    #[test]
+    fn an_unknown_key_is_named() {
+        let err = RunnerConfig::parse("max_log_sise = 3").unwrap_err();
+        assert!(err.contains("max_log_sise"), "{err}");
+    }
+
+    #[test]
+    fn retries_back_off_exponentially() {
+        let c = RunnerConfig::parse("retry_base_secs = 2.0\nretry_factor = 3.0").unwrap();
+        assert_eq!(c.retry_delay(1), Duration::from_secs(2));
+        assert_eq!(c.retry_delay(3), Duration::from_secs(18));
+    }
+}

@@ -1,0 +1,147 @@
+//! The dispatcher: gives runnable steps to machines, in priority order.
+//!
+//! It sleeps until woken (a step became runnable, a slot came free, a
+//! machine joined) or until the next deadline (a backoff ends, a step has
+//! been unsupported for too long). Pings do not wake it.
+
+pub mod machines;
+pub mod order;
+mod start;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hydra_nix::StorePath;
+use uuid::Uuid;
+
+use crate::graph::{Build, SchedFacts, StepId, StepState};
+use crate::{Fatal, Shared};
+use machines::{ControlTx, NoMachine};
+use order::OrderKey;
+
+pub use start::start_attempt;
+
+/// A step given to a machine, before it is persisted and sent.
+#[derive(Debug)]
+pub struct Assignment {
+    pub step: StepId,
+    pub drv_path: StorePath,
+    pub system: String,
+    pub attempt: Uuid,
+    pub machine: String,
+    pub connection: String,
+    pub tx: ControlTx,
+    /// The build whose BuildSteps records the attempt.
+    pub owner: Build,
+    pub facts: SchedFacts,
+}
+
+/// What one round decided.
+#[derive(Debug, Default)]
+pub struct Round {
+    pub assignments: Vec<Assignment>,
+    /// Runnable steps no connected machine supported for too long.
+    pub unsupported: Vec<StepId>,
+    /// When the next round is due without a wake-up.
+    pub next_deadline: Option<Instant>,
+}
+
+pub async fn run(shared: Arc<Shared>) -> Result<(), Fatal> {
+    loop {
+        let round = plan_round(&shared, Instant::now());
+        for step in round.unsupported {
+            crate::completion::fail_unsupported(&shared, step).await?;
+        }
+        for a in round.assignments {
+            start_attempt(&shared, a).await?;
+        }
+        match round.next_deadline {
+            Some(deadline) => {
+                tokio::select! {
+                    _ = shared.wake_dispatcher.notified() => {}
+                    _ = tokio::time::sleep_until(deadline.into()) => {}
+                }
+            }
+            None => shared.wake_dispatcher.notified().await,
+        }
+    }
+}
+
+/// Decides which runnable steps go where, and marks them dispatched.
+pub fn plan_round(shared: &Shared, now: Instant) -> Round {
+    let mut graph = shared.graph.lock();
+    let mut machines = shared.machines.lock();
+    let shares = shared.shares.lock();
+    let config = &shared.config;
+    let max_unsupported = Duration::from_secs(config.max_unsupported_secs);
+    let mut round = Round::default();
+    let due = |t: Instant, round: &mut Round| {
+        round.next_deadline = Some(round.next_deadline.map_or(t, |d| d.min(t)));
+    };
+
+    let mut queue: Vec<(OrderKey, StepId)> = Vec::new();
+    for (id, step) in graph.runnable() {
+        match step.state {
+            StepState::Runnable {
+                not_before: Some(t),
+                ..
+            } if t > now => due(t, &mut round),
+            _ => queue.push((OrderKey::new(&step.sched, &shares), id)),
+        }
+    }
+    queue.sort_by(|a, b| a.0.dispatch_order(&b.0));
+
+    for (_, id) in queue {
+        let step = graph.step(id).expect("runnable step");
+        match machines.choose(&step.system, &step.required_features, config.min_free_disk) {
+            Err(NoMachine::Unsupported) => {
+                // With no machine connected at all, it is an outage, not
+                // an unsupported system: nothing fails for it.
+                if machines.is_empty() {
+                    continue;
+                }
+                let since = step.unsupported_since.unwrap_or(now);
+                if step.unsupported_since.is_none() {
+                    graph.set_unsupported_since(id, Some(now));
+                }
+                if now.duration_since(since) >= max_unsupported {
+                    round.unsupported.push(id);
+                } else {
+                    due(since + max_unsupported, &mut round);
+                }
+            }
+            Err(NoMachine::Busy) => {
+                if step.unsupported_since.is_some() {
+                    graph.set_unsupported_since(id, None);
+                }
+            }
+            Ok(machine) => {
+                let attempt = Uuid::new_v4();
+                let assignment = Assignment {
+                    step: id,
+                    drv_path: step.drv_path.clone(),
+                    system: step.system.clone(),
+                    attempt,
+                    machine: machine.name.clone(),
+                    connection: machine.connection.clone(),
+                    tx: machine.tx.clone(),
+                    owner: graph
+                        .owner_build(id)
+                        .expect("a step in the graph has a build"),
+                    facts: step.sched.clone(),
+                };
+                graph.set_unsupported_since(id, None);
+                graph
+                    .mark_dispatched(id, attempt, &assignment.machine)
+                    .expect("a runnable step can be dispatched");
+                machines
+                    .get_mut(&assignment.machine)
+                    .expect("chosen machine")
+                    .running
+                    .insert(attempt);
+                round.assignments.push(assignment);
+            }
+        }
+    }
+    round
+}

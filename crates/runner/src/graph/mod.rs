@@ -1,0 +1,482 @@
+//! The in-memory DAG: unfinished builds and the steps they need.
+//!
+//! One step per derivation, shared by every build that needs it. Steps whose
+//! outputs are already valid never enter the graph. The graph is plain data
+//! behind one lock; nothing here awaits or touches the database: callers
+//! write PostgreSQL first and then apply the outcome here.
+
+pub mod step;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use hydra_nix::StorePath;
+use thiserror::Error;
+use uuid::Uuid;
+
+pub use step::{SchedFacts, Step, StepState, TransitionError};
+
+pub type StepId = u64;
+pub type BuildId = i32;
+
+/// A queued build, as the runner keeps it in memory.
+#[derive(Debug, Clone)]
+pub struct Build {
+    pub id: BuildId,
+    pub drv_path: StorePath,
+    pub jobset_id: i32,
+    pub project: String,
+    pub jobset: String,
+    pub job: String,
+    pub timestamp: i64,
+    pub local_priority: i32,
+    pub global_priority: i32,
+    pub max_silent_secs: u32,
+    pub timeout_secs: u32,
+}
+
+impl Build {
+    /// What this build contributes to each step it needs, `depth` steps below it.
+    fn facts(&self, depth: u32) -> SchedFacts {
+        SchedFacts {
+            global_priority: self.global_priority,
+            local_priority: self.local_priority,
+            lowest_build_id: self.id,
+            jobsets: vec![self.jobset_id],
+            critical_path: depth,
+            max_silent_secs: self.max_silent_secs,
+            timeout_secs: self.timeout_secs,
+        }
+    }
+}
+
+/// A step the loader found unbuilt, with the input derivations it waits for.
+#[derive(Debug, Clone)]
+pub struct NewStep {
+    pub drv_path: StorePath,
+    pub system: String,
+    pub required_features: Vec<String>,
+    /// Input derivations that are not valid: new steps of the same plan, or
+    /// steps already in the graph.
+    pub inputs: Vec<StorePath>,
+}
+
+/// What the loader read for one build: its new steps, and the steps it
+/// expects to find in the graph already.
+#[derive(Debug, Default)]
+pub struct LoadPlan {
+    pub new_steps: Vec<NewStep>,
+    pub existing: HashSet<StorePath>,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum InsertError {
+    /// A step the plan relied on finished while the build was being read:
+    /// read the build again (its outputs are now valid, or it failed).
+    #[error("step {0} finished while the build was loading")]
+    Vanished(String),
+    #[error("build {0} is already in the graph")]
+    Duplicate(BuildId),
+}
+
+/// Steps that left the graph because no live build needs them any more;
+/// the running ones must be aborted on their machines.
+#[derive(Debug, Default)]
+pub struct Dropped {
+    pub steps: Vec<StorePath>,
+    pub running: Vec<(Uuid, String)>,
+}
+
+/// The effect of a step's success.
+#[derive(Debug)]
+pub struct Succeeded {
+    /// Builds whose top-level step this was; they left the graph.
+    pub builds: Vec<Build>,
+    pub newly_runnable: Vec<StepId>,
+}
+
+/// The effect of a step's permanent failure.
+#[derive(Debug)]
+pub struct Failed {
+    /// Every build that needed the step; they left the graph.
+    pub builds: Vec<Build>,
+    pub dropped: Dropped,
+}
+
+#[derive(Debug, Default)]
+pub struct Graph {
+    steps: HashMap<StepId, Step>,
+    by_path: HashMap<StorePath, StepId>,
+    builds: HashMap<BuildId, Build>,
+    runnable: HashSet<StepId>,
+    next_id: StepId,
+}
+
+impl Graph {
+    pub fn step_id(&self, drv: &StorePath) -> Option<StepId> {
+        self.by_path.get(drv).copied()
+    }
+
+    pub fn step(&self, id: StepId) -> Option<&Step> {
+        self.steps.get(&id)
+    }
+
+    pub fn build(&self, id: BuildId) -> Option<&Build> {
+        self.builds.get(&id)
+    }
+
+    pub fn build_ids(&self) -> impl Iterator<Item = BuildId> + '_ {
+        self.builds.keys().copied()
+    }
+
+    pub fn step_count(&self) -> usize {
+        self.steps.len()
+    }
+
+    pub fn runnable(&self) -> impl Iterator<Item = (StepId, &Step)> + '_ {
+        self.runnable.iter().map(|id| (*id, &self.steps[id]))
+    }
+
+    /// Steps currently sent to machines.
+    pub fn running(&self) -> impl Iterator<Item = (StepId, &Step)> + '_ {
+        self.steps
+            .iter()
+            .filter(|(_, s)| s.running_attempt().is_some())
+            .map(|(id, s)| (*id, s))
+    }
+
+    /// Adds a build with the new steps its plan found. Returns the steps
+    /// that became runnable.
+    pub fn insert_build(
+        &mut self,
+        build: Build,
+        plan: LoadPlan,
+        now: Instant,
+    ) -> Result<Vec<StepId>, InsertError> {
+        if self.builds.contains_key(&build.id) {
+            return Err(InsertError::Duplicate(build.id));
+        }
+        if let Some(gone) = plan
+            .existing
+            .iter()
+            .find(|p| !self.by_path.contains_key(*p))
+        {
+            return Err(InsertError::Vanished(gone.to_string()));
+        }
+        let mut created = Vec::new();
+        for ns in &plan.new_steps {
+            if !self.by_path.contains_key(&ns.drv_path) {
+                let id = self.next_id;
+                self.next_id += 1;
+                let step = Step::new(
+                    ns.drv_path.clone(),
+                    ns.system.clone(),
+                    ns.required_features.clone(),
+                );
+                self.steps.insert(id, step);
+                self.by_path.insert(ns.drv_path.clone(), id);
+                created.push(id);
+            }
+        }
+        for ns in &plan.new_steps {
+            let id = self.by_path[&ns.drv_path];
+            for input in &ns.inputs {
+                if let Some(&dep) = self.by_path.get(input) {
+                    self.link(id, dep);
+                }
+            }
+        }
+        let top = self.by_path.get(&build.drv_path).copied();
+        if let Some(top) = top {
+            self.steps
+                .get_mut(&top)
+                .expect("top step")
+                .toplevel_of
+                .push(build.id);
+            self.push_facts(top, &build);
+        }
+        self.builds.insert(build.id, build);
+        let mut runnable = Vec::new();
+        for id in created {
+            let step = self.steps.get_mut(&id).expect("created step");
+            if step.deps.is_empty() {
+                step.inputs_built(now).expect("a new step waits");
+                self.runnable.insert(id);
+                runnable.push(id);
+            }
+        }
+        Ok(runnable)
+    }
+
+    fn link(&mut self, step: StepId, dep: StepId) {
+        self.steps.get_mut(&step).expect("step").deps.insert(dep);
+        self.steps.get_mut(&dep).expect("dep").rdeps.insert(step);
+    }
+
+    /// Merges a build's scheduling facts into its steps, top-down, stopping
+    /// where nothing changes (facts only grow, so below is unchanged too).
+    fn push_facts(&mut self, top: StepId, build: &Build) {
+        let mut todo = vec![(top, 1u32)];
+        while let Some((id, depth)) = todo.pop() {
+            let step = self.steps.get_mut(&id).expect("step in graph");
+            if step.sched.merge(&build.facts(depth)) {
+                todo.extend(step.deps.iter().map(|d| (*d, depth + 1)));
+            }
+        }
+    }
+
+    /// Updates a build's priority (an admin bump) and its steps' facts.
+    pub fn bump_build(&mut self, id: BuildId, global_priority: i32) {
+        let Some(build) = self.builds.get_mut(&id) else {
+            return;
+        };
+        build.global_priority = global_priority;
+        let build = build.clone();
+        if let Some(top) = self.by_path.get(&build.drv_path).copied() {
+            self.push_facts(top, &build);
+        }
+    }
+
+    /// Live builds that need `step`, directly or through other steps.
+    pub fn dependent_builds(&self, step: StepId) -> Vec<Build> {
+        let mut seen = HashSet::new();
+        let mut todo = vec![step];
+        let mut builds = Vec::new();
+        while let Some(id) = todo.pop() {
+            if !seen.insert(id) {
+                continue;
+            }
+            let s = &self.steps[&id];
+            builds.extend(
+                s.toplevel_of
+                    .iter()
+                    .filter_map(|b| self.builds.get(b))
+                    .cloned(),
+            );
+            todo.extend(s.rdeps.iter().copied());
+        }
+        builds.sort_by_key(|b| b.id);
+        builds.dedup_by_key(|b| b.id);
+        builds
+    }
+
+    /// The build whose BuildSteps rows record `step`: one that has it as its
+    /// top level if any (as Hydra picks), else the oldest that needs it.
+    pub fn owner_build(&self, step: StepId) -> Option<Build> {
+        let s = self.steps.get(&step)?;
+        if let Some(b) = s
+            .toplevel_of
+            .iter()
+            .filter_map(|b| self.builds.get(b))
+            .min_by_key(|b| b.id)
+        {
+            return Some(b.clone());
+        }
+        self.dependent_builds(step).into_iter().next()
+    }
+
+    pub fn mark_dispatched(
+        &mut self,
+        id: StepId,
+        attempt: Uuid,
+        machine: &str,
+    ) -> Result<(), TransitionError> {
+        let step = self
+            .steps
+            .get_mut(&id)
+            .expect("dispatching a step in the graph");
+        step.dispatched(attempt, machine)?;
+        self.runnable.remove(&id);
+        Ok(())
+    }
+
+    /// An attempt was aborted: the step goes back to its queue.
+    pub fn requeue(
+        &mut self,
+        drv: &StorePath,
+        attempt: &Uuid,
+        now: Instant,
+        not_before: Option<Instant>,
+    ) -> Result<(), TransitionError> {
+        let Some(id) = self.step_id(drv) else {
+            return Ok(()); // dropped meanwhile: nothing to requeue
+        };
+        self.steps
+            .get_mut(&id)
+            .expect("step")
+            .requeued(attempt, now, not_before)?;
+        self.runnable.insert(id);
+        Ok(())
+    }
+
+    /// The step that `attempt` runs, if it still does.
+    pub fn step_of_attempt(&self, drv: &StorePath, attempt: &Uuid) -> Option<StepId> {
+        let id = self.step_id(drv)?;
+        match self.steps[&id].running_attempt() {
+            Some((a, _)) if a == attempt => Some(id),
+            _ => None,
+        }
+    }
+
+    /// `attempt` built its step: the step and the builds it was the top
+    /// level of leave the graph; dependents whose last input this was
+    /// become runnable.
+    pub fn step_succeeded(
+        &mut self,
+        id: StepId,
+        attempt: Option<&Uuid>,
+        now: Instant,
+    ) -> Result<Succeeded, TransitionError> {
+        let step = self.steps.get_mut(&id).expect("step");
+        match attempt {
+            Some(a) => step.attempt_finished(a)?,
+            None => step.failed_unbuilt()?,
+        }
+        let step = self.remove_step(id);
+        let builds = step
+            .toplevel_of
+            .iter()
+            .filter_map(|b| self.builds.remove(b))
+            .collect();
+        let mut newly_runnable = Vec::new();
+        for r in step.rdeps {
+            let rdep = self.steps.get_mut(&r).expect("rdep");
+            rdep.deps.remove(&id);
+            if rdep.deps.is_empty() {
+                rdep.inputs_built(now)?;
+                self.runnable.insert(r);
+                newly_runnable.push(r);
+            }
+        }
+        Ok(Succeeded {
+            builds,
+            newly_runnable,
+        })
+    }
+
+    /// The step failed permanently (`attempt`, or before any attempt): it,
+    /// every step above it and every build that needs it leave the graph,
+    /// with the steps only those builds needed.
+    pub fn step_failed(
+        &mut self,
+        id: StepId,
+        attempt: Option<&Uuid>,
+    ) -> Result<Failed, TransitionError> {
+        let step = self.steps.get_mut(&id).expect("step");
+        match attempt {
+            Some(a) => step.attempt_finished(a)?,
+            None => step.failed_unbuilt()?,
+        }
+        let builds = self.dependent_builds(id);
+        let mut above = HashSet::new();
+        let mut todo = vec![id];
+        while let Some(s) = todo.pop() {
+            if above.insert(s) {
+                todo.extend(self.steps[&s].rdeps.iter().copied());
+            }
+        }
+        let mut dropped = Dropped::default();
+        let mut below = Vec::new();
+        for s in &above {
+            let step = self.remove_step(*s);
+            below.extend(
+                step.deps
+                    .iter()
+                    .filter(|d| !above.contains(d))
+                    .map(|d| (*d, *s)),
+            );
+            if *s != id {
+                dropped.note(&step);
+            }
+        }
+        let mut candidates = Vec::new();
+        for (dep, gone) in below {
+            self.steps.get_mut(&dep).expect("dep").rdeps.remove(&gone);
+            candidates.push(dep);
+        }
+        for b in &builds {
+            self.builds.remove(&b.id);
+        }
+        dropped.extend(self.drop_unneeded(candidates));
+        Ok(Failed { builds, dropped })
+    }
+
+    /// Builds that left the queue (cancelled, deleted, finished elsewhere):
+    /// they leave the graph with the steps only they needed.
+    pub fn remove_builds(&mut self, ids: &[BuildId]) -> Dropped {
+        let mut candidates = Vec::new();
+        for id in ids {
+            let Some(build) = self.builds.remove(id) else {
+                continue;
+            };
+            if let Some(top) = self.by_path.get(&build.drv_path).copied() {
+                self.steps
+                    .get_mut(&top)
+                    .expect("top")
+                    .toplevel_of
+                    .retain(|b| b != id);
+                candidates.push(top);
+            }
+        }
+        self.drop_unneeded(candidates)
+    }
+
+    /// Removes, from `candidates` downwards, every step that no build has as
+    /// top level and no step waits for.
+    fn drop_unneeded(&mut self, mut todo: Vec<StepId>) -> Dropped {
+        let mut dropped = Dropped::default();
+        while let Some(id) = todo.pop() {
+            let Some(step) = self.steps.get(&id) else {
+                continue;
+            };
+            let live_top = step.toplevel_of.iter().any(|b| self.builds.contains_key(b));
+            if live_top || !step.rdeps.is_empty() {
+                continue;
+            }
+            let step = self.remove_step(id);
+            for d in &step.deps {
+                self.steps.get_mut(d).expect("dep").rdeps.remove(&id);
+                todo.push(*d);
+            }
+            dropped.note(&step);
+        }
+        dropped
+    }
+
+    fn remove_step(&mut self, id: StepId) -> Step {
+        let step = self
+            .steps
+            .remove(&id)
+            .expect("removing a step in the graph");
+        self.by_path.remove(&step.drv_path);
+        self.runnable.remove(&id);
+        step
+    }
+
+    /// Test and status support: the state of the step for `drv`.
+    pub fn state_of(&self, drv: &StorePath) -> Option<&StepState> {
+        self.step_id(drv).map(|id| &self.steps[&id].state)
+    }
+
+    /// Marks when a runnable step was first found with no machine able to
+    /// build it (None clears it).
+    pub fn set_unsupported_since(&mut self, id: StepId, since: Option<Instant>) {
+        if let Some(s) = self.steps.get_mut(&id) {
+            s.unsupported_since = since;
+        }
+    }
+}
+
+impl Dropped {
+    fn note(&mut self, step: &Step) {
+        if let Some((attempt, machine)) = step.running_attempt() {
+            self.running.push((*attempt, machine.to_owned()));
+        }
+        self.steps.push(step.drv_path.clone());
+    }
+
+    fn extend(&mut self, other: Dropped) {
+        self.steps.extend(other.steps);
+        self.running.extend(other.running);
+    }
+}

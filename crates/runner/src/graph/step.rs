@@ -1,0 +1,332 @@
+//! One step (one derivation to build) and its life cycle.
+//!
+//! The life cycle is this state machine and nothing else changes a step's
+//! state: every transition is a named method that checks where the step is.
+//!
+//! ```text
+//!   Waiting ──inputs_built──▶ Runnable ──dispatched──▶ Running
+//!      ▲                        ▲  │                     │
+//!      │                        │  └──────failed─────┐   ├─requeued──▶ Runnable (after backoff)
+//!      └─(new inputs attach)    └────────────────────┼───┤
+//!                                                    ▼   ├─succeeded─▶ Finished
+//!                                                 Finished◀─failed───┘
+//! ```
+//!
+//! A finished step leaves the graph; dependents learn of it through the graph.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use hydra_nix::StorePath;
+use thiserror::Error;
+use uuid::Uuid;
+
+use super::{BuildId, StepId};
+
+/// Where a step is in its life cycle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepState {
+    /// Some input derivations are not built yet.
+    Waiting,
+    /// Every input is built; the step waits in its system's queue, not
+    /// before `not_before` when it is backing off after an aborted attempt.
+    Runnable {
+        since: Instant,
+        not_before: Option<Instant>,
+    },
+    /// Sent to a machine as `attempt`.
+    Running { attempt: Uuid, machine: String },
+    /// Built or failed; about to leave the graph.
+    Finished,
+}
+
+/// A transition that the step's state does not allow: a logic error in the
+/// caller (a report for a step that is not running, say), never applied.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("step {drv}: cannot {transition} while {state}")]
+pub struct TransitionError {
+    pub drv: String,
+    pub transition: &'static str,
+    pub state: &'static str,
+}
+
+/// The scheduling facts of a step, merged from every build that needs it.
+/// Each only grows (or, for the build id, shrinks), so merging a build into
+/// a step whose facts do not change need not go further down.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedFacts {
+    pub global_priority: i32,
+    pub local_priority: i32,
+    pub lowest_build_id: BuildId,
+    /// Jobsets of the builds that need the step (for fair share).
+    pub jobsets: Vec<i32>,
+    /// Length of the longest chain of unfinished steps that wait for this one.
+    pub critical_path: u32,
+    /// Limits: the largest over the builds that need the step, so a shared
+    /// dependency does not inherit a small test's timeout.
+    pub max_silent_secs: u32,
+    pub timeout_secs: u32,
+}
+
+impl SchedFacts {
+    pub fn none() -> SchedFacts {
+        SchedFacts {
+            global_priority: i32::MIN,
+            local_priority: i32::MIN,
+            lowest_build_id: BuildId::MAX,
+            jobsets: Vec::new(),
+            critical_path: 0,
+            max_silent_secs: 0,
+            timeout_secs: 0,
+        }
+    }
+
+    /// Merges `other` in; true when anything changed.
+    pub fn merge(&mut self, other: &SchedFacts) -> bool {
+        let before = self.clone();
+        self.global_priority = self.global_priority.max(other.global_priority);
+        self.local_priority = self.local_priority.max(other.local_priority);
+        self.lowest_build_id = self.lowest_build_id.min(other.lowest_build_id);
+        for j in &other.jobsets {
+            if !self.jobsets.contains(j) {
+                self.jobsets.push(*j);
+            }
+        }
+        self.critical_path = self.critical_path.max(other.critical_path);
+        self.max_silent_secs = self.max_silent_secs.max(other.max_silent_secs);
+        self.timeout_secs = self.timeout_secs.max(other.timeout_secs);
+        *self != before
+    }
+}
+
+/// A derivation to build, shared by every build that needs it. Kept small:
+/// scheduling facts only; the `.drv` is re-read when the step is dispatched.
+#[derive(Debug)]
+pub struct Step {
+    pub drv_path: StorePath,
+    pub system: String,
+    pub required_features: Vec<String>,
+    pub state: StepState,
+    /// Input steps not built yet.
+    pub deps: HashSet<StepId>,
+    /// Steps waiting for this one.
+    pub rdeps: HashSet<StepId>,
+    /// Builds whose top-level derivation this is.
+    pub toplevel_of: Vec<BuildId>,
+    pub sched: SchedFacts,
+    /// Aborted attempts so far (infrastructure failures).
+    pub aborted_attempts: u32,
+    /// Since when no connected machine could build the step.
+    pub unsupported_since: Option<Instant>,
+}
+
+impl Step {
+    pub fn new(drv_path: StorePath, system: String, required_features: Vec<String>) -> Step {
+        Step {
+            drv_path,
+            system,
+            required_features,
+            state: StepState::Waiting,
+            deps: HashSet::new(),
+            rdeps: HashSet::new(),
+            toplevel_of: Vec::new(),
+            sched: SchedFacts::none(),
+            aborted_attempts: 0,
+            unsupported_since: None,
+        }
+    }
+
+    pub fn is_runnable(&self) -> bool {
+        matches!(self.state, StepState::Runnable { .. })
+    }
+
+    /// The attempt running this step, if it runs.
+    pub fn running_attempt(&self) -> Option<(&Uuid, &str)> {
+        match &self.state {
+            StepState::Running { attempt, machine } => Some((attempt, machine)),
+            _ => None,
+        }
+    }
+
+    /// Waiting -> Runnable, once the last input is built.
+    pub fn inputs_built(&mut self, now: Instant) -> Result<(), TransitionError> {
+        match self.state {
+            StepState::Waiting if self.deps.is_empty() => {
+                self.state = StepState::Runnable {
+                    since: now,
+                    not_before: None,
+                };
+                Ok(())
+            }
+            _ => Err(self.refuse("become runnable")),
+        }
+    }
+
+    /// Runnable -> Running on `machine` as `attempt`.
+    pub fn dispatched(&mut self, attempt: Uuid, machine: &str) -> Result<(), TransitionError> {
+        match self.state {
+            StepState::Runnable { .. } => {
+                self.state = StepState::Running {
+                    attempt,
+                    machine: machine.to_owned(),
+                };
+                Ok(())
+            }
+            _ => Err(self.refuse("be dispatched")),
+        }
+    }
+
+    /// Running -> Runnable: `attempt` was aborted (an infrastructure fault,
+    /// never a build failure); dispatch again, not before `not_before`.
+    pub fn requeued(
+        &mut self,
+        attempt: &Uuid,
+        now: Instant,
+        not_before: Option<Instant>,
+    ) -> Result<(), TransitionError> {
+        match &self.state {
+            StepState::Running { attempt: a, .. } if a == attempt => {
+                self.aborted_attempts += 1;
+                self.state = StepState::Runnable {
+                    since: now,
+                    not_before,
+                };
+                Ok(())
+            }
+            _ => Err(self.refuse("be requeued")),
+        }
+    }
+
+    /// Running -> Finished: `attempt` built the step, or failed permanently.
+    pub fn attempt_finished(&mut self, attempt: &Uuid) -> Result<(), TransitionError> {
+        match &self.state {
+            StepState::Running { attempt: a, .. } if a == attempt => {
+                self.state = StepState::Finished;
+                Ok(())
+            }
+            _ => Err(self.refuse("finish an attempt it does not run")),
+        }
+    }
+
+    /// Runnable -> Finished without an attempt: failed before dispatch
+    /// (no machine supports it).
+    pub fn failed_unbuilt(&mut self) -> Result<(), TransitionError> {
+        match self.state {
+            StepState::Runnable { .. } | StepState::Waiting => {
+                self.state = StepState::Finished;
+                Ok(())
+            }
+            _ => Err(self.refuse("fail without an attempt")),
+        }
+    }
+
+    fn refuse(&self, transition: &'static str) -> TransitionError {
+        TransitionError {
+            drv: self.drv_path.to_string(),
+            transition,
+            state: match self.state {
+                StepState::Waiting => "waiting for inputs",
+                StepState::Runnable { .. } => "runnable",
+                StepState::Running { .. } => "running",
+                StepState::Finished => "finished",
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step() -> Step {
+        Step::new(
+            StorePath::from_base_name("7rjj86a15146cq1d3qy068lml7n8ykzm-hello.drv").unwrap(),
+            "x86_64-linux".into(),
+            vec![],
+        )
+    }
+
+    #[test]
+    fn a_step_with_unbuilt_inputs_is_not_runnable() {
+        let mut s = step();
+        s.deps.insert(1);
+        assert!(s.inputs_built(Instant::now()).is_err());
+        s.deps.clear();
+        s.inputs_built(Instant::now()).unwrap();
+        assert!(s.is_runnable());
+    }
+
+    #[test]
+    fn only_a_runnable_step_is_dispatched() {
+        let mut s = step();
+        let err = s.dispatched(Uuid::new_v4(), "m1").unwrap_err();
+        assert_eq!(err.state, "waiting for inputs");
+        s.inputs_built(Instant::now()).unwrap();
+        let a = Uuid::new_v4();
+        s.dispatched(a, "m1").unwrap();
+        assert_eq!(s.running_attempt(), Some((&a, "m1")));
+        assert!(s.dispatched(Uuid::new_v4(), "m2").is_err());
+    }
+
+    #[test]
+    fn a_requeued_step_is_runnable_again_and_counts_the_abort() {
+        let mut s = step();
+        s.inputs_built(Instant::now()).unwrap();
+        let a = Uuid::new_v4();
+        s.dispatched(a, "m1").unwrap();
+        let later = Instant::now() + std::time::Duration::from_secs(5);
+        s.requeued(&a, Instant::now(), Some(later)).unwrap();
+        assert!(matches!(s.state, StepState::Runnable { not_before: Some(t), .. } if t == later));
+        assert_eq!(s.aborted_attempts, 1);
+    }
+
+    #[test]
+    fn only_the_owning_attempt_finishes_or_requeues_a_step() {
+        let mut s = step();
+        s.inputs_built(Instant::now()).unwrap();
+        let a = Uuid::new_v4();
+        s.dispatched(a, "m1").unwrap();
+        let stale = Uuid::new_v4();
+        assert!(s.attempt_finished(&stale).is_err());
+        assert!(s.requeued(&stale, Instant::now(), None).is_err());
+        s.attempt_finished(&a).unwrap();
+        assert_eq!(s.state, StepState::Finished);
+        assert!(s.attempt_finished(&a).is_err());
+    }
+
+    #[test]
+    fn a_running_step_cannot_fail_without_its_attempt() {
+        let mut s = step();
+        s.inputs_built(Instant::now()).unwrap();
+        s.dispatched(Uuid::new_v4(), "m1").unwrap();
+        assert!(s.failed_unbuilt().is_err());
+    }
+
+    #[test]
+    fn merging_facts_reports_change_only_when_something_grows() {
+        let mut f = SchedFacts::none();
+        let build = SchedFacts {
+            global_priority: 0,
+            local_priority: 5,
+            lowest_build_id: 7,
+            jobsets: vec![1],
+            critical_path: 2,
+            max_silent_secs: 3600,
+            timeout_secs: 36000,
+        };
+        assert!(f.merge(&build));
+        assert!(!f.merge(&build));
+        let smaller = SchedFacts {
+            local_priority: 1,
+            lowest_build_id: 9,
+            ..build.clone()
+        };
+        assert!(!f.merge(&smaller));
+        assert_eq!(f.lowest_build_id, 7);
+        assert!(f.merge(&SchedFacts {
+            jobsets: vec![2],
+            ..build
+        }));
+        assert_eq!(f.jobsets, vec![1, 2]);
+    }
+}

@@ -1,0 +1,187 @@
+//! The queue runner. Data flows through the modules in this order:
+//!
+//! - [`queue_monitor`]: PostgreSQL -> the step graph (loads queued builds);
+//! - [`graph`]: the DAG of builds and steps, with the step life cycle;
+//! - [`dispatch`]: runnable steps -> machines, in priority order;
+//! - [`tunnel`]: the gRPC service builders connect to (jobs, logs, NARs, reports);
+//! - [`completion`]: a builder's report -> PostgreSQL, then the graph;
+//! - [`record`]: every write to Hydra's tables, with Hydra's rules.
+//!
+//! [`Runner::start`] runs them all; `hydra-queue-runner serve` wraps it.
+
+pub mod attempts;
+pub mod completion;
+pub mod config;
+pub mod dispatch;
+pub mod graph;
+pub mod logs;
+pub mod queue_monitor;
+pub mod record;
+pub mod store;
+pub mod tunnel;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use sqlx::PgPool;
+use thiserror::Error;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+pub use config::RunnerConfig;
+
+use attempts::Attempts;
+use dispatch::machines::Machines;
+use dispatch::order::Shares;
+use graph::Graph;
+use logs::LogStore;
+use store::LocalStore;
+
+/// State shared by the runner's tasks.
+///
+/// Locks are plain mutexes, never held across an await. When more than one
+/// is taken, the order is graph, then machines, then attempts.
+pub struct Shared {
+    pub config: RunnerConfig,
+    pub pool: PgPool,
+    pub store: LocalStore,
+    pub logs: LogStore,
+    pub graph: Mutex<Graph>,
+    pub machines: Mutex<Machines>,
+    pub attempts: Mutex<Attempts>,
+    pub shares: Mutex<Shares>,
+    /// Wakes the dispatcher: a step became runnable or a slot came free.
+    pub wake_dispatcher: Notify,
+    /// Builds that had a step started in this process (for `build_started`).
+    pub started_builds: Mutex<std::collections::HashSet<graph::BuildId>>,
+    /// Where request handlers report a fault that must stop the runner.
+    fatal: tokio::sync::mpsc::UnboundedSender<Fatal>,
+}
+
+impl Shared {
+    pub fn wake_dispatcher(&self) {
+        self.wake_dispatcher.notify_one();
+    }
+
+    /// Stops the runner with `fault` (from a request handler, which cannot
+    /// return it to `main` itself).
+    pub fn die(&self, fault: Fatal) {
+        tracing::error!("fatal: {fault}");
+        let _ = self.fatal.send(fault);
+    }
+}
+
+/// A fault that stops the runner: the database or the local store is
+/// broken. Builders' faults never end up here.
+#[derive(Debug, Error)]
+pub enum Fatal {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Logs(#[from] logs::LogError),
+    #[error("cannot serve builders on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the builder service stopped: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("runner task panicked: {0}")]
+    Panic(String),
+}
+
+/// Logs a critical task's failure when it happens (the supervisor may be
+/// busy elsewhere) and passes it on.
+async fn critical(
+    name: &'static str,
+    task: impl Future<Output = Result<(), Fatal>>,
+) -> Result<(), Fatal> {
+    let result = task.await;
+    if let Err(e) = &result {
+        tracing::error!("{name} failed: {e}");
+    }
+    result
+}
+
+/// A running queue runner: its critical tasks, joined by [`Runner::wait`].
+pub struct Runner {
+    pub shared: Arc<Shared>,
+    pub addr: SocketAddr,
+    tasks: JoinSet<Result<(), Fatal>>,
+}
+
+impl Runner {
+    /// Connects nothing itself: `pool` must reach a migrated database.
+    /// Starts the builder service on `config.listen` (port 0 picks one),
+    /// the queue monitor and the dispatcher.
+    pub async fn start(config: RunnerConfig, pool: PgPool) -> Result<Runner, Fatal> {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| Fatal::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| Fatal::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            store: LocalStore::new(config.store_socket.clone()),
+            logs: LogStore::new(&config.data_dir),
+            config,
+            pool,
+            graph: Mutex::new(Graph::default()),
+            machines: Mutex::new(Machines::default()),
+            attempts: Mutex::new(Attempts::default()),
+            shares: Mutex::new(Shares::default()),
+            wake_dispatcher: Notify::new(),
+            started_builds: Mutex::new(Default::default()),
+            fatal: fatal_tx,
+        });
+        // Check the store before anything depends on it.
+        shared.store.client().await?;
+        completion::close_stale_attempts(&shared).await?;
+        let mut tasks = JoinSet::new();
+        tasks.spawn(critical(
+            "builder service",
+            tunnel::serve(shared.clone(), listener),
+        ));
+        tasks.spawn(critical(
+            "queue monitor",
+            queue_monitor::run(shared.clone()),
+        ));
+        tasks.spawn(critical("dispatcher", dispatch::run(shared.clone())));
+        tasks.spawn(async move {
+            match fatal_rx.recv().await {
+                Some(fault) => Err(fault),
+                None => Ok(()),
+            }
+        });
+        Ok(Runner {
+            shared,
+            addr,
+            tasks,
+        })
+    }
+
+    /// Runs until a critical task fails; returns its error.
+    pub async fn wait(mut self) -> Result<(), Fatal> {
+        while let Some(done) = self.tasks.join_next().await {
+            match done {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => return Err(e),
+                Err(e) => return Err(Fatal::Panic(e.to_string())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every task (the builder connections drop with the server).
+    pub async fn shutdown(mut self) {
+        self.tasks.shutdown().await;
+    }
+}

@@ -1,0 +1,124 @@
+//! Reading one build's derivation closure from the runner's store into a
+//! [`LoadPlan`]: the steps it needs that the graph does not have yet.
+
+use std::collections::{HashMap, HashSet};
+
+use hydra_nix::StorePath;
+use hydra_nix::daemon::DaemonClient;
+
+use crate::graph::{LoadPlan, NewStep};
+use crate::store::StoreError;
+use crate::{Fatal, Shared};
+
+/// What loading found for a build.
+#[derive(Debug)]
+pub enum Planned {
+    /// Every output of the top-level derivation is valid: a cached build.
+    Cached,
+    /// A step's outputs failed before (`FailedPaths`).
+    CachedFailure {
+        drv: StorePath,
+    },
+    /// The build's `.drv` (or one it needs) is not in the store, or unreadable.
+    Unloadable {
+        reason: String,
+    },
+    Steps(LoadPlan),
+}
+
+/// Walks the closure of `top` downwards, stopping at derivations whose
+/// outputs are valid and at steps already in the graph.
+pub async fn plan(
+    shared: &Shared,
+    client: &mut DaemonClient,
+    top: &StorePath,
+) -> Result<Planned, Fatal> {
+    let mut plan = LoadPlan::default();
+    let mut seen = HashSet::new();
+    let mut inputs_of: HashMap<StorePath, Vec<StorePath>> = HashMap::new();
+    let mut todo = vec![top.clone()];
+    while let Some(path) = todo.pop() {
+        if !seen.insert(path.clone()) {
+            continue;
+        }
+        if shared.graph.lock().step_id(&path).is_some() {
+            plan.existing.insert(path);
+            continue;
+        }
+        let drv = match shared.store.read_derivation(client, &path).await {
+            Ok(d) => d,
+            Err(e) if !e.is_infrastructure() => {
+                return Ok(Planned::Unloadable {
+                    reason: format!("cannot load {}: {e}", shared.store.dir().display(&path)),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let known: Vec<String> = drv
+            .outputs
+            .values()
+            .filter_map(|o| o.path())
+            .map(|p| shared.store.dir().display(p))
+            .collect();
+        let all_known = known.len() == drv.outputs.len();
+        if all_known
+            && client
+                .query_valid_paths(&known)
+                .await
+                .map_err(StoreError::from)?
+                .len()
+                == known.len()
+        {
+            if path == *top {
+                return Ok(Planned::Cached);
+            }
+            continue;
+        }
+        if !known.is_empty() && has_failed(shared, &known).await? {
+            return Ok(Planned::CachedFailure { drv: path });
+        }
+        let required_features = drv
+            .env
+            .get("requiredSystemFeatures")
+            .map(|f| f.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default();
+        inputs_of.insert(path.clone(), drv.input_drvs.keys().cloned().collect());
+        todo.extend(drv.input_drvs.keys().cloned());
+        plan.new_steps.push(NewStep {
+            drv_path: path,
+            system: drv.platform.clone(),
+            required_features,
+            inputs: Vec::new(),
+        });
+    }
+    let needed: HashSet<&StorePath> = plan
+        .new_steps
+        .iter()
+        .map(|s| &s.drv_path)
+        .chain(plan.existing.iter())
+        .collect();
+    let wanted: Vec<Vec<StorePath>> = plan
+        .new_steps
+        .iter()
+        .map(|s| {
+            inputs_of[&s.drv_path]
+                .iter()
+                .filter(|i| needed.contains(i))
+                .cloned()
+                .collect()
+        })
+        .collect();
+    for (step, inputs) in plan.new_steps.iter_mut().zip(wanted) {
+        step.inputs = inputs;
+    }
+    Ok(Planned::Steps(plan))
+}
+
+async fn has_failed(shared: &Shared, outputs: &[String]) -> Result<bool, Fatal> {
+    let found: Option<i32> =
+        sqlx::query_scalar("select 1 from FailedPaths where path = any($1) limit 1")
+            .bind(outputs)
+            .fetch_optional(&shared.pool)
+            .await?;
+    Ok(found.is_some())
+}

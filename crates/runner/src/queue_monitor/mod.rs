@@ -1,0 +1,343 @@
+//! The queue monitor: PostgreSQL's queue of builds -> the step graph.
+//!
+//! It loads unfinished builds on start, then incrementally: new builds are
+//! those with an id above the last one seen; restarts, cancels, deletes and
+//! bumps come from `hqr_build_changes` (filled by a trigger), so a
+//! notification never makes it re-read the whole queue.
+
+mod loader;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use hydra_db::status::BuildStatus;
+use hydra_nix::StorePath;
+use hydra_nix::daemon::DaemonClient;
+use sqlx::postgres::PgListener;
+
+use crate::completion;
+use crate::graph::{Build, BuildId, InsertError};
+use crate::record::{self, NewStepRow};
+use crate::{Fatal, Shared};
+use loader::Planned;
+
+const CHANNELS: [&str; 6] = [
+    "builds_added",
+    "builds_restarted",
+    "builds_cancelled",
+    "builds_deleted",
+    "builds_bumped",
+    "jobset_shares_changed",
+];
+
+pub async fn run(shared: Arc<Shared>) -> Result<(), Fatal> {
+    let mut listener = PgListener::connect_with(&shared.pool).await?;
+    listener.listen_all(CHANNELS).await?;
+    // Changes before this point are covered by the full load below.
+    let mut cursor: i64 = sqlx::query_scalar("select coalesce(max(seq), 0) from hqr_build_changes")
+        .fetch_one(&shared.pool)
+        .await?;
+    sqlx::query("delete from hqr_build_changes where seq <= $1")
+        .bind(cursor)
+        .execute(&shared.pool)
+        .await?;
+    load_shares(&shared).await?;
+    let mut last_id: BuildId = 0;
+    loop {
+        last_id = load_new_builds(&shared, last_id).await?;
+        cursor = apply_changes(&shared, cursor).await?;
+        tracing::debug!("queue monitor waiting for notifications");
+        let note = listener.recv().await?;
+        tracing::debug!(channel = note.channel(), "queue monitor woken");
+        if note.channel() == "jobset_shares_changed" {
+            load_shares(&shared).await?;
+        }
+        // Several notifications may be pending: one pass serves them all.
+        while let Some(note) = listener.next_buffered() {
+            if note.channel() == "jobset_shares_changed" {
+                load_shares(&shared).await?;
+            }
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct QueuedBuild {
+    id: i32,
+    drvpath: String,
+    jobset_id: i32,
+    project: String,
+    jobset: String,
+    job: String,
+    timestamp: i32,
+    priority: i32,
+    globalpriority: i32,
+    maxsilent: Option<i32>,
+    timeout: Option<i32>,
+}
+
+const QUEUED: &str =
+    "select b.id, b.drvPath, b.jobset_id, j.project, j.name as jobset, b.job, b.timestamp,
+        b.priority, b.globalPriority, b.maxsilent, b.timeout
+   from Builds b join Jobsets j on j.id = b.jobset_id
+  where b.finished = 0";
+
+/// Loads builds with an id above `last_id`; returns the highest id seen.
+async fn load_new_builds(shared: &Shared, last_id: BuildId) -> Result<BuildId, Fatal> {
+    let rows: Vec<QueuedBuild> = sqlx::query_as(&format!("{QUEUED} and b.id > $1 order by b.id"))
+        .bind(last_id)
+        .fetch_all(&shared.pool)
+        .await?;
+    let Some(max) = rows.last().map(|r| r.id) else {
+        return Ok(last_id);
+    };
+    let started = Instant::now();
+    let total = rows.len();
+    let mut client = shared.store.client().await?;
+    for (i, row) in rows.into_iter().enumerate() {
+        load_build(shared, &mut client, row).await?;
+        if (i + 1) % 1000 == 0 {
+            tracing::info!("loaded {} of {total} queued builds", i + 1);
+        }
+    }
+    shared.wake_dispatcher();
+    let steps = shared.graph.lock().step_count();
+    tracing::info!(
+        "loaded {total} builds in {:.1?}; {steps} steps in the graph",
+        started.elapsed()
+    );
+    Ok(max)
+}
+
+/// Loads one queued build: finishes it at once when it is cached, failed
+/// before, or unloadable; otherwise adds it and its steps to the graph.
+async fn load_build(
+    shared: &Shared,
+    client: &mut DaemonClient,
+    row: QueuedBuild,
+) -> Result<(), Fatal> {
+    if shared.graph.lock().build(row.id).is_some() {
+        return Ok(());
+    }
+    let drv_path = match shared.store.dir().parse_path(&row.drvpath) {
+        Ok(p) => p,
+        Err(e) => {
+            let reason = format!("Builds.drvPath '{}' is not a store path: {e}", row.drvpath);
+            return abort_build(shared, row.id, &row.drvpath, &reason).await;
+        }
+    };
+    let build = Build {
+        id: row.id,
+        drv_path: drv_path.clone(),
+        jobset_id: row.jobset_id,
+        project: row.project,
+        jobset: row.jobset,
+        job: row.job,
+        timestamp: row.timestamp as i64,
+        local_priority: row.priority,
+        global_priority: row.globalpriority,
+        max_silent_secs: row.maxsilent.unwrap_or(3600).max(0) as u32,
+        timeout_secs: row.timeout.unwrap_or(36000).max(0) as u32,
+    };
+    // A step the plan relied on may finish while the plan is read: then
+    // read again (it is valid now, or failed).
+    for _ in 0..5 {
+        match loader::plan(shared, client, &drv_path).await? {
+            Planned::Cached => return finish_cached(shared, client, &build).await,
+            Planned::CachedFailure { drv } => return fail_cached(shared, &build, &drv).await,
+            Planned::Unloadable { reason } => {
+                return abort_build(shared, build.id, &row.drvpath, &reason).await;
+            }
+            Planned::Steps(plan) => {
+                let inserted =
+                    shared
+                        .graph
+                        .lock()
+                        .insert_build(build.clone(), plan, Instant::now());
+                match inserted {
+                    // The dispatcher is woken once the whole batch is in.
+                    Ok(_runnable) => return Ok(()),
+                    Err(InsertError::Vanished(step)) => {
+                        tracing::debug!(
+                            build = build.id,
+                            "step {step} finished during loading; reloading"
+                        );
+                    }
+                    Err(InsertError::Duplicate(_)) => return Ok(()),
+                }
+            }
+        }
+    }
+    tracing::warn!(
+        build = build.id,
+        "the build's steps kept changing while it loaded; will retry on the next pass"
+    );
+    Ok(())
+}
+
+/// Every output of the build is valid already: a cached build (Hydra
+/// writes no step row for it).
+async fn finish_cached(
+    shared: &Shared,
+    client: &mut DaemonClient,
+    build: &Build,
+) -> Result<(), Fatal> {
+    let dir = shared.store.dir();
+    let outputs = client
+        .query_derivation_output_map(&dir.display(&build.drv_path))
+        .await
+        .map_err(crate::store::StoreError::from)?;
+    let outputs: Vec<(String, String)> = outputs
+        .into_iter()
+        .filter_map(|(n, p)| p.map(|p| (n, p)))
+        .collect();
+    let measured = completion::measure_valid(client, outputs).await?;
+    let now = record::now();
+    let paths = measured.paths();
+    let mut tx = shared.pool.begin().await?;
+    record::mark_succeeded_build(&mut tx, build, &measured.success(&paths, now, now), true).await?;
+    record::notify_build_finished(&mut tx, build.id, &[]).await?;
+    tx.commit().await?;
+    tracing::info!(build = build.id, "cached build: every output is valid");
+    Ok(())
+}
+
+/// A step's outputs are in FailedPaths: the build fails at once (Hydra's
+/// cached failure: 1 for the top level, 2 for a dependency; step status 8).
+async fn fail_cached(shared: &Shared, build: &Build, drv: &StorePath) -> Result<(), Fatal> {
+    let now = record::now();
+    let dir = shared.store.dir();
+    let top = *drv == build.drv_path;
+    let status = if top {
+        BuildStatus::Failed
+    } else {
+        BuildStatus::DepFailed
+    };
+    let mut tx = shared.pool.begin().await?;
+    record::create_build_step(
+        &mut tx,
+        &NewStepRow {
+            build: build.id,
+            drv_path: &dir.display(drv),
+            system: "",
+            status: Some(BuildStatus::CachedFailure),
+            machine: "",
+            start_time: None,
+            error_msg: None,
+            propagated_from: None,
+            outputs: &[],
+        },
+    )
+    .await?;
+    record::mark_failed_build(&mut tx, build.id, status, now, now, top).await?;
+    record::notify_build_finished(&mut tx, build.id, &[]).await?;
+    tx.commit().await?;
+    tracing::info!(build = build.id, "cached failure of {drv}");
+    Ok(())
+}
+
+/// The build cannot be loaded (its `.drv` is gone or malformed): it is
+/// aborted (3), with the reason in a step row so users can read it.
+async fn abort_build(
+    shared: &Shared,
+    build: BuildId,
+    drv: &str,
+    reason: &str,
+) -> Result<(), Fatal> {
+    tracing::error!(build, "aborting build: {reason}");
+    let now = record::now();
+    let mut tx = shared.pool.begin().await?;
+    record::create_build_step(
+        &mut tx,
+        &NewStepRow {
+            build,
+            drv_path: drv,
+            system: "",
+            status: Some(BuildStatus::Aborted),
+            machine: "",
+            start_time: Some(now),
+            error_msg: Some(reason),
+            propagated_from: None,
+            outputs: &[],
+        },
+    )
+    .await?;
+    record::mark_failed_build(&mut tx, build, BuildStatus::Aborted, now, now, false).await?;
+    record::notify_build_finished(&mut tx, build, &[]).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Applies rows of `hqr_build_changes` after `cursor`; returns the new cursor.
+async fn apply_changes(shared: &Shared, cursor: i64) -> Result<i64, Fatal> {
+    let changes: Vec<(i64, i32, String)> = sqlx::query_as(
+        "select seq, build, kind from hqr_build_changes where seq > $1 order by seq",
+    )
+    .bind(cursor)
+    .fetch_all(&shared.pool)
+    .await?;
+    let Some(last) = changes.last().map(|c| c.0) else {
+        return Ok(cursor);
+    };
+    let mut gone = Vec::new();
+    for (_, build, kind) in &changes {
+        match kind.as_str() {
+            "cancelled" | "deleted" => gone.push(*build),
+            "restarted" => {
+                let row: Option<QueuedBuild> = sqlx::query_as(&format!("{QUEUED} and b.id = $1"))
+                    .bind(build)
+                    .fetch_optional(&shared.pool)
+                    .await?;
+                if let Some(row) = row {
+                    let mut client = shared.store.client().await?;
+                    load_build(shared, &mut client, row).await?;
+                    shared.wake_dispatcher();
+                }
+            }
+            "bumped" => {
+                let prio: Option<i32> =
+                    sqlx::query_scalar("select globalPriority from Builds where id = $1")
+                        .bind(build)
+                        .fetch_optional(&shared.pool)
+                        .await?;
+                if let Some(p) = prio {
+                    shared.graph.lock().bump_build(*build, p);
+                    shared.wake_dispatcher();
+                }
+            }
+            _ => {}
+        }
+    }
+    if !gone.is_empty() {
+        let dropped = shared.graph.lock().remove_builds(&gone);
+        tracing::info!(
+            "{} builds left the queue; {} steps dropped",
+            gone.len(),
+            dropped.steps.len()
+        );
+        completion::drop_steps(shared, dropped).await?;
+    }
+    sqlx::query("delete from hqr_build_changes where seq <= $1")
+        .bind(last)
+        .execute(&shared.pool)
+        .await?;
+    Ok(last)
+}
+
+/// Jobsets' scheduling shares, and their build time in the last 24 hours.
+async fn load_shares(shared: &Shared) -> Result<(), Fatal> {
+    let rows: Vec<(i32, i32, Option<i64>)> = sqlx::query_as(
+        "select j.id, j.schedulingShares,
+                (select sum(s.stopTime - s.startTime)::bigint from Builds b join BuildSteps s on s.build = b.id
+                  where b.jobset_id = j.id and s.stopTime > extract(epoch from now())::int - 86400)
+           from Jobsets j",
+    )
+    .fetch_all(&shared.pool)
+    .await?;
+    let mut shares = shared.shares.lock();
+    for (id, n, used) in rows {
+        shares.set_shares(id, n.max(1) as u32);
+        shares.set_used(id, used.unwrap_or(0) as f64);
+    }
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! The runner's own Nix store, reached through its nix-daemon.
+
+use std::path::PathBuf;
+
+use hydra_nix::daemon::{DaemonClient, DaemonError};
+use hydra_nix::{Derivation, StoreDir, StorePath};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The daemon cannot be reached: the store is broken, the runner stops.
+    #[error("cannot reach the runner's nix-daemon at {socket}: {source}")]
+    Unreachable {
+        socket: PathBuf,
+        source: DaemonError,
+    },
+    #[error("the runner's store: {0}")]
+    Daemon(#[from] DaemonError),
+    #[error("{path} is not in the runner's store")]
+    Missing { path: String },
+    #[error("{path} is not a valid derivation: {message}")]
+    BadDerivation { path: String, message: String },
+}
+
+impl StoreError {
+    /// True when the fault is the store's (the runner must stop), not one
+    /// path's.
+    pub fn is_infrastructure(&self) -> bool {
+        match self {
+            StoreError::Unreachable { .. } => true,
+            StoreError::Daemon(e) => {
+                !matches!(e, DaemonError::Nix { .. } | DaemonError::InvalidPath(_))
+            }
+            StoreError::Missing { .. } | StoreError::BadDerivation { .. } => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    socket: PathBuf,
+    dir: StoreDir,
+}
+
+impl LocalStore {
+    pub fn new(socket: PathBuf) -> LocalStore {
+        LocalStore {
+            socket,
+            dir: StoreDir::default(),
+        }
+    }
+
+    pub fn dir(&self) -> &StoreDir {
+        &self.dir
+    }
+
+    /// A fresh daemon connection (the daemon serves each on its own).
+    pub async fn client(&self) -> Result<DaemonClient, StoreError> {
+        DaemonClient::connect(&self.socket)
+            .await
+            .map_err(|source| StoreError::Unreachable {
+                socket: self.socket.clone(),
+                source,
+            })
+    }
+
+    /// Reads and parses the `.drv` at `path`.
+    pub async fn read_derivation(
+        &self,
+        client: &mut DaemonClient,
+        path: &StorePath,
+    ) -> Result<Derivation, StoreError> {
+        let full = self.dir.display(path);
+        if !client.is_valid_path(&full).await? {
+            return Err(StoreError::Missing { path: full });
+        }
+        let bytes = client.read_store_file(&full).await?;
+        Derivation::parse(&self.dir, &bytes).map_err(|e| StoreError::BadDerivation {
+            path: full,
+            message: e.to_string(),
+        })
+    }
+}

@@ -1,0 +1,270 @@
+//! The builder tunnel: the gRPC service builders connect to.
+//!
+//! A builder keeps one control stream open (`Open`): it joins, pings and
+//! reports progress; the runner sends jobs and aborts down it. When the
+//! stream ends, the machine is gone and its attempts are aborted (and
+//! retried elsewhere). Logs, NARs and reports have their own calls, and
+//! each is checked against the attempt's owner before anything is used.
+
+mod transfer;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use hydra_db::status::StepProgress;
+use hydra_proto::v1::runner_service_server::{RunnerService, RunnerServiceServer};
+use hydra_proto::v1::*;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::completion::{self, ReportError};
+use crate::dispatch::machines::Machine;
+use crate::{Fatal, Shared};
+
+pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) -> Result<(), Fatal> {
+    let service =
+        RunnerServiceServer::new(BuilderTunnel { shared }).max_decoding_message_size(64 << 20);
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .add_service(service)
+        .serve_with_incoming(TcpListenerStream::new(listener))
+        .await?;
+    Ok(())
+}
+
+pub struct BuilderTunnel {
+    shared: Arc<Shared>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RunnerService for BuilderTunnel {
+    type OpenStream = BoxStream<RunnerMessage>;
+    type FetchInputsStream = BoxStream<NarChunk>;
+
+    async fn open(
+        &self,
+        request: Request<Streaming<BuilderMessage>>,
+    ) -> Result<Response<Self::OpenStream>, Status> {
+        let mut inbound = request.into_inner();
+        let join = hydra_proto::accept_join(&mut inbound).await?;
+        let (tx, rx) = mpsc::channel(256);
+        if let Err(reason) = self.check_join(&join) {
+            tracing::warn!(machine = %join.machine_name, "refused a builder: {reason}");
+            let refused = RunnerMessage {
+                msg: Some(runner_message::Msg::Refused(Refused { reason })),
+            };
+            let _ = tx.send(Ok(refused)).await;
+            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+        }
+        let connection = uuid::Uuid::new_v4().to_string();
+        let welcome = RunnerMessage {
+            msg: Some(runner_message::Msg::Welcome(Welcome {
+                protocol_version: hydra_proto::PROTOCOL_VERSION,
+                machine_id: connection.clone(),
+                ping_interval_secs: self.shared.config.ping_interval_secs,
+            })),
+        };
+        tx.send(Ok(welcome))
+            .await
+            .map_err(|_| Status::cancelled("builder left"))?;
+        let machine = Machine {
+            name: join.machine_name.clone(),
+            connection: connection.clone(),
+            systems: join.systems,
+            supported_features: join.supported_features,
+            mandatory_features: join.mandatory_features,
+            max_jobs: join.max_jobs.max(1),
+            speed_factor: if join.speed_factor > 0.0 {
+                join.speed_factor
+            } else {
+                1.0
+            },
+            running: Default::default(),
+            load1: 0.0,
+            free_disk: None,
+            tx,
+        };
+        tracing::info!(machine = %machine.name, systems = ?machine.systems, max_jobs = machine.max_jobs, "builder joined");
+        let replaced = self.shared.machines.lock().register(machine);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            if let Some(old) = replaced {
+                machine_gone(
+                    &shared,
+                    &old.name,
+                    &old.connection,
+                    "the machine reconnected",
+                )
+                .await;
+            }
+            shared.wake_dispatcher();
+            let end = control_loop(&shared, &join.machine_name, &connection, &mut inbound).await;
+            machine_gone(&shared, &join.machine_name, &connection, &end).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn stream_log(
+        &self,
+        request: Request<Streaming<LogChunk>>,
+    ) -> Result<Response<LogAck>, Status> {
+        let mut chunks = request.into_inner();
+        let mut received = 0u64;
+        while let Some(chunk) = chunks.message().await? {
+            let drv = {
+                let mut attempts = self.shared.attempts.lock();
+                let attempt = attempts.owned(&chunk.attempt_id, &chunk.machine_id)?;
+                attempt.log_bytes += chunk.data.len() as u64;
+                // The builder enforces the log limit; this only bounds the
+                // damage of one that does not.
+                if attempt.log_bytes > self.shared.config.max_log_size.saturating_mul(2) {
+                    continue;
+                }
+                attempt.drv_path.clone()
+            };
+            received += chunk.data.len() as u64;
+            if let Err(e) = self.shared.logs.append(&drv, &chunk.data) {
+                self.shared.die(e.into());
+                return Err(Status::unavailable("the runner cannot write logs"));
+            }
+        }
+        Ok(Response::new(LogAck {
+            bytes_received: received,
+        }))
+    }
+
+    async fn fetch_inputs(
+        &self,
+        request: Request<FetchInputsRequest>,
+    ) -> Result<Response<Self::FetchInputsStream>, Status> {
+        let req = request.into_inner();
+        self.shared
+            .attempts
+            .lock()
+            .owned(&req.attempt_id, &req.machine_id)?;
+        let stream = transfer::serve_inputs(self.shared.clone(), req.paths).await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn upload_output(
+        &self,
+        request: Request<Streaming<NarChunk>>,
+    ) -> Result<Response<UploadReceipt>, Status> {
+        let path = transfer::receive_output(&self.shared, request.into_inner()).await?;
+        Ok(Response::new(UploadReceipt { store_path: path }))
+    }
+
+    async fn complete(
+        &self,
+        request: Request<CompletionReport>,
+    ) -> Result<Response<CompletionAck>, Status> {
+        let report = request.into_inner();
+        let connection = report.machine_id.clone();
+        match completion::on_report(&self.shared, &connection, report).await {
+            Ok(()) => Ok(Response::new(CompletionAck {})),
+            Err(ReportError::Ownership(e)) => {
+                tracing::warn!("rejected a completion report: {e}");
+                Err(e.into())
+            }
+            Err(ReportError::Fatal(e)) => {
+                self.shared.die(e);
+                Err(Status::unavailable("the runner is stopping"))
+            }
+        }
+    }
+}
+
+impl BuilderTunnel {
+    fn check_join(&self, join: &Join) -> Result<(), String> {
+        let ours = self.shared.store.dir().as_str();
+        if join.store_dir != ours {
+            return Err(format!(
+                "store directory mismatch: the builder's store is {}, the runner's is {ours}; paths are not rewritten",
+                join.store_dir
+            ));
+        }
+        if join.machine_name.is_empty() {
+            return Err("the builder sent no machine name".into());
+        }
+        if join.systems.is_empty() {
+            return Err("the builder offers no systems".into());
+        }
+        Ok(())
+    }
+}
+
+/// Reads pings and progress until the stream ends; returns why it ended.
+async fn control_loop(
+    shared: &Shared,
+    name: &str,
+    connection: &str,
+    inbound: &mut Streaming<BuilderMessage>,
+) -> String {
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return "the builder closed its control stream".into(),
+            Err(status) => return format!("the control stream failed: {}", status.message()),
+        };
+        match msg.msg {
+            Some(builder_message::Msg::Ping(p)) => {
+                if let Some(m) = shared.machines.lock().get_mut(name) {
+                    m.load1 = p.load1;
+                    m.free_disk = Some(p.free_disk_bytes);
+                }
+            }
+            Some(builder_message::Msg::Progress(p)) => {
+                let row = shared
+                    .attempts
+                    .lock()
+                    .owned(&p.attempt_id, connection)
+                    .map(|a| (a.build, a.stepnr))
+                    .ok();
+                if let Some((build, stepnr)) = row {
+                    let busy = busy_code(p.phase());
+                    if let Err(e) =
+                        crate::record::set_step_progress(&shared.pool, build, stepnr, busy).await
+                    {
+                        shared.die(e.into());
+                        return "the runner is stopping".into();
+                    }
+                }
+            }
+            Some(builder_message::Msg::Join(_)) | None => {
+                return "the builder sent a second Join or an empty message".into();
+            }
+        }
+    }
+}
+
+fn busy_code(phase: Phase) -> i32 {
+    match phase {
+        Phase::Unspecified | Phase::Preparing => StepProgress::Preparing,
+        Phase::SendingInputs => StepProgress::SendingInputs,
+        Phase::Building => StepProgress::Building,
+        Phase::WaitingForLocalSlot => StepProgress::WaitingForLocalSlot,
+        Phase::ReceivingOutputs => StepProgress::ReceivingOutputs,
+        Phase::PostProcessing => StepProgress::PostProcessing,
+    }
+    .code()
+}
+
+/// A machine's connection ended: its attempts are aborted and retried.
+async fn machine_gone(shared: &Shared, name: &str, connection: &str, why: &str) {
+    tracing::warn!(machine = name, "builder left: {why}");
+    shared.machines.lock().unregister(name, connection);
+    let lost = shared.attempts.lock().take_all_of(connection);
+    for attempt in lost {
+        let reason = format!("machine {name} disconnected ({why})");
+        if let Err(e) = completion::abort_attempt(shared, attempt, &reason).await {
+            shared.die(e);
+            return;
+        }
+    }
+    shared.wake_dispatcher();
+}

@@ -1,0 +1,349 @@
+//! NAR transfer with builders: the inputs a builder lacks go out of the
+//! runner's store; outputs come in, are checked against the hash and size
+//! the builder announced (while they stream, not by reading them again)
+//! and imported into the runner's store.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::sync::Arc;
+
+use hydra_nix::daemon::{DaemonClient, PathInfo};
+use hydra_nix::{Hash, HashAlgo};
+use hydra_proto::v1::{NarChunk, NarHeader, nar_chunk};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+use super::BoxStream;
+use crate::attempts::Upload;
+use crate::completion::nix_support::{OutputScan, scan_nar};
+use crate::{Fatal, Shared};
+
+const CHUNK: usize = 256 * 1024;
+
+/// Streams the NARs of `paths` (references first), each as a header and
+/// its data.
+pub async fn serve_inputs(
+    shared: Arc<Shared>,
+    paths: Vec<String>,
+) -> Result<BoxStream<NarChunk>, Status> {
+    let dir = shared.store.dir().clone();
+    for p in &paths {
+        dir.parse_path(p)
+            .map_err(|e| Status::invalid_argument(format!("{p}: {e}")))?;
+    }
+    let mut client = store_client(&shared).await?;
+    let mut infos = BTreeMap::new();
+    for p in &paths {
+        let info = client
+            .query_path_info(p)
+            .await
+            .map_err(|e| Status::internal(format!("querying {p}: {e}")))?
+            .ok_or_else(|| Status::not_found(format!("{p} is not in the runner's store")))?;
+        infos.insert(p.clone(), info);
+    }
+    let ordered = references_first(infos);
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        for info in ordered {
+            if let Err(status) = send_nar(&mut client, &info, &tx).await {
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+        }
+    });
+    Ok(Box::pin(ReceiverStream::new(rx)))
+}
+
+/// Orders paths so that each comes after the paths it refers to.
+fn references_first(mut infos: BTreeMap<String, PathInfo>) -> Vec<PathInfo> {
+    let mut ordered = Vec::new();
+    while !infos.is_empty() {
+        let ready: Vec<String> = infos
+            .iter()
+            .filter(|(p, i)| {
+                i.references
+                    .iter()
+                    .all(|r| r == *p || !infos.contains_key(r))
+            })
+            .map(|(p, _)| p.clone())
+            .collect();
+        // A reference cycle cannot occur between store paths; if the store
+        // says otherwise, send the rest as they are and let the import judge.
+        let take = if ready.is_empty() {
+            infos.keys().cloned().collect()
+        } else {
+            ready
+        };
+        for p in take {
+            ordered.push(infos.remove(&p).expect("listed"));
+        }
+    }
+    ordered
+}
+
+async fn send_nar(
+    client: &mut DaemonClient,
+    info: &PathInfo,
+    tx: &mpsc::Sender<Result<NarChunk, Status>>,
+) -> Result<(), Status> {
+    let header = NarChunk {
+        part: Some(nar_chunk::Part::Header(NarHeader {
+            store_path: info.path.clone(),
+            nar_hash: info.nar_hash.to_prefixed_base32(),
+            nar_size: info.nar_size,
+            references: info.references.clone(),
+            deriver: info.deriver.clone().unwrap_or_default(),
+            ca: info.ca.clone().unwrap_or_default(),
+            ..Default::default()
+        })),
+    };
+    tx.send(Ok(header))
+        .await
+        .map_err(|_| Status::cancelled("builder left"))?;
+    let (mut w, mut r) = tokio::io::duplex(CHUNK);
+    let export = async {
+        let res = client.export_nar(info, &mut w).await;
+        drop(w);
+        res.map_err(|e| Status::internal(format!("exporting {}: {e}", info.path)))
+    };
+    let forward = async {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = r
+                .read(&mut buf)
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+            if n == 0 {
+                return Ok(());
+            }
+            let chunk = NarChunk {
+                part: Some(nar_chunk::Part::Data(buf[..n].to_vec())),
+            };
+            tx.send(Ok(chunk))
+                .await
+                .map_err(|_| Status::cancelled("builder left"))?;
+        }
+    };
+    tokio::try_join!(export, forward).map(|_| ())
+}
+
+/// Receives one output NAR and imports it. A NAR that does not match its
+/// header, or that the store refuses, aborts the attempt: nothing of it is
+/// recorded, and the step is retried.
+pub async fn receive_output(
+    shared: &Shared,
+    mut stream: Streaming<NarChunk>,
+) -> Result<String, Status> {
+    let header = match stream.message().await? {
+        Some(NarChunk {
+            part: Some(nar_chunk::Part::Header(h)),
+        }) => h,
+        _ => {
+            return Err(Status::invalid_argument(
+                "an upload must start with a NarHeader",
+            ));
+        }
+    };
+    shared
+        .attempts
+        .lock()
+        .owned(&header.attempt_id, &header.machine_id)?;
+    let info = match path_info(shared, &header) {
+        Ok(info) => info,
+        Err(reason) => return Err(reject(shared, &header, reason).await),
+    };
+    match import(shared, &info, &mut stream).await {
+        Ok(scan) => {
+            let mut attempts = shared.attempts.lock();
+            let attempt = attempts.owned(&header.attempt_id, &header.machine_id)?;
+            attempt.uploads.insert(
+                info.path.clone(),
+                Upload {
+                    nar_hash: info.nar_hash.clone(),
+                    nar_size: info.nar_size,
+                    scan,
+                },
+            );
+            Ok(info.path)
+        }
+        Err(ImportError::Fatal(e)) => {
+            shared.die(e);
+            Err(Status::unavailable("the runner is stopping"))
+        }
+        Err(ImportError::Rejected(reason)) => Err(reject(shared, &header, reason).await),
+    }
+}
+
+/// Aborts the attempt of a rejected upload; returns the status to answer.
+async fn reject(shared: &Shared, header: &NarHeader, reason: String) -> Status {
+    let msg = format!("output {} rejected: {reason}", header.store_path);
+    let taken = shared
+        .attempts
+        .lock()
+        .take_owned(&header.attempt_id, &header.machine_id);
+    if let Ok(attempt) = taken
+        && let Err(e) = crate::completion::abort_attempt(shared, attempt, &msg).await
+    {
+        shared.die(e);
+    }
+    Status::data_loss(msg)
+}
+
+fn path_info(shared: &Shared, h: &NarHeader) -> Result<PathInfo, String> {
+    let dir = shared.store.dir();
+    dir.parse_path(&h.store_path)
+        .map_err(|e| format!("bad store path: {e}"))?;
+    for r in &h.references {
+        dir.parse_path(r)
+            .map_err(|e| format!("bad reference {r}: {e}"))?;
+    }
+    let nar_hash = Hash::parse_prefixed(&h.nar_hash)
+        .map_err(|e| format!("bad NAR hash '{}': {e}", h.nar_hash))?;
+    if nar_hash.algo != HashAlgo::Sha256 {
+        return Err("the NAR hash must be SHA-256".into());
+    }
+    if h.nar_size > shared.config.max_output_size {
+        return Err(format!(
+            "NAR of {} bytes exceeds the output size limit of {} bytes",
+            h.nar_size, shared.config.max_output_size
+        ));
+    }
+    Ok(PathInfo {
+        path: h.store_path.clone(),
+        deriver: (!h.deriver.is_empty()).then(|| h.deriver.clone()),
+        nar_hash,
+        references: h.references.clone(),
+        registration_time: 0,
+        nar_size: h.nar_size,
+        ultimate: false,
+        signatures: Vec::new(),
+        ca: (!h.ca.is_empty()).then(|| h.ca.clone()),
+    })
+}
+
+enum ImportError {
+    Rejected(String),
+    Fatal(Fatal),
+}
+
+/// Streams the NAR into the runner's daemon while hashing it and scanning
+/// it for `nix-support`.
+async fn import(
+    shared: &Shared,
+    info: &PathInfo,
+    stream: &mut Streaming<NarChunk>,
+) -> Result<OutputScan, ImportError> {
+    let mut client = shared
+        .store
+        .client()
+        .await
+        .map_err(|e| ImportError::Fatal(e.into()))?;
+    let (scan_tx, scan_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let scanner = tokio::task::spawn_blocking(move || {
+        scan_nar(ChannelReader {
+            rx: scan_rx,
+            buf: Vec::new(),
+            pos: 0,
+        })
+    });
+    let (mut w, mut r) = tokio::io::duplex(CHUNK);
+    let expected_size = info.nar_size;
+    let feed = async move {
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        let result = async {
+            while let Some(chunk) = stream
+                .message()
+                .await
+                .map_err(|s| format!("upload failed: {}", s.message()))?
+            {
+                let Some(nar_chunk::Part::Data(data)) = chunk.part else {
+                    return Err("a second header inside one upload".to_owned());
+                };
+                size += data.len() as u64;
+                if size > expected_size {
+                    return Err(format!("more than the announced {expected_size} bytes"));
+                }
+                hasher.update(&data);
+                let _ = scan_tx.send(data.clone());
+                w.write_all(&data)
+                    .await
+                    .map_err(|e| format!("import stopped: {e}"))?;
+            }
+            Ok(())
+        }
+        .await;
+        drop(w);
+        drop(scan_tx);
+        result?;
+        if size != expected_size {
+            return Err(format!(
+                "{size} bytes arrived, {expected_size} were announced"
+            ));
+        }
+        Ok(hasher.finalize().to_vec())
+    };
+    let import = client.add_to_store_nar(info, &mut r, false, true);
+    let (fed, imported) = tokio::join!(feed, import);
+    let digest = fed.map_err(ImportError::Rejected)?;
+    let actual = Hash {
+        algo: HashAlgo::Sha256,
+        bytes: digest,
+    };
+    if actual != info.nar_hash {
+        return Err(ImportError::Rejected(format!(
+            "NAR hash mismatch: announced {}, received {}",
+            info.nar_hash.to_prefixed_base32(),
+            actual.to_prefixed_base32()
+        )));
+    }
+    if let Err(e) = imported {
+        return Err(match e.nix_message() {
+            Some(m) => ImportError::Rejected(format!("the runner's store refused it: {m}")),
+            None => ImportError::Fatal(crate::store::StoreError::from(e).into()),
+        });
+    }
+    let scan = scanner
+        .await
+        .expect("scanning does not panic")
+        .map_err(|e| ImportError::Rejected(format!("not a valid NAR: {e}")))?;
+    Ok(scan)
+}
+
+/// Bytes from a channel, as a blocking reader (for the NAR scanner).
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.buf.len() {
+            match self.rx.recv() {
+                Ok(data) => {
+                    self.buf = data;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+async fn store_client(shared: &Shared) -> Result<DaemonClient, Status> {
+    match shared.store.client().await {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            shared.die(e.into());
+            Err(Status::unavailable("the runner's store is unreachable"))
+        }
+    }
+}

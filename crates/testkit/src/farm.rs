@@ -1,0 +1,292 @@
+//! A whole farm for integration tests and the demo: a database, the
+//! runner's store, the runner (in this process, serving gRPC on loopback),
+//! and builders, each with a store of its own.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use hydra_builder::BuilderConfig;
+use hydra_nix::daemon::DaemonClient;
+use hydra_queue_runner::{Runner, RunnerConfig};
+use sqlx::postgres::PgListener;
+use tokio::task::JoinHandle;
+
+use crate::{NixStore, TestDb};
+
+/// A builder to start: its name, systems and features.
+#[derive(Debug, Clone)]
+pub struct BuilderSpec {
+    pub name: String,
+    pub systems: Vec<String>,
+    pub features: Vec<String>,
+    pub mandatory_features: Vec<String>,
+    pub max_jobs: u32,
+    pub speed_factor: f32,
+}
+
+impl BuilderSpec {
+    /// A builder for this machine's system, one job at a time.
+    pub fn new(name: &str) -> BuilderSpec {
+        BuilderSpec {
+            name: name.to_owned(),
+            systems: vec![hydra_builder::config::current_system()],
+            features: Vec::new(),
+            mandatory_features: Vec::new(),
+            max_jobs: 1,
+            speed_factor: 1.0,
+        }
+    }
+
+    pub fn features(mut self, f: &[&str]) -> Self {
+        self.features = f.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    pub fn max_jobs(mut self, n: u32) -> Self {
+        self.max_jobs = n;
+        self
+    }
+
+    pub fn speed(mut self, s: f32) -> Self {
+        self.speed_factor = s;
+        self
+    }
+}
+
+pub struct RunningBuilder {
+    pub spec: BuilderSpec,
+    pub store: NixStore,
+    task: JoinHandle<()>,
+}
+
+impl RunningBuilder {
+    /// Stops the builder (its connection drops, as when a machine dies).
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for RunningBuilder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Per-build settings of a submission, as an evaluator would write them.
+#[derive(Debug, Clone, Default)]
+pub struct JobOptions {
+    pub max_silent: Option<i32>,
+    pub timeout: Option<i32>,
+    pub priority: i32,
+}
+
+pub struct Farm {
+    pub db: TestDb,
+    pub runner_store: NixStore,
+    pub builders: Vec<RunningBuilder>,
+    pub runner: Option<Runner>,
+    pub data_dir: tempfile::TempDir,
+    jobset_id: i32,
+}
+
+impl Farm {
+    /// A database, the runner's store and a running runner (no builders yet).
+    /// `tune` adjusts the runner's configuration.
+    pub async fn start(tune: impl FnOnce(&mut RunnerConfig)) -> Result<Farm> {
+        init_tracing();
+        let db = TestDb::new().await;
+        let runner_store = NixStore::start()?;
+        let data_dir = tempfile::tempdir()?;
+        let mut config = RunnerConfig {
+            listen: "127.0.0.1:0".parse()?,
+            store_socket: runner_store.socket().to_owned(),
+            data_dir: data_dir.path().to_owned(),
+            retry_base_secs: 0.2,
+            ..RunnerConfig::default()
+        };
+        tune(&mut config);
+        let runner = Runner::start(config, db.pool.clone()).await?;
+        let jobset_id = create_jobset(&db.pool).await?;
+        Ok(Farm {
+            db,
+            runner_store,
+            builders: Vec::new(),
+            runner: Some(runner),
+            data_dir,
+            jobset_id,
+        })
+    }
+
+    pub fn runner(&self) -> &Runner {
+        self.runner.as_ref().expect("the runner is running")
+    }
+
+    /// Starts a builder with a store of its own.
+    pub async fn add_builder(&mut self, spec: BuilderSpec) -> Result<()> {
+        let store = NixStore::start()?;
+        let config = BuilderConfig {
+            runner_url: format!("http://{}", self.runner().addr),
+            machine_name: spec.name.clone(),
+            systems: spec.systems.clone(),
+            supported_features: spec.features.clone(),
+            mandatory_features: spec.mandatory_features.clone(),
+            max_jobs: spec.max_jobs,
+            speed_factor: spec.speed_factor,
+            nix_daemon_socket: store.socket().to_owned(),
+            reconnect_min_secs: 0.1,
+            reconnect_max_secs: 1.0,
+            ..BuilderConfig::default()
+        };
+        let name = spec.name.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = hydra_builder::run(config).await {
+                tracing::error!("builder {name} stopped: {e}");
+            }
+        });
+        self.builders.push(RunningBuilder { spec, store, task });
+        Ok(())
+    }
+
+    /// Instantiates `jobs` of `expr` in the runner's store and queues them
+    /// as builds, as Hydra's evaluator does; returns job -> build id.
+    pub async fn submit(&self, expr: &str, jobs: &[&str]) -> Result<BTreeMap<String, i32>> {
+        self.submit_with(expr, jobs, |_| JobOptions::default())
+            .await
+    }
+
+    pub async fn submit_with(
+        &self,
+        expr: &str,
+        jobs: &[&str],
+        options: impl Fn(&str) -> JobOptions,
+    ) -> Result<BTreeMap<String, i32>> {
+        let drvs = self.runner_store.instantiate(expr, jobs).await?;
+        self.queue(&drvs, options).await
+    }
+
+    /// Queues already instantiated derivations (job -> `.drv` path).
+    pub async fn queue(
+        &self,
+        drvs: &BTreeMap<String, String>,
+        options: impl Fn(&str) -> JobOptions,
+    ) -> Result<BTreeMap<String, i32>> {
+        let mut client = DaemonClient::connect(self.runner_store.socket()).await?;
+        let mut ids = BTreeMap::new();
+        let mut tx = self.db.pool.begin().await?;
+        for (job, drv) in drvs {
+            let o = options(job);
+            let id: i32 = sqlx::query_scalar(
+                "insert into Builds (finished, timestamp, jobset_id, job, drvPath, system, maxsilent, timeout, priority)
+                 values (0, extract(epoch from now())::int, $1, $2, $3, $4, coalesce($5, 3600), coalesce($6, 36000), $7)
+                 returning id",
+            )
+            .bind(self.jobset_id)
+            .bind(job)
+            .bind(drv)
+            .bind(hydra_builder::config::current_system())
+            .bind(o.max_silent)
+            .bind(o.timeout)
+            .bind(o.priority)
+            .fetch_one(&mut *tx)
+            .await?;
+            for (name, path) in client.query_derivation_output_map(drv).await? {
+                sqlx::query("insert into BuildOutputs (build, name, path) values ($1, $2, $3)")
+                    .bind(id)
+                    .bind(name)
+                    .bind(path)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            ids.insert(job.clone(), id);
+        }
+        sqlx::query("notify builds_added").execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    /// Waits (on `build_finished` notifications, not by polling) until every
+    /// build in `ids` is finished, or fails after `limit`.
+    pub async fn wait_finished(
+        &self,
+        ids: impl IntoIterator<Item = i32>,
+        limit: Duration,
+    ) -> Result<()> {
+        let ids: Vec<i32> = ids.into_iter().collect();
+        let mut listener = PgListener::connect_with(&self.db.pool).await?;
+        listener.listen("build_finished").await?;
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let open: Vec<i32> = sqlx::query_scalar(
+                "select id from Builds where id = any($1) and finished = 0 order by id",
+            )
+            .bind(&ids)
+            .fetch_all(&self.db.pool)
+            .await?;
+            if open.is_empty() {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline, listener.recv()).await {
+                Ok(note) => {
+                    note.context("listening for build_finished")?;
+                }
+                Err(_) => bail!("builds {open:?} still unfinished after {limit:?}"),
+            }
+        }
+    }
+
+    /// Status of each build: id -> (buildStatus, isCachedBuild).
+    pub async fn statuses(
+        &self,
+        ids: &BTreeMap<String, i32>,
+    ) -> Result<BTreeMap<String, (i32, i32)>> {
+        let mut out = BTreeMap::new();
+        for (job, id) in ids {
+            let (status, cached): (Option<i32>, Option<i32>) =
+                sqlx::query_as("select buildStatus, isCachedBuild from Builds where id = $1")
+                    .bind(id)
+                    .fetch_one(&self.db.pool)
+                    .await?;
+            out.insert(job.clone(), (status.unwrap_or(-1), cached.unwrap_or(0)));
+        }
+        Ok(out)
+    }
+
+    /// The runner's log of a step's derivation.
+    pub fn log_of(&self, drv: &str) -> Result<Option<String>> {
+        let base = drv.rsplit('/').next().unwrap_or(drv);
+        let path = hydra_nix::StorePath::from_base_name(base)?;
+        Ok(self
+            .runner()
+            .shared
+            .logs
+            .read(&path)?
+            .map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+}
+
+async fn create_jobset(pool: &sqlx::PgPool) -> Result<i32> {
+    sqlx::raw_sql(
+        "insert into Users (userName, emailAddress, password) values ('tests', 'tests@localhost', '');
+         insert into Projects (name, displayName, owner) values ('tests', 'Tests', 'tests');
+         insert into Jobsets (name, project) values ('jobs', 'tests');",
+    )
+    .execute(pool)
+    .await?;
+    Ok(
+        sqlx::query_scalar("select id from Jobsets where name = 'jobs'")
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// Logs of the runner and builders, shown for failing tests (RUST_LOG
+/// overrides the level).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,sqlx=warn,h2=warn,tower=warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}

@@ -1,0 +1,226 @@
+//! The build pipeline end to end: PostgreSQL, the runner, builders with
+//! stores of their own, real Nix. Each test is a specification of what
+//! Hydra would record.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hydra_testkit::{BuilderSpec, Farm};
+
+/// type, subtype, fileSize, sha256hash, name
+type ProductRow = (String, String, Option<i64>, Option<String>, String);
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Hydra's test jobsets in miniature.
+const JOBSET: &str = r#"with prelude; rec {
+  empty-dir = mkDrv { name = "empty-dir"; script = "mkdir $out"; };
+  fails = mkDrv { name = "fails"; script = "echo going to fail; exit 1"; };
+  depends-on-fail = mkDrv { name = "depends-on-fail"; script = "cat ${fails} > $out"; };
+  succeed-with-failed = mkDrv { name = "succeed-with-failed"; script = "mkdir -p $out/nix-support; touch $out/nix-support/failed"; };
+  chain-a = mkDrv { name = "chain-a"; script = "echo a > $out"; };
+  chain-b = mkDrv { name = "chain-b"; script = "cat ${chain-a} > $out; echo b >> $out"; };
+  chain-c = mkDrv { name = "chain-c"; script = "echo building chain-c; cat ${chain-b} > $out; echo c >> $out"; };
+  multi = mkDrv { name = "multi"; outputs = [ "out" "dev" "doc" ]; script = "mkdir -p $out $dev $doc; echo lib > $out/lib; echo ${chain-a} > $dev/uses-a; echo doc > $doc/index"; };
+  products = mkDrv {
+    name = "products";
+    script = ''
+      mkdir -p $out/nix-support
+      echo hello > $out/report.txt
+      echo "file report $out/report.txt" > $out/nix-support/hydra-build-products
+      echo "lines 3 count" > $out/nix-support/hydra-metrics
+      echo "products-1.0" > $out/nix-support/hydra-release-name
+    '';
+  };
+  kvm-job = mkDrv { name = "kvm-job"; requiredSystemFeatures = [ "kvm" ]; script = "echo kvm > $out"; };
+}"#;
+
+const JOBS: [&str; 8] = [
+    "empty-dir",
+    "fails",
+    "depends-on-fail",
+    "succeed-with-failed",
+    "chain-c",
+    "multi",
+    "products",
+    "kvm-job",
+];
+
+async fn farm_with_two_builders() -> Farm {
+    let mut farm = Farm::start(|_| {}).await.expect("farm");
+    farm.add_builder(BuilderSpec::new("plain").max_jobs(2))
+        .await
+        .unwrap();
+    farm.add_builder(BuilderSpec::new("kvm-builder").features(&["kvm"]))
+        .await
+        .unwrap();
+    farm
+}
+
+async fn rows<T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin>(
+    farm: &Farm,
+    sql: &str,
+    build: i32,
+) -> Vec<T> {
+    sqlx::query_as(sql)
+        .bind(build)
+        .fetch_all(&farm.db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_jobset_ends_with_the_statuses_outputs_and_steps_hydra_writes() {
+    let farm = farm_with_two_builders().await;
+    let ids = farm.submit(JOBSET, &JOBS).await.unwrap();
+    farm.wait_finished(ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+
+    let statuses = farm.statuses(&ids).await.unwrap();
+    let expected: BTreeMap<String, (i32, i32)> = [
+        ("empty-dir", 0),
+        ("fails", 1),
+        ("depends-on-fail", 2),
+        ("succeed-with-failed", 6),
+        ("chain-c", 0),
+        ("multi", 0),
+        ("products", 0),
+        ("kvm-job", 0),
+    ]
+    .into_iter()
+    .map(|(j, s)| (j.to_owned(), (s, 0)))
+    .collect();
+    assert_eq!(statuses, expected);
+
+    // The chain's build records all three steps, each succeeded, busy 0.
+    let chain: Vec<(i32, i32, i32, Option<i32>, String)> = rows(
+        &farm,
+        "select stepnr, type, busy, status, machine from BuildSteps where build = $1 order by stepnr",
+        ids["chain-c"],
+    )
+    .await;
+    assert_eq!(chain.len(), 3, "{chain:?}");
+    assert!(chain.iter().all(|(_, ty, busy, status, m)| *ty == 0
+        && *busy == 0
+        && *status == Some(0)
+        && !m.is_empty()));
+
+    // The failure is recorded once with its log and propagated, with
+    // propagatedFrom, to the other build that needed the step (which of
+    // the two owns the real row depends on which was loaded first).
+    let (fails, dependent) = (ids["fails"], ids["depends-on-fail"]);
+    let mut failed_rows: Vec<(i32, Option<i32>, Option<i32>)> = sqlx::query_as(
+        "select build, status, propagatedFrom from BuildSteps where drvPath like '%-fails.drv' order by build",
+    )
+    .fetch_all(&farm.db.pool)
+    .await
+    .unwrap();
+    failed_rows.sort_by_key(|r| r.2.is_some());
+    assert_eq!(failed_rows.len(), 2, "{failed_rows:?}");
+    let (owner, other) = (failed_rows[0].0, failed_rows[1].0);
+    assert_eq!(failed_rows[0].1, Some(1));
+    assert_eq!(failed_rows[1], (other, Some(1), Some(owner)));
+    assert_eq!(
+        [owner.min(other), owner.max(other)],
+        [fails.min(dependent), fails.max(dependent)]
+    );
+
+    // Every output path is what Nix itself computes for the derivation.
+    let outputs: Vec<(String, Option<String>)> = rows(
+        &farm,
+        "select name, path from BuildOutputs where build = $1 order by name",
+        ids["multi"],
+    )
+    .await;
+    assert_eq!(outputs.len(), 3);
+    for (name, path) in &outputs {
+        let path = path.as_ref().expect("output path recorded");
+        let valid = farm
+            .runner_store
+            .run("nix-store", &["--check-validity", path])
+            .await;
+        assert!(valid.is_ok(), "{name}: {path} is not in the runner's store");
+    }
+    let step_outputs: i64 = sqlx::query_scalar(
+        "select count(*) from BuildStepOutputs where build = $1 and path is not null",
+    )
+    .bind(ids["multi"])
+    .fetch_one(&farm.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        step_outputs, 3,
+        "multi's own step; its input chain-a is recorded once, in the chain's build"
+    );
+
+    // Size, closure size, products, metrics and release name.
+    let (size, closure, release): (Option<i64>, Option<i64>, Option<String>) =
+        sqlx::query_as("select size, closureSize, releaseName from Builds where id = $1")
+            .bind(ids["products"])
+            .fetch_one(&farm.db.pool)
+            .await
+            .unwrap();
+    assert!(size.unwrap() > 0 && closure.unwrap() >= size.unwrap());
+    assert_eq!(release.as_deref(), Some("products-1.0"));
+    let products: Vec<ProductRow> = rows(
+        &farm,
+        "select type, subtype, fileSize, sha256hash, name from BuildProducts where build = $1",
+        ids["products"],
+    )
+    .await;
+    assert_eq!(products.len(), 1);
+    assert_eq!(
+        products[0],
+        (
+            "file".into(),
+            "report".into(),
+            Some(6),
+            Some("5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03".into()),
+            "report.txt".into()
+        )
+    );
+    let metrics: Vec<(String, Option<String>, f64, String)> = rows(
+        &farm,
+        "select name, unit, value, job from BuildMetrics where build = $1",
+        ids["products"],
+    )
+    .await;
+    assert_eq!(
+        metrics,
+        vec![("lines".into(), Some("count".into()), 3.0, "products".into())]
+    );
+    let empty_dir_products: Vec<(String, String)> = rows(
+        &farm,
+        "select type, name from BuildProducts where build = $1",
+        ids["empty-dir"],
+    )
+    .await;
+    assert_eq!(
+        empty_dir_products,
+        vec![("nix-build".into(), "empty-dir".into())]
+    );
+
+    // The feature-requiring step ran only where the feature is offered.
+    let kvm: Vec<(String,)> = rows(
+        &farm,
+        "select machine from BuildSteps where build = $1",
+        ids["kvm-job"],
+    )
+    .await;
+    assert_eq!(kvm, vec![("kvm-builder".into(),)]);
+
+    // Finished builds carry start/stop times and a pending notification.
+    let unstamped: i64 = sqlx::query_scalar(
+        "select count(*) from Builds where startTime is null or stopTime is null or notificationPendingSince is null",
+    )
+    .fetch_one(&farm.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(unstamped, 0);
+    let busy: i64 = sqlx::query_scalar("select count(*) from BuildSteps where busy != 0")
+        .fetch_one(&farm.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(busy, 0);
+}
