@@ -146,7 +146,7 @@ mod tests {
         assert!(
             packed
                 .to_string_lossy()
-                .ends_with("/7r/rjj86a15146cq1d3qy068lml7n8ykzm-hello.drv.zst")
+                .ends_with("/7r/jj86a15146cq1d3qy068lml7n8ykzm-hello.drv.zst")
         );
         assert!(!logs.path(&drv).exists());
         assert_eq!(logs.read(&drv).unwrap().unwrap(), b"line 1\nline 2\n");

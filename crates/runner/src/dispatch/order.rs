@@ -117,9 +117,9 @@ mod tests {
             .map(|k| (k.global_priority, k.lowest_build_id))
             .collect();
         assert_eq!(ids, [(10, 99), (0, 8), (0, 9), (0, 9), (0, 9), (0, 1)]);
-        assert_eq!(keys[2].local_priority, 0);
-        assert_eq!(keys[2].critical_path, 5);
-        assert_eq!(keys[3].critical_path, 1);
+        assert_eq!((keys[2].local_priority, keys[2].critical_path), (3, 5));
+        assert_eq!((keys[3].local_priority, keys[3].critical_path), (0, 5));
+        assert_eq!(keys[4].critical_path, 1);
     }
 
     #[test]

@@ -480,3 +480,196 @@ impl Dropped {
         self.running.extend(other.running);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(name: &str) -> StorePath {
+        StorePath::from_base_name(&format!(
+            "7rjj86a15146cq1d3qy068lml7n8ykz{}-{name}.drv",
+            name.len() % 10
+        ))
+        .unwrap()
+    }
+
+    fn build(id: BuildId, top: &str) -> Build {
+        Build {
+            id,
+            drv_path: path(top),
+            jobset_id: 1,
+            project: "p".into(),
+            jobset: "j".into(),
+            job: top.into(),
+            timestamp: 0,
+            local_priority: 0,
+            global_priority: 0,
+            max_silent_secs: 60,
+            timeout_secs: 600,
+        }
+    }
+
+    /// A plan of new steps: (name, inputs).
+    fn plan(steps: &[(&str, &[&str])]) -> LoadPlan {
+        LoadPlan {
+            new_steps: steps
+                .iter()
+                .map(|(name, inputs)| NewStep {
+                    drv_path: path(name),
+                    system: "x86_64-linux".into(),
+                    required_features: vec![],
+                    inputs: inputs.iter().map(|i| path(i)).collect(),
+                })
+                .collect(),
+            existing: HashSet::new(),
+        }
+    }
+
+    fn runnable_names(g: &Graph) -> Vec<String> {
+        let mut v: Vec<String> = g
+            .runnable()
+            .map(|(_, s)| s.drv_path.name().to_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_shared_dependency_is_one_step_for_both_builds() {
+        let mut g = Graph::default();
+        let now = Instant::now();
+        g.insert_build(
+            build(1, "app"),
+            plan(&[("app", &["lib"]), ("lib", &[])]),
+            now,
+        )
+        .unwrap();
+        let mut second = plan(&[("tool", &["lib"])]);
+        second.existing.insert(path("lib"));
+        g.insert_build(build(2, "tool"), second, now).unwrap();
+        assert_eq!(g.step_count(), 3);
+        let lib = g.step_id(&path("lib")).unwrap();
+        assert_eq!(g.dependent_builds(lib).len(), 2);
+        assert_eq!(runnable_names(&g), ["lib.drv"]);
+    }
+
+    #[test]
+    fn a_plan_relying_on_a_finished_step_is_refused() {
+        let mut g = Graph::default();
+        let mut p = plan(&[("app", &["lib"])]);
+        p.existing.insert(path("lib"));
+        assert!(matches!(
+            g.insert_build(build(1, "app"), p, Instant::now()),
+            Err(InsertError::Vanished(_))
+        ));
+        assert_eq!(g.step_count(), 0);
+    }
+
+    #[test]
+    fn success_makes_dependents_runnable_and_finishes_top_level_builds() {
+        let mut g = Graph::default();
+        let now = Instant::now();
+        g.insert_build(
+            build(1, "app"),
+            plan(&[("app", &["lib"]), ("lib", &[])]),
+            now,
+        )
+        .unwrap();
+        let lib = g.step_id(&path("lib")).unwrap();
+        let a = Uuid::new_v4();
+        g.mark_dispatched(lib, a, "m").unwrap();
+        let done = g.step_succeeded(lib, Some(&a), now).unwrap();
+        assert!(done.builds.is_empty());
+        assert_eq!(runnable_names(&g), ["app.drv"]);
+        let app = g.step_id(&path("app")).unwrap();
+        let b = Uuid::new_v4();
+        g.mark_dispatched(app, b, "m").unwrap();
+        let done = g.step_succeeded(app, Some(&b), now).unwrap();
+        assert_eq!(done.builds.iter().map(|b| b.id).collect::<Vec<_>>(), [1]);
+        assert_eq!(g.step_count(), 0);
+        assert!(g.build(1).is_none());
+    }
+
+    #[test]
+    fn failure_takes_every_build_above_and_drops_what_only_they_needed() {
+        let mut g = Graph::default();
+        let now = Instant::now();
+        // app needs lib and data; other needs data only.
+        g.insert_build(
+            build(1, "app"),
+            plan(&[("app", &["lib", "data"]), ("lib", &[]), ("data", &[])]),
+            now,
+        )
+        .unwrap();
+        let mut p = plan(&[("other", &["data"])]);
+        p.existing.insert(path("data"));
+        g.insert_build(build(2, "other"), p, now).unwrap();
+        let (lib, data) = (
+            g.step_id(&path("lib")).unwrap(),
+            g.step_id(&path("data")).unwrap(),
+        );
+        let (a, d) = (Uuid::new_v4(), Uuid::new_v4());
+        g.mark_dispatched(lib, a, "m1").unwrap();
+        g.mark_dispatched(data, d, "m2").unwrap();
+        let failed = g.step_failed(lib, Some(&a)).unwrap();
+        assert_eq!(failed.builds.iter().map(|b| b.id).collect::<Vec<_>>(), [1]);
+        assert!(
+            failed.dropped.running.is_empty(),
+            "data is still needed by build 2"
+        );
+        assert!(g.step_id(&path("app")).is_none());
+        assert!(g.step_id(&path("data")).is_some());
+        assert!(g.build(2).is_some());
+    }
+
+    #[test]
+    fn removing_the_last_build_drops_its_running_steps_for_abort() {
+        let mut g = Graph::default();
+        let now = Instant::now();
+        g.insert_build(
+            build(1, "app"),
+            plan(&[("app", &["lib"]), ("lib", &[])]),
+            now,
+        )
+        .unwrap();
+        let mut p = plan(&[]);
+        p.existing.insert(path("lib"));
+        g.insert_build(build(2, "lib"), p, now).unwrap();
+        let lib = g.step_id(&path("lib")).unwrap();
+        let a = Uuid::new_v4();
+        g.mark_dispatched(lib, a, "m").unwrap();
+        let dropped = g.remove_builds(&[1]);
+        assert_eq!(
+            dropped.steps,
+            vec![path("app")],
+            "lib is build 2's top level"
+        );
+        assert!(dropped.running.is_empty());
+        let dropped = g.remove_builds(&[2]);
+        assert_eq!(dropped.running, vec![(a, "m".to_owned())]);
+        assert_eq!(g.step_count(), 0);
+    }
+
+    #[test]
+    fn facts_take_the_largest_limits_and_longest_chain() {
+        let mut g = Graph::default();
+        let now = Instant::now();
+        g.insert_build(
+            build(1, "app"),
+            plan(&[("app", &["lib"]), ("lib", &["base"]), ("base", &[])]),
+            now,
+        )
+        .unwrap();
+        let mut big = build(2, "test");
+        big.timeout_secs = 99_999;
+        big.global_priority = 5;
+        let mut p = plan(&[("test", &["base"])]);
+        p.existing.insert(path("base"));
+        g.insert_build(big, p, now).unwrap();
+        let base = g.step(g.step_id(&path("base")).unwrap()).unwrap();
+        assert_eq!(base.sched.timeout_secs, 99_999);
+        assert_eq!(base.sched.global_priority, 5);
+        assert_eq!(base.sched.critical_path, 3, "app -> lib -> base");
+        assert_eq!(base.sched.lowest_build_id, 1);
+    }
+}
