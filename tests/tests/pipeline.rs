@@ -224,3 +224,135 @@ async fn a_jobset_ends_with_the_statuses_outputs_and_steps_hydra_writes() {
         .unwrap();
     assert_eq!(busy, 0);
 }
+
+const SHARED: &str = r#"with prelude; rec {
+  shared = mkDrv { name = "shared"; script = "echo building shared; echo shared > $out"; };
+  left = mkDrv { name = "left"; script = "cat ${shared} > $out; echo left >> $out"; };
+  right = mkDrv { name = "right"; script = "cat ${shared} > $out; echo right >> $out"; };
+  fails = mkDrv { name = "fails"; script = "echo going to fail; exit 1"; };
+}"#;
+
+#[tokio::test]
+async fn two_builds_sharing_a_dependency_build_it_once() {
+    let farm = farm_with_two_builders().await;
+    let ids = farm.submit(SHARED, &["left", "right"]).await.unwrap();
+    farm.wait_finished(ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        farm.statuses(&ids)
+            .await
+            .unwrap()
+            .values()
+            .collect::<Vec<_>>(),
+        [&(0, 0), &(0, 0)]
+    );
+    let attempts: i64 =
+        sqlx::query_scalar("select count(*) from hqr_attempts where drv_path like '%-shared.drv'")
+            .fetch_one(&farm.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(attempts, 1);
+    let rows: i64 =
+        sqlx::query_scalar("select count(*) from BuildSteps where drvPath like '%-shared.drv'")
+            .fetch_one(&farm.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, 1, "the shared step is recorded in one build");
+}
+
+#[tokio::test]
+async fn a_second_evaluation_finishes_as_cached_builds_without_building() {
+    let farm = farm_with_two_builders().await;
+    let drvs = farm
+        .runner_store
+        .instantiate(SHARED, &["left", "right", "fails"])
+        .await
+        .unwrap();
+    let first = farm.queue(&drvs, |_| Default::default()).await.unwrap();
+    farm.wait_finished(first.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    let attempts_before: i64 = sqlx::query_scalar("select count(*) from hqr_attempts")
+        .fetch_one(&farm.db.pool)
+        .await
+        .unwrap();
+
+    let second = farm.queue(&drvs, |_| Default::default()).await.unwrap();
+    farm.wait_finished(second.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    let statuses = farm.statuses(&second).await.unwrap();
+    assert_eq!(statuses["left"], (0, 1));
+    assert_eq!(statuses["right"], (0, 1));
+    assert_eq!(statuses["fails"], (1, 1), "a cached failure (FailedPaths)");
+    let attempts_after: i64 = sqlx::query_scalar("select count(*) from hqr_attempts")
+        .fetch_one(&farm.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts_after, attempts_before, "nothing was built again");
+    let steps: Vec<(i32, Option<i32>)> =
+        sqlx::query_as("select build, status from BuildSteps where build = any($1) order by build")
+            .bind(second.values().copied().collect::<Vec<_>>())
+            .fetch_all(&farm.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        steps,
+        vec![(second["fails"], Some(8))],
+        "Hydra writes a step row only for the cached failure"
+    );
+    let (size, outputs): (Option<i64>, Option<String>) = sqlx::query_as(
+        "select b.size, o.path from Builds b join BuildOutputs o on o.build = b.id where b.id = $1",
+    )
+    .bind(second["left"])
+    .fetch_one(&farm.db.pool)
+    .await
+    .unwrap();
+    assert!(size.unwrap() > 0);
+    assert!(outputs.unwrap().ends_with("-left"));
+}
+
+#[tokio::test]
+async fn logs_of_successful_and_failed_steps_are_kept() {
+    let farm = farm_with_two_builders().await;
+    let drvs = farm
+        .runner_store
+        .instantiate(SHARED, &["shared", "fails"])
+        .await
+        .unwrap();
+    let ids = farm.queue(&drvs, |_| Default::default()).await.unwrap();
+    farm.wait_finished(ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    let ok = farm
+        .log_of(&drvs["shared"])
+        .unwrap()
+        .expect("a log for the successful step");
+    assert!(ok.contains("building shared"), "{ok}");
+    let failed = farm
+        .log_of(&drvs["fails"])
+        .unwrap()
+        .expect("a log for the failed step");
+    assert!(failed.contains("going to fail"), "{failed}");
+    // step_finished names the compressed log file.
+    let compressed = farm.data_dir.path().join("build-logs");
+    let count = walk(&compressed)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "zst"))
+        .count();
+    assert_eq!(count, 2);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

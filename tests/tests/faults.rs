@@ -1,0 +1,265 @@
+//! What the runner refuses: output NARs that do not match what the builder
+//! announced, reports for attempts a machine does not own. And what it
+//! stops: a running step that no build needs any more.
+
+use std::time::Duration;
+
+use hydra_nix::{Derivation, Hash, StoreDir};
+use hydra_proto::v1::runner_service_client::RunnerServiceClient;
+use hydra_proto::v1::*;
+use hydra_testkit::{BuilderSpec, Farm};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// A builder that speaks the protocol but lies about its outputs.
+struct Liar {
+    client: RunnerServiceClient<tonic::transport::Channel>,
+    control: mpsc::Sender<BuilderMessage>,
+    inbound: tonic::Streaming<RunnerMessage>,
+    machine_id: String,
+}
+
+impl Liar {
+    async fn join(farm: &Farm) -> Liar {
+        let url = format!("http://{}", farm.runner().addr);
+        let mut client = RunnerServiceClient::connect(url).await.unwrap();
+        let (control, rx) = mpsc::channel(16);
+        control
+            .send(BuilderMessage {
+                msg: Some(builder_message::Msg::Join(Join {
+                    protocol_version: hydra_proto::PROTOCOL_VERSION,
+                    machine_name: "liar".into(),
+                    systems: vec![hydra_builder_system()],
+                    max_jobs: 1,
+                    speed_factor: 100.0,
+                    store_dir: "/nix/store".into(),
+                    ..Default::default()
+                })),
+            })
+            .await
+            .unwrap();
+        let mut inbound = client
+            .open(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let welcome =
+            hydra_proto::check_welcome(inbound.message().await.unwrap().unwrap()).unwrap();
+        Liar {
+            client,
+            control,
+            inbound,
+            machine_id: welcome.machine_id,
+        }
+    }
+
+    async fn next_job(&mut self) -> BuildJob {
+        loop {
+            let msg = self.inbound.message().await.unwrap().expect("a job");
+            if let Some(runner_message::Msg::Build(job)) = msg.msg {
+                return job;
+            }
+        }
+    }
+
+    /// Uploads `nar` for the job's output, announcing `announced` as its hash.
+    async fn upload(&mut self, job: &BuildJob, nar: Vec<u8>, announced: &Hash) -> tonic::Status {
+        let drv = Derivation::parse(&StoreDir::default(), &job.drv).unwrap();
+        let out = StoreDir::default().display(drv.outputs["out"].path().unwrap());
+        let header = NarChunk {
+            part: Some(nar_chunk::Part::Header(NarHeader {
+                machine_id: self.machine_id.clone(),
+                attempt_id: job.attempt_id.clone(),
+                store_path: out,
+                nar_hash: announced.to_prefixed_base32(),
+                nar_size: nar.len() as u64,
+                ..Default::default()
+            })),
+        };
+        let data = NarChunk {
+            part: Some(nar_chunk::Part::Data(nar)),
+        };
+        let stream = tokio_stream::iter(vec![header, data]);
+        self.client
+            .upload_output(stream)
+            .await
+            .expect_err("the runner must refuse this upload")
+    }
+
+    async fn report_success(&mut self, job: &BuildJob) -> Result<(), tonic::Status> {
+        let report = CompletionReport {
+            machine_id: self.machine_id.clone(),
+            attempt_id: job.attempt_id.clone(),
+            outcome: Outcome::Succeeded as i32,
+            ..Default::default()
+        };
+        self.client.complete(report).await.map(|_| ())
+    }
+}
+
+fn hydra_builder_system() -> String {
+    format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS)
+}
+
+fn nar_of(contents: &str) -> Vec<u8> {
+    let dir = tempfile_dir();
+    let file = dir.join("f");
+    std::fs::write(&file, contents).unwrap();
+    let nar = hydra_nix::nar::nar_bytes(&file).unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+    nar
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("liar-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[tokio::test]
+async fn a_corrupt_or_mismatched_output_is_rejected_and_the_step_retried() {
+    let mut farm = Farm::start(|_| {}).await.unwrap();
+    let mut liar = Liar::join(&farm).await;
+    let ids = farm
+        .submit(
+            r#"with prelude; { hi = mkDrv { name = "hi"; script = "echo hi > $out"; }; }"#,
+            &["hi"],
+        )
+        .await
+        .unwrap();
+
+    // First attempt: a NAR whose bytes do not match the announced hash.
+    let job = liar.next_job().await;
+    let real = nar_of("hi\n");
+    let status = liar
+        .upload(&job, nar_of("tampered\n"), &Hash::sha256(&real))
+        .await;
+    assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
+    assert!(
+        status.message().contains("mismatch") || status.message().contains("refused"),
+        "{}",
+        status.message()
+    );
+    let late = liar
+        .report_success(&job)
+        .await
+        .expect_err("the attempt is over");
+    assert_eq!(late.code(), tonic::Code::FailedPrecondition);
+
+    // Second attempt: garbage whose hash matches, which is no NAR at all.
+    let job2 = liar.next_job().await;
+    assert_ne!(job2.attempt_id, job.attempt_id);
+    let garbage = b"this is not a NAR".to_vec();
+    let status = liar
+        .upload(&job2, garbage.clone(), &Hash::sha256(&garbage))
+        .await;
+    assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
+
+    // The liar leaves; an honest builder builds the step.
+    drop(liar.control);
+    drop(liar.inbound);
+    farm.add_builder(BuilderSpec::new("honest")).await.unwrap();
+    farm.wait_finished(ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(farm.statuses(&ids).await.unwrap()["hi"], (0, 0));
+    let rows: Vec<(String, Option<i32>, Option<String>)> = sqlx::query_as(
+        "select machine, status, errorMsg from BuildSteps where build = $1 order by stepnr",
+    )
+    .bind(ids["hi"])
+    .fetch_all(&farm.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert_eq!((rows[0].0.as_str(), rows[0].1), ("liar", Some(3)));
+    assert!(rows[0].2.as_deref().unwrap().contains("rejected"));
+    assert_eq!((rows[1].0.as_str(), rows[1].1), ("liar", Some(3)));
+    assert_eq!((rows[2].0.as_str(), rows[2].1), ("honest", Some(0)));
+    let (path,): (String,) = sqlx::query_as("select path from BuildOutputs where build = $1")
+        .bind(ids["hi"])
+        .fetch_one(&farm.db.pool)
+        .await
+        .unwrap();
+    let contents = farm.runner_store.read_store_file(&path).await.unwrap();
+    assert_eq!(contents, b"hi\n", "the honest output, not the tampered one");
+}
+
+#[tokio::test]
+async fn cancelling_the_only_build_aborts_its_running_step() {
+    let mut farm = Farm::start(|_| {}).await.unwrap();
+    farm.add_builder(BuilderSpec::new("b")).await.unwrap();
+    let ids = farm
+        .submit(
+            r#"with prelude; { slow = mkDrv { name = "slow"; script = "echo started; sleep 600; touch $out"; }; }"#,
+            &["slow"],
+        )
+        .await
+        .unwrap();
+    let build = ids["slow"];
+    // Wait until the step runs (its row goes to building, busy = 30).
+    let mut listener = sqlx::postgres::PgListener::connect_with(&farm.db.pool)
+        .await
+        .unwrap();
+    listener.listen("step_started").await.unwrap();
+    let running: i64 =
+        sqlx::query_scalar("select count(*) from BuildSteps where build = $1 and busy != 0")
+            .bind(build)
+            .fetch_one(&farm.db.pool)
+            .await
+            .unwrap();
+    if running == 0 {
+        tokio::time::timeout(LIMIT, listener.recv())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    // Cancel as Hydra's web interface does.
+    sqlx::query("update Builds set finished = 1, buildStatus = 4, startTime = 1, stopTime = 1 where id = $1")
+        .bind(build)
+        .execute(&farm.db.pool)
+        .await
+        .unwrap();
+    sqlx::query("notify builds_cancelled")
+        .execute(&farm.db.pool)
+        .await
+        .unwrap();
+    listener.listen("step_finished").await.unwrap();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let open: i64 =
+            sqlx::query_scalar("select count(*) from BuildSteps where build = $1 and busy != 0")
+                .bind(build)
+                .fetch_one(&farm.db.pool)
+                .await
+                .unwrap();
+        if open == 0 {
+            break;
+        }
+        tokio::time::timeout_at(deadline, listener.recv())
+            .await
+            .expect("the step was not aborted")
+            .unwrap();
+    }
+    let (status, msg): (Option<i32>, Option<String>) =
+        sqlx::query_as("select status, errorMsg from BuildSteps where build = $1")
+            .bind(build)
+            .fetch_one(&farm.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, Some(4));
+    assert!(msg.unwrap().contains("no build needs"));
+    // The builder is free again: a new build is built at once.
+    let next = farm
+        .submit(
+            r#"with prelude; { quick = mkDrv { name = "quick"; script = "echo quick > $out"; }; }"#,
+            &["quick"],
+        )
+        .await
+        .unwrap();
+    farm.wait_finished(next.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(farm.statuses(&next).await.unwrap()["quick"], (0, 0));
+}
