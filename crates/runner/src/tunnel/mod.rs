@@ -215,7 +215,8 @@ async fn control_loop(
             Some(builder_message::Msg::Ping(p)) => {
                 if let Some(m) = shared.machines.lock().get_mut(name) {
                     m.load1 = p.load1;
-                    m.free_disk = Some(p.free_disk_bytes);
+                    // 0 means the builder could not tell.
+                    m.free_disk = (p.free_disk_bytes > 0).then_some(p.free_disk_bytes);
                 }
             }
             Some(builder_message::Msg::Progress(p)) => {
