@@ -1,6 +1,6 @@
-# NixOS module for the queue runner. This first version runs the schema
-# migration; the daemon's options (gRPC and HTTP listeners, TLS, tokens,
-# limits) arrive with the runner itself.
+# NixOS module for the queue runner: the schema migration and the daemon.
+# Settings are rendered to TOML (see docs/configuration.md for every key).
+# TLS, tokens, sd_notify and the hot standby arrive with issue #7.
 { config, lib, pkgs, ... }:
 
 let
@@ -19,6 +19,13 @@ in
       type = lib.types.str;
       default = "postgres:///hydra?host=/run/postgresql";
       description = "PostgreSQL URL of the Hydra database (local socket by default).";
+    };
+
+    settings = lib.mkOption {
+      type = lib.types.attrsOf lib.types.anything;
+      default = { };
+      example = { listen = "0.0.0.0:7070"; max_log_size = 67108864; };
+      description = "Settings of hydra-queue-runner serve (TOML keys of docs/configuration.md).";
     };
   };
 
@@ -39,6 +46,24 @@ in
         User = "hydra-queue-runner";
         ExecStart = "${cfg.package}/bin/hydra-queue-runner migrate";
         RemainAfterExit = true;
+      };
+    };
+
+    systemd.services.hydra-queue-runner = {
+      description = "Hydra queue runner";
+      wantedBy = [ "multi-user.target" ];
+      requires = [ "hydra-queue-runner-migrate.service" ];
+      after = [ "hydra-queue-runner-migrate.service" "nix-daemon.service" ];
+      environment.HYDRA_DATABASE_URL = cfg.databaseUrl;
+      serviceConfig = {
+        User = "hydra-queue-runner";
+        StateDirectory = "hydra/queue-runner";
+        ExecStart = "${cfg.package}/bin/hydra-queue-runner serve --config ${
+          (pkgs.formats.toml { }).generate "queue-runner.toml"
+            ({ data_dir = "/var/lib/hydra/queue-runner"; } // cfg.settings)
+        }";
+        Restart = "always";
+        RestartSec = 5;
       };
     };
   };
