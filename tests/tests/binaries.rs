@@ -15,7 +15,11 @@ fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
     let path = dir.join(name);
-    assert!(path.exists(), "{} is not built (cargo build --workspace)", path.display());
+    assert!(
+        path.exists(),
+        "{} is not built (cargo build --workspace)",
+        path.display()
+    );
     path
 }
 
@@ -58,7 +62,12 @@ async fn the_runner_and_builder_binaries_build_a_queued_job() {
     };
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let _builder = Command::new(binary("hydra-builder"))
-        .args(["--runner-url", &format!("http://{addr}"), "--machine-name", "separate-process"])
+        .args([
+            "--runner-url",
+            &format!("http://{addr}"),
+            "--machine-name",
+            "separate-process",
+        ])
         .arg("--nix-daemon-socket")
         .arg(builder_store.socket())
         .env("RUST_LOG", "warn")
@@ -78,7 +87,9 @@ async fn the_runner_and_builder_binaries_build_a_queued_job() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool).await.unwrap();
+    let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool)
+        .await
+        .unwrap();
     listener.listen("build_finished").await.unwrap();
     let id: i32 = sqlx::query_scalar(
         "insert into Builds (finished, timestamp, jobset_id, job, drvPath, system)
@@ -88,7 +99,10 @@ async fn the_runner_and_builder_binaries_build_a_queued_job() {
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    sqlx::query("notify builds_added").execute(&db.pool).await.unwrap();
+    sqlx::query("notify builds_added")
+        .execute(&db.pool)
+        .await
+        .unwrap();
     let note = tokio::time::timeout(Duration::from_secs(120), listener.recv())
         .await
         .expect("the build did not finish")
@@ -110,12 +124,20 @@ async fn a_config_file_with_an_unknown_key_is_refused_by_name() {
     let config = dir.path().join("runner.toml");
     std::fs::write(&config, "max_log_sise = 1\n").unwrap();
     let out = Command::new(binary("hydra-queue-runner"))
-        .args(["serve", "--database-url", "postgres://nobody@127.0.0.1:1/none", "--config"])
+        .args([
+            "serve",
+            "--database-url",
+            "postgres://nobody@127.0.0.1:1/none",
+            "--config",
+        ])
         .arg(&config)
         .output()
         .await
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("max_log_sise") && err.contains("runner.toml"), "{err}");
+    assert!(
+        err.contains("max_log_sise") && err.contains("runner.toml"),
+        "{err}"
+    );
 }
