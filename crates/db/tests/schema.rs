@@ -8,14 +8,14 @@ use sqlx::postgres::PgListener;
 async fn applies_to_an_empty_database_and_again_as_a_no_op() {
     let db = TestDb::empty().await;
     let first = migrate(&db.pool).await.unwrap();
-    assert_eq!(first.applied, vec![1, 2, 3]);
+    assert_eq!(first.applied, vec![1, 2, 3, 4]);
     let second = migrate(&db.pool).await.unwrap();
     assert!(
         second.applied.is_empty(),
         "second run applied {:?}",
         second.applied
     );
-    assert_eq!(second.current, 3);
+    assert_eq!(second.current, 4);
 }
 
 async fn columns(db: &TestDb, table: &str) -> Vec<(String, bool)> {
@@ -263,7 +263,7 @@ async fn applies_on_top_of_a_database_hydra_created_and_keeps_its_data() {
         .await
         .unwrap();
     let report = migrate(&db.pool).await.unwrap();
-    assert_eq!(report.applied, vec![1, 2, 3]);
+    assert_eq!(report.applied, vec![1, 2, 3, 4]);
     let (status, drv): (i32, String) =
         sqlx::query_as("select buildStatus, drvPath from Builds where id = 1")
             .fetch_one(&db.pool)
@@ -289,4 +289,40 @@ async fn applies_on_top_of_a_database_hydra_created_and_keeps_its_data() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("emailoverride"), "{err}");
+}
+
+#[tokio::test]
+async fn build_changes_are_recorded_for_the_runner_per_build() {
+    let db = TestDb::new().await;
+    sqlx::raw_sql(
+        "insert into Users (userName, emailAddress, password) values ('u', 'u@x', '');
+         insert into Projects (name, displayName, owner) values ('p', 'P', 'u');
+         insert into Jobsets (name, project) values ('j', 'p');
+         insert into Builds (id, finished, timestamp, jobset_id, job, drvPath, system)
+           select n, 0, 0, (select id from Jobsets), 'job', '/nix/store/x.drv', 'x86_64-linux' from generate_series(1, 4) n;
+         update Builds set globalPriority = 10 where id = 1;
+         update Builds set finished = 1, buildStatus = 4, startTime = 1, stopTime = 1 where id = 2;
+         update Builds set finished = 1, buildStatus = 0, startTime = 1, stopTime = 1 where id = 3;
+         update Builds set finished = 0 where id = 3;
+         delete from Builds where id = 4;",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let changes: Vec<(i32, String)> =
+        sqlx::query_as("select build, kind from hqr_build_changes order by seq")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let expected = [
+        (1, "bumped"),
+        (2, "cancelled"),
+        (3, "restarted"),
+        (4, "deleted"),
+    ];
+    assert_eq!(
+        changes,
+        expected.map(|(b, k)| (b, k.to_owned())).to_vec(),
+        "a build finished by the runner itself (3, status 0) is not a change"
+    );
 }

@@ -122,9 +122,12 @@ async fn follow(farm: &Farm, listener: &mut PgListener, ids: &BTreeMap<String, i
     Ok(())
 }
 
+/// id, job, buildStatus, releaseName, closureSize
+type SummaryRow = (i32, String, Option<i32>, Option<String>, Option<i64>);
+
 async fn summary(farm: &Farm, ids: &BTreeMap<String, i32>) -> Result<()> {
-    let rows: Vec<(i32, String, Option<i32>, Option<i32>, Option<String>, Option<i64>)> = sqlx::query_as(
-        "select id, job, buildStatus, isCachedBuild, releaseName, closureSize from Builds where id = any($1) order by id",
+    let rows: Vec<SummaryRow> = sqlx::query_as(
+        "select id, job, buildStatus, releaseName, closureSize from Builds where id = any($1) order by id",
     )
     .bind(ids.values().copied().collect::<Vec<_>>())
     .fetch_all(&farm.db.pool)
@@ -133,7 +136,7 @@ async fn summary(farm: &Farm, ids: &BTreeMap<String, i32>) -> Result<()> {
         "{:>5}  {:<13} {:<20} {:>12}  {}",
         "build", "job", "status", "closure", "release"
     ));
-    for (id, job, status, _, release, closure) in rows {
+    for (id, job, status, release, closure) in rows {
         say(&format!(
             "{id:>5}  {job:<13} {:<20} {:>10} B  {}",
             status_name(status.unwrap_or(-1)),
