@@ -356,3 +356,44 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[tokio::test]
+async fn a_restarted_build_is_loaded_alone_and_built_again() {
+    let farm = farm_with_two_builders().await;
+    // Fails until a marker file exists: the restart then succeeds.
+    let marker = std::env::temp_dir().join(format!("restart-marker-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let expr = format!(
+        r#"with prelude; {{ flaky = mkDrv {{ name = "flaky"; script = "test -e {} && echo ok > $out"; }}; }}"#,
+        marker.display()
+    );
+    let ids = farm.submit(&expr, &["flaky"]).await.unwrap();
+    farm.wait_finished(ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(farm.statuses(&ids).await.unwrap()["flaky"], (1, 0));
+
+    std::fs::write(&marker, "").unwrap();
+    // Restart as Hydra's web interface does: forget the failure, reopen.
+    sqlx::raw_sql(&format!(
+        "delete from FailedPaths where path in (select path from BuildOutputs where build = {id});
+         update Builds set finished = 0, buildStatus = null where id = {id};
+         notify builds_restarted;",
+        id = ids["flaky"]
+    ))
+    .execute(&farm.db.pool)
+    .await
+    .unwrap();
+    farm.wait_finished(ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(farm.statuses(&ids).await.unwrap()["flaky"], (0, 0));
+    let steps: Vec<(i32, Option<i32>)> =
+        sqlx::query_as("select stepnr, status from BuildSteps where build = $1 order by stepnr")
+            .bind(ids["flaky"])
+            .fetch_all(&farm.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(steps, vec![(1, Some(1)), (2, Some(0))]);
+    let _ = std::fs::remove_file(&marker);
+}

@@ -18,7 +18,6 @@ use std::time::Instant;
 use hydra_db::status::BuildStatus;
 use hydra_proto::v1::{CompletionReport, Outcome};
 use thiserror::Error;
-use uuid::Uuid;
 
 use crate::attempts::{self, Attempt, OwnershipError};
 use crate::dispatch::Assignment;
@@ -264,7 +263,7 @@ async fn fail_step(
     attempt: Option<(&Attempt, &str)>,
     failure: &Failure<'_>,
 ) -> Result<(), Fatal> {
-    let (drv, system, outputs, builds) = {
+    let (drv, system, builds) = {
         let graph = shared.graph.lock();
         let Some(s) = graph.step(step) else {
             return Ok(());
@@ -272,7 +271,6 @@ async fn fail_step(
         (
             s.drv_path.clone(),
             s.system.clone(),
-            Vec::<String>::new(),
             graph.dependent_builds(step),
         )
     };
@@ -289,12 +287,12 @@ async fn fail_step(
         record::insert_failed_paths(&mut tx, &known).await?;
     }
     tx.commit().await?;
-    let _ = outputs;
     let failed = {
         let mut graph = shared.graph.lock();
         graph.step_failed(step, attempt.map(|(a, _)| &a.id)).ok()
     };
     let Some(failed) = failed else { return Ok(()) };
+    forget_started(shared, &failed.builds);
     // Builds that attached to the step while the transaction ran.
     let late: Vec<Build> = failed
         .builds
@@ -438,6 +436,15 @@ pub async fn drop_steps(shared: &Shared, dropped: Dropped) -> Result<(), Fatal> 
     Ok(())
 }
 
+/// Builds that left the graph may be restarted later: they will get a
+/// `build_started` again then.
+pub(crate) fn forget_started(shared: &Shared, builds: &[Build]) {
+    let mut started = shared.started_builds.lock();
+    for b in builds {
+        started.remove(&b.id);
+    }
+}
+
 /// Frees the machine slot an attempt held and wakes the dispatcher.
 fn release(shared: &Shared, attempt: &Attempt) {
     shared
@@ -445,11 +452,6 @@ fn release(shared: &Shared, attempt: &Attempt) {
         .lock()
         .release(&attempt.machine, &attempt.id);
     shared.wake_dispatcher();
-}
-
-/// For tests and status: a readable attempt id.
-pub fn attempt_label(id: &Uuid) -> String {
-    id.simple().to_string()[..8].to_owned()
 }
 
 /// Records the success of `step` for the builds in `direct`.

@@ -203,6 +203,7 @@ pub async fn succeed(
         done
     };
     let done = done.expect("the attempt owned its step");
+    super::forget_started(shared, &done.builds);
     let late: Vec<Build> = done
         .builds
         .into_iter()
