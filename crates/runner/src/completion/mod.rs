@@ -45,6 +45,31 @@ struct Failure<'a> {
     is_non_deterministic: Option<bool>,
 }
 
+impl<'a> Failure<'a> {
+    /// A failure decided by the runner, with no attempt (and no machine).
+    fn unbuilt(status: BuildStatus, error_msg: &'a str) -> Failure<'a> {
+        let now = record::now();
+        Failure {
+            status,
+            error_msg,
+            start_time: now,
+            stop_time: now,
+            machine: "",
+            times_built: None,
+            is_non_deterministic: None,
+        }
+    }
+}
+
+/// Builds in `after` that were not in the `before` snapshot: they attached
+/// to a step while its outcome was being written.
+fn late_builds(after: Vec<Build>, before: &[Build]) -> Vec<Build> {
+    after
+        .into_iter()
+        .filter(|b| !before.iter().any(|o| o.id == b.id))
+        .collect()
+}
+
 /// On start: busy rows left by a previous run are closed as aborted, so
 /// that nothing looks running that is not (the steps are recomputed from
 /// the queue and dispatched again).
@@ -180,16 +205,13 @@ pub async fn abort_attempt(shared: &Shared, attempt: Attempt, reason: &str) -> R
     };
     if let Some((id, tries)) = give_up {
         let msg = format!("gave up after {tries} aborted attempts; the last: {reason}");
-        let failure = Failure {
-            status: BuildStatus::Aborted,
-            error_msg: &msg,
-            start_time: now,
-            stop_time: now,
-            machine: "",
-            times_built: None,
-            is_non_deterministic: None,
-        };
-        fail_step(shared, id, None, &failure).await?;
+        fail_step(
+            shared,
+            id,
+            None,
+            &Failure::unbuilt(BuildStatus::Aborted, &msg),
+        )
+        .await?;
     }
     shared.wake_dispatcher();
     Ok(())
@@ -213,17 +235,13 @@ pub async fn fail_unsupported(shared: &Shared, step: StepId) -> Result<(), Fatal
         },
         shared.config.max_unsupported_secs
     );
-    let now = record::now();
-    let failure = Failure {
-        status: BuildStatus::Unsupported,
-        error_msg: &msg,
-        start_time: now,
-        stop_time: now,
-        machine: "",
-        times_built: None,
-        is_non_deterministic: None,
-    };
-    fail_step(shared, step, None, &failure).await
+    fail_step(
+        shared,
+        step,
+        None,
+        &Failure::unbuilt(BuildStatus::Unsupported, &msg),
+    )
+    .await
 }
 
 /// The step could not even be prepared (its `.drv` or inputs are gone from
@@ -239,18 +257,14 @@ pub async fn fail_before_start(shared: &Shared, a: &Assignment, reason: &str) ->
             return Ok(());
         }
     }
-    let now = record::now();
     let msg = format!("cannot build: {reason}");
-    let failure = Failure {
-        status: BuildStatus::Aborted,
-        error_msg: &msg,
-        start_time: now,
-        stop_time: now,
-        machine: "",
-        times_built: None,
-        is_non_deterministic: None,
-    };
-    fail_step(shared, a.step, None, &failure).await?;
+    fail_step(
+        shared,
+        a.step,
+        None,
+        &Failure::unbuilt(BuildStatus::Aborted, &msg),
+    )
+    .await?;
     shared.wake_dispatcher();
     Ok(())
 }
@@ -294,11 +308,7 @@ async fn fail_step(
     let Some(failed) = failed else { return Ok(()) };
     forget_started(shared, &failed.builds);
     // Builds that attached to the step while the transaction ran.
-    let late: Vec<Build> = failed
-        .builds
-        .into_iter()
-        .filter(|b| !builds.iter().any(|o| o.id == b.id))
-        .collect();
+    let late = late_builds(failed.builds, &builds);
     if !late.is_empty() {
         let mut tx = shared.pool.begin().await?;
         write_failure(&mut tx, shared, &drv, &system, None, &late, owner, failure).await?;

@@ -204,11 +204,7 @@ pub async fn succeed(
     };
     let done = done.expect("the attempt owned its step");
     super::forget_started(shared, &done.builds);
-    let late: Vec<Build> = done
-        .builds
-        .into_iter()
-        .filter(|b| !direct.iter().any(|d| d.id == b.id))
-        .collect();
+    let late = super::late_builds(done.builds, &direct);
     if !late.is_empty() {
         let mut tx = shared.pool.begin().await?;
         write_success(&mut tx, &late, attempt.build, &success).await?;
