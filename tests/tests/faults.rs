@@ -263,3 +263,34 @@ async fn cancelling_the_only_build_aborts_its_running_step() {
         .unwrap();
     assert_eq!(farm.statuses(&next).await.unwrap()["quick"], (0, 0));
 }
+
+#[tokio::test]
+async fn a_build_whose_drv_is_gone_or_malformed_is_aborted_with_the_reason() {
+    let farm = Farm::start(|_| {}).await.unwrap();
+    let gone = "/nix/store/7rjj86a15146cq1d3qy068lml7n8ykzm-collected.drv".to_owned();
+    let drvs = [
+        ("gone".to_owned(), gone),
+        ("garbage".to_owned(), "not-a-store-path".to_owned()),
+    ]
+    .into_iter()
+    .collect();
+    let ids = farm.queue(&drvs, |_| Default::default()).await.unwrap();
+    farm.wait_finished(ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    for (job, needle) in [
+        ("gone", "is not in the runner's store"),
+        ("garbage", "is not a store path"),
+    ] {
+        let (status, msg): (Option<i32>, Option<String>) = sqlx::query_as(
+            "select b.buildStatus, s.errorMsg from Builds b join BuildSteps s on s.build = b.id where b.id = $1",
+        )
+        .bind(ids[job])
+        .fetch_one(&farm.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(status, Some(3), "{job}");
+        let msg = msg.unwrap();
+        assert!(msg.contains(needle), "{job}: {msg}");
+    }
+}

@@ -190,7 +190,16 @@ impl Farm {
             .bind(o.priority)
             .fetch_one(&mut *tx)
             .await?;
-            for (name, path) in client.query_derivation_output_map(drv).await? {
+            // A `.drv` that is missing or malformed gets no outputs (tests of
+            // how the runner refuses such builds queue those on purpose).
+            let outputs = match client.query_derivation_output_map(drv).await {
+                Ok(map) => map,
+                Err(_) => {
+                    client = DaemonClient::connect(self.runner_store.socket()).await?;
+                    BTreeMap::new()
+                }
+            };
+            for (name, path) in outputs {
                 sqlx::query("insert into BuildOutputs (build, name, path) values ($1, $2, $3)")
                     .bind(id)
                     .bind(name)
