@@ -397,3 +397,45 @@ async fn a_restarted_build_is_loaded_alone_and_built_again() {
     assert_eq!(steps, vec![(1, Some(1)), (2, Some(0))]);
     let _ = std::fs::remove_file(&marker);
 }
+
+#[tokio::test]
+async fn a_running_step_shows_the_builders_progress_in_busy() {
+    let farm = farm_with_two_builders().await;
+    let marker = std::env::temp_dir().join(format!("busy-marker-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let expr = format!(
+        r#"with prelude; {{ waits = mkDrv {{ name = "waits"; script = "while [ ! -e {} ]; do sleep 0.05; done; echo ok > $out"; }}; }}"#,
+        marker.display()
+    );
+    let ids = farm.submit(&expr, &["waits"]).await.unwrap();
+    // No notification carries progress (Hydra has none): poll the row
+    // until the builder says it is building, within a deadline.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let busy: Option<i32> = sqlx::query_scalar("select busy from BuildSteps where build = $1")
+            .bind(ids["waits"])
+            .fetch_optional(&farm.db.pool)
+            .await
+            .unwrap();
+        if busy == Some(30) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "busy never reached 30 (building): {busy:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::write(&marker, "").unwrap();
+    farm.wait_finished(ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    let (busy, status): (i32, Option<i32>) =
+        sqlx::query_as("select busy, status from BuildSteps where build = $1")
+            .bind(ids["waits"])
+            .fetch_one(&farm.db.pool)
+            .await
+            .unwrap();
+    assert_eq!((busy, status), (0, Some(0)));
+    let _ = std::fs::remove_file(&marker);
+}
