@@ -164,29 +164,7 @@ fn nonzero(v: i64) -> Option<i64> {
 /// the step with backoff, or fail it as aborted after `max_tries`.
 pub async fn abort_attempt(shared: &Shared, attempt: Attempt, reason: &str) -> Result<(), Fatal> {
     tracing::warn!(drv = %attempt.drv_path, machine = %attempt.machine, attempt = %attempt.id, "attempt aborted: {reason}");
-    let log_file = shared.logs.finish(&attempt.drv_path)?;
-    let now = record::now();
-    let mut tx = shared.pool.begin().await?;
-    record::finish_build_step(
-        &mut tx,
-        attempt.build,
-        attempt.stepnr,
-        &StepResult {
-            status: BuildStatus::Aborted,
-            error_msg: Some(reason),
-            start_time: attempt.start_time,
-            stop_time: now,
-            machine: &attempt.machine,
-            times_built: None,
-            is_non_deterministic: None,
-            log_file: &log_file.display().to_string(),
-            outputs: &[],
-        },
-    )
-    .await?;
-    attempts::close(&mut tx, &attempt.id, BuildStatus::Aborted.code()).await?;
-    tx.commit().await?;
-    release(shared, &attempt);
+    close_attempt(shared, &attempt, BuildStatus::Aborted, reason).await?;
     let give_up = {
         let mut graph = shared.graph.lock();
         let Some(id) = graph.step_id(&attempt.drv_path) else {
@@ -419,28 +397,8 @@ pub async fn drop_steps(shared: &Shared, dropped: Dropped) -> Result<(), Fatal> 
         }
         let Some(attempt) = attempt else { continue };
         tracing::info!(drv = %attempt.drv_path, machine = %attempt.machine, "aborting a step no build needs");
-        let log_file = shared.logs.finish(&attempt.drv_path)?;
-        let mut tx = shared.pool.begin().await?;
-        record::finish_build_step(
-            &mut tx,
-            attempt.build,
-            attempt.stepnr,
-            &StepResult {
-                status: BuildStatus::Cancelled,
-                error_msg: Some("cancelled: no build needs this step any more"),
-                start_time: attempt.start_time,
-                stop_time: record::now(),
-                machine: &attempt.machine,
-                times_built: None,
-                is_non_deterministic: None,
-                log_file: &log_file.display().to_string(),
-                outputs: &[],
-            },
-        )
-        .await?;
-        attempts::close(&mut tx, &attempt.id, BuildStatus::Cancelled.code()).await?;
-        tx.commit().await?;
-        release(shared, &attempt);
+        let msg = "cancelled: no build needs this step any more";
+        close_attempt(shared, &attempt, BuildStatus::Cancelled, msg).await?;
     }
     shared.wake_dispatcher();
     Ok(())
@@ -453,6 +411,35 @@ pub(crate) fn forget_started(shared: &Shared, builds: &[Build]) {
     for b in builds {
         started.remove(&b.id);
     }
+}
+
+/// Ends an attempt that built nothing (aborted, cancelled): its log is
+/// closed, its step row and attempt get `status` and `reason`, its slot is
+/// freed. The graph is the caller's business.
+async fn close_attempt(
+    shared: &Shared,
+    attempt: &Attempt,
+    status: BuildStatus,
+    reason: &str,
+) -> Result<(), Fatal> {
+    let log_file = shared.logs.finish(&attempt.drv_path)?;
+    let mut tx = shared.pool.begin().await?;
+    let result = StepResult {
+        status,
+        error_msg: Some(reason),
+        start_time: attempt.start_time,
+        stop_time: record::now(),
+        machine: &attempt.machine,
+        times_built: None,
+        is_non_deterministic: None,
+        log_file: &log_file.display().to_string(),
+        outputs: &[],
+    };
+    record::finish_build_step(&mut tx, attempt.build, attempt.stepnr, &result).await?;
+    attempts::close(&mut tx, &attempt.id, status.code()).await?;
+    tx.commit().await?;
+    release(shared, attempt);
+    Ok(())
 }
 
 /// Frees the machine slot an attempt held and wakes the dispatcher.
