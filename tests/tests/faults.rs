@@ -104,18 +104,10 @@ fn hydra_builder_system() -> String {
 }
 
 fn nar_of(contents: &str) -> Vec<u8> {
-    let dir = tempfile_dir();
-    let file = dir.join("f");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f");
     std::fs::write(&file, contents).unwrap();
-    let nar = hydra_nix::nar::nar_bytes(&file).unwrap();
-    std::fs::remove_dir_all(dir).unwrap();
-    nar
-}
-
-fn tempfile_dir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("liar-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    hydra_nix::nar::nar_bytes(&file).unwrap()
 }
 
 #[tokio::test]

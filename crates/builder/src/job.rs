@@ -3,24 +3,22 @@
 //! daemon connection kept open for the whole job, so a garbage collection
 //! cannot take them mid-build.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use hydra_nix::daemon::{
     BuildMode, BuildStatus, ClientSettings, DaemonClient, DaemonError, LogLine, PathInfo,
+    references_first,
 };
-use hydra_nix::{Derivation, Hash, StoreDir};
+use hydra_nix::{Derivation, StoreDir};
+use hydra_proto::nar::{CHUNK, SendNarError};
 use hydra_proto::v1::runner_service_client::RunnerServiceClient;
 use hydra_proto::v1::*;
 use thiserror::Error;
-use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tonic::transport::Channel;
 
 use crate::connection::send;
-
-const CHUNK: usize = 256 * 1024;
 
 #[derive(Clone)]
 pub struct JobContext {
@@ -40,6 +38,8 @@ enum JobError {
     Daemon(#[from] DaemonError),
     #[error("transfer with the runner failed: {0}")]
     Transfer(#[from] tonic::Status),
+    #[error("sending an output: {0}")]
+    Upload(#[from] SendNarError),
     #[error("the runner sent a bad NAR header: {0}")]
     BadHeader(String),
 }
@@ -159,7 +159,7 @@ async fn execute(ctx: &JobContext, job: &BuildJob) -> Result<CompletionReport, J
         });
     }
     progress(ctx, job, Phase::ReceivingOutputs).await;
-    for info in references_first(outputs.iter().map(|(_, i)| i.clone()).collect()) {
+    for info in references_first(outputs.iter().map(|(_, i)| i.clone())) {
         upload(ctx, job, &mut daemon, &info).await?;
     }
     progress(ctx, job, Phase::PostProcessing).await;
@@ -242,7 +242,9 @@ async fn fetch_inputs(
         let Some(nar_chunk::Part::Header(h)) = chunk.part else {
             return Err(JobError::BadHeader("data before a header".into()));
         };
-        let info = header_info(&h)?;
+        let info = h
+            .path_info(&StoreDir::default())
+            .map_err(|e| JobError::BadHeader(e.to_string()))?;
         let (mut w, mut r) = tokio::io::duplex(CHUNK);
         let feed = async {
             use tokio::io::AsyncWriteExt;
@@ -279,21 +281,6 @@ async fn fetch_inputs(
     Ok(())
 }
 
-fn header_info(h: &NarHeader) -> Result<PathInfo, JobError> {
-    Ok(PathInfo {
-        path: h.store_path.clone(),
-        deriver: (!h.deriver.is_empty()).then(|| h.deriver.clone()),
-        nar_hash: Hash::parse_prefixed(&h.nar_hash)
-            .map_err(|e| JobError::BadHeader(e.to_string()))?,
-        references: h.references.clone(),
-        registration_time: 0,
-        nar_size: h.nar_size,
-        ultimate: false,
-        signatures: Vec::new(),
-        ca: (!h.ca.is_empty()).then(|| h.ca.clone()),
-    })
-}
-
 /// Uploads one output's NAR, announced with the hash and size the local
 /// store recorded when it registered the output.
 async fn upload(
@@ -303,69 +290,22 @@ async fn upload(
     info: &PathInfo,
 ) -> Result<(), JobError> {
     let (tx, rx) = mpsc::channel(16);
-    let header = NarChunk {
-        part: Some(nar_chunk::Part::Header(NarHeader {
-            machine_id: ctx.machine_id.clone(),
-            attempt_id: job.attempt_id.clone(),
-            store_path: info.path.clone(),
-            nar_hash: info.nar_hash.to_prefixed_base32(),
-            nar_size: info.nar_size,
-            references: info.references.clone(),
-            deriver: info.deriver.clone().unwrap_or_default(),
-            ca: info.ca.clone().unwrap_or_default(),
-        })),
+    let header = NarHeader {
+        machine_id: ctx.machine_id.clone(),
+        attempt_id: job.attempt_id.clone(),
+        ..NarHeader::describing(info)
     };
-    tx.send(header).await.expect("fresh channel");
     let mut client = ctx.client.clone();
     let call = client.upload_output(ReceiverStream::new(rx));
     let produce = async move {
-        let (mut w, mut r) = tokio::io::duplex(CHUNK);
-        let export = async {
-            let res = daemon.export_nar(info, &mut w).await;
-            drop(w);
-            res
-        };
-        let forward = async {
-            let mut buf = vec![0u8; CHUNK];
-            loop {
-                let n = r.read(&mut buf).await?;
-                if n == 0 {
-                    return Ok::<_, std::io::Error>(());
-                }
-                let chunk = NarChunk {
-                    part: Some(nar_chunk::Part::Data(buf[..n].to_vec())),
-                };
-                if tx.send(chunk).await.is_err() {
-                    return Ok(()); // the runner ended the upload; the call says why
-                }
-            }
-        };
-        let (exported, forwarded) = tokio::join!(export, forward);
-        exported?;
-        forwarded.map_err(DaemonError::from)
+        match hydra_proto::nar::send_nar(daemon, info, header, &tx, |c| c).await {
+            // The runner ended the upload; its answer says why.
+            Ok(()) | Err(SendNarError::ReceiverGone) => Ok(()),
+            Err(e) => Err(e),
+        }
     };
     let (produced, answered) = tokio::join!(produce, call);
     answered?;
     produced?;
     Ok(())
-}
-
-/// Orders outputs so that each comes after the outputs it refers to.
-fn references_first(mut infos: Vec<PathInfo>) -> Vec<PathInfo> {
-    let mut ordered = Vec::new();
-    while !infos.is_empty() {
-        let pending: BTreeMap<String, ()> = infos.iter().map(|i| (i.path.clone(), ())).collect();
-        let (ready, rest): (Vec<_>, Vec<_>) = infos.into_iter().partition(|i| {
-            i.references
-                .iter()
-                .all(|r| *r == i.path || !pending.contains_key(r))
-        });
-        if ready.is_empty() {
-            ordered.extend(rest);
-            break;
-        }
-        ordered.extend(ready);
-        infos = rest;
-    }
-    ordered
 }

@@ -3,6 +3,8 @@
 
 use thiserror::Error;
 
+pub mod nar;
+
 /// Generated messages and service stubs (`hydra.builder.v1`).
 pub mod v1 {
     tonic::include_proto!("hydra.builder.v1");

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use hydra_nix::{Hash, StorePath};
+use hydra_nix::StorePath;
 use sqlx::PgConnection;
 use thiserror::Error;
 use uuid::Uuid;
@@ -16,7 +16,6 @@ use crate::graph::BuildId;
 /// An output NAR received from the builder, verified and imported.
 #[derive(Debug, Clone)]
 pub struct Upload {
-    pub nar_hash: Hash,
     pub nar_size: u64,
     pub scan: OutputScan,
 }

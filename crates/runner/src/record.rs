@@ -5,12 +5,10 @@
 //! transaction.
 
 use hydra_db::status::BuildStatus;
-use sqlx::{PgConnection, Postgres, Transaction};
+use sqlx::PgConnection;
 
 use crate::completion::nix_support::BuildOutputInfo;
 use crate::graph::{Build, BuildId};
-
-pub type Tx<'a> = Transaction<'a, Postgres>;
 
 /// Seconds since the epoch, as Hydra stores times.
 pub fn now() -> i64 {
@@ -323,9 +321,4 @@ async fn notify(tx: &mut PgConnection, channel: &str, payload: &str) -> Result<(
         .execute(&mut *tx)
         .await
         .map(|_| ())
-}
-
-/// Begins a transaction (a small helper so callers read as one story).
-pub async fn begin(pool: &sqlx::PgPool) -> Result<Tx<'static>, sqlx::Error> {
-    pool.begin().await
 }

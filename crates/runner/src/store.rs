@@ -18,6 +18,8 @@ pub enum StoreError {
     Daemon(#[from] DaemonError),
     #[error("{path} is not in the runner's store")]
     Missing { path: String },
+    #[error("{path} in the runner's store cannot be read as a NAR: {message}")]
+    BadNar { path: String, message: String },
     #[error("{path} is not a valid derivation: {message}")]
     BadDerivation { path: String, message: String },
 }
@@ -31,7 +33,9 @@ impl StoreError {
             StoreError::Daemon(e) => {
                 !matches!(e, DaemonError::Nix { .. } | DaemonError::InvalidPath(_))
             }
-            StoreError::Missing { .. } | StoreError::BadDerivation { .. } => false,
+            StoreError::Missing { .. }
+            | StoreError::BadDerivation { .. }
+            | StoreError::BadNar { .. } => false,
         }
     }
 }
@@ -71,10 +75,16 @@ impl LocalStore {
         path: &StorePath,
     ) -> Result<Derivation, StoreError> {
         let full = self.dir.display(path);
-        if !client.is_valid_path(&full).await? {
+        let Some(info) = client.query_path_info(&full).await? else {
             return Err(StoreError::Missing { path: full });
-        }
-        let bytes = client.read_store_file(&full).await?;
+        };
+        let mut nar = Vec::new();
+        client.export_nar(&info, &mut nar).await?;
+        let bytes =
+            hydra_nix::nar::single_file_contents(&nar).map_err(|e| StoreError::BadDerivation {
+                path: full.clone(),
+                message: format!("not a regular file: {e}"),
+            })?;
         Derivation::parse(&self.dir, &bytes).map_err(|e| StoreError::BadDerivation {
             path: full,
             message: e.to_string(),

@@ -15,4 +15,6 @@ mod wire;
 
 pub use client::{ClientSettings, DaemonClient, PROTOCOL_VERSION};
 pub use error::DaemonError;
-pub use types::{BuildMode, BuildResult, BuildStatus, LogLine, PathInfo, Realisation};
+pub use types::{
+    BuildMode, BuildResult, BuildStatus, LogLine, PathInfo, Realisation, references_first,
+};

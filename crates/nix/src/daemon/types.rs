@@ -117,3 +117,58 @@ pub enum LogLine {
     /// A message of the daemon's (`building '...'`, warnings).
     Daemon(String),
 }
+
+/// Orders paths so that each comes after the paths (of this set) it refers
+/// to, as an import needs them. Store paths cannot form reference cycles
+/// except to themselves; should a store claim otherwise, the rest keep
+/// their order and the import judges.
+pub fn references_first(infos: impl IntoIterator<Item = PathInfo>) -> Vec<PathInfo> {
+    let mut pending: Vec<PathInfo> = infos.into_iter().collect();
+    let mut ordered = Vec::with_capacity(pending.len());
+    while !pending.is_empty() {
+        let waiting: std::collections::HashSet<String> =
+            pending.iter().map(|i| i.path.clone()).collect();
+        let (ready, rest): (Vec<_>, Vec<_>) = pending.into_iter().partition(|i| {
+            i.references
+                .iter()
+                .all(|r| *r == i.path || !waiting.contains(r))
+        });
+        if ready.is_empty() {
+            ordered.extend(rest);
+            break;
+        }
+        ordered.extend(ready);
+        pending = rest;
+    }
+    ordered
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(path: &str, refs: &[&str]) -> PathInfo {
+        PathInfo {
+            path: path.into(),
+            deriver: None,
+            nar_hash: crate::Hash::sha256(b""),
+            references: refs.iter().map(|r| r.to_string()).collect(),
+            registration_time: 0,
+            nar_size: 1,
+            ultimate: false,
+            signatures: vec![],
+            ca: None,
+        }
+    }
+
+    #[test]
+    fn references_come_first_and_self_references_do_not_block() {
+        let order = references_first([
+            info("c", &["b", "c"]),
+            info("b", &["a", "outside"]),
+            info("a", &[]),
+        ]);
+        let paths: Vec<&str> = order.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(paths, ["a", "b", "c"]);
+    }
+}

@@ -132,7 +132,9 @@ pub async fn on_report(
         .lock()
         .step_of_attempt(&attempt.drv_path, &attempt.id);
     let Some(step) = step else {
-        return Ok(()); // dropped meanwhile; its rows were closed then
+        return close_dropped(shared, &attempt)
+            .await
+            .map_err(ReportError::from);
     };
     let log_file = shared.logs.finish(&attempt.drv_path).map_err(Fatal::from)?;
     tracing::info!(drv = %attempt.drv_path, machine = %attempt.machine, "step failed ({status:?}): {}", report.error_msg);
@@ -397,8 +399,7 @@ pub async fn drop_steps(shared: &Shared, dropped: Dropped) -> Result<(), Fatal> 
         }
         let Some(attempt) = attempt else { continue };
         tracing::info!(drv = %attempt.drv_path, machine = %attempt.machine, "aborting a step no build needs");
-        let msg = "cancelled: no build needs this step any more";
-        close_attempt(shared, &attempt, BuildStatus::Cancelled, msg).await?;
+        close_dropped(shared, &attempt).await?;
     }
     shared.wake_dispatcher();
     Ok(())
@@ -411,6 +412,14 @@ pub(crate) fn forget_started(shared: &Shared, builds: &[Build]) {
     for b in builds {
         started.remove(&b.id);
     }
+}
+
+/// Ends an attempt whose step left the graph (no build needs it): cancelled (4).
+/// Whoever took the attempt out of the running set closes it, so a report
+/// racing a cancel still leaves no busy row behind.
+async fn close_dropped(shared: &Shared, attempt: &Attempt) -> Result<(), Fatal> {
+    let msg = "cancelled: no build needs this step any more";
+    close_attempt(shared, attempt, BuildStatus::Cancelled, msg).await
 }
 
 /// Ends an attempt that built nothing (aborted, cancelled): its log is

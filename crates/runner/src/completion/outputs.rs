@@ -9,7 +9,6 @@ use hydra_proto::v1::CompletionReport;
 use super::nix_support::{BuildOutputInfo, OutputScan, scan_nar};
 use super::{abort_attempt, release, write_success};
 use crate::attempts::{self, Attempt};
-use crate::graph::Build;
 use crate::record::{self, StepResult, Success};
 use crate::store::StoreError;
 use crate::{Fatal, Shared};
@@ -66,9 +65,9 @@ pub async fn scan_store_output(
     let scan = tokio::task::spawn_blocking(move || scan_nar(nar.as_slice()))
         .await
         .expect("scanning does not panic")
-        .map_err(|e| StoreError::BadDerivation {
+        .map_err(|e| StoreError::BadNar {
             path: path.to_owned(),
-            message: format!("unreadable NAR in the runner's store: {e}"),
+            message: e.to_string(),
         })?;
     Ok((info.nar_size, scan))
 }
@@ -137,23 +136,16 @@ pub async fn succeed(
         uploads.get(p).map(|u| (u.nar_size, u.scan.clone()))
     })
     .await?;
-    let log_file = shared.logs.finish(&attempt.drv_path)?.display().to_string();
-    let Some(step) = shared
-        .graph
-        .lock()
-        .step_of_attempt(&attempt.drv_path, &attempt.id)
-    else {
-        return Ok(());
-    };
-    let direct: Vec<Build> = {
+    let running = {
         let graph = shared.graph.lock();
-        let s = graph.step(step).expect("step of a running attempt");
-        s.toplevel_of
-            .iter()
-            .filter_map(|b| graph.build(*b))
-            .cloned()
-            .collect()
+        graph
+            .step_of_attempt(&attempt.drv_path, &attempt.id)
+            .map(|step| (step, graph.top_level_builds(step)))
     };
+    let Some((step, direct)) = running else {
+        return super::close_dropped(shared, &attempt).await;
+    };
+    let log_file = shared.logs.finish(&attempt.drv_path)?.display().to_string();
     let start_time = if report.start_time > 0 {
         report.start_time as i64
     } else {

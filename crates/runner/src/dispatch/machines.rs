@@ -93,14 +93,6 @@ impl Machines {
         self.by_name.is_empty()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Machine> {
-        self.by_name.values()
-    }
-
-    pub fn free_slots(&self) -> u32 {
-        self.by_name.values().map(Machine::free_slots).sum()
-    }
-
     /// Frees the slot `attempt` held on `name`.
     pub fn release(&mut self, name: &str, attempt: &Uuid) {
         if let Some(m) = self.by_name.get_mut(name) {
@@ -108,7 +100,8 @@ impl Machines {
         }
     }
 
-    /// The best machine for a step: fastest, then least loaded.
+    /// The best machine for a step: fastest, then fewest of its slots in
+    /// use, then the lowest reported load.
     pub fn choose(
         &self,
         system: &str,
@@ -129,6 +122,7 @@ impl Machines {
                 a.speed_factor
                     .total_cmp(&b.speed_factor)
                     .then(b.load().total_cmp(&a.load()))
+                    .then(b.load1.total_cmp(&a.load1))
                     .then(b.name.cmp(&a.name))
             })
             .ok_or(NoMachine::Busy)
@@ -198,6 +192,24 @@ mod tests {
         assert_eq!(
             ms.choose("riscv64-linux", &[], 0).unwrap_err(),
             NoMachine::Unsupported
+        );
+    }
+
+    #[test]
+    fn between_equal_machines_the_less_loaded_one_wins() {
+        let mut ms = Machines::default();
+        let mut busy = machine("busy", &["x86_64-linux"], &[], &[], 1.0, 2);
+        busy.load1 = 8.0;
+        let mut idle = machine("idle", &["x86_64-linux"], &[], &[], 1.0, 2);
+        idle.load1 = 0.5;
+        ms.register(busy);
+        ms.register(idle);
+        assert_eq!(ms.choose("x86_64-linux", &[], 0).unwrap().name, "idle");
+        ms.get_mut("idle").unwrap().running.insert(Uuid::new_v4());
+        assert_eq!(
+            ms.choose("x86_64-linux", &[], 0).unwrap().name,
+            "busy",
+            "free slots count before reported load"
         );
     }
 

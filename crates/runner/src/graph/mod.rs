@@ -125,24 +125,12 @@ impl Graph {
         self.builds.get(&id)
     }
 
-    pub fn build_ids(&self) -> impl Iterator<Item = BuildId> + '_ {
-        self.builds.keys().copied()
-    }
-
     pub fn step_count(&self) -> usize {
         self.steps.len()
     }
 
     pub fn runnable(&self) -> impl Iterator<Item = (StepId, &Step)> + '_ {
         self.runnable.iter().map(|id| (*id, &self.steps[id]))
-    }
-
-    /// Steps currently sent to machines.
-    pub fn running(&self) -> impl Iterator<Item = (StepId, &Step)> + '_ {
-        self.steps
-            .iter()
-            .filter(|(_, s)| s.running_attempt().is_some())
-            .map(|(id, s)| (*id, s))
     }
 
     /// Adds a build with the new steps its plan found. Returns the steps
@@ -237,6 +225,16 @@ impl Graph {
         }
     }
 
+    /// Live builds whose top-level step `step` is.
+    pub fn top_level_builds(&self, step: StepId) -> Vec<Build> {
+        self.steps[&step]
+            .toplevel_of
+            .iter()
+            .filter_map(|b| self.builds.get(b))
+            .cloned()
+            .collect()
+    }
+
     /// Live builds that need `step`, directly or through other steps.
     pub fn dependent_builds(&self, step: StepId) -> Vec<Build> {
         let mut seen = HashSet::new();
@@ -263,16 +261,9 @@ impl Graph {
     /// The build whose BuildSteps rows record `step`: one that has it as its
     /// top level if any (as Hydra picks), else the oldest that needs it.
     pub fn owner_build(&self, step: StepId) -> Option<Build> {
-        let s = self.steps.get(&step)?;
-        if let Some(b) = s
-            .toplevel_of
-            .iter()
-            .filter_map(|b| self.builds.get(b))
-            .min_by_key(|b| b.id)
-        {
-            return Some(b.clone());
-        }
-        self.dependent_builds(step).into_iter().next()
+        self.steps.get(&step)?;
+        let top = self.top_level_builds(step).into_iter().min_by_key(|b| b.id);
+        top.or_else(|| self.dependent_builds(step).into_iter().next())
     }
 
     pub fn mark_dispatched(
@@ -451,11 +442,6 @@ impl Graph {
         self.by_path.remove(&step.drv_path);
         self.runnable.remove(&id);
         step
-    }
-
-    /// Test and status support: the state of the step for `drv`.
-    pub fn state_of(&self, drv: &StorePath) -> Option<&StepState> {
-        self.step_id(drv).map(|id| &self.steps[&id].state)
     }
 
     /// Marks when a runnable step was first found with no machine able to

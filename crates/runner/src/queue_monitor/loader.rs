@@ -36,6 +36,9 @@ pub async fn plan(
     let mut plan = LoadPlan::default();
     let mut seen = HashSet::new();
     let mut inputs_of: HashMap<StorePath, Vec<StorePath>> = HashMap::new();
+    // Output path -> its new step, checked against FailedPaths at the end
+    // in one query.
+    let mut outputs_of: HashMap<String, StorePath> = HashMap::new();
     let mut todo = vec![top.clone()];
     while let Some(path) = todo.pop() {
         if !seen.insert(path.clone()) {
@@ -74,9 +77,7 @@ pub async fn plan(
             }
             continue;
         }
-        if !known.is_empty() && has_failed(shared, &known).await? {
-            return Ok(Planned::CachedFailure { drv: path });
-        }
+        outputs_of.extend(known.into_iter().map(|o| (o, path.clone())));
         let required_features = drv
             .env
             .get("requiredSystemFeatures")
@@ -90,6 +91,9 @@ pub async fn plan(
             required_features,
             inputs: Vec::new(),
         });
+    }
+    if let Some(drv) = failed_before(shared, &outputs_of, top).await? {
+        return Ok(Planned::CachedFailure { drv });
     }
     let needed: HashSet<&StorePath> = plan
         .new_steps
@@ -114,11 +118,25 @@ pub async fn plan(
     Ok(Planned::Steps(plan))
 }
 
-async fn has_failed(shared: &Shared, outputs: &[String]) -> Result<bool, Fatal> {
-    let found: Option<i32> =
-        sqlx::query_scalar("select 1 from FailedPaths where path = any($1) limit 1")
-            .bind(outputs)
-            .fetch_optional(&shared.pool)
+/// A step (of `outputs_of`: output path -> step) whose output failed
+/// before, if any; the top-level one if it is among them.
+async fn failed_before(
+    shared: &Shared,
+    outputs_of: &HashMap<String, StorePath>,
+    top: &StorePath,
+) -> Result<Option<StorePath>, Fatal> {
+    if outputs_of.is_empty() {
+        return Ok(None);
+    }
+    let outputs: Vec<&str> = outputs_of.keys().map(String::as_str).collect();
+    let failed: Vec<String> =
+        sqlx::query_scalar("select path from FailedPaths where path = any($1)")
+            .bind(&outputs)
+            .fetch_all(&shared.pool)
             .await?;
-    Ok(found.is_some())
+    let mut steps = failed.iter().map(|p| &outputs_of[p]);
+    Ok(match steps.clone().find(|d| *d == top) {
+        Some(d) => Some(d.clone()),
+        None => steps.next().cloned(),
+    })
 }

@@ -3,15 +3,15 @@
 //! the builder announced (while they stream, not by reading them again)
 //! and imported into the runner's store.
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::sync::Arc;
 
-use hydra_nix::daemon::{DaemonClient, PathInfo};
+use hydra_nix::daemon::{DaemonClient, PathInfo, references_first};
 use hydra_nix::{Hash, HashAlgo};
+use hydra_proto::nar::{CHUNK, SendNarError};
 use hydra_proto::v1::{NarChunk, NarHeader, nar_chunk};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
@@ -20,8 +20,6 @@ use super::BoxStream;
 use crate::attempts::Upload;
 use crate::completion::nix_support::{OutputScan, scan_nar};
 use crate::{Fatal, Shared};
-
-const CHUNK: usize = 256 * 1024;
 
 /// Streams the NARs of `paths` (references first), each as a header and
 /// its data.
@@ -35,14 +33,14 @@ pub async fn serve_inputs(
             .map_err(|e| Status::invalid_argument(format!("{p}: {e}")))?;
     }
     let mut client = store_client(&shared).await?;
-    let mut infos = BTreeMap::new();
+    let mut infos = Vec::with_capacity(paths.len());
     for p in &paths {
         let info = client
             .query_path_info(p)
             .await
             .map_err(|e| Status::internal(format!("querying {p}: {e}")))?
             .ok_or_else(|| Status::not_found(format!("{p} is not in the runner's store")))?;
-        infos.insert(p.clone(), info);
+        infos.push(info);
     }
     let ordered = references_first(infos);
     let (tx, rx) = mpsc::channel(16);
@@ -57,77 +55,17 @@ pub async fn serve_inputs(
     Ok(Box::pin(ReceiverStream::new(rx)))
 }
 
-/// Orders paths so that each comes after the paths it refers to.
-fn references_first(mut infos: BTreeMap<String, PathInfo>) -> Vec<PathInfo> {
-    let mut ordered = Vec::new();
-    while !infos.is_empty() {
-        let ready: Vec<String> = infos
-            .iter()
-            .filter(|(p, i)| {
-                i.references
-                    .iter()
-                    .all(|r| r == *p || !infos.contains_key(r))
-            })
-            .map(|(p, _)| p.clone())
-            .collect();
-        // A reference cycle cannot occur between store paths; if the store
-        // says otherwise, send the rest as they are and let the import judge.
-        let take = if ready.is_empty() {
-            infos.keys().cloned().collect()
-        } else {
-            ready
-        };
-        for p in take {
-            ordered.push(infos.remove(&p).expect("listed"));
-        }
-    }
-    ordered
-}
-
 async fn send_nar(
     client: &mut DaemonClient,
     info: &PathInfo,
     tx: &mpsc::Sender<Result<NarChunk, Status>>,
 ) -> Result<(), Status> {
-    let header = NarChunk {
-        part: Some(nar_chunk::Part::Header(NarHeader {
-            store_path: info.path.clone(),
-            nar_hash: info.nar_hash.to_prefixed_base32(),
-            nar_size: info.nar_size,
-            references: info.references.clone(),
-            deriver: info.deriver.clone().unwrap_or_default(),
-            ca: info.ca.clone().unwrap_or_default(),
-            ..Default::default()
-        })),
-    };
-    tx.send(Ok(header))
+    hydra_proto::nar::send_nar(client, info, NarHeader::describing(info), tx, Ok)
         .await
-        .map_err(|_| Status::cancelled("builder left"))?;
-    let (mut w, mut r) = tokio::io::duplex(CHUNK);
-    let export = async {
-        let res = client.export_nar(info, &mut w).await;
-        drop(w);
-        res.map_err(|e| Status::internal(format!("exporting {}: {e}", info.path)))
-    };
-    let forward = async {
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            let n = r
-                .read(&mut buf)
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?;
-            if n == 0 {
-                return Ok(());
-            }
-            let chunk = NarChunk {
-                part: Some(nar_chunk::Part::Data(buf[..n].to_vec())),
-            };
-            tx.send(Ok(chunk))
-                .await
-                .map_err(|_| Status::cancelled("builder left"))?;
-        }
-    };
-    tokio::try_join!(export, forward).map(|_| ())
+        .map_err(|e| match e {
+            SendNarError::ReceiverGone => Status::cancelled("builder left"),
+            e => Status::internal(format!("{}: {e}", info.path)),
+        })
 }
 
 /// Receives one output NAR and imports it. A NAR that does not match its
@@ -162,7 +100,6 @@ pub async fn receive_output(
             attempt.uploads.insert(
                 info.path.clone(),
                 Upload {
-                    nar_hash: info.nar_hash.clone(),
                     nar_size: info.nar_size,
                     scan,
                 },
@@ -192,36 +129,16 @@ async fn reject(shared: &Shared, header: &NarHeader, reason: String) -> Status {
     Status::data_loss(msg)
 }
 
+/// The header's path info, checked, and within the output size limit.
 fn path_info(shared: &Shared, h: &NarHeader) -> Result<PathInfo, String> {
-    let dir = shared.store.dir();
-    dir.parse_path(&h.store_path)
-        .map_err(|e| format!("bad store path: {e}"))?;
-    for r in &h.references {
-        dir.parse_path(r)
-            .map_err(|e| format!("bad reference {r}: {e}"))?;
-    }
-    let nar_hash = Hash::parse_prefixed(&h.nar_hash)
-        .map_err(|e| format!("bad NAR hash '{}': {e}", h.nar_hash))?;
-    if nar_hash.algo != HashAlgo::Sha256 {
-        return Err("the NAR hash must be SHA-256".into());
-    }
-    if h.nar_size > shared.config.max_output_size {
+    let info = h.path_info(shared.store.dir()).map_err(|e| e.to_string())?;
+    if info.nar_size > shared.config.max_output_size {
         return Err(format!(
             "NAR of {} bytes exceeds the output size limit of {} bytes",
-            h.nar_size, shared.config.max_output_size
+            info.nar_size, shared.config.max_output_size
         ));
     }
-    Ok(PathInfo {
-        path: h.store_path.clone(),
-        deriver: (!h.deriver.is_empty()).then(|| h.deriver.clone()),
-        nar_hash,
-        references: h.references.clone(),
-        registration_time: 0,
-        nar_size: h.nar_size,
-        ultimate: false,
-        signatures: Vec::new(),
-        ca: (!h.ca.is_empty()).then(|| h.ca.clone()),
-    })
+    Ok(info)
 }
 
 enum ImportError {
