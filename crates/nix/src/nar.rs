@@ -109,6 +109,31 @@ pub fn single_file_contents(nar: &[u8]) -> Result<Vec<u8>, NarError> {
     }
 }
 
+/// The NAR of one regular, non-executable file holding `contents` (how a
+/// `.drv` the runner writes goes into the store). Written by hand: the
+/// format of a single file is five strings, and `nix-nar` only encodes
+/// files that exist on disk.
+pub fn single_file_nar(contents: &[u8]) -> Vec<u8> {
+    fn string(out: &mut Vec<u8>, s: &[u8]) {
+        out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        out.extend_from_slice(s);
+        out.resize(out.len() + (8 - s.len() % 8) % 8, 0);
+    }
+    let mut out = Vec::with_capacity(contents.len() + 128);
+    for s in [
+        &b"nix-archive-1"[..],
+        b"(",
+        b"type",
+        b"regular",
+        b"contents",
+        contents,
+        b")",
+    ] {
+        string(&mut out, s);
+    }
+    out
+}
+
 /// Unpacks `nar` at `dest` (which must not exist).
 pub fn unpack(nar: &[u8], dest: &Path) -> Result<(), NarError> {
     let dec = nix_nar::Decoder::new(nar).map_err(corrupt)?;
@@ -172,6 +197,16 @@ mod tests {
                 matches!(check_structure(&nar[..cut]), Err(NarError::Corrupt(_))),
                 "cut at {cut}"
             );
+        }
+    }
+
+    #[test]
+    fn a_single_file_nar_is_what_the_encoder_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        for contents in [&b""[..], b"Derive(...)", b"exactly8", b"nine char"] {
+            let file = dir.path().join("f");
+            std::fs::write(&file, contents).unwrap();
+            assert_eq!(single_file_nar(contents), nar_bytes(&file).unwrap());
         }
     }
 

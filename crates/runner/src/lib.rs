@@ -2,10 +2,13 @@
 //!
 //! - [`queue_monitor`]: PostgreSQL -> the step graph (loads queued builds);
 //! - [`graph`]: the DAG of builds and steps, with the step life cycle;
+//! - [`resolver`]: steps that depend on floating CA outputs, once those
+//!   are built -> resolved derivations (or done, by early cutoff);
 //! - [`dispatch`]: runnable steps -> machines, in priority order;
 //! - [`tunnel`]: the gRPC service builders connect to (jobs, logs, NARs, reports);
 //! - [`completion`]: a builder's report -> PostgreSQL, then the graph;
-//! - [`record`]: every write to Hydra's tables, with Hydra's rules.
+//! - [`record`]: every write to Hydra's tables, with Hydra's rules;
+//! - [`realisations`]: CA outputs learnt from builds, in PostgreSQL and the store.
 //!
 //! [`Runner::start`] runs them all; `hydra-queue-runner serve` wraps it.
 
@@ -13,10 +16,13 @@ pub mod attempts;
 pub mod completion;
 pub mod config;
 pub mod dispatch;
+pub mod failpoint;
 pub mod graph;
 pub mod logs;
 pub mod queue_monitor;
+pub mod realisations;
 pub mod record;
+pub mod resolver;
 pub mod store;
 pub mod tunnel;
 
@@ -53,6 +59,10 @@ pub struct Shared {
     pub shares: Mutex<Shares>,
     /// Wakes the dispatcher: a step became runnable or a slot came free.
     pub wake_dispatcher: Notify,
+    /// Wakes the resolver: a step's CA inputs are built.
+    pub wake_resolver: Notify,
+    /// `hashDerivationModulo` of input derivations, to name realisations.
+    pub drv_hashes: Mutex<hydra_nix::derivation::hashing::DrvHashes>,
     /// Builds that had a step started in this process (for `build_started`).
     pub started_builds: Mutex<std::collections::HashSet<graph::BuildId>>,
     /// Where request handlers report a fault that must stop the runner.
@@ -60,8 +70,11 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn wake_dispatcher(&self) {
+    /// The graph changed (steps became runnable or resolvable, a slot
+    /// came free): the dispatcher and the resolver look again.
+    pub fn wake(&self) {
         self.wake_dispatcher.notify_one();
+        self.wake_resolver.notify_one();
     }
 
     /// Stops the runner with `fault` (from a request handler, which cannot
@@ -139,6 +152,8 @@ impl Runner {
             attempts: Mutex::new(Attempts::default()),
             shares: Mutex::new(Shares::default()),
             wake_dispatcher: Notify::new(),
+            wake_resolver: Notify::new(),
+            drv_hashes: Mutex::new(Default::default()),
             started_builds: Mutex::new(Default::default()),
             fatal: fatal_tx,
         });
@@ -155,6 +170,7 @@ impl Runner {
             queue_monitor::run(shared.clone()),
         ));
         tasks.spawn(critical("dispatcher", dispatch::run(shared.clone())));
+        tasks.spawn(critical("resolver", resolver::run(shared.clone())));
         tasks.spawn(async move {
             match fatal_rx.recv().await {
                 Some(fault) => Err(fault),

@@ -85,6 +85,52 @@ pub async fn create_build_step(
     }
 }
 
+/// Hydra's row for a resolved CA step: status 13, with the resolved
+/// `.drv`'s base name in `resolvedDrvPath`. Written once per build and
+/// derivation: a runner that resolves again after a restart reuses it.
+pub async fn record_resolution(
+    tx: &mut PgConnection,
+    build: BuildId,
+    drv_path: &str,
+    system: &str,
+    resolved_base_name: &str,
+    outputs: &[(String, Option<String>)],
+) -> Result<i32, sqlx::Error> {
+    let existing: Option<i32> = sqlx::query_scalar(
+        "select stepnr from BuildSteps where build = $1 and drvPath = $2 and status = $3",
+    )
+    .bind(build)
+    .bind(drv_path)
+    .bind(BuildStatus::Resolved.code())
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(stepnr) = existing {
+        return Ok(stepnr);
+    }
+    let stepnr = create_build_step(
+        tx,
+        &NewStepRow {
+            build,
+            drv_path,
+            system,
+            status: Some(BuildStatus::Resolved),
+            machine: "",
+            start_time: Some(now()),
+            error_msg: None,
+            propagated_from: None,
+            outputs,
+        },
+    )
+    .await?;
+    sqlx::query("update BuildSteps set resolvedDrvPath = $3 where build = $1 and stepnr = $2")
+        .bind(build)
+        .bind(stepnr)
+        .bind(resolved_base_name)
+        .execute(&mut *tx)
+        .await?;
+    Ok(stepnr)
+}
+
 /// The result of a finished step, for its BuildSteps row.
 pub struct StepResult<'a> {
     pub status: BuildStatus,

@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use hydra_nix::daemon::{DaemonClient, DaemonError};
-use hydra_nix::{Derivation, StoreDir, StorePath};
+use hydra_nix::daemon::{DaemonClient, DaemonError, PathInfo};
+use hydra_nix::{Derivation, Hash, StoreDir, StorePath};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -89,5 +89,49 @@ impl LocalStore {
             path: full,
             message: e.to_string(),
         })
+    }
+
+    /// Writes `drv` (a resolved derivation) into the store as Nix would,
+    /// a text path referring to its inputs; returns its path. Writing one
+    /// that is there already changes nothing.
+    pub async fn write_derivation(
+        &self,
+        client: &mut DaemonClient,
+        drv: &Derivation,
+    ) -> Result<StorePath, StoreError> {
+        let path = drv
+            .drv_path(&self.dir)
+            .map_err(|e| StoreError::BadDerivation {
+                path: drv.name().unwrap_or("?").to_owned(),
+                message: e.to_string(),
+            })?;
+        let full = self.dir.display(&path);
+        if client.is_valid_path(&full).await? {
+            return Ok(path);
+        }
+        let text = drv.to_aterm(&self.dir);
+        let nar = hydra_nix::nar::single_file_nar(text.as_bytes());
+        let info = PathInfo {
+            path: full,
+            deriver: None,
+            nar_hash: Hash::sha256(&nar),
+            references: drv
+                .references()
+                .iter()
+                .map(|r| self.dir.display(r))
+                .collect(),
+            registration_time: 0,
+            nar_size: nar.len() as u64,
+            ultimate: false,
+            signatures: Vec::new(),
+            ca: Some(format!(
+                "text:{}",
+                Hash::sha256(text.as_bytes()).to_prefixed_base32()
+            )),
+        };
+        client
+            .add_to_store_nar(&info, &mut nar.as_slice(), false, true)
+            .await?;
+        Ok(path)
     }
 }

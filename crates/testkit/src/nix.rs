@@ -47,6 +47,10 @@ pub enum NixError {
 /// A store of its own, served by a nix-daemon in a private mount namespace.
 pub struct NixStore {
     root: PathBuf,
+    /// Goes into every test derivation instantiated here, so that stores
+    /// (tests) never share outputs, while two instantiations of one
+    /// expression in one store give the same derivations, as on a farm.
+    salt: String,
     socket: PathBuf,
     daemon: Child,
 }
@@ -96,6 +100,7 @@ impl NixStore {
         let daemon = cmd.spawn()?;
         drop((listener, ready_write));
         let store = NixStore {
+            salt: uuid::Uuid::new_v4().simple().to_string(),
             root,
             socket,
             daemon,
@@ -165,7 +170,23 @@ impl NixStore {
         expr: &str,
         attrs: &[&str],
     ) -> Result<BTreeMap<String, String>, NixError> {
-        let file = self.write_expr(expr)?;
+        self.instantiate_salted(expr, attrs, &self.salt).await
+    }
+
+    /// The salt of this store's test derivations.
+    pub fn salt(&self) -> &str {
+        &self.salt
+    }
+
+    /// [`NixStore::instantiate`] with another store's salt: the same
+    /// derivations as there (to compare with what Nix builds of them).
+    pub async fn instantiate_salted(
+        &self,
+        expr: &str,
+        attrs: &[&str],
+        salt: &str,
+    ) -> Result<BTreeMap<String, String>, NixError> {
+        let file = self.write_expr(expr, salt)?;
         let mut args: Vec<&str> = vec![file.to_str().expect("UTF-8 temp path")];
         for a in attrs {
             args.extend(["-A", a]);
@@ -191,13 +212,12 @@ impl NixStore {
     }
 
     /// Writes `expr` to a file, with the prelude in scope as `prelude`.
-    fn write_expr(&self, expr: &str) -> Result<PathBuf, NixError> {
+    fn write_expr(&self, expr: &str, salt: &str) -> Result<PathBuf, NixError> {
         let dir = self.root.join("exprs");
         std::fs::create_dir_all(&dir)?;
         let prelude = dir.join("prelude.nix");
         std::fs::write(&prelude, include_str!("prelude.nix"))?;
         let file = dir.join(format!("{}.nix", uuid::Uuid::new_v4().simple()));
-        let salt = uuid::Uuid::new_v4().simple().to_string();
         std::fs::write(
             &file,
             format!(

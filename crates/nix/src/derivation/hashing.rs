@@ -146,6 +146,18 @@ impl DrvHashes {
         self.cache.get(path)
     }
 
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.cache.clear();
+    }
+
     /// Nix's `pathDerivationModulo`: the unmasked hash of the `.drv` at
     /// `path`, loading it and any input not yet hashed with `load`.
     pub fn compute<E: std::error::Error + 'static>(

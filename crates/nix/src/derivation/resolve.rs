@@ -154,4 +154,32 @@ mod tests {
         let err = drv.resolve(&store, &BTreeMap::new()).unwrap_err();
         assert!(err.to_string().contains("output \"out\" of input"), "{err}");
     }
+
+    #[test]
+    fn a_deferred_derivation_resolves_to_the_paths_nix_gives() {
+        // Nix 2.8 resolved this (input-addressed, depending on a floating
+        // CA derivation) to if12xmbn...-non-ca-depending-on-ca.drv.
+        let store = StoreDir::default();
+        let text = r#"Derive([("out","","","")],[("/nix/store/0s3qlrr5yf17lqcqqvmz3qv0iw5p48zq-empty-dir.drv",["out"])],[],"x86_64-linux","/bin/sh",["-c","mkdir $out; echo /0n22my7vqmkwhkw1yi3a2qkri6iak844xy4l0r6fyyir6sx2g1db > $out/dep"],[("PATH","/usr/bin:/bin"),("builder","/bin/sh"),("name","non-ca-depending-on-ca"),("out",""),("salt",""),("system","x86_64-linux")])"#;
+        let drv = Derivation::parse(&store, text.as_bytes()).unwrap();
+        let input = store
+            .parse_path("/nix/store/0s3qlrr5yf17lqcqqvmz3qv0iw5p48zq-empty-dir.drv")
+            .unwrap();
+        let built = store
+            .parse_path("/nix/store/gygiwca87yqrsr9rgm137lwlyjnz1mg1-empty-dir")
+            .unwrap();
+        let inputs = BTreeMap::from([((input, "out".to_owned()), built)]);
+        let resolved = drv.resolve(&store, &inputs).unwrap();
+        assert_eq!(
+            resolved.outputs["out"]
+                .path()
+                .map(|p| store.display(p))
+                .as_deref(),
+            Some("/nix/store/8hbby5ylm8kr2jcjsnm6w0qjmzijsbq7-non-ca-depending-on-ca")
+        );
+        assert_eq!(
+            store.display(&resolved.drv_path(&store).unwrap()),
+            "/nix/store/if12xmbn4yrimp53nfprqa0civz9kpm3-non-ca-depending-on-ca.drv"
+        );
+    }
 }

@@ -193,7 +193,7 @@ pub async fn abort_attempt(shared: &Shared, attempt: Attempt, reason: &str) -> R
         )
         .await?;
     }
-    shared.wake_dispatcher();
+    shared.wake();
     Ok(())
 }
 
@@ -224,6 +224,22 @@ pub async fn fail_unsupported(shared: &Shared, step: StepId) -> Result<(), Fatal
     .await
 }
 
+/// A step that cannot be resolved (an input output has no recorded path,
+/// its `.drv` is unreadable): it fails (1), and the builds above it with
+/// "dependency failed".
+pub async fn fail_unresolvable(shared: &Shared, step: StepId, reason: &str) -> Result<(), Fatal> {
+    let msg = format!("cannot resolve the content-addressed derivation: {reason}");
+    fail_step(
+        shared,
+        step,
+        None,
+        &Failure::unbuilt(BuildStatus::Failed, &msg),
+    )
+    .await?;
+    shared.wake();
+    Ok(())
+}
+
 /// The step could not even be prepared (its `.drv` or inputs are gone from
 /// the runner's store): it fails as aborted, with the reason.
 pub async fn fail_before_start(shared: &Shared, a: &Assignment, reason: &str) -> Result<(), Fatal> {
@@ -245,7 +261,7 @@ pub async fn fail_before_start(shared: &Shared, a: &Assignment, reason: &str) ->
         &Failure::unbuilt(BuildStatus::Aborted, &msg),
     )
     .await?;
-    shared.wake_dispatcher();
+    shared.wake();
     Ok(())
 }
 
@@ -257,61 +273,75 @@ async fn fail_step(
     attempt: Option<(&Attempt, &str)>,
     failure: &Failure<'_>,
 ) -> Result<(), Fatal> {
-    let (drv, system, builds) = {
+    let (failed, builds) = {
         let graph = shared.graph.lock();
         let Some(s) = graph.step(step) else {
             return Ok(());
         };
-        (
-            s.drv_path.clone(),
-            s.system.clone(),
-            graph.dependent_builds(step),
-        )
+        let failed = FailedStep {
+            drv: s.drv_path.clone(),
+            system: s.system.clone(),
+            resolved_from: s.resolved_from.clone(),
+        };
+        (failed, graph.dependent_builds(step))
     };
     let mut tx = shared.pool.begin().await?;
-    let owner = write_failure(
-        &mut tx, shared, &drv, &system, attempt, &builds, None, failure,
-    )
-    .await?;
+    let owner = write_failure(&mut tx, shared, &failed, attempt, &builds, None, failure).await?;
     if matches!(
         failure.status,
         BuildStatus::Failed | BuildStatus::NotDeterministic
     ) {
-        let known = known_outputs(shared, &drv).await?;
+        let known = known_outputs(shared, &failed.drv).await?;
         record::insert_failed_paths(&mut tx, &known).await?;
     }
     tx.commit().await?;
-    let failed = {
+    let removed = {
         let mut graph = shared.graph.lock();
         graph.step_failed(step, attempt.map(|(a, _)| &a.id)).ok()
     };
-    let Some(failed) = failed else { return Ok(()) };
-    forget_started(shared, &failed.builds);
+    let Some(removed) = removed else {
+        return Ok(());
+    };
+    forget_started(shared, &removed.builds);
     // Builds that attached to the step while the transaction ran.
-    let late = late_builds(failed.builds, &builds);
+    let late = late_builds(removed.builds, &builds);
     if !late.is_empty() {
         let mut tx = shared.pool.begin().await?;
-        write_failure(&mut tx, shared, &drv, &system, None, &late, owner, failure).await?;
+        write_failure(&mut tx, shared, &failed, None, &late, owner, failure).await?;
         tx.commit().await?;
     }
-    drop_steps(shared, failed.dropped).await
+    drop_steps(shared, removed.dropped).await
+}
+
+/// The step that failed, as the graph had it.
+struct FailedStep {
+    drv: hydra_nix::StorePath,
+    system: String,
+    /// Derivations resolved to it: a build of one of them failed itself,
+    /// it is not a dependency failure.
+    resolved_from: Vec<hydra_nix::StorePath>,
+}
+
+impl FailedStep {
+    fn is_top_level_of(&self, build: &Build) -> bool {
+        build.drv_path == self.drv || self.resolved_from.contains(&build.drv_path)
+    }
 }
 
 /// The rows of a failure: the owner's step row (closed, or created when
 /// there was no attempt), a propagated row for every other build, and the
 /// builds themselves. Returns the owner build.
-#[allow(clippy::too_many_arguments)]
 async fn write_failure(
     tx: &mut sqlx::PgConnection,
     shared: &Shared,
-    drv: &hydra_nix::StorePath,
-    system: &str,
+    step: &FailedStep,
     attempt: Option<(&Attempt, &str)>,
     builds: &[Build],
     owner: Option<i32>,
     f: &Failure<'_>,
 ) -> Result<Option<i32>, Fatal> {
-    let drv_full = shared.store.dir().display(drv);
+    let drv_full = shared.store.dir().display(&step.drv);
+    let system = step.system.as_str();
     let owner = match (attempt, owner) {
         (Some((a, log_file)), _) => {
             record::finish_build_step(
@@ -356,7 +386,7 @@ async fn write_failure(
             )
             .await?;
         }
-        let status = if b.drv_path != *drv && f.status == BuildStatus::Failed {
+        let status = if !step.is_top_level_of(b) && f.status == BuildStatus::Failed {
             BuildStatus::DepFailed
         } else {
             f.status
@@ -401,7 +431,7 @@ pub async fn drop_steps(shared: &Shared, dropped: Dropped) -> Result<(), Fatal> 
         tracing::info!(drv = %attempt.drv_path, machine = %attempt.machine, "aborting a step no build needs");
         close_dropped(shared, &attempt).await?;
     }
-    shared.wake_dispatcher();
+    shared.wake();
     Ok(())
 }
 
@@ -457,7 +487,7 @@ fn release(shared: &Shared, attempt: &Attempt) {
         .machines
         .lock()
         .release(&attempt.machine, &attempt.id);
-    shared.wake_dispatcher();
+    shared.wake();
 }
 
 /// Records the success of `step` for the builds in `direct`.
@@ -474,7 +504,7 @@ async fn write_success(
     Ok(())
 }
 
-pub use outputs::Measured;
+pub use outputs::{Measured, succeed_unbuilt};
 
 /// Measures outputs that are valid in the runner's store (a cached build).
 pub async fn measure_valid(

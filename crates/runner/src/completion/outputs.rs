@@ -3,12 +3,16 @@
 use std::time::Instant;
 
 use hydra_db::status::BuildStatus;
+use hydra_nix::StorePath;
 use hydra_nix::daemon::DaemonClient;
 use hydra_proto::v1::CompletionReport;
+use uuid::Uuid;
 
 use super::nix_support::{BuildOutputInfo, OutputScan, scan_nar};
 use super::{abort_attempt, release, write_success};
 use crate::attempts::{self, Attempt};
+use crate::graph::{Build, StepId};
+use crate::realisations;
 use crate::record::{self, StepResult, Success};
 use crate::store::StoreError;
 use crate::{Fatal, Shared};
@@ -118,7 +122,7 @@ pub async fn succeed(
     report: &CompletionReport,
 ) -> Result<(), Fatal> {
     let mut client = shared.store.client().await?;
-    let outputs = match expected_outputs(shared, &mut client, &attempt, report).await {
+    let (outputs, learnt) = match expected_outputs(shared, &mut client, &attempt, report).await {
         Ok(o) => o,
         Err(reason) => return abort_attempt(shared, attempt, &reason).await,
     };
@@ -136,13 +140,7 @@ pub async fn succeed(
         uploads.get(p).map(|u| (u.nar_size, u.scan.clone()))
     })
     .await?;
-    let running = {
-        let graph = shared.graph.lock();
-        graph
-            .step_of_attempt(&attempt.drv_path, &attempt.id)
-            .map(|step| (step, graph.top_level_builds(step)))
-    };
-    let Some((step, direct)) = running else {
+    let Some(done) = finishing(shared, &attempt.drv_path, Some(&attempt.id)) else {
         return super::close_dropped(shared, &attempt).await;
     };
     let log_file = shared.logs.finish(&attempt.drv_path)?.display().to_string();
@@ -177,43 +175,153 @@ pub async fn succeed(
     )
     .await?;
     attempts::close(&mut tx, &attempt.id, BuildStatus::Success.code()).await?;
-    write_success(&mut tx, &direct, attempt.build, &success).await?;
+    let realised = done.realised(&attempt.drv_path, learnt);
+    record_realisations(shared, &mut tx, &realised, &paths).await?;
+    write_success(&mut tx, &done.direct, attempt.build, &success).await?;
     tx.commit().await?;
     tracing::info!(drv = %attempt.drv_path, machine = %attempt.machine, "step succeeded");
 
-    let done = {
-        let mut graph = shared.graph.lock();
-        let jobset = graph.build(attempt.build).map(|b| b.jobset_id);
-        let done = graph.step_succeeded(step, Some(&attempt.id), Instant::now());
-        if let Some(j) = jobset {
-            shared.shares.lock().add_used(
-                j,
-                (stop_time - start_time).max(0) as f64,
-                Instant::now(),
-            );
-        }
-        done
+    let jobset = shared
+        .graph
+        .lock()
+        .build(attempt.build)
+        .map(|b| b.jobset_id);
+    if let Some(j) = jobset {
+        let used = (stop_time - start_time).max(0) as f64;
+        shared.shares.lock().add_used(j, used, Instant::now());
+    }
+    apply_success(shared, &done, Some(&attempt.id), attempt.build, &success).await?;
+    release(shared, &attempt);
+    register_realisations(shared, &mut client, &realised, &paths).await
+}
+
+/// A resolving step whose resolved derivation's outputs are known and
+/// valid already (early cutoff): it succeeds without a build, with those
+/// outputs; `owner` holds its status-13 row.
+pub async fn succeed_unbuilt(
+    shared: &Shared,
+    step: StepId,
+    outputs: Vec<(String, String)>,
+    owner: i32,
+) -> Result<(), Fatal> {
+    let mut client = shared.store.client().await?;
+    let measured = measure(&mut client, outputs, |_| None).await?;
+    let drv_path = match shared.graph.lock().step(step) {
+        Some(s) => s.drv_path.clone(),
+        None => return Ok(()),
     };
-    let done = done.expect("the attempt owned its step");
-    super::forget_started(shared, &done.builds);
-    let late = super::late_builds(done.builds, &direct);
+    let Some(done) = finishing(shared, &drv_path, None) else {
+        return Ok(());
+    };
+    let now = record::now();
+    let paths = measured.paths();
+    let success = measured.success(&paths, now, now);
+    let realised = done.realised(&drv_path, false);
+    let mut tx = shared.pool.begin().await?;
+    record_realisations(shared, &mut tx, &realised, &paths).await?;
+    write_success(&mut tx, &done.direct, owner, &success).await?;
+    tx.commit().await?;
+    tracing::info!(drv = %drv_path, "outputs known already (early cutoff): nothing to build");
+    apply_success(shared, &done, None, owner, &success).await?;
+    shared.wake();
+    register_realisations(shared, &mut client, &realised, &paths).await
+}
+
+/// A step about to succeed, as the graph had it before the transaction.
+struct Finishing {
+    step: StepId,
+    /// Builds whose top-level step it is.
+    direct: Vec<Build>,
+    /// Derivations that resolved to it.
+    resolved_from: Vec<StorePath>,
+}
+
+impl Finishing {
+    /// The derivations whose outputs the step's outputs are, and that need
+    /// them recorded: itself when its outputs were `learnt` from the build
+    /// (not fixed by the `.drv`), and every derivation resolved to it.
+    fn realised(&self, drv_path: &StorePath, learnt: bool) -> Vec<StorePath> {
+        let own = learnt.then(|| drv_path.clone());
+        own.into_iter()
+            .chain(self.resolved_from.iter().cloned())
+            .collect()
+    }
+}
+
+/// The step of `drv_path` if `attempt` still runs it (or, with no
+/// attempt, if it is still in the graph).
+fn finishing(shared: &Shared, drv_path: &StorePath, attempt: Option<&Uuid>) -> Option<Finishing> {
+    let graph = shared.graph.lock();
+    let step = match attempt {
+        Some(a) => graph.step_of_attempt(drv_path, a)?,
+        None => graph.step_id(drv_path)?,
+    };
+    Some(Finishing {
+        step,
+        direct: graph.top_level_builds(step),
+        resolved_from: graph.step(step)?.resolved_from.clone(),
+    })
+}
+
+/// The graph side of a success, after its transaction: the step leaves,
+/// dependents move on, and builds that attached meanwhile are finished too.
+async fn apply_success(
+    shared: &Shared,
+    done: &Finishing,
+    attempt: Option<&Uuid>,
+    owner: i32,
+    success: &record::Success<'_>,
+) -> Result<(), Fatal> {
+    let result = shared
+        .graph
+        .lock()
+        .step_succeeded(done.step, attempt, Instant::now());
+    let Ok(result) = result else {
+        return Ok(()); // another completion won the step
+    };
+    super::forget_started(shared, &result.builds);
+    let late = super::late_builds(result.builds, &done.direct);
     if !late.is_empty() {
         let mut tx = shared.pool.begin().await?;
-        write_success(&mut tx, &late, attempt.build, &success).await?;
+        write_success(&mut tx, &late, owner, success).await?;
         tx.commit().await?;
     }
-    release(shared, &attempt);
+    Ok(())
+}
+
+async fn record_realisations(
+    shared: &Shared,
+    tx: &mut sqlx::PgConnection,
+    realised: &[StorePath],
+    paths: &[(String, String)],
+) -> Result<(), Fatal> {
+    for drv in realised {
+        realisations::record(tx, &shared.store.dir().display(drv), paths).await?;
+    }
+    Ok(())
+}
+
+async fn register_realisations(
+    shared: &Shared,
+    client: &mut DaemonClient,
+    realised: &[StorePath],
+    paths: &[(String, String)],
+) -> Result<(), Fatal> {
+    for drv in realised {
+        realisations::register_in_store(shared, client, drv, paths).await?;
+    }
     Ok(())
 }
 
 /// Output name -> path: from the `.drv` where the path is fixed, from the
-/// builder's report where it is known only after the build (CA).
+/// builder's report where it is known only after the build (CA); and
+/// whether any was learnt from the report.
 async fn expected_outputs(
     shared: &Shared,
     client: &mut DaemonClient,
     attempt: &Attempt,
     report: &CompletionReport,
-) -> Result<Vec<(String, String)>, String> {
+) -> Result<(Vec<(String, String)>, bool), String> {
     let dir = shared.store.dir();
     let drv = shared
         .store
@@ -221,10 +329,12 @@ async fn expected_outputs(
         .await
         .map_err(|e| format!("cannot re-read the derivation: {e}"))?;
     let mut outputs = Vec::new();
+    let mut learnt = false;
     for (name, out) in &drv.outputs {
         let path = match out.path() {
             Some(p) => dir.display(p),
             None => {
+                learnt = true;
                 let reported = report
                     .outputs
                     .iter()
@@ -237,5 +347,5 @@ async fn expected_outputs(
         };
         outputs.push((name.clone(), path));
     }
-    Ok(outputs)
+    Ok((outputs, learnt))
 }

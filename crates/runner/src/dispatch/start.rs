@@ -1,13 +1,11 @@
 //! Starting an attempt: persist it, then send the job.
 
-use std::collections::BTreeMap;
-
-use hydra_nix::Derivation;
 use hydra_nix::daemon::DaemonClient;
 use hydra_proto::v1::{BuildJob, Limits, RunnerMessage, runner_message};
 
 use super::Assignment;
 use crate::attempts::{self, Attempt};
+use crate::realisations::{self, RealisationError};
 use crate::record::{self, NewStepRow};
 use crate::store::StoreError;
 use crate::{Fatal, Shared};
@@ -20,14 +18,15 @@ pub async fn start_attempt(shared: &Shared, a: Assignment) -> Result<(), Fatal> 
     let mut client = shared.store.client().await?;
     let job = match prepare_job(shared, &mut client, &a).await {
         Ok(job) => job,
-        Err(e) if e.is_infrastructure() => return Err(e.into()),
         Err(e) => {
-            tracing::error!(drv = %a.drv_path, "cannot prepare step: {e}");
-            crate::completion::fail_before_start(shared, &a, &e.to_string()).await?;
+            let reason = e.into_reason()?;
+            tracing::error!(drv = %a.drv_path, "cannot prepare step: {reason}");
+            crate::completion::fail_before_start(shared, &a, &reason).await?;
             return Ok(());
         }
     };
     let attempt = persist(shared, &a, &job.outputs).await?;
+    crate::failpoint::stop_at("dispatch-recorded");
     shared.logs.start(&a.drv_path)?;
     shared.attempts.lock().insert(attempt);
     tracing::info!(drv = %a.drv_path, machine = %a.machine, attempt = %a.attempt, "dispatched");
@@ -54,44 +53,59 @@ struct PreparedJob {
     outputs: Vec<(String, Option<String>)>,
 }
 
+/// Why a step cannot be prepared for a builder.
+#[derive(Debug, thiserror::Error)]
+enum PrepareError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Inputs(#[from] RealisationError),
+    #[error("{0}")]
+    Resolve(#[from] hydra_nix::derivation::ResolveError),
+}
+
+impl PrepareError {
+    /// Err for a fault of the runner's store or database; Ok(reason) for a
+    /// problem of this step.
+    fn into_reason(self) -> Result<String, Fatal> {
+        match self {
+            PrepareError::Store(e) if e.is_infrastructure() => Err(e.into()),
+            PrepareError::Inputs(e) => e.into_reason(),
+            other => Ok(other.to_string()),
+        }
+    }
+}
+
 /// Re-reads the `.drv` and turns it into the job a builder needs: the
-/// derivation with its input derivations' outputs as plain sources, and
-/// the closure of those sources.
+/// derivation with its input derivations' outputs as plain sources (so
+/// the builder needs no `.drv` but this one), and the closure of those
+/// sources. A step reaching here needs no resolution, so its inputs'
+/// outputs have fixed paths.
 async fn prepare_job(
     shared: &Shared,
     client: &mut DaemonClient,
     a: &Assignment,
-) -> Result<PreparedJob, StoreError> {
+) -> Result<PreparedJob, PrepareError> {
     let store = &shared.store;
     let dir = store.dir();
     let drv = store.read_derivation(client, &a.drv_path).await?;
-    let mut basic = Derivation {
-        input_drvs: BTreeMap::new(),
-        ..drv.clone()
-    };
-    for (input, wanted) in &drv.input_drvs {
-        let outputs = client
-            .query_derivation_output_map(&dir.display(input))
-            .await?;
-        for name in wanted {
-            let path = outputs
-                .get(name)
-                .cloned()
-                .flatten()
-                .ok_or_else(|| StoreError::Missing {
-                    path: format!("{}!{name}", dir.display(input)),
-                })?;
-            if !client.is_valid_path(&path).await? {
-                return Err(StoreError::Missing { path });
-            }
-            basic.input_srcs.insert(
-                dir.parse_path(&path)
-                    .map_err(hydra_nix::daemon::DaemonError::from)?,
-            );
+    let inputs = realisations::input_paths(shared, client, &drv).await?;
+    let basic = drv.resolve(dir, &inputs)?;
+    for path in inputs.values() {
+        let full = dir.display(path);
+        if !client
+            .is_valid_path(&full)
+            .await
+            .map_err(StoreError::from)?
+        {
+            return Err(StoreError::Missing { path: full }.into());
         }
     }
     let srcs: Vec<String> = basic.input_srcs.iter().map(|p| dir.display(p)).collect();
-    let closure = client.query_closure(&srcs).await?;
+    let closure = client
+        .query_closure(&srcs)
+        .await
+        .map_err(StoreError::from)?;
     let outputs = drv
         .outputs
         .iter()

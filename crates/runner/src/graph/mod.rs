@@ -59,6 +59,8 @@ pub struct NewStep {
     /// Input derivations that are not valid: new steps of the same plan, or
     /// steps already in the graph.
     pub inputs: Vec<StorePath>,
+    /// Depends on floating CA outputs: resolved once its inputs are built.
+    pub needs_resolution: bool,
 }
 
 /// What the loader read for one build: its new steps, and the steps it
@@ -92,7 +94,8 @@ pub struct Dropped {
 pub struct Succeeded {
     /// Builds whose top-level step this was; they left the graph.
     pub builds: Vec<Build>,
-    pub newly_runnable: Vec<StepId>,
+    /// Dependents whose last input this was (runnable, or to resolve).
+    pub unblocked: Vec<StepId>,
 }
 
 /// The effect of a step's permanent failure.
@@ -109,6 +112,8 @@ pub struct Graph {
     by_path: HashMap<StorePath, StepId>,
     builds: HashMap<BuildId, Build>,
     runnable: HashSet<StepId>,
+    /// Steps in `Resolving` that the resolver has not taken yet.
+    to_resolve: HashSet<StepId>,
     next_id: StepId,
 }
 
@@ -156,11 +161,12 @@ impl Graph {
             if !self.by_path.contains_key(&ns.drv_path) {
                 let id = self.next_id;
                 self.next_id += 1;
-                let step = Step::new(
+                let mut step = Step::new(
                     ns.drv_path.clone(),
                     ns.system.clone(),
                     ns.required_features.clone(),
                 );
+                step.needs_resolution = ns.needs_resolution;
                 self.steps.insert(id, step);
                 self.by_path.insert(ns.drv_path.clone(), id);
                 created.push(id);
@@ -184,16 +190,79 @@ impl Graph {
             self.push_facts(top, &build);
         }
         self.builds.insert(build.id, build);
-        let mut runnable = Vec::new();
+        let mut unblocked = Vec::new();
         for id in created {
-            let step = self.steps.get_mut(&id).expect("created step");
-            if step.deps.is_empty() {
-                step.inputs_built(now).expect("a new step waits");
-                self.runnable.insert(id);
-                runnable.push(id);
+            if self.steps[&id].deps.is_empty() {
+                self.unblock(id, now).expect("a new step waits");
+                unblocked.push(id);
             }
         }
-        Ok(runnable)
+        Ok(unblocked)
+    }
+
+    /// The last input of `id` is built: it joins the dispatcher's queue,
+    /// or the resolver's.
+    fn unblock(&mut self, id: StepId, now: Instant) -> Result<(), TransitionError> {
+        let step = self.steps.get_mut(&id).expect("step");
+        step.inputs_built(now)?;
+        if step.is_resolving() {
+            self.to_resolve.insert(id);
+        } else {
+            self.runnable.insert(id);
+        }
+        Ok(())
+    }
+
+    /// A step waiting for the resolver, taken out of its queue.
+    pub fn next_to_resolve(&mut self) -> Option<StepId> {
+        let id = *self.to_resolve.iter().next()?;
+        self.to_resolve.remove(&id);
+        Some(id)
+    }
+
+    /// Replaces the resolving step `id` by the step of its resolved
+    /// derivation (`resolved`, created unless another step resolved to it
+    /// already): the builds and dependents of `id` move there, and `id`'s
+    /// path stays an alias of it until it finishes. Returns its id.
+    pub fn replace_with_resolved(
+        &mut self,
+        id: StepId,
+        resolved: NewStep,
+        now: Instant,
+    ) -> Result<StepId, TransitionError> {
+        self.steps.get_mut(&id).expect("step").replaced()?;
+        let original = self.remove_step(id);
+        let target = match self.by_path.get(&resolved.drv_path) {
+            Some(t) => *t,
+            None => {
+                let t = self.next_id;
+                self.next_id += 1;
+                let step = Step::new(
+                    resolved.drv_path.clone(),
+                    resolved.system,
+                    resolved.required_features,
+                );
+                self.steps.insert(t, step);
+                self.by_path.insert(resolved.drv_path, t);
+                self.unblock(t, now)?;
+                t
+            }
+        };
+        for r in &original.rdeps {
+            let rdep = self.steps.get_mut(r).expect("rdep");
+            rdep.deps.remove(&id);
+            rdep.deps.insert(target);
+        }
+        let step = self.steps.get_mut(&target).expect("resolved step");
+        step.rdeps.extend(original.rdeps.iter().copied());
+        step.toplevel_of
+            .extend(original.toplevel_of.iter().copied());
+        step.sched.merge(&original.sched);
+        for alias in std::iter::once(original.drv_path).chain(original.resolved_from) {
+            step.resolved_from.push(alias.clone());
+            self.by_path.insert(alias, target);
+        }
+        Ok(target)
     }
 
     fn link(&mut self, step: StepId, dep: StepId) {
@@ -321,7 +390,7 @@ impl Graph {
         let step = self.steps.get_mut(&id).expect("step");
         match attempt {
             Some(a) => step.attempt_finished(a)?,
-            None => step.failed_unbuilt()?,
+            None => step.finished_unbuilt()?,
         }
         let step = self.remove_step(id);
         let builds = step
@@ -329,20 +398,16 @@ impl Graph {
             .iter()
             .filter_map(|b| self.builds.remove(b))
             .collect();
-        let mut newly_runnable = Vec::new();
+        let mut unblocked = Vec::new();
         for r in step.rdeps {
             let rdep = self.steps.get_mut(&r).expect("rdep");
             rdep.deps.remove(&id);
             if rdep.deps.is_empty() {
-                rdep.inputs_built(now)?;
-                self.runnable.insert(r);
-                newly_runnable.push(r);
+                self.unblock(r, now)?;
+                unblocked.push(r);
             }
         }
-        Ok(Succeeded {
-            builds,
-            newly_runnable,
-        })
+        Ok(Succeeded { builds, unblocked })
     }
 
     /// The step failed permanently (`attempt`, or before any attempt): it,
@@ -356,7 +421,7 @@ impl Graph {
         let step = self.steps.get_mut(&id).expect("step");
         match attempt {
             Some(a) => step.attempt_finished(a)?,
-            None => step.failed_unbuilt()?,
+            None => step.finished_unbuilt()?,
         }
         let builds = self.dependent_builds(id);
         let mut above = HashSet::new();
@@ -440,7 +505,11 @@ impl Graph {
             .remove(&id)
             .expect("removing a step in the graph");
         self.by_path.remove(&step.drv_path);
+        for alias in &step.resolved_from {
+            self.by_path.remove(alias);
+        }
         self.runnable.remove(&id);
+        self.to_resolve.remove(&id);
         step
     }
 
@@ -505,6 +574,7 @@ mod tests {
                     system: "x86_64-linux".into(),
                     required_features: vec![],
                     inputs: inputs.iter().map(|i| path(i)).collect(),
+                    needs_resolution: false,
                 })
                 .collect(),
             existing: HashSet::new(),
@@ -657,5 +727,139 @@ mod tests {
         assert_eq!(base.sched.global_priority, 5);
         assert_eq!(base.sched.critical_path, 3, "app -> lib -> base");
         assert_eq!(base.sched.lowest_build_id, 1);
+    }
+
+    /// `plan`, with the steps named in `ca` needing resolution.
+    fn ca_plan(steps: &[(&str, &[&str])], ca: &[&str]) -> LoadPlan {
+        let mut p = plan(steps);
+        for s in &mut p.new_steps {
+            s.needs_resolution = ca.contains(&s.drv_path.name().trim_end_matches(".drv"));
+        }
+        p
+    }
+
+    fn resolved(name: &str) -> NewStep {
+        NewStep {
+            drv_path: path(name),
+            system: "x86_64-linux".into(),
+            required_features: vec![],
+            inputs: vec![],
+            needs_resolution: false,
+        }
+    }
+
+    fn build_step(g: &mut Graph, name: &str) -> Succeeded {
+        let id = g.step_id(&path(name)).unwrap();
+        let a = Uuid::new_v4();
+        g.mark_dispatched(id, a, "m").unwrap();
+        g.step_succeeded(id, Some(&a), Instant::now()).unwrap()
+    }
+
+    #[test]
+    fn a_ca_dependent_waits_for_the_resolver_not_the_dispatcher() {
+        let mut g = Graph::default();
+        let now = Instant::now();
+        g.insert_build(
+            build(1, "app"),
+            ca_plan(&[("app", &["ca"]), ("ca", &[])], &["app"]),
+            now,
+        )
+        .unwrap();
+        assert_eq!(g.next_to_resolve(), None);
+        let done = build_step(&mut g, "ca");
+        let app = g.step_id(&path("app")).unwrap();
+        assert_eq!(done.unblocked, vec![app]);
+        assert!(runnable_names(&g).is_empty(), "not dispatched unresolved");
+        assert_eq!(g.next_to_resolve(), Some(app));
+        assert_eq!(g.next_to_resolve(), None, "taken once");
+    }
+
+    #[test]
+    fn a_resolved_step_takes_over_builds_and_dependents() {
+        let mut g = Graph::default();
+        let now = Instant::now();
+        // top (a build of its own) needs app, which needs ca and must be resolved.
+        g.insert_build(
+            build(1, "top"),
+            ca_plan(
+                &[("top", &["app"]), ("app", &["ca"]), ("ca", &[])],
+                &["top", "app"],
+            ),
+            now,
+        )
+        .unwrap();
+        let mut p = plan(&[]);
+        p.existing.insert(path("app"));
+        g.insert_build(build(2, "app"), p, now).unwrap();
+        build_step(&mut g, "ca");
+        let app = g.next_to_resolve().unwrap();
+        let r = g
+            .replace_with_resolved(app, resolved("app-resolved"), now)
+            .unwrap();
+        assert_eq!(runnable_names(&g), ["app-resolved.drv"]);
+        assert_eq!(g.step_id(&path("app")), Some(r), "the original is an alias");
+        assert_eq!(g.step(r).unwrap().resolved_from, vec![path("app")]);
+        assert_eq!(
+            g.top_level_builds(r)
+                .iter()
+                .map(|b| b.id)
+                .collect::<Vec<_>>(),
+            [2]
+        );
+        assert_eq!(
+            g.dependent_builds(r)
+                .iter()
+                .map(|b| b.id)
+                .collect::<Vec<_>>(),
+            [1, 2]
+        );
+        let done = build_step(&mut g, "app-resolved");
+        assert_eq!(done.builds.iter().map(|b| b.id).collect::<Vec<_>>(), [2]);
+        assert_eq!(g.step_id(&path("app")), None, "the alias left with it");
+        assert_eq!(g.next_to_resolve(), g.step_id(&path("top")));
+    }
+
+    #[test]
+    fn two_derivations_resolving_alike_share_one_step() {
+        let mut g = Graph::default();
+        let now = Instant::now();
+        g.insert_build(
+            build(1, "down1"),
+            ca_plan(&[("down1", &["up1"]), ("up1", &[])], &["down1"]),
+            now,
+        )
+        .unwrap();
+        g.insert_build(
+            build(2, "down2"),
+            ca_plan(&[("down2", &["up2"]), ("up2", &[])], &["down2"]),
+            now,
+        )
+        .unwrap();
+        build_step(&mut g, "up1");
+        build_step(&mut g, "up2");
+        let first = g.next_to_resolve().unwrap();
+        let second = g.next_to_resolve().unwrap();
+        let r1 = g
+            .replace_with_resolved(first, resolved("down-res"), now)
+            .unwrap();
+        let r2 = g
+            .replace_with_resolved(second, resolved("down-res"), now)
+            .unwrap();
+        assert_eq!(r1, r2);
+        assert_eq!(g.step_count(), 1);
+        let done = build_step(&mut g, "down-res");
+        assert_eq!(done.builds.len(), 2);
+        assert_eq!(g.step_count(), 0);
+    }
+
+    #[test]
+    fn a_step_that_is_not_resolving_is_not_replaced() {
+        let mut g = Graph::default();
+        let now = Instant::now();
+        g.insert_build(build(1, "app"), plan(&[("app", &[])]), now)
+            .unwrap();
+        let app = g.step_id(&path("app")).unwrap();
+        assert!(g.replace_with_resolved(app, resolved("x"), now).is_err());
+        assert_eq!(runnable_names(&g), ["app.drv"]);
     }
 }

@@ -5,14 +5,20 @@
 //!
 //! ```text
 //!   Waiting ──inputs_built──▶ Runnable ──dispatched──▶ Running
-//!      ▲                        ▲  │                     │
-//!      │                        │  └──────failed─────┐   ├─requeued──▶ Runnable (after backoff)
-//!      └─(new inputs attach)    └────────────────────┼───┤
-//!                                                    ▼   ├─succeeded─▶ Finished
-//!                                                 Finished◀─failed───┘
+//!      │                        ▲  │                     │
+//!      │ inputs_built           │  └─finished_unbuilt─┐  ├─requeued──▶ Runnable (after backoff)
+//!      │ (CA: must resolve)     └─────────────────────┼──┤
+//!      ▼                                              ▼  ├─attempt_finished─▶ Finished
+//!   Resolving ──replaced / finished_unbuilt──────▶ Finished
 //! ```
 //!
-//! A finished step leaves the graph; dependents learn of it through the graph.
+//! A step whose derivation depends on floating content-addressed outputs
+//! (or has deferred outputs) is never dispatched as it is: once its inputs
+//! are built it waits in `Resolving` for the resolver, which replaces it by
+//! the resolved derivation's step (`replaced`), or finishes it outright
+//! when the resolved outputs are known already (early cutoff) or it cannot
+//! be resolved. A finished step leaves the graph; dependents learn of it
+//! through the graph.
 
 use std::collections::HashSet;
 use std::time::Instant;
@@ -34,6 +40,9 @@ pub enum StepState {
         since: Instant,
         not_before: Option<Instant>,
     },
+    /// Every input is built, but the derivation must be resolved before a
+    /// builder may see it.
+    Resolving,
     /// Sent to a machine as `attempt`.
     Running { attempt: Uuid, machine: String },
     /// Built or failed; about to leave the graph.
@@ -118,6 +127,12 @@ pub struct Step {
     pub aborted_attempts: u32,
     /// Since when no connected machine could build the step.
     pub unsupported_since: Option<Instant>,
+    /// The derivation depends on floating CA outputs (or has deferred
+    /// outputs): it is resolved, never built as it is.
+    pub needs_resolution: bool,
+    /// Derivations that resolved to this one: their builds and dependents
+    /// moved here, and they get this step's outputs as their realisations.
+    pub resolved_from: Vec<StorePath>,
 }
 
 impl Step {
@@ -133,6 +148,8 @@ impl Step {
             sched: SchedFacts::none(),
             aborted_attempts: 0,
             unsupported_since: None,
+            needs_resolution: false,
+            resolved_from: Vec::new(),
         }
     }
 
@@ -148,17 +165,38 @@ impl Step {
         }
     }
 
-    /// Waiting -> Runnable, once the last input is built.
+    pub fn is_resolving(&self) -> bool {
+        self.state == StepState::Resolving
+    }
+
+    /// Waiting -> Runnable, once the last input is built; Waiting ->
+    /// Resolving instead when the derivation must be resolved first.
     pub fn inputs_built(&mut self, now: Instant) -> Result<(), TransitionError> {
         match self.state {
             StepState::Waiting if self.deps.is_empty() => {
-                self.state = StepState::Runnable {
-                    since: now,
-                    not_before: None,
+                self.state = if self.needs_resolution {
+                    StepState::Resolving
+                } else {
+                    StepState::Runnable {
+                        since: now,
+                        not_before: None,
+                    }
                 };
                 Ok(())
             }
             _ => Err(self.refuse("become runnable")),
+        }
+    }
+
+    /// Resolving -> Finished: the resolved derivation's step takes over
+    /// this one's builds and dependents.
+    pub fn replaced(&mut self) -> Result<(), TransitionError> {
+        match self.state {
+            StepState::Resolving => {
+                self.state = StepState::Finished;
+                Ok(())
+            }
+            _ => Err(self.refuse("be replaced by its resolved derivation")),
         }
     }
 
@@ -208,15 +246,16 @@ impl Step {
         }
     }
 
-    /// Runnable -> Finished without an attempt: failed before dispatch
-    /// (no machine supports it).
-    pub fn failed_unbuilt(&mut self) -> Result<(), TransitionError> {
+    /// Waiting, Runnable or Resolving -> Finished without an attempt:
+    /// failed before dispatch (no machine supports it, it cannot be
+    /// resolved), or its resolved outputs are known already (early cutoff).
+    pub fn finished_unbuilt(&mut self) -> Result<(), TransitionError> {
         match self.state {
-            StepState::Runnable { .. } | StepState::Waiting => {
+            StepState::Runnable { .. } | StepState::Waiting | StepState::Resolving => {
                 self.state = StepState::Finished;
                 Ok(())
             }
-            _ => Err(self.refuse("fail without an attempt")),
+            _ => Err(self.refuse("finish without an attempt")),
         }
     }
 
@@ -227,6 +266,7 @@ impl Step {
             state: match self.state {
                 StepState::Waiting => "waiting for inputs",
                 StepState::Runnable { .. } => "runnable",
+                StepState::Resolving => "resolving",
                 StepState::Running { .. } => "running",
                 StepState::Finished => "finished",
             },
@@ -299,7 +339,41 @@ mod tests {
         let mut s = step();
         s.inputs_built(Instant::now()).unwrap();
         s.dispatched(Uuid::new_v4(), "m1").unwrap();
-        assert!(s.failed_unbuilt().is_err());
+        assert!(s.finished_unbuilt().is_err());
+    }
+
+    #[test]
+    fn a_step_that_needs_resolution_is_resolved_not_dispatched() {
+        let mut s = step();
+        s.needs_resolution = true;
+        s.inputs_built(Instant::now()).unwrap();
+        assert!(s.is_resolving());
+        assert!(!s.is_runnable());
+        let err = s.dispatched(Uuid::new_v4(), "m1").unwrap_err();
+        assert_eq!(err.state, "resolving");
+        s.replaced().unwrap();
+        assert_eq!(s.state, StepState::Finished);
+        assert!(s.replaced().is_err());
+    }
+
+    #[test]
+    fn only_a_resolving_step_is_replaced() {
+        let mut s = step();
+        assert!(s.replaced().is_err(), "inputs not built yet");
+        s.inputs_built(Instant::now()).unwrap();
+        assert!(
+            s.replaced().is_err(),
+            "runnable steps are built as they are"
+        );
+    }
+
+    #[test]
+    fn a_resolving_step_can_finish_without_an_attempt() {
+        let mut s = step();
+        s.needs_resolution = true;
+        s.inputs_built(Instant::now()).unwrap();
+        s.finished_unbuilt().unwrap();
+        assert_eq!(s.state, StepState::Finished);
     }
 
     #[test]

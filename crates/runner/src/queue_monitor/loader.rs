@@ -7,6 +7,7 @@ use hydra_nix::StorePath;
 use hydra_nix::daemon::DaemonClient;
 
 use crate::graph::{LoadPlan, NewStep};
+use crate::realisations;
 use crate::store::StoreError;
 use crate::{Fatal, Shared};
 
@@ -27,7 +28,8 @@ pub enum Planned {
 }
 
 /// Walks the closure of `top` downwards, stopping at derivations whose
-/// outputs are valid and at steps already in the graph.
+/// outputs are valid and at steps already in the graph. A CA output counts
+/// as built when the runner recorded its realisation and the path is valid.
 pub async fn plan(
     shared: &Shared,
     client: &mut DaemonClient,
@@ -57,12 +59,9 @@ pub async fn plan(
             }
             Err(e) => return Err(e.into()),
         };
-        let known: Vec<String> = drv
-            .outputs
-            .values()
-            .filter_map(|o| o.path())
-            .map(|p| shared.store.dir().display(p))
-            .collect();
+        let paths =
+            realisations::output_paths(&shared.pool, shared.store.dir(), &path, &drv).await?;
+        let known: Vec<String> = paths.into_values().flatten().collect();
         let all_known = known.len() == drv.outputs.len();
         if all_known
             && client
@@ -77,6 +76,14 @@ pub async fn plan(
             }
             continue;
         }
+        let needs_resolution = match drv.needs_resolution() {
+            Ok(n) => n,
+            Err(e) => {
+                return Ok(Planned::Unloadable {
+                    reason: format!("cannot load {}: {e}", shared.store.dir().display(&path)),
+                });
+            }
+        };
         outputs_of.extend(known.into_iter().map(|o| (o, path.clone())));
         let required_features = drv
             .env
@@ -90,6 +97,7 @@ pub async fn plan(
             system: drv.platform.clone(),
             required_features,
             inputs: Vec::new(),
+            needs_resolution,
         });
     }
     if let Some(drv) = failed_before(shared, &outputs_of, top).await? {

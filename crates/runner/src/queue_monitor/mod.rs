@@ -100,7 +100,7 @@ async fn load_new_builds(shared: &Shared, last_id: BuildId) -> Result<BuildId, F
             tracing::info!("loaded {} of {total} queued builds", i + 1);
         }
     }
-    shared.wake_dispatcher();
+    shared.wake();
     let steps = shared.graph.lock().step_count();
     tracing::info!(
         "loaded {total} builds in {:.1?}; {steps} steps in the graph",
@@ -182,15 +182,16 @@ async fn finish_cached(
     client: &mut DaemonClient,
     build: &Build,
 ) -> Result<(), Fatal> {
-    let dir = shared.store.dir();
-    let outputs = client
-        .query_derivation_output_map(&dir.display(&build.drv_path))
-        .await
-        .map_err(crate::store::StoreError::from)?;
-    let outputs: Vec<(String, String)> = outputs
-        .into_iter()
-        .filter_map(|(n, p)| p.map(|p| (n, p)))
-        .collect();
+    let drv = shared
+        .store
+        .read_derivation(client, &build.drv_path)
+        .await?;
+    let outputs: Vec<(String, String)> =
+        crate::realisations::output_paths(&shared.pool, shared.store.dir(), &build.drv_path, &drv)
+            .await?
+            .into_iter()
+            .filter_map(|(n, p)| p.map(|p| (n, p)))
+            .collect();
     let measured = completion::measure_valid(client, outputs).await?;
     let now = record::now();
     let paths = measured.paths();
@@ -291,7 +292,7 @@ async fn apply_changes(shared: &Shared, cursor: i64) -> Result<i64, Fatal> {
                 if let Some(row) = row {
                     let mut client = shared.store.client().await?;
                     load_build(shared, &mut client, row).await?;
-                    shared.wake_dispatcher();
+                    shared.wake();
                 }
             }
             "bumped" => {
@@ -302,7 +303,7 @@ async fn apply_changes(shared: &Shared, cursor: i64) -> Result<i64, Fatal> {
                         .await?;
                 if let Some(p) = prio {
                     shared.graph.lock().bump_build(*build, p);
-                    shared.wake_dispatcher();
+                    shared.wake();
                 }
             }
             _ => {}

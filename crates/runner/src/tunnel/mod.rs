@@ -102,7 +102,7 @@ impl RunnerService for BuilderTunnel {
                 )
                 .await;
             }
-            shared.wake_dispatcher();
+            shared.wake();
             let end = control_loop(&shared, &join.machine_name, &connection, &mut inbound).await;
             machine_gone(&shared, &join.machine_name, &connection, &end).await;
         });
@@ -267,5 +267,5 @@ async fn machine_gone(shared: &Shared, name: &str, connection: &str, why: &str) 
             return;
         }
     }
-    shared.wake_dispatcher();
+    shared.wake();
 }

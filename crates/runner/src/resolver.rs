@@ -1,0 +1,141 @@
+//! The resolver: steps whose derivations depend on floating
+//! content-addressed outputs, once those are built -> resolved derivations
+//! that the dispatcher sends like any other.
+//!
+//! For a step in `Resolving`, the input outputs come from the realisations
+//! the runner recorded (never from the builder that happened to build
+//! them); the derivation is rewritten as Nix's `tryResolve` does and
+//! written into the runner's store; the step's BuildSteps row records
+//! status 13 with `resolvedDrvPath`. Then either the resolved derivation's
+//! outputs are known already (early cutoff: the step succeeds, nothing is
+//! built), or the resolved derivation's step takes over the step's builds
+//! and dependents. PostgreSQL is written before the graph changes: a
+//! runner killed in between resolves again on start, to the same
+//! derivation, and finds its row.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use hydra_nix::daemon::DaemonClient;
+use hydra_nix::{Derivation, StorePath};
+
+use crate::graph::{Build, NewStep, StepId};
+use crate::realisations;
+use crate::record;
+use crate::{Fatal, Shared, completion, failpoint};
+
+pub async fn run(shared: Arc<Shared>) -> Result<(), Fatal> {
+    loop {
+        let next = shared.graph.lock().next_to_resolve();
+        match next {
+            Some(id) => resolve_step(&shared, id).await?,
+            None => shared.wake_resolver.notified().await,
+        }
+    }
+}
+
+/// A step taken for resolution, as the graph had it.
+struct Pending {
+    drv_path: StorePath,
+    system: String,
+    required_features: Vec<String>,
+    /// The build whose BuildSteps rows record the step.
+    owner: Build,
+}
+
+async fn resolve_step(shared: &Shared, id: StepId) -> Result<(), Fatal> {
+    let pending = {
+        let graph = shared.graph.lock();
+        let step = graph.step(id).filter(|s| s.is_resolving());
+        match (step, graph.owner_build(id)) {
+            (Some(s), Some(owner)) => Pending {
+                drv_path: s.drv_path.clone(),
+                system: s.system.clone(),
+                required_features: s.required_features.clone(),
+                owner,
+            },
+            _ => return Ok(()), // dropped meanwhile
+        }
+    };
+    let mut client = shared.store.client().await?;
+    let (drv, resolved) = match resolve(shared, &mut client, &pending.drv_path).await? {
+        Ok(pair) => pair,
+        Err(reason) => {
+            tracing::error!(drv = %pending.drv_path, "cannot resolve: {reason}");
+            return completion::fail_unresolvable(shared, id, &reason).await;
+        }
+    };
+    let resolved_path = shared
+        .store
+        .write_derivation(&mut client, &resolved)
+        .await?;
+    let known = realisations::known_valid(shared, &mut client, &resolved_path, &resolved).await?;
+    record_resolution(shared, &pending, &drv, &resolved_path).await?;
+    failpoint::stop_at("resolution-recorded");
+    tracing::info!(drv = %pending.drv_path, resolved = %resolved_path, early_cutoff = known.is_some(), "resolved");
+    match known {
+        Some(outputs) => completion::succeed_unbuilt(shared, id, outputs, pending.owner.id).await,
+        None => {
+            let replaced = shared.graph.lock().replace_with_resolved(
+                id,
+                NewStep {
+                    drv_path: resolved_path,
+                    system: pending.system,
+                    required_features: pending.required_features,
+                    inputs: Vec::new(),
+                    needs_resolution: false,
+                },
+                Instant::now(),
+            );
+            if replaced.is_ok() {
+                shared.wake();
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Reads `drv_path` and resolves it: Ok((original, resolved)), or the
+/// reason it cannot be resolved.
+async fn resolve(
+    shared: &Shared,
+    client: &mut DaemonClient,
+    drv_path: &StorePath,
+) -> Result<Result<(Derivation, Derivation), String>, Fatal> {
+    let drv = match shared.store.read_derivation(client, drv_path).await {
+        Ok(d) => d,
+        Err(e) if e.is_infrastructure() => return Err(e.into()),
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    let inputs = match realisations::input_paths(shared, client, &drv).await {
+        Ok(i) => i,
+        Err(e) => return e.into_reason().map(Err),
+    };
+    Ok(match drv.resolve(shared.store.dir(), &inputs) {
+        Ok(resolved) => Ok((drv, resolved)),
+        Err(e) => Err(format!("cannot resolve {drv_path}: {e}")),
+    })
+}
+
+/// The status-13 row of the step, in the owner build.
+async fn record_resolution(
+    shared: &Shared,
+    pending: &Pending,
+    drv: &Derivation,
+    resolved: &StorePath,
+) -> Result<(), Fatal> {
+    let outputs: Vec<(String, Option<String>)> =
+        drv.outputs.keys().map(|n| (n.clone(), None)).collect();
+    let mut tx = shared.pool.begin().await?;
+    record::record_resolution(
+        &mut tx,
+        pending.owner.id,
+        &shared.store.dir().display(&pending.drv_path),
+        &pending.system,
+        &resolved.to_string(),
+        &outputs,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
