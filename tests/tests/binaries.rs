@@ -2,26 +2,13 @@
 //! serve` with a TOML file, and `hydra-builder` with flags, as separate
 //! processes, build a queued job.
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+use hydra_testkit::process::binary;
 use hydra_testkit::{NixStore, TestDb};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
-
-/// A binary of this workspace, built next to the test executables.
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is not built (cargo build --workspace)",
-        path.display()
-    );
-    path
-}
 
 #[tokio::test]
 async fn the_runner_and_builder_binaries_build_a_queued_job() {

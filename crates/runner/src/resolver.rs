@@ -71,7 +71,7 @@ async fn resolve_step(shared: &Shared, id: StepId) -> Result<(), Fatal> {
         .await?;
     let known = realisations::known_valid(shared, &mut client, &resolved_path, &resolved).await?;
     record_resolution(shared, &pending, &drv, &resolved_path).await?;
-    failpoint::stop_at("resolution-recorded");
+    failpoint::stop_at("resolution-recorded", &pending.drv_path);
     tracing::info!(drv = %pending.drv_path, resolved = %resolved_path, early_cutoff = known.is_some(), "resolved");
     match known {
         Some(outputs) => completion::succeed_unbuilt(shared, id, outputs, pending.owner.id).await,

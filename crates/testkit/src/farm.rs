@@ -171,47 +171,14 @@ impl Farm {
         drvs: &BTreeMap<String, String>,
         options: impl Fn(&str) -> JobOptions,
     ) -> Result<BTreeMap<String, i32>> {
-        let mut client = DaemonClient::connect(self.runner_store.socket()).await?;
-        let mut ids = BTreeMap::new();
-        let mut tx = self.db.pool.begin().await?;
-        for (job, drv) in drvs {
-            let o = options(job);
-            let id: i32 = sqlx::query_scalar(
-                "insert into Builds (finished, timestamp, jobset_id, job, drvPath, system, maxsilent, timeout, priority)
-                 values (0, extract(epoch from now())::int, $1, $2, $3, $4, coalesce($5, 3600), coalesce($6, 36000), $7)
-                 returning id",
-            )
-            .bind(self.jobset_id)
-            .bind(job)
-            .bind(drv)
-            .bind(hydra_builder::config::current_system())
-            .bind(o.max_silent)
-            .bind(o.timeout)
-            .bind(o.priority)
-            .fetch_one(&mut *tx)
-            .await?;
-            // A `.drv` that is missing or malformed gets no outputs (tests of
-            // how the runner refuses such builds queue those on purpose).
-            let outputs = match client.query_derivation_output_map(drv).await {
-                Ok(map) => map,
-                Err(_) => {
-                    client = DaemonClient::connect(self.runner_store.socket()).await?;
-                    BTreeMap::new()
-                }
-            };
-            for (name, path) in outputs {
-                sqlx::query("insert into BuildOutputs (build, name, path) values ($1, $2, $3)")
-                    .bind(id)
-                    .bind(name)
-                    .bind(path)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            ids.insert(job.clone(), id);
-        }
-        sqlx::query("notify builds_added").execute(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(ids)
+        queue_builds(
+            &self.db.pool,
+            &self.runner_store,
+            self.jobset_id,
+            drvs,
+            options,
+        )
+        .await
     }
 
     /// Waits (on `build_finished` notifications, not by polling) until every
@@ -221,27 +188,7 @@ impl Farm {
         ids: impl IntoIterator<Item = i32>,
         limit: Duration,
     ) -> Result<()> {
-        let ids: Vec<i32> = ids.into_iter().collect();
-        let mut listener = PgListener::connect_with(&self.db.pool).await?;
-        listener.listen("build_finished").await?;
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            let open: Vec<i32> = sqlx::query_scalar(
-                "select id from Builds where id = any($1) and finished = 0 order by id",
-            )
-            .bind(&ids)
-            .fetch_all(&self.db.pool)
-            .await?;
-            if open.is_empty() {
-                return Ok(());
-            }
-            match tokio::time::timeout_at(deadline, listener.recv()).await {
-                Ok(note) => {
-                    note.context("listening for build_finished")?;
-                }
-                Err(_) => bail!("builds {open:?} still unfinished after {limit:?}"),
-            }
-        }
+        wait_finished(&self.db.pool, ids, limit).await
     }
 
     /// Status of each build: id -> (buildStatus, isCachedBuild).
@@ -274,7 +221,91 @@ impl Farm {
     }
 }
 
-async fn create_jobset(pool: &sqlx::PgPool) -> Result<i32> {
+/// Inserts derivations of `store` (job -> `.drv` path) into the queue of
+/// `jobset` as Hydra's evaluator does, and notifies `builds_added`;
+/// returns job -> build id.
+pub async fn queue_builds(
+    pool: &sqlx::PgPool,
+    store: &NixStore,
+    jobset_id: i32,
+    drvs: &BTreeMap<String, String>,
+    options: impl Fn(&str) -> JobOptions,
+) -> Result<BTreeMap<String, i32>> {
+    let mut client = DaemonClient::connect(store.socket()).await?;
+    let mut ids = BTreeMap::new();
+    let mut tx = pool.begin().await?;
+    for (job, drv) in drvs {
+        let o = options(job);
+        let id: i32 = sqlx::query_scalar(
+            "insert into Builds (finished, timestamp, jobset_id, job, drvPath, system, maxsilent, timeout, priority)
+             values (0, extract(epoch from now())::int, $1, $2, $3, $4, coalesce($5, 3600), coalesce($6, 36000), $7)
+             returning id",
+        )
+        .bind(jobset_id)
+        .bind(job)
+        .bind(drv)
+        .bind(hydra_builder::config::current_system())
+        .bind(o.max_silent)
+        .bind(o.timeout)
+        .bind(o.priority)
+        .fetch_one(&mut *tx)
+        .await?;
+        // A `.drv` that is missing or malformed gets no outputs (tests of
+        // how the runner refuses such builds queue those on purpose).
+        let outputs = match client.query_derivation_output_map(drv).await {
+            Ok(map) => map,
+            Err(_) => {
+                client = DaemonClient::connect(store.socket()).await?;
+                BTreeMap::new()
+            }
+        };
+        for (name, path) in outputs {
+            sqlx::query("insert into BuildOutputs (build, name, path) values ($1, $2, $3)")
+                .bind(id)
+                .bind(name)
+                .bind(path)
+                .execute(&mut *tx)
+                .await?;
+        }
+        ids.insert(job.clone(), id);
+    }
+    sqlx::query("notify builds_added").execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(ids)
+}
+
+/// Waits (on `build_finished` notifications, not by polling) until every
+/// build in `ids` is finished, or fails after `limit`.
+pub async fn wait_finished(
+    pool: &sqlx::PgPool,
+    ids: impl IntoIterator<Item = i32>,
+    limit: Duration,
+) -> Result<()> {
+    let ids: Vec<i32> = ids.into_iter().collect();
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen("build_finished").await?;
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let open: Vec<i32> = sqlx::query_scalar(
+            "select id from Builds where id = any($1) and finished = 0 order by id",
+        )
+        .bind(&ids)
+        .fetch_all(pool)
+        .await?;
+        if open.is_empty() {
+            return Ok(());
+        }
+        match tokio::time::timeout_at(deadline, listener.recv()).await {
+            Ok(note) => {
+                note.context("listening for build_finished")?;
+            }
+            Err(_) => bail!("builds {open:?} still unfinished after {limit:?}"),
+        }
+    }
+}
+
+/// A user, a project `tests` and its jobset `jobs`; returns the jobset id.
+pub async fn create_jobset(pool: &sqlx::PgPool) -> Result<i32> {
     sqlx::raw_sql(
         "insert into Users (userName, emailAddress, password) values ('tests', 'tests@localhost', '');
          insert into Projects (name, displayName, owner) values ('tests', 'Tests', 'tests');

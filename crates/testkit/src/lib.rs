@@ -9,11 +9,14 @@
 //!   with a private `/nix`), so that the runner and every builder have a
 //!   store of their own, and helpers that instantiate small `.nix` files.
 //! - [`farm`]: a runner and builders over those, with a queue to submit to.
+//! - [`process`]: the runner and builder binaries as processes, for tests
+//!   that kill and restart them.
 
 pub mod farm;
 pub mod nix;
 pub mod pg;
+pub mod process;
 
-pub use farm::{BuilderSpec, Farm, JobOptions};
+pub use farm::{BuilderSpec, Farm, JobOptions, create_jobset, queue_builds, wait_finished};
 pub use nix::{NixStore, nix_config};
 pub use pg::{PgCluster, TestDb};

@@ -106,6 +106,7 @@ impl NixStore {
             daemon,
         };
         store.wait_until_mounted(ready_read)?;
+        store.initialise()?;
         Ok(store)
     }
 
@@ -124,6 +125,26 @@ impl NixStore {
             });
         }
         Ok(())
+    }
+
+    /// Creates the store's database and directories before any client
+    /// connects: Nix 2.8 daemon children that open a fresh store at the
+    /// same time race creating them ("creating symlink ... File exists"),
+    /// and one of the two connections is dropped.
+    fn initialise(&self) -> Result<(), NixError> {
+        let out = Command::new("nsenter")
+            .args([
+                "-t",
+                &self.daemon.id().to_string(),
+                "-m",
+                "--",
+                "nix-store",
+                "--init",
+            ])
+            .env("NIX_CONFIG", nix_config())
+            .env_remove("NIX_REMOTE")
+            .output()?;
+        check(&out, "nix-store --init")
     }
 
     /// The daemon's socket: give it to our client or to Nix's tools.
@@ -235,7 +256,10 @@ impl Drop for NixStore {
         // SAFETY: killpg on the group we created for the daemon.
         unsafe { libc::killpg(self.daemon.id() as i32, libc::SIGKILL) };
         let _ = self.daemon.wait();
-        let _ = std::fs::remove_dir_all(&self.root);
+        // HQ_KEEP_STORES=1 keeps the store and its daemon.log for a post-mortem.
+        if std::env::var_os("HQ_KEEP_STORES").is_none() {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
     }
 }
 

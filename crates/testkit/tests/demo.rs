@@ -12,7 +12,8 @@ fn the_demo_builds_the_jobset_across_two_builders() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("[6/6 builds]"), "{stdout}");
+    assert!(stdout.contains("[8/8 builds]"), "{stdout}");
+    assert!(stdout.contains("ca-app        succeeded"), "{stdout}");
     assert!(
         stdout.contains("on builder-a") && stdout.contains("on builder-b"),
         "{stdout}"

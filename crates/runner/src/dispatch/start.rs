@@ -26,7 +26,7 @@ pub async fn start_attempt(shared: &Shared, a: Assignment) -> Result<(), Fatal> 
         }
     };
     let attempt = persist(shared, &a, &job.outputs).await?;
-    crate::failpoint::stop_at("dispatch-recorded");
+    crate::failpoint::stop_at("dispatch-recorded", &a.drv_path);
     shared.logs.start(&a.drv_path)?;
     shared.attempts.lock().insert(attempt);
     tracing::info!(drv = %a.drv_path, machine = %a.machine, attempt = %a.attempt, "dispatched");

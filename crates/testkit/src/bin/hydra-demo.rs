@@ -27,8 +27,20 @@ const JOBSET: &str = r#"with prelude; rec {
   };
   broken = mkDrv { name = "broken"; script = "echo 'this job fails on purpose'; exit 1"; };
   needs-broken = mkDrv { name = "needs-broken"; script = "cat ${broken} > $out"; };
+  # Content-addressed: ca-app is resolved once ca-base is built.
+  ca-base = mkCA { name = "ca-base"; script = "echo 'content-addressed' > $out"; };
+  ca-app = mkCA { name = "ca-app"; script = "cat ${ca-base} ${hello} > $out"; };
 }"#;
-const JOBS: [&str; 6] = ["hello", "tools", "docs", "report", "broken", "needs-broken"];
+const JOBS: [&str; 8] = [
+    "hello",
+    "tools",
+    "docs",
+    "report",
+    "broken",
+    "needs-broken",
+    "ca-base",
+    "ca-app",
+];
 
 fn main() -> Result<()> {
     if std::env::var_os("RUST_LOG").is_none() {
