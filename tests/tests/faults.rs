@@ -23,6 +23,10 @@ struct Liar {
 
 impl Liar {
     async fn join(farm: &Farm) -> Liar {
+        Self::join_as(farm, "liar").await
+    }
+
+    async fn join_as(farm: &Farm, name: &str) -> Liar {
         let url = format!("http://{}", farm.runner().addr);
         let mut client = RunnerServiceClient::connect(url).await.unwrap();
         let (control, rx) = mpsc::channel(16);
@@ -30,7 +34,7 @@ impl Liar {
             .send(BuilderMessage {
                 msg: Some(builder_message::Msg::Join(Join {
                     protocol_version: hydra_proto::PROTOCOL_VERSION,
-                    machine_name: "liar".into(),
+                    machine_name: name.into(),
                     systems: vec![hydra_builder_system()],
                     max_jobs: 1,
                     speed_factor: 100.0,
@@ -89,15 +93,74 @@ impl Liar {
     }
 
     async fn report_success(&mut self, job: &BuildJob) -> Result<(), tonic::Status> {
+        self.report_outputs(job, Vec::new()).await
+    }
+
+    /// Reports success with `outputs` (name, path) as built.
+    async fn report_outputs(
+        &mut self,
+        job: &BuildJob,
+        outputs: Vec<(&str, &str)>,
+    ) -> Result<(), tonic::Status> {
         let report = CompletionReport {
             machine_id: self.machine_id.clone(),
             attempt_id: job.attempt_id.clone(),
             outcome: Outcome::Succeeded as i32,
+            outputs: outputs
+                .into_iter()
+                .map(|(name, path)| BuiltOutput {
+                    name: name.into(),
+                    path: path.into(),
+                    ..Default::default()
+                })
+                .collect(),
             ..Default::default()
         };
         self.client.complete(report).await.map(|_| ())
     }
+
+    /// Uploads `nar` as `path` for the job, with a matching hash.
+    async fn upload_as(&mut self, job: &BuildJob, path: &str, nar: Vec<u8>) -> tonic::Status {
+        let header = NarChunk {
+            part: Some(nar_chunk::Part::Header(NarHeader {
+                machine_id: self.machine_id.clone(),
+                attempt_id: job.attempt_id.clone(),
+                store_path: path.into(),
+                nar_hash: Hash::sha256(&nar).to_prefixed_base32(),
+                nar_size: nar.len() as u64,
+                ..Default::default()
+            })),
+        };
+        let data = NarChunk {
+            part: Some(nar_chunk::Part::Data(nar)),
+        };
+        self.client
+            .upload_output(tokio_stream::iter(vec![header, data]))
+            .await
+            .expect_err("the runner must refuse this upload")
+    }
 }
+
+/// (machine, status, errorMsg) of a build's steps, in order.
+async fn steps(farm: &Farm, build: i32) -> Vec<(String, Option<i32>, Option<String>)> {
+    sqlx::query_as(
+        "select machine, status, errorMsg from BuildSteps where build = $1 order by stepnr",
+    )
+    .bind(build)
+    .fetch_all(&farm.db.pool)
+    .await
+    .unwrap()
+}
+
+/// (what, machine, attempt_id, reason) of everything refused so far.
+async fn rejections(farm: &Farm) -> Vec<(String, Option<String>, String, String)> {
+    sqlx::query_as("select what, machine, attempt_id, reason from hqr_rejections order by id")
+        .fetch_all(&farm.db.pool)
+        .await
+        .unwrap()
+}
+
+const HI: &str = r#"with prelude; { hi = mkDrv { name = "hi"; script = "echo hi > $out"; }; }"#;
 
 fn hydra_builder_system() -> String {
     format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS)
@@ -176,6 +239,159 @@ async fn a_corrupt_or_mismatched_output_is_rejected_and_the_step_retried() {
         .unwrap();
     let contents = farm.runner_store.read_store_file(&path).await.unwrap();
     assert_eq!(contents, b"hi\n", "the honest output, not the tampered one");
+}
+
+#[tokio::test]
+async fn a_report_for_a_step_another_machine_runs_is_refused_recorded_and_not_applied() {
+    let mut farm = Farm::start(|_| {}).await.unwrap();
+    let mut owner = Liar::join_as(&farm, "owner").await;
+    let ids = farm.submit(HI, &["hi"]).await.unwrap();
+    let job = owner.next_job().await;
+    let mut intruder = Liar::join_as(&farm, "intruder").await;
+
+    let refused = intruder
+        .report_success(&job)
+        .await
+        .expect_err("not the intruder's step");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("another connection"),
+        "{refused:?}"
+    );
+    let rows = steps(&farm, ids["hi"]).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].0.as_str(), rows[0].1),
+        ("owner", None),
+        "still running"
+    );
+    let recorded = rejections(&farm).await;
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0].0, "report");
+    assert_eq!(recorded[0].1.as_deref(), Some("intruder"));
+    assert_eq!(recorded[0].2, job.attempt_id);
+
+    // The owner leaves; an honest builder builds the step.
+    drop(owner.control);
+    drop(owner.inbound);
+    drop(intruder.control);
+    drop(intruder.inbound);
+    farm.add_builder(BuilderSpec::new("honest")).await.unwrap();
+    farm.wait_finished(ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    let rows = steps(&farm, ids["hi"]).await;
+    let shape: Vec<(&str, Option<i32>)> = rows.iter().map(|r| (r.0.as_str(), r.1)).collect();
+    assert_eq!(shape, [("owner", Some(3)), ("honest", Some(0))]);
+}
+
+#[tokio::test]
+async fn outputs_the_step_does_not_have_are_refused_and_the_step_retried() {
+    let mut farm = Farm::start(|_| {}).await.unwrap();
+    let mut liar = Liar::join(&farm).await;
+    let ids = farm.submit(HI, &["hi"]).await.unwrap();
+
+    // An upload of a path that is not an output of the step.
+    let job = liar.next_job().await;
+    let foreign = "/nix/store/00000000000000000000000000000000-bash";
+    let status = liar.upload_as(&job, foreign, nar_of("#!/bin/evil\n")).await;
+    assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
+    assert!(status.message().contains("not an output"), "{status:?}");
+    let valid = farm
+        .runner_store
+        .run("nix-store", &["--check-validity", foreign])
+        .await;
+    assert!(valid.is_err(), "the foreign path never entered the store");
+
+    // A report of an output the derivation does not have.
+    let job2 = liar.next_job().await;
+    liar.report_outputs(
+        &job2,
+        vec![(
+            "bogus",
+            "/nix/store/11111111111111111111111111111111-hi-bogus",
+        )],
+    )
+    .await
+    .unwrap();
+
+    drop(liar.control);
+    drop(liar.inbound);
+    farm.add_builder(BuilderSpec::new("honest")).await.unwrap();
+    farm.wait_finished(ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    let rows = steps(&farm, ids["hi"]).await;
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert_eq!(rows[0].1, Some(3));
+    assert!(rows[0].2.as_deref().unwrap().contains("not an output"));
+    assert_eq!(rows[1].1, Some(3));
+    assert!(
+        rows[1].2.as_deref().unwrap().contains("does not have"),
+        "{rows:?}"
+    );
+    assert_eq!((rows[2].0.as_str(), rows[2].1), ("honest", Some(0)));
+    let recorded = rejections(&farm).await;
+    assert!(
+        recorded
+            .iter()
+            .any(|r| r.0 == "upload" && r.3.contains("not an output")),
+        "{recorded:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_silent_builder_is_dropped_after_the_ping_timeout_and_its_late_report_refused() {
+    let mut farm = Farm::start(|c| {
+        c.ping_interval_secs = 1;
+        c.ping_timeout_secs = 2;
+    })
+    .await
+    .unwrap();
+    // The liar never pings: to the runner it is a machine gone silent.
+    let mut liar = Liar::join(&farm).await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&farm.db.pool)
+        .await
+        .unwrap();
+    listener.listen("step_finished").await.unwrap();
+    let ids = farm.submit(HI, &["hi"]).await.unwrap();
+    let job = liar.next_job().await;
+    let given = std::time::Instant::now();
+    tokio::time::timeout(LIMIT, listener.recv())
+        .await
+        .expect("the silent machine's attempt was not aborted")
+        .unwrap();
+    assert!(
+        given.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        given.elapsed()
+    );
+    let rows = steps(&farm, ids["hi"]).await;
+    assert_eq!(rows[0].1, Some(3));
+    assert!(
+        rows[0].2.as_deref().unwrap().contains("no ping for 2 s"),
+        "{rows:?}"
+    );
+
+    let late = liar.report_success(&job).await.expect_err("too late");
+    assert_eq!(late.code(), tonic::Code::FailedPrecondition);
+    let recorded = rejections(&farm).await;
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(
+        (recorded[0].0.as_str(), recorded[0].2.as_str()),
+        ("report", job.attempt_id.as_str())
+    );
+    assert_eq!(
+        steps(&farm, ids["hi"]).await,
+        rows,
+        "the late report changed nothing"
+    );
+
+    farm.add_builder(BuilderSpec::new("honest")).await.unwrap();
+    farm.wait_finished(ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(farm.statuses(&ids).await.unwrap()["hi"], (0, 0));
 }
 
 #[tokio::test]

@@ -35,6 +35,9 @@ pub struct BuilderConfig {
     pub speed_factor: f32,
     /// The nix-daemon this builder builds with.
     pub nix_daemon_socket: PathBuf,
+    /// That daemon's store directory; it must be the runner's (paths are
+    /// not rewritten), and the runner refuses a builder whose is not.
+    pub store_dir: String,
     /// Where free disk space is measured for the runner.
     pub disk_path: PathBuf,
     /// Reconnect backoff bounds, in seconds (with jitter).
@@ -53,6 +56,7 @@ impl Default for BuilderConfig {
             max_jobs: 1,
             speed_factor: 1.0,
             nix_daemon_socket: "/nix/var/nix/daemon-socket/socket".into(),
+            store_dir: "/nix/store".into(),
             disk_path: "/nix/store".into(),
             reconnect_min_secs: 1.0,
             reconnect_max_secs: 60.0,

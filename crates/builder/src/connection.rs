@@ -165,7 +165,7 @@ fn join_message(config: &BuilderConfig) -> BuilderMessage {
             mandatory_features: config.mandatory_features.clone(),
             max_jobs: config.max_jobs,
             speed_factor: config.speed_factor,
-            store_dir: "/nix/store".into(),
+            store_dir: config.store_dir.clone(),
         })),
     }
 }

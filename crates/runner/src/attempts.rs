@@ -32,9 +32,33 @@ pub struct Attempt {
     pub build: BuildId,
     pub stepnr: i32,
     pub start_time: i64,
+    /// The step's outputs: name -> path where the `.drv` fixes it (CA
+    /// outputs are learnt from the build).
+    pub outputs: Vec<(String, Option<String>)>,
     /// Output path -> what was uploaded for it.
     pub uploads: HashMap<String, Upload>,
     pub log_bytes: u64,
+}
+
+impl Attempt {
+    /// Whether `path` (a full store path) can be one of the step's
+    /// outputs: a fixed output path, or, for an output known only after
+    /// the build, a path with that output's name. Anything else a builder
+    /// uploads was not asked for.
+    pub fn may_output(&self, dir: &hydra_nix::StoreDir, path: &str) -> bool {
+        let Ok(parsed) = dir.parse_path(path) else {
+            return false;
+        };
+        let drv_name = self
+            .drv_path
+            .name()
+            .strip_suffix(".drv")
+            .unwrap_or(self.drv_path.name());
+        self.outputs.iter().any(|(name, fixed)| match fixed {
+            Some(p) => p == path,
+            None => parsed.name() == hydra_nix::store_path::output_path_name(drv_name, name),
+        })
+    }
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -155,6 +179,7 @@ mod tests {
             build: 1,
             stepnr: 1,
             start_time: 0,
+            outputs: vec![("out".into(), None)],
             uploads: HashMap::new(),
             log_bytes: 0,
         }
@@ -189,5 +214,34 @@ mod tests {
         all.insert(attempt("c2"));
         assert_eq!(all.take_all_of("c1").len(), 2);
         assert_eq!(all.len(), 1);
+    }
+
+    #[test]
+    fn only_the_steps_own_outputs_may_be_uploaded() {
+        let dir = hydra_nix::StoreDir::default();
+        let mut a = attempt("conn-1");
+        a.outputs = vec![
+            ("out".into(), None),
+            ("dev".into(), None),
+            (
+                "doc".into(),
+                Some("/nix/store/00000000000000000000000000000000-hello-doc".into()),
+            ),
+        ];
+        assert!(a.may_output(&dir, "/nix/store/11111111111111111111111111111111-hello"));
+        assert!(a.may_output(
+            &dir,
+            "/nix/store/11111111111111111111111111111111-hello-dev"
+        ));
+        assert!(a.may_output(
+            &dir,
+            "/nix/store/00000000000000000000000000000000-hello-doc"
+        ));
+        assert!(!a.may_output(
+            &dir,
+            "/nix/store/11111111111111111111111111111111-hello-doc"
+        ));
+        assert!(!a.may_output(&dir, "/nix/store/11111111111111111111111111111111-bash"));
+        assert!(!a.may_output(&dir, "/etc/passwd"));
     }
 }

@@ -43,13 +43,23 @@ pub struct RunnerConfig {
     /// its system and features, while some machine is connected, before it
     /// fails as unsupported (status 9).
     pub max_unsupported_secs: u64,
-    /// How often builders ping.
+    /// How often builders ping (also the HTTP/2 keepalive interval).
     pub ping_interval_secs: u32,
+    /// A builder silent this long (no ping, no progress) is gone, even
+    /// when its TCP connection stays open: its attempts are requeued.
+    pub ping_timeout_secs: u32,
     /// Aborted attempts (infrastructure faults) before a step fails as aborted.
     pub max_tries: u32,
-    /// Backoff before retrying an aborted step: base * factor^(tries-1).
+    /// Backoff before retrying an aborted step: base * factor^(tries-1),
+    /// of which a random half to all is waited (jitter).
     pub retry_base_secs: f64,
     pub retry_factor: f64,
+    /// A machine whose attempts abort this many times in a row is rested:
+    /// it gets no steps for machine_rest_base_secs, doubled with each
+    /// further failure, at most machine_rest_max_secs.
+    pub machine_rest_after_failures: u32,
+    pub machine_rest_base_secs: f64,
+    pub machine_rest_max_secs: f64,
     /// A machine reporting less free disk than this gets no new steps.
     pub min_free_disk: u64,
 }
@@ -66,9 +76,13 @@ impl Default for RunnerConfig {
             max_log_size: 64 << 20,
             max_unsupported_secs: 300,
             ping_interval_secs: 10,
+            ping_timeout_secs: 30,
             max_tries: 5,
             retry_base_secs: 10.0,
             retry_factor: 3.0,
+            machine_rest_after_failures: 3,
+            machine_rest_base_secs: 60.0,
+            machine_rest_max_secs: 3600.0,
             min_free_disk: 1 << 30,
         }
     }
@@ -100,13 +114,39 @@ impl RunnerConfig {
         if self.retry_factor < 1.0 || self.retry_base_secs < 0.0 {
             return Err("retry_base_secs must be >= 0 and retry_factor >= 1".into());
         }
+        if self.ping_interval_secs == 0 || self.ping_timeout_secs <= self.ping_interval_secs {
+            return Err(
+                "ping_interval_secs must be >= 1 and ping_timeout_secs larger than it".into(),
+            );
+        }
+        if self.machine_rest_after_failures == 0
+            || self.machine_rest_base_secs < 0.0
+            || self.machine_rest_max_secs < self.machine_rest_base_secs
+        {
+            return Err("machine_rest_after_failures must be >= 1, and 0 <= machine_rest_base_secs <= machine_rest_max_secs".into());
+        }
         Ok(())
     }
 
+    /// How long a machine rests after `failures` aborted attempts in a
+    /// row; None while it has not failed often enough.
+    pub fn machine_rest(&self, failures: u32) -> Option<Duration> {
+        let beyond = failures.checked_sub(self.machine_rest_after_failures)?;
+        let secs = self.machine_rest_base_secs * 2f64.powi(beyond.min(30) as i32);
+        Some(Duration::from_secs_f64(
+            secs.min(self.machine_rest_max_secs),
+        ))
+    }
+
     /// The wait before attempt `tries + 1`, after `tries` aborted attempts.
+    /// Jittered, so that steps aborted together (a machine died) do not
+    /// come back together.
     pub fn retry_delay(&self, tries: u32) -> Duration {
-        let exp = self.retry_factor.powi(tries.saturating_sub(1) as i32);
-        Duration::from_secs_f64((self.retry_base_secs * exp).min(24.0 * 3600.0))
+        let exp = self
+            .retry_factor
+            .powi(tries.saturating_sub(1).min(60) as i32);
+        let full = (self.retry_base_secs * exp).min(24.0 * 3600.0);
+        Duration::from_secs_f64(full * rand::random_range(0.5..=1.0))
     }
 }
 
@@ -128,9 +168,35 @@ mod tests {
     }
 
     #[test]
-    fn retries_back_off_exponentially() {
+    fn retries_back_off_exponentially_with_jitter() {
         let c = RunnerConfig::parse("retry_base_secs = 2.0\nretry_factor = 3.0").unwrap();
-        assert_eq!(c.retry_delay(1), Duration::from_secs(2));
-        assert_eq!(c.retry_delay(3), Duration::from_secs(18));
+        for _ in 0..100 {
+            let first = c.retry_delay(1);
+            assert!(first >= Duration::from_secs(1) && first <= Duration::from_secs(2));
+            let third = c.retry_delay(3);
+            assert!(third >= Duration::from_secs(9) && third <= Duration::from_secs(18));
+        }
+        let spread: std::collections::HashSet<Duration> =
+            (0..20).map(|_| c.retry_delay(1)).collect();
+        assert!(spread.len() > 1, "jittered");
+    }
+
+    #[test]
+    fn a_machine_rests_after_repeated_failures_for_longer_each_time() {
+        let c = RunnerConfig::parse(
+            "machine_rest_after_failures = 3\nmachine_rest_base_secs = 10.0\nmachine_rest_max_secs = 35.0",
+        )
+        .unwrap();
+        assert_eq!(c.machine_rest(2), None);
+        assert_eq!(c.machine_rest(3), Some(Duration::from_secs(10)));
+        assert_eq!(c.machine_rest(4), Some(Duration::from_secs(20)));
+        assert_eq!(c.machine_rest(5), Some(Duration::from_secs(35)), "capped");
+    }
+
+    #[test]
+    fn a_ping_timeout_not_above_the_interval_is_refused() {
+        let err =
+            RunnerConfig::parse("ping_interval_secs = 10\nping_timeout_secs = 10").unwrap_err();
+        assert!(err.contains("ping_timeout_secs"), "{err}");
     }
 }

@@ -159,7 +159,11 @@ impl Runner {
         });
         // Check the store before anything depends on it.
         shared.store.client().await?;
-        completion::close_stale_attempts(&shared).await?;
+        completion::close_open_attempts(
+            &shared,
+            "aborted: the queue runner stopped while the step ran",
+        )
+        .await?;
         let mut tasks = JoinSet::new();
         tasks.spawn(critical(
             "builder service",
@@ -171,6 +175,10 @@ impl Runner {
         ));
         tasks.spawn(critical("dispatcher", dispatch::run(shared.clone())));
         tasks.spawn(critical("resolver", resolver::run(shared.clone())));
+        tasks.spawn(critical(
+            "database watchdog",
+            database_watchdog(shared.clone()),
+        ));
         tasks.spawn(async move {
             match fatal_rx.recv().await {
                 Some(fault) => Err(fault),
@@ -185,7 +193,7 @@ impl Runner {
     }
 
     /// Runs until a critical task fails; returns its error.
-    pub async fn wait(mut self) -> Result<(), Fatal> {
+    pub async fn wait(&mut self) -> Result<(), Fatal> {
         while let Some(done) = self.tasks.join_next().await {
             match done {
                 Ok(Ok(())) => continue,
@@ -196,8 +204,34 @@ impl Runner {
         Ok(())
     }
 
-    /// Stops every task (the builder connections drop with the server).
-    pub async fn shutdown(mut self) {
+    /// Stops every task (the builder connections drop with the server, and
+    /// builders abort what they run) and closes the step rows left busy as
+    /// aborted (3), so that nothing looks running that is not.
+    pub async fn shutdown(mut self) -> Result<(), Fatal> {
         self.tasks.shutdown().await;
+        completion::close_open_attempts(&self.shared, "aborted: the queue runner was stopped").await
+    }
+}
+
+/// How often, and how patiently, the watchdog checks the database.
+const DATABASE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+const DATABASE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Checks PostgreSQL every second on a connection of its own: a database
+/// that is gone stops the runner within seconds, instead of whenever the
+/// next query happens to wait out the pool's acquire timeout.
+async fn database_watchdog(shared: Arc<Shared>) -> Result<(), Fatal> {
+    use sqlx::Connection;
+    let mut conn = shared.pool.acquire().await?.detach();
+    loop {
+        tokio::time::sleep(DATABASE_CHECK).await;
+        let check = tokio::time::timeout(DATABASE_PATIENCE, conn.ping()).await;
+        match check {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Fatal::Database(e)),
+            Err(_) => {
+                return Err(Fatal::Database(sqlx::Error::PoolTimedOut));
+            }
+        }
     }
 }

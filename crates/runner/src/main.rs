@@ -69,6 +69,8 @@ async fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only for a terminal: not in the journal, files or pipes.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match run(cli).await {
@@ -126,11 +128,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if !report.applied.is_empty() {
                 tracing::info!("applied migrations {:?}", report.applied);
             }
-            let runner = Runner::start(config, pool).await?;
+            let mut runner = Runner::start(config, pool).await?;
             tracing::info!("serving builders on {}", runner.addr);
-            tokio::select! {
-                res = runner.wait() => res.context("the queue runner stopped")?,
-                _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+            let mut terminate =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            let fault = tokio::select! {
+                res = runner.wait() => Some(res),
+                _ = tokio::signal::ctrl_c() => None,
+                _ = terminate.recv() => None,
+            };
+            match fault {
+                Some(res) => res.context("the queue runner stopped")?,
+                None => {
+                    tracing::info!("asked to stop; closing running steps as aborted");
+                    runner.shutdown().await.context("stopping")?;
+                }
             }
             Ok(())
         }

@@ -131,6 +131,28 @@ pub async fn record_resolution(
     Ok(stepnr)
 }
 
+/// Something a builder sent that was refused (`hqr_rejections`).
+pub async fn rejection(
+    pool: &sqlx::PgPool,
+    connection: &str,
+    machine: Option<&str>,
+    attempt_id: &str,
+    what: &str,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "insert into hqr_rejections (connection, machine, attempt_id, what, reason) values ($1, $2, $3, $4, $5)",
+    )
+    .bind(connection)
+    .bind(machine)
+    .bind(attempt_id)
+    .bind(what)
+    .bind(reason)
+    .execute(pool)
+    .await
+    .map(|_| ())
+}
+
 /// The result of a finished step, for its BuildSteps row.
 pub struct StepResult<'a> {
     pub status: BuildStatus,

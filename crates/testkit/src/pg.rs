@@ -121,6 +121,23 @@ impl PgCluster {
         })
     }
 
+    /// Stops the server (`-m fast`: every session is terminated, as when
+    /// an operator stops the database under the runner); the data stays.
+    /// (Not `immediate`: with the tests' `synchronous_commit = off`, that
+    /// would lose the last commits, which a real server would not.)
+    pub fn stop(&self) -> Result<(), PgError> {
+        let data = self.root.join("data");
+        self.run(
+            "pg_ctl",
+            &["-D", path_str(&data), "-m", "fast", "-w", "stop"],
+        )
+    }
+
+    /// Starts the server again after [`PgCluster::stop`].
+    pub fn start_again(&self) -> Result<(), PgError> {
+        self.start_server()
+    }
+
     /// The URL of database `db` on this cluster.
     pub fn url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)

@@ -47,12 +47,22 @@ impl RunnerSetup {
     /// Writes a runner configuration for `store` under `dir`, listening
     /// on a fixed free address.
     pub fn new(dir: &Path, store: &NixStore, database_url: &str) -> Result<RunnerSetup> {
+        Self::new_with(dir, store, database_url, "")
+    }
+
+    /// [`RunnerSetup::new`] with more lines for the TOML file.
+    pub fn new_with(
+        dir: &Path,
+        store: &NixStore,
+        database_url: &str,
+        extra_config: &str,
+    ) -> Result<RunnerSetup> {
         let address = free_address()?;
         let config = dir.join("runner.toml");
         std::fs::write(
             &config,
             format!(
-                "listen = \"{address}\"\nstore_socket = \"{}\"\ndata_dir = \"{}\"\nretry_base_secs = 0.2\n",
+                "listen = \"{address}\"\nstore_socket = \"{}\"\ndata_dir = \"{}\"\nretry_base_secs = 0.2\n{extra_config}\n",
                 store.socket().display(),
                 dir.display()
             ),
@@ -93,18 +103,16 @@ pub struct RunnerProcess {
     lines: mpsc::UnboundedReceiver<String>,
 }
 
+/// How a runner process ended, and the last lines it printed.
+pub struct RunnerExit {
+    pub status: std::process::ExitStatus,
+    pub output: String,
+}
+
 impl RunnerProcess {
     /// Waits until the runner prints a line containing `needle`.
     pub async fn wait_for_line(&mut self, needle: &str, limit: Duration) -> Result<String> {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(line)) if line.contains(needle) => return Ok(line),
-                Ok(Some(_)) => continue,
-                Ok(None) => bail!("the runner exited before printing {needle:?}"),
-                Err(_) => bail!("the runner did not print {needle:?} within {limit:?}"),
-            }
-        }
+        wait_for(&mut self.lines, needle, limit, "the runner").await
     }
 
     /// SIGKILL, as a crash or the OOM killer would; waits until it is gone.
@@ -112,23 +120,64 @@ impl RunnerProcess {
         self.child.kill().await?;
         Ok(())
     }
+
+    /// SIGTERM, as systemd stops a service.
+    pub fn terminate(&self) -> Result<()> {
+        let pid = self
+            .child
+            .id()
+            .ok_or_else(|| anyhow!("the runner has exited"))?;
+        // SAFETY: kill has no memory-safety preconditions.
+        if unsafe { libc::kill(pid as i32, libc::SIGTERM) } != 0 {
+            bail!("kill({pid}, SIGTERM): {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits for the runner to exit by itself, with what it printed since
+    /// the last line a `wait_for_line` consumed.
+    pub async fn exit(mut self, limit: Duration) -> Result<RunnerExit> {
+        let status = tokio::time::timeout(limit, self.child.wait())
+            .await
+            .map_err(|_| anyhow!("the runner did not exit within {limit:?}"))??;
+        let mut output = String::new();
+        while let Some(line) = self.lines.recv().await {
+            output.push_str(&line);
+            output.push('\n');
+        }
+        Ok(RunnerExit { status, output })
+    }
 }
 
 /// A running `hydra-builder` over a store of its own.
 pub struct BuilderProcess {
+    pub name: String,
     pub store: NixStore,
-    _child: Child,
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
 }
 
 impl BuilderProcess {
     /// Starts a builder named `name` that connects to `address`, and
     /// reconnects quickly when the runner goes away.
     pub fn start(name: &str, address: &str, dir: &Path) -> Result<BuilderProcess> {
+        Self::start_with(name, address, dir, "")
+    }
+
+    /// [`BuilderProcess::start`] with more lines for its TOML configuration.
+    pub fn start_with(
+        name: &str,
+        address: &str,
+        dir: &Path,
+        extra_config: &str,
+    ) -> Result<BuilderProcess> {
         let store = NixStore::start()?;
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(
             &config,
-            "reconnect_min_secs = 0.1\nreconnect_max_secs = 0.5\nmax_jobs = 2\n",
+            format!(
+                "reconnect_min_secs = 0.1\nreconnect_max_secs = 0.5\nmax_jobs = 2\n{extra_config}\n"
+            ),
         )?;
         let mut child = Command::new(binary("hydra-builder"))
             .arg("--config")
@@ -142,12 +191,108 @@ impl BuilderProcess {
             .kill_on_drop(true)
             .spawn()
             .context("starting hydra-builder")?;
-        let mut lines = forward_lines(&mut child, name);
-        tokio::spawn(async move { while lines.recv().await.is_some() {} });
+        let lines = forward_lines(&mut child, name);
         Ok(BuilderProcess {
+            name: name.to_owned(),
             store,
-            _child: child,
+            child,
+            lines,
         })
+    }
+
+    /// Waits until the builder prints a line containing `needle`.
+    pub async fn wait_for_line(&mut self, needle: &str, limit: Duration) -> Result<String> {
+        wait_for(&mut self.lines, needle, limit, &self.name).await
+    }
+
+    /// SIGKILL, as a crashed machine; waits until it is gone.
+    pub async fn kill(&mut self) -> Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
+    /// SIGSTOP: the process is frozen, its connections stay open.
+    pub fn freeze(&self) -> Result<()> {
+        self.signal(libc::SIGSTOP)
+    }
+
+    /// SIGCONT after [`BuilderProcess::freeze`].
+    pub fn thaw(&self) -> Result<()> {
+        self.signal(libc::SIGCONT)
+    }
+
+    /// Waits for the builder to exit by itself; its exit status.
+    pub async fn exit_status(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .map_err(|_| anyhow!("the builder did not exit within {limit:?}"))?
+            .map_err(Into::into)
+    }
+
+    fn signal(&self, sig: i32) -> Result<()> {
+        let pid = self
+            .child
+            .id()
+            .ok_or_else(|| anyhow!("the builder has exited"))?;
+        // SAFETY: kill has no memory-safety preconditions.
+        if unsafe { libc::kill(pid as i32, sig) } != 0 {
+            bail!("kill({pid}, {sig}): {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+async fn wait_for(
+    lines: &mut mpsc::UnboundedReceiver<String>,
+    needle: &str,
+    limit: Duration,
+    who: &str,
+) -> Result<String> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, lines.recv()).await {
+            Ok(Some(line)) if line.contains(needle) => return Ok(line),
+            Ok(Some(_)) => continue,
+            Ok(None) => bail!("{who} exited before printing {needle:?}"),
+            Err(_) => bail!("{who} did not print {needle:?} within {limit:?}"),
+        }
+    }
+}
+
+/// A named pipe that a test derivation's builder writes to when it starts
+/// (`echo started > <pipe>`): the test awaits that event instead of
+/// polling. The writer blocks until [`StartSignal::started`] reads.
+pub struct StartSignal {
+    path: PathBuf,
+}
+
+impl StartSignal {
+    pub fn new(dir: &Path, name: &str) -> Result<StartSignal> {
+        let path = dir.join(name);
+        let c = std::ffi::CString::new(path.to_str().expect("UTF-8 path"))?;
+        // SAFETY: mkfifo reads the NUL-terminated path we own.
+        if unsafe { libc::mkfifo(c.as_ptr(), 0o666) } != 0 {
+            bail!(
+                "mkfifo {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(StartSignal { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits until a builder script writes a line to the pipe; returns it.
+    pub async fn started(&self, limit: Duration) -> Result<String> {
+        let path = self.path.clone();
+        let read = tokio::task::spawn_blocking(move || std::fs::read_to_string(path));
+        let text = tokio::time::timeout(limit, read)
+            .await
+            .map_err(|_| anyhow!("no build started within {limit:?}"))???;
+        Ok(text.trim().to_owned())
     }
 }
 

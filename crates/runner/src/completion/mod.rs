@@ -70,18 +70,18 @@ fn late_builds(after: Vec<Build>, before: &[Build]) -> Vec<Build> {
         .collect()
 }
 
-/// On start: busy rows left by a previous run are closed as aborted, so
-/// that nothing looks running that is not (the steps are recomputed from
-/// the queue and dispatched again).
-pub async fn close_stale_attempts(shared: &Shared) -> Result<(), Fatal> {
+/// On start and on a clean stop: busy rows are closed as aborted, so that
+/// nothing looks running that is not (on start, the steps are recomputed
+/// from the queue and dispatched again).
+pub async fn close_open_attempts(shared: &Shared, reason: &str) -> Result<(), Fatal> {
     let now = record::now();
     let mut tx = shared.pool.begin().await?;
     let closed = sqlx::query(
-        "update BuildSteps set busy = 0, status = 3, stopTime = $1,
-                errorMsg = coalesce(errorMsg, 'aborted: the queue runner stopped while the step ran')
+        "update BuildSteps set busy = 0, status = 3, stopTime = $1, errorMsg = coalesce(errorMsg, $2)
          where busy != 0",
     )
     .bind(now)
+    .bind(reason)
     .execute(&mut *tx)
     .await?;
     sqlx::query(
@@ -92,7 +92,7 @@ pub async fn close_stale_attempts(shared: &Shared) -> Result<(), Fatal> {
     tx.commit().await?;
     if closed.rows_affected() > 0 {
         tracing::info!(
-            "closed {} step rows left busy by a previous run",
+            "closed {} busy step rows as aborted ({reason})",
             closed.rows_affected()
         );
     }
@@ -154,6 +154,7 @@ pub async fn on_report(
         &failure,
     )
     .await?;
+    shared.machines.lock().record_success(&attempt.machine);
     release(shared, &attempt);
     Ok(())
 }
@@ -167,6 +168,15 @@ fn nonzero(v: i64) -> Option<i64> {
 pub async fn abort_attempt(shared: &Shared, attempt: Attempt, reason: &str) -> Result<(), Fatal> {
     tracing::warn!(drv = %attempt.drv_path, machine = %attempt.machine, attempt = %attempt.id, "attempt aborted: {reason}");
     close_attempt(shared, &attempt, BuildStatus::Aborted, reason).await?;
+    let rest = shared
+        .machines
+        .lock()
+        .record_failure(&attempt.machine, Instant::now(), |n| {
+            shared.config.machine_rest(n)
+        });
+    if let Some(pause) = rest {
+        tracing::warn!(machine = %attempt.machine, "machine rested for {pause:.0?} after repeated aborted attempts");
+    }
     let give_up = {
         let mut graph = shared.graph.lock();
         let Some(id) = graph.step_id(&attempt.drv_path) else {

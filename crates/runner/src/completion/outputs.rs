@@ -191,6 +191,7 @@ pub async fn succeed(
         shared.shares.lock().add_used(j, used, Instant::now());
     }
     apply_success(shared, &done, Some(&attempt.id), attempt.build, &success).await?;
+    shared.machines.lock().record_success(&attempt.machine);
     release(shared, &attempt);
     register_realisations(shared, &mut client, &realised, &paths).await
 }
@@ -216,7 +217,8 @@ pub async fn succeed_unbuilt(
     let now = record::now();
     let paths = measured.paths();
     let success = measured.success(&paths, now, now);
-    let realised = done.realised(&drv_path, false);
+    // The resolving step is the original: its outputs are the resolved ones.
+    let realised = done.realised(&drv_path, true);
     let mut tx = shared.pool.begin().await?;
     record_realisations(shared, &mut tx, &realised, &paths).await?;
     write_success(&mut tx, &done.direct, owner, &success).await?;
@@ -328,6 +330,16 @@ async fn expected_outputs(
         .read_derivation(client, &attempt.drv_path)
         .await
         .map_err(|e| format!("cannot re-read the derivation: {e}"))?;
+    if let Some(extra) = report
+        .outputs
+        .iter()
+        .find(|o| !drv.outputs.contains_key(&o.name))
+    {
+        return Err(format!(
+            "the builder reported an output '{}' that the derivation does not have",
+            extra.name
+        ));
+    }
     let mut outputs = Vec::new();
     let mut learnt = false;
     for (name, out) in &drv.outputs {
@@ -342,6 +354,12 @@ async fn expected_outputs(
                     .ok_or_else(|| format!("the builder did not report output '{name}'"))?;
                 dir.parse_path(&reported.path)
                     .map_err(|e| format!("the builder reported a bad path for '{name}': {e}"))?;
+                if !attempt.may_output(dir, &reported.path) {
+                    return Err(format!(
+                        "the builder reported {} for output '{name}', which is not named as that output",
+                        reported.path
+                    ));
+                }
                 reported.path.clone()
             }
         };

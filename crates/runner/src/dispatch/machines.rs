@@ -1,6 +1,7 @@
 //! Connected builders and the choice of a machine for a step.
 
 use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use hydra_proto::v1::RunnerMessage;
 use tokio::sync::mpsc;
@@ -51,9 +52,20 @@ impl Machine {
     }
 }
 
+/// How a machine has fared lately. Kept by name across reconnects: a
+/// machine that crashes and comes back is the same machine.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Health {
+    /// Aborted attempts (builder faults) since its last completed one.
+    pub consecutive_failures: u32,
+    /// It gets no steps before this.
+    pub rested_until: Option<Instant>,
+}
+
 #[derive(Debug, Default)]
 pub struct Machines {
     by_name: HashMap<String, Machine>,
+    health: HashMap<String, Health>,
 }
 
 /// Why no machine took a step.
@@ -81,6 +93,14 @@ impl Machines {
         }
     }
 
+    /// The name of the machine whose current connection is `connection`.
+    pub fn name_of(&self, connection: &str) -> Option<String> {
+        self.by_name
+            .values()
+            .find(|m| m.connection == connection)
+            .map(|m| m.name.clone())
+    }
+
     pub fn get(&self, name: &str) -> Option<&Machine> {
         self.by_name.get(name)
     }
@@ -100,13 +120,59 @@ impl Machines {
         }
     }
 
-    /// The best machine for a step: fastest, then fewest of its slots in
-    /// use, then the lowest reported load.
+    /// An attempt on `name` aborted (a builder fault). Returns how long
+    /// the machine now rests, when this failure makes it rest.
+    pub fn record_failure(
+        &mut self,
+        name: &str,
+        now: Instant,
+        rest: impl Fn(u32) -> Option<Duration>,
+    ) -> Option<Duration> {
+        let health = self.health.entry(name.to_owned()).or_default();
+        health.consecutive_failures += 1;
+        let pause = rest(health.consecutive_failures)?;
+        health.rested_until = Some(now + pause);
+        Some(pause)
+    }
+
+    /// An attempt on `name` completed (built, or failed as a build): the
+    /// machine works.
+    pub fn record_success(&mut self, name: &str) {
+        self.health.remove(name);
+    }
+
+    pub fn health(&self, name: &str) -> Health {
+        self.health.get(name).cloned().unwrap_or_default()
+    }
+
+    /// The earliest end of a rest after `now`, when the dispatcher must
+    /// look again.
+    pub fn next_rest_end(&self, now: Instant) -> Option<Instant> {
+        self.health
+            .values()
+            .filter_map(|h| h.rested_until)
+            .filter(|t| *t > now)
+            .min()
+    }
+
+    fn is_rested(&self, name: &str, now: Instant) -> bool {
+        self.health
+            .get(name)
+            .and_then(|h| h.rested_until)
+            .is_some_and(|t| t > now)
+    }
+
+    /// The best machine for a step: one not in `avoid` (machines its
+    /// earlier attempts aborted on) when there is one, then the fastest,
+    /// the fewest of its slots in use, the lowest reported load. Rested
+    /// machines count as busy, never as unsupported.
     pub fn choose(
         &self,
         system: &str,
         required: &[String],
         min_free_disk: u64,
+        now: Instant,
+        avoid: &[String],
     ) -> Result<&Machine, NoMachine> {
         let mut supporting = self
             .by_name
@@ -117,10 +183,14 @@ impl Machines {
             return Err(NoMachine::Unsupported);
         }
         supporting
-            .filter(|m| m.free_slots() > 0 && m.has_disk(min_free_disk))
+            .filter(|m| {
+                m.free_slots() > 0 && m.has_disk(min_free_disk) && !self.is_rested(&m.name, now)
+            })
             .max_by(|a, b| {
-                a.speed_factor
-                    .total_cmp(&b.speed_factor)
+                let fresh = |m: &Machine| !avoid.contains(&m.name);
+                fresh(a)
+                    .cmp(&fresh(b))
+                    .then(a.speed_factor.total_cmp(&b.speed_factor))
                     .then(b.load().total_cmp(&a.load()))
                     .then(b.load1.total_cmp(&a.load1))
                     .then(b.name.cmp(&a.name))
@@ -181,16 +251,28 @@ mod tests {
         let mut ms = Machines::default();
         ms.register(machine("slow", &["x86_64-linux"], &[], &[], 1.0, 1));
         ms.register(machine("fast", &["x86_64-linux"], &[], &[], 4.0, 1));
-        assert_eq!(ms.choose("x86_64-linux", &[], 0).unwrap().name, "fast");
+        assert_eq!(
+            ms.choose("x86_64-linux", &[], 0, Instant::now(), &[])
+                .unwrap()
+                .name,
+            "fast"
+        );
         ms.get_mut("fast").unwrap().running.insert(Uuid::new_v4());
-        assert_eq!(ms.choose("x86_64-linux", &[], 0).unwrap().name, "slow");
+        assert_eq!(
+            ms.choose("x86_64-linux", &[], 0, Instant::now(), &[])
+                .unwrap()
+                .name,
+            "slow"
+        );
         ms.get_mut("slow").unwrap().running.insert(Uuid::new_v4());
         assert_eq!(
-            ms.choose("x86_64-linux", &[], 0).unwrap_err(),
+            ms.choose("x86_64-linux", &[], 0, Instant::now(), &[])
+                .unwrap_err(),
             NoMachine::Busy
         );
         assert_eq!(
-            ms.choose("riscv64-linux", &[], 0).unwrap_err(),
+            ms.choose("riscv64-linux", &[], 0, Instant::now(), &[])
+                .unwrap_err(),
             NoMachine::Unsupported
         );
     }
@@ -204,10 +286,17 @@ mod tests {
         idle.load1 = 0.5;
         ms.register(busy);
         ms.register(idle);
-        assert_eq!(ms.choose("x86_64-linux", &[], 0).unwrap().name, "idle");
+        assert_eq!(
+            ms.choose("x86_64-linux", &[], 0, Instant::now(), &[])
+                .unwrap()
+                .name,
+            "idle"
+        );
         ms.get_mut("idle").unwrap().running.insert(Uuid::new_v4());
         assert_eq!(
-            ms.choose("x86_64-linux", &[], 0).unwrap().name,
+            ms.choose("x86_64-linux", &[], 0, Instant::now(), &[])
+                .unwrap()
+                .name,
             "busy",
             "free slots count before reported load"
         );
@@ -220,10 +309,14 @@ mod tests {
         m.free_disk = Some(10);
         ms.register(m);
         assert_eq!(
-            ms.choose("x86_64-linux", &[], 100).unwrap_err(),
+            ms.choose("x86_64-linux", &[], 100, Instant::now(), &[])
+                .unwrap_err(),
             NoMachine::Busy
         );
-        assert!(ms.choose("x86_64-linux", &[], 5).is_ok());
+        assert!(
+            ms.choose("x86_64-linux", &[], 5, Instant::now(), &[])
+                .is_ok()
+        );
     }
 
     #[test]
@@ -235,5 +328,48 @@ mod tests {
         assert!(ms.register(again).is_some());
         assert!(ms.unregister("m", "m-conn").is_none());
         assert!(ms.unregister("m", "second").is_some());
+    }
+
+    #[test]
+    fn a_retry_goes_to_another_machine_when_there_is_one() {
+        let mut ms = Machines::default();
+        ms.register(machine("fast", &["x86_64-linux"], &[], &[], 4.0, 1));
+        ms.register(machine("slow", &["x86_64-linux"], &[], &[], 1.0, 1));
+        let now = Instant::now();
+        let avoid = vec!["fast".to_owned()];
+        assert_eq!(
+            ms.choose("x86_64-linux", &[], 0, now, &avoid).unwrap().name,
+            "slow"
+        );
+        ms.get_mut("slow").unwrap().running.insert(Uuid::new_v4());
+        assert_eq!(
+            ms.choose("x86_64-linux", &[], 0, now, &avoid).unwrap().name,
+            "fast",
+            "the failed machine rather than nothing"
+        );
+    }
+
+    #[test]
+    fn a_machine_that_keeps_failing_rests_and_a_success_ends_it() {
+        let mut ms = Machines::default();
+        ms.register(machine("flaky", &["x86_64-linux"], &[], &[], 1.0, 1));
+        let now = Instant::now();
+        let rest = |n: u32| (n >= 2).then(|| Duration::from_secs(60 * n as u64));
+        assert_eq!(ms.record_failure("flaky", now, rest), None);
+        assert_eq!(
+            ms.record_failure("flaky", now, rest),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(ms.health("flaky").consecutive_failures, 2);
+        assert_eq!(
+            ms.choose("x86_64-linux", &[], 0, now, &[]).unwrap_err(),
+            NoMachine::Busy,
+            "rested, not unsupported"
+        );
+        assert_eq!(ms.next_rest_end(now), Some(now + Duration::from_secs(120)));
+        let later = now + Duration::from_secs(121);
+        assert!(ms.choose("x86_64-linux", &[], 0, later, &[]).is_ok());
+        ms.record_success("flaky");
+        assert_eq!(ms.health("flaky"), Health::default());
     }
 }

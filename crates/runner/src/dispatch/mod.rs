@@ -93,7 +93,13 @@ pub fn plan_round(shared: &Shared, now: Instant) -> Round {
 
     for (_, id) in queue {
         let step = graph.step(id).expect("runnable step");
-        match machines.choose(&step.system, &step.required_features, config.min_free_disk) {
+        match machines.choose(
+            &step.system,
+            &step.required_features,
+            config.min_free_disk,
+            now,
+            &step.failed_on,
+        ) {
             Err(NoMachine::Unsupported) => {
                 // With no machine connected at all, it is an outage, not
                 // an unsupported system: nothing fails for it.
@@ -113,6 +119,9 @@ pub fn plan_round(shared: &Shared, now: Instant) -> Round {
             Err(NoMachine::Busy) => {
                 if step.unsupported_since.is_some() {
                     graph.set_unsupported_since(id, None);
+                }
+                if let Some(t) = machines.next_rest_end(now) {
+                    due(t, &mut round);
                 }
             }
             Ok(machine) => {

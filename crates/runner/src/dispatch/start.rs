@@ -161,6 +161,7 @@ async fn persist(
         build: a.owner.id,
         stepnr,
         start_time,
+        outputs: outputs.to_vec(),
         uploads: Default::default(),
         log_bytes: 0,
     };

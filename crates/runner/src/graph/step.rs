@@ -125,6 +125,8 @@ pub struct Step {
     pub sched: SchedFacts,
     /// Aborted attempts so far (infrastructure failures).
     pub aborted_attempts: u32,
+    /// Machines those attempts ran on: a retry prefers another.
+    pub failed_on: Vec<String>,
     /// Since when no connected machine could build the step.
     pub unsupported_since: Option<Instant>,
     /// The derivation depends on floating CA outputs (or has deferred
@@ -147,6 +149,7 @@ impl Step {
             toplevel_of: Vec::new(),
             sched: SchedFacts::none(),
             aborted_attempts: 0,
+            failed_on: Vec::new(),
             unsupported_since: None,
             needs_resolution: false,
             resolved_from: Vec::new(),
@@ -223,8 +226,14 @@ impl Step {
         not_before: Option<Instant>,
     ) -> Result<(), TransitionError> {
         match &self.state {
-            StepState::Running { attempt: a, .. } if a == attempt => {
+            StepState::Running {
+                attempt: a,
+                machine,
+            } if a == attempt => {
                 self.aborted_attempts += 1;
+                if !self.failed_on.contains(machine) {
+                    self.failed_on.push(machine.clone());
+                }
                 self.state = StepState::Runnable {
                     since: now,
                     not_before,
@@ -318,6 +327,7 @@ mod tests {
         s.requeued(&a, Instant::now(), Some(later)).unwrap();
         assert!(matches!(s.state, StepState::Runnable { not_before: Some(t), .. } if t == later));
         assert_eq!(s.aborted_attempts, 1);
+        assert_eq!(s.failed_on, ["m1"], "a retry prefers another machine");
     }
 
     #[test]

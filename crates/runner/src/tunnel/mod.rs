@@ -10,6 +10,7 @@ mod transfer;
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hydra_db::status::StepProgress;
 use hydra_proto::v1::runner_service_server::{RunnerService, RunnerServiceServer};
@@ -24,11 +25,16 @@ use crate::dispatch::machines::Machine;
 use crate::{Fatal, Shared};
 
 pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) -> Result<(), Fatal> {
-    let service =
-        RunnerServiceServer::new(BuilderTunnel { shared }).max_decoding_message_size(64 << 20);
+    let config = &shared.config;
+    let interval = Duration::from_secs(config.ping_interval_secs.into());
+    let timeout = Duration::from_secs(config.ping_timeout_secs.into());
+    let service = RunnerServiceServer::new(BuilderTunnel {
+        shared: shared.clone(),
+    })
+    .max_decoding_message_size(64 << 20);
     tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .http2_keepalive_interval(Some(interval))
+        .http2_keepalive_timeout(Some(timeout))
         .add_service(service)
         .serve_with_incoming(TcpListenerStream::new(listener))
         .await?;
@@ -51,7 +57,13 @@ impl RunnerService for BuilderTunnel {
         request: Request<Streaming<BuilderMessage>>,
     ) -> Result<Response<Self::OpenStream>, Status> {
         let mut inbound = request.into_inner();
-        let join = hydra_proto::accept_join(&mut inbound).await?;
+        let join = match hydra_proto::accept_join(&mut inbound).await {
+            Ok(join) => join,
+            Err(status) => {
+                tracing::warn!("refused a builder: {}", status.message());
+                return Err(status);
+            }
+        };
         let (tx, rx) = mpsc::channel(256);
         if let Err(reason) = self.check_join(&join) {
             tracing::warn!(machine = %join.machine_name, "refused a builder: {reason}");
@@ -116,16 +128,25 @@ impl RunnerService for BuilderTunnel {
         let mut chunks = request.into_inner();
         let mut received = 0u64;
         while let Some(chunk) = chunks.message().await? {
-            let drv = {
+            let owned = {
                 let mut attempts = self.shared.attempts.lock();
-                let attempt = attempts.owned(&chunk.attempt_id, &chunk.machine_id)?;
-                attempt.log_bytes += chunk.data.len() as u64;
-                // The builder enforces the log limit; this only bounds the
-                // damage of one that does not.
-                if attempt.log_bytes > self.shared.config.max_log_size.saturating_mul(2) {
-                    continue;
+                attempts
+                    .owned(&chunk.attempt_id, &chunk.machine_id)
+                    .map(|attempt| {
+                        attempt.log_bytes += chunk.data.len() as u64;
+                        // The builder enforces the log limit; this only
+                        // bounds the damage of one that does not.
+                        (attempt.log_bytes <= self.shared.config.max_log_size.saturating_mul(2))
+                            .then(|| attempt.drv_path.clone())
+                    })
+            };
+            let drv = match owned {
+                Ok(Some(drv)) => drv,
+                Ok(None) => continue,
+                Err(e) => {
+                    let (conn, id) = (&chunk.machine_id, &chunk.attempt_id);
+                    return Err(refused(&self.shared, conn, id, "log", e.into()).await);
                 }
-                attempt.drv_path.clone()
             };
             received += chunk.data.len() as u64;
             if let Err(e) = self.shared.logs.append(&drv, &chunk.data) {
@@ -143,10 +164,16 @@ impl RunnerService for BuilderTunnel {
         request: Request<FetchInputsRequest>,
     ) -> Result<Response<Self::FetchInputsStream>, Status> {
         let req = request.into_inner();
-        self.shared
+        let owned = self
+            .shared
             .attempts
             .lock()
-            .owned(&req.attempt_id, &req.machine_id)?;
+            .owned(&req.attempt_id, &req.machine_id)
+            .map(|_| ());
+        if let Err(e) = owned {
+            let (conn, id) = (&req.machine_id, &req.attempt_id);
+            return Err(refused(&self.shared, conn, id, "inputs", e.into()).await);
+        }
         let stream = transfer::serve_inputs(self.shared.clone(), req.paths).await?;
         Ok(Response::new(stream))
     }
@@ -165,11 +192,11 @@ impl RunnerService for BuilderTunnel {
     ) -> Result<Response<CompletionAck>, Status> {
         let report = request.into_inner();
         let connection = report.machine_id.clone();
+        let attempt_id = report.attempt_id.clone();
         match completion::on_report(&self.shared, &connection, report).await {
             Ok(()) => Ok(Response::new(CompletionAck {})),
             Err(ReportError::Ownership(e)) => {
-                tracing::warn!("rejected a completion report: {e}");
-                Err(e.into())
+                Err(refused(&self.shared, &connection, &attempt_id, "report", e.into()).await)
             }
             Err(ReportError::Fatal(e)) => {
                 self.shared.die(e);
@@ -198,18 +225,24 @@ impl BuilderTunnel {
     }
 }
 
-/// Reads pings and progress until the stream ends; returns why it ended.
+/// Reads pings and progress until the stream ends, or until the builder
+/// is silent for `ping_timeout_secs` (a stopped or cut-off machine whose
+/// TCP connection stays open); returns why it ended.
 async fn control_loop(
     shared: &Shared,
     name: &str,
     connection: &str,
     inbound: &mut Streaming<BuilderMessage>,
 ) -> String {
+    let silence = Duration::from_secs(shared.config.ping_timeout_secs.into());
     loop {
-        let msg = match inbound.message().await {
-            Ok(Some(m)) => m,
-            Ok(None) => return "the builder closed its control stream".into(),
-            Err(status) => return format!("the control stream failed: {}", status.message()),
+        let msg = match tokio::time::timeout(silence, inbound.message()).await {
+            Err(_) => return format!("no ping for {} s", silence.as_secs()),
+            Ok(Ok(Some(m))) => m,
+            Ok(Ok(None)) => return "the builder closed its control stream".into(),
+            Ok(Err(status)) => {
+                return format!("the control stream failed: {}", status.message());
+            }
         };
         match msg.msg {
             Some(builder_message::Msg::Ping(p)) => {
@@ -253,6 +286,40 @@ fn busy_code(phase: Phase) -> i32 {
         Phase::PostProcessing => StepProgress::PostProcessing,
     }
     .code()
+}
+
+/// Records something refused from a builder (`hqr_rejections`, and the
+/// log), and gives back the status to answer it with. Nothing of it was
+/// applied.
+pub(crate) async fn refused(
+    shared: &Shared,
+    connection: &str,
+    attempt_id: &str,
+    what: &str,
+    status: Status,
+) -> Status {
+    let machine = shared.machines.lock().name_of(connection);
+    tracing::warn!(
+        connection,
+        machine,
+        attempt = attempt_id,
+        "refused a {what}: {}",
+        status.message()
+    );
+    let recorded = crate::record::rejection(
+        &shared.pool,
+        connection,
+        machine.as_deref(),
+        attempt_id,
+        what,
+        status.message(),
+    )
+    .await;
+    if let Err(e) = recorded {
+        shared.die(e.into());
+        return Status::unavailable("the runner is stopping");
+    }
+    status
 }
 
 /// A machine's connection ended: its attempts are aborted and retried.

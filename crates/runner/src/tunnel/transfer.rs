@@ -85,10 +85,22 @@ pub async fn receive_output(
             ));
         }
     };
-    shared
+    let asked = shared
         .attempts
         .lock()
-        .owned(&header.attempt_id, &header.machine_id)?;
+        .owned(&header.attempt_id, &header.machine_id)
+        .map(|a| a.may_output(shared.store.dir(), &header.store_path));
+    let asked = match asked {
+        Ok(asked) => asked,
+        Err(e) => {
+            let (conn, id) = (&header.machine_id, &header.attempt_id);
+            return Err(super::refused(shared, conn, id, "upload", e.into()).await);
+        }
+    };
+    if !asked {
+        let reason = "it is not an output of the step".to_owned();
+        return Err(reject(shared, &header, reason).await);
+    }
     let info = match path_info(shared, &header) {
         Ok(info) => info,
         Err(reason) => return Err(reject(shared, &header, reason).await),
@@ -126,7 +138,8 @@ async fn reject(shared: &Shared, header: &NarHeader, reason: String) -> Status {
     {
         shared.die(e);
     }
-    Status::data_loss(msg)
+    let (conn, id) = (&header.machine_id, &header.attempt_id);
+    super::refused(shared, conn, id, "upload", Status::data_loss(msg)).await
 }
 
 /// The header's path info, checked, and within the output size limit.
