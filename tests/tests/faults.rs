@@ -395,6 +395,68 @@ async fn a_silent_builder_is_dropped_after_the_ping_timeout_and_its_late_report_
 }
 
 #[tokio::test]
+async fn a_machine_that_keeps_failing_is_rested_and_shows_so_in_the_status() {
+    let mut farm = Farm::start(|c| {
+        c.machine_rest_after_failures = 2;
+        c.machine_rest_base_secs = 600.0;
+        c.status_interval_secs = 1;
+    })
+    .await
+    .unwrap();
+    let mut liar = Liar::join(&farm).await;
+    let ids = farm.submit(HI, &["hi"]).await.unwrap();
+    for _ in 0..2 {
+        let job = liar.next_job().await;
+        let garbage = b"not a NAR".to_vec();
+        let status = liar
+            .upload(&job, garbage.clone(), &Hash::sha256(&garbage))
+            .await;
+        assert_eq!(status.code(), tonic::Code::DataLoss);
+    }
+
+    // The status document (Hydra's SystemStatus) shows the rest.
+    let mut listener = sqlx::postgres::PgListener::connect_with(&farm.db.pool)
+        .await
+        .unwrap();
+    listener.listen("queue_runner_status").await.unwrap();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let liar_status = loop {
+        let doc: Option<serde_json::Value> =
+            sqlx::query_scalar("select status from SystemStatus where what = 'queue-runner'")
+                .fetch_optional(&farm.db.pool)
+                .await
+                .unwrap();
+        let entry = doc.map(|d| d["machines"]["liar"].clone());
+        if let Some(e) = entry.filter(|e| e["disabledUntil"].as_u64().unwrap_or(0) > 0) {
+            break e;
+        }
+        tokio::time::timeout_at(deadline, listener.recv())
+            .await
+            .expect("the status never showed the machine rested")
+            .unwrap();
+    };
+    assert_eq!(liar_status["consecutiveFailures"], 2, "{liar_status}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let until = liar_status["disabledUntil"].as_u64().unwrap();
+    assert!(until > now + 500 && until <= now + 601, "{liar_status}");
+
+    // Rested, it gets nothing; an honest builder takes the step.
+    farm.add_builder(BuilderSpec::new("honest")).await.unwrap();
+    farm.wait_finished(ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    let rows = steps(&farm, ids["hi"]).await;
+    let shape: Vec<(&str, Option<i32>)> = rows.iter().map(|r| (r.0.as_str(), r.1)).collect();
+    assert_eq!(
+        shape,
+        [("liar", Some(3)), ("liar", Some(3)), ("honest", Some(0))]
+    );
+}
+
+#[tokio::test]
 async fn cancelling_the_only_build_aborts_its_running_step() {
     let mut farm = Farm::start(|_| {}).await.unwrap();
     farm.add_builder(BuilderSpec::new("b")).await.unwrap();

@@ -39,3 +39,12 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, ConnectE
         .await
         .map_err(ConnectError::Connect)
 }
+
+/// A conflict PostgreSQL asks the client to retry: a serialization failure
+/// (40001) or a deadlock (40P01). The transaction was rolled back; running
+/// it again is safe. Anything else is a real fault.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code == "40001" || code == "40P01")
+}

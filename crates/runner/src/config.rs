@@ -62,6 +62,8 @@ pub struct RunnerConfig {
     pub machine_rest_max_secs: f64,
     /// A machine reporting less free disk than this gets no new steps.
     pub min_free_disk: u64,
+    /// How often the status document in SystemStatus is rewritten.
+    pub status_interval_secs: u32,
 }
 
 impl Default for RunnerConfig {
@@ -84,6 +86,7 @@ impl Default for RunnerConfig {
             machine_rest_base_secs: 60.0,
             machine_rest_max_secs: 3600.0,
             min_free_disk: 1 << 30,
+            status_interval_secs: 5,
         }
     }
 }

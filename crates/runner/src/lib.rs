@@ -8,9 +8,36 @@
 //! - [`tunnel`]: the gRPC service builders connect to (jobs, logs, NARs, reports);
 //! - [`completion`]: a builder's report -> PostgreSQL, then the graph;
 //! - [`record`]: every write to Hydra's tables, with Hydra's rules;
-//! - [`realisations`]: CA outputs learnt from builds, in PostgreSQL and the store.
+//! - [`realisations`]: CA outputs learnt from builds, in PostgreSQL and the store;
+//! - [`status`]: the status document operators read (Hydra's `SystemStatus`).
 //!
 //! [`Runner::start`] runs them all; `hydra-queue-runner serve` wraps it.
+
+/// Runs `$body` in a transaction of `$pool` bound to `$tx` (the body
+/// evaluates to `Result<T, Fatal>`, `?` inside it leaves the body) and
+/// commits. A serialization failure or deadlock rolls it back and runs it
+/// again, up to five times: PostgreSQL asks for exactly that, and only
+/// then is a database error fatal.
+macro_rules! in_transaction {
+    ($pool:expr, |$tx:ident| $body:block) => {{
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            let mut $tx = $pool.begin().await?;
+            let result: Result<_, $crate::Fatal> = async { $body }.await;
+            let result = match result {
+                Ok(v) => $tx.commit().await.map(|()| v).map_err($crate::Fatal::from),
+                Err(e) => Err(e),
+            };
+            match result {
+                Err($crate::Fatal::Database(e)) if tries < 5 && hydra_db::is_transient(&e) => {
+                    tracing::warn!("database conflict, running the transaction again: {e}");
+                }
+                other => break other,
+            }
+        }
+    }};
+}
 
 pub mod attempts;
 pub mod completion;
@@ -23,6 +50,7 @@ pub mod queue_monitor;
 pub mod realisations;
 pub mod record;
 pub mod resolver;
+pub mod status;
 pub mod store;
 pub mod tunnel;
 
@@ -165,6 +193,7 @@ impl Runner {
         )
         .await?;
         let mut tasks = JoinSet::new();
+        let status_shared = shared.clone();
         tasks.spawn(critical(
             "builder service",
             tunnel::serve(shared.clone(), listener),
@@ -179,6 +208,11 @@ impl Runner {
             "database watchdog",
             database_watchdog(shared.clone()),
         ));
+        // Not critical: it logs and retries, and never ends by itself.
+        tasks.spawn(async {
+            status::run(status_shared).await;
+            Ok(())
+        });
         tasks.spawn(async move {
             match fatal_rx.recv().await {
                 Some(fault) => Err(fault),

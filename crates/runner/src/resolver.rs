@@ -126,16 +126,18 @@ async fn record_resolution(
 ) -> Result<(), Fatal> {
     let outputs: Vec<(String, Option<String>)> =
         drv.outputs.keys().map(|n| (n.clone(), None)).collect();
-    let mut tx = shared.pool.begin().await?;
-    record::record_resolution(
-        &mut tx,
-        pending.owner.id,
-        &shared.store.dir().display(&pending.drv_path),
-        &pending.system,
-        &resolved.to_string(),
-        &outputs,
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(())
+    let drv_path = shared.store.dir().display(&pending.drv_path);
+    let resolved = resolved.to_string();
+    in_transaction!(shared.pool, |tx| {
+        record::record_resolution(
+            &mut tx,
+            pending.owner.id,
+            &drv_path,
+            &pending.system,
+            &resolved,
+            &outputs,
+        )
+        .await?;
+        Ok(())
+    })
 }

@@ -295,16 +295,18 @@ async fn fail_step(
         };
         (failed, graph.dependent_builds(step))
     };
-    let mut tx = shared.pool.begin().await?;
-    let owner = write_failure(&mut tx, shared, &failed, attempt, &builds, None, failure).await?;
-    if matches!(
-        failure.status,
-        BuildStatus::Failed | BuildStatus::NotDeterministic
-    ) {
-        let known = known_outputs(shared, &failed.drv).await?;
+    let known = match failure.status {
+        BuildStatus::Failed | BuildStatus::NotDeterministic => {
+            known_outputs(shared, &failed.drv).await?
+        }
+        _ => Vec::new(),
+    };
+    let owner = in_transaction!(shared.pool, |tx| {
+        let owner =
+            write_failure(&mut tx, shared, &failed, attempt, &builds, None, failure).await?;
         record::insert_failed_paths(&mut tx, &known).await?;
-    }
-    tx.commit().await?;
+        Ok(owner)
+    })?;
     let removed = {
         let mut graph = shared.graph.lock();
         graph.step_failed(step, attempt.map(|(a, _)| &a.id)).ok()
@@ -316,9 +318,10 @@ async fn fail_step(
     // Builds that attached to the step while the transaction ran.
     let late = late_builds(removed.builds, &builds);
     if !late.is_empty() {
-        let mut tx = shared.pool.begin().await?;
-        write_failure(&mut tx, shared, &failed, None, &late, owner, failure).await?;
-        tx.commit().await?;
+        in_transaction!(shared.pool, |tx| {
+            write_failure(&mut tx, shared, &failed, None, &late, owner, failure).await?;
+            Ok(())
+        })?;
     }
     drop_steps(shared, removed.dropped).await
 }
@@ -472,7 +475,6 @@ async fn close_attempt(
     reason: &str,
 ) -> Result<(), Fatal> {
     let log_file = shared.logs.finish(&attempt.drv_path)?;
-    let mut tx = shared.pool.begin().await?;
     let result = StepResult {
         status,
         error_msg: Some(reason),
@@ -484,9 +486,11 @@ async fn close_attempt(
         log_file: &log_file.display().to_string(),
         outputs: &[],
     };
-    record::finish_build_step(&mut tx, attempt.build, attempt.stepnr, &result).await?;
-    attempts::close(&mut tx, &attempt.id, status.code()).await?;
-    tx.commit().await?;
+    in_transaction!(shared.pool, |tx| {
+        record::finish_build_step(&mut tx, attempt.build, attempt.stepnr, &result).await?;
+        attempts::close(&mut tx, &attempt.id, status.code()).await?;
+        Ok(())
+    })?;
     release(shared, attempt);
     Ok(())
 }

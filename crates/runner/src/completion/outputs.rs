@@ -156,29 +156,30 @@ pub async fn succeed(
     };
     let paths = measured.paths();
     let success = measured.success(&paths, start_time, stop_time);
-    let mut tx = shared.pool.begin().await?;
-    record::finish_build_step(
-        &mut tx,
-        attempt.build,
-        attempt.stepnr,
-        &StepResult {
-            status: BuildStatus::Success,
-            error_msg: None,
-            start_time,
-            stop_time,
-            machine: &attempt.machine,
-            times_built: (report.times_built > 0).then_some(report.times_built as i32),
-            is_non_deterministic: report.is_non_deterministic.then_some(true),
-            log_file: &log_file,
-            outputs: &paths,
-        },
-    )
-    .await?;
-    attempts::close(&mut tx, &attempt.id, BuildStatus::Success.code()).await?;
     let realised = done.realised(&attempt.drv_path, learnt);
-    record_realisations(shared, &mut tx, &realised, &paths).await?;
-    write_success(&mut tx, &done.direct, attempt.build, &success).await?;
-    tx.commit().await?;
+    in_transaction!(shared.pool, |tx| {
+        record::finish_build_step(
+            &mut tx,
+            attempt.build,
+            attempt.stepnr,
+            &StepResult {
+                status: BuildStatus::Success,
+                error_msg: None,
+                start_time,
+                stop_time,
+                machine: &attempt.machine,
+                times_built: (report.times_built > 0).then_some(report.times_built as i32),
+                is_non_deterministic: report.is_non_deterministic.then_some(true),
+                log_file: &log_file,
+                outputs: &paths,
+            },
+        )
+        .await?;
+        attempts::close(&mut tx, &attempt.id, BuildStatus::Success.code()).await?;
+        record_realisations(shared, &mut tx, &realised, &paths).await?;
+        write_success(&mut tx, &done.direct, attempt.build, &success).await?;
+        Ok(())
+    })?;
     tracing::info!(drv = %attempt.drv_path, machine = %attempt.machine, "step succeeded");
 
     let jobset = shared
@@ -219,10 +220,11 @@ pub async fn succeed_unbuilt(
     let success = measured.success(&paths, now, now);
     // The resolving step is the original: its outputs are the resolved ones.
     let realised = done.realised(&drv_path, true);
-    let mut tx = shared.pool.begin().await?;
-    record_realisations(shared, &mut tx, &realised, &paths).await?;
-    write_success(&mut tx, &done.direct, owner, &success).await?;
-    tx.commit().await?;
+    in_transaction!(shared.pool, |tx| {
+        record_realisations(shared, &mut tx, &realised, &paths).await?;
+        write_success(&mut tx, &done.direct, owner, &success).await?;
+        Ok(())
+    })?;
     tracing::info!(drv = %drv_path, "outputs known already (early cutoff): nothing to build");
     apply_success(shared, &done, None, owner, &success).await?;
     shared.wake();
@@ -284,9 +286,10 @@ async fn apply_success(
     super::forget_started(shared, &result.builds);
     let late = super::late_builds(result.builds, &done.direct);
     if !late.is_empty() {
-        let mut tx = shared.pool.begin().await?;
-        write_success(&mut tx, &late, owner, success).await?;
-        tx.commit().await?;
+        in_transaction!(shared.pool, |tx| {
+            write_success(&mut tx, &late, owner, success).await?;
+            Ok(())
+        })?;
     }
     Ok(())
 }

@@ -141,6 +141,15 @@ impl Machines {
         self.health.remove(name);
     }
 
+    pub fn connected(&self) -> impl Iterator<Item = &Machine> {
+        self.by_name.values()
+    }
+
+    /// Every machine that failed lately, connected or not.
+    pub fn all_health(&self) -> impl Iterator<Item = (&String, &Health)> {
+        self.health.iter()
+    }
+
     pub fn health(&self, name: &str) -> Health {
         self.health.get(name).cloned().unwrap_or_default()
     }

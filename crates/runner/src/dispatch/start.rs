@@ -137,23 +137,41 @@ async fn persist(
 ) -> Result<Attempt, Fatal> {
     let start_time = record::now();
     let drv = shared.store.dir().display(&a.drv_path);
-    let mut tx = shared.pool.begin().await?;
-    let stepnr = record::create_build_step(
-        &mut tx,
-        &NewStepRow {
-            build: a.owner.id,
-            drv_path: &drv,
-            system: &a.system,
-            status: None,
-            machine: &a.machine,
-            start_time: Some(start_time),
-            error_msg: None,
-            propagated_from: None,
-            outputs,
-        },
-    )
-    .await?;
-    let attempt = Attempt {
+    let first_step = !shared.started_builds.lock().contains(&a.owner.id);
+    let attempt = in_transaction!(shared.pool, |tx| {
+        let stepnr = record::create_build_step(
+            &mut tx,
+            &NewStepRow {
+                build: a.owner.id,
+                drv_path: &drv,
+                system: &a.system,
+                status: None,
+                machine: &a.machine,
+                start_time: Some(start_time),
+                error_msg: None,
+                propagated_from: None,
+                outputs,
+            },
+        )
+        .await?;
+        let attempt = new_attempt(a, stepnr, start_time, outputs);
+        attempts::persist(&mut tx, &attempt).await?;
+        if first_step {
+            record::notify_build_started(&mut tx, a.owner.id).await?;
+        }
+        Ok(attempt)
+    })?;
+    shared.started_builds.lock().insert(a.owner.id);
+    Ok(attempt)
+}
+
+fn new_attempt(
+    a: &Assignment,
+    stepnr: i32,
+    start_time: i64,
+    outputs: &[(String, Option<String>)],
+) -> Attempt {
+    Attempt {
         id: a.attempt,
         machine: a.machine.clone(),
         connection: a.connection.clone(),
@@ -164,12 +182,5 @@ async fn persist(
         outputs: outputs.to_vec(),
         uploads: Default::default(),
         log_bytes: 0,
-    };
-    attempts::persist(&mut tx, &attempt).await?;
-    let first_step = shared.started_builds.lock().insert(a.owner.id);
-    if first_step {
-        record::notify_build_started(&mut tx, a.owner.id).await?;
     }
-    tx.commit().await?;
-    Ok(attempt)
 }

@@ -134,6 +134,10 @@ impl Graph {
         self.steps.len()
     }
 
+    pub fn build_count(&self) -> usize {
+        self.builds.len()
+    }
+
     pub fn runnable(&self) -> impl Iterator<Item = (StepId, &Step)> + '_ {
         self.runnable.iter().map(|id| (*id, &self.steps[id]))
     }

@@ -195,10 +195,12 @@ async fn finish_cached(
     let measured = completion::measure_valid(client, outputs).await?;
     let now = record::now();
     let paths = measured.paths();
-    let mut tx = shared.pool.begin().await?;
-    record::mark_succeeded_build(&mut tx, build, &measured.success(&paths, now, now), true).await?;
-    record::notify_build_finished(&mut tx, build.id, &[]).await?;
-    tx.commit().await?;
+    let success = measured.success(&paths, now, now);
+    in_transaction!(shared.pool, |tx| {
+        record::mark_succeeded_build(&mut tx, build, &success, true).await?;
+        record::notify_build_finished(&mut tx, build.id, &[]).await?;
+        Ok(())
+    })?;
     tracing::info!(build = build.id, "cached build: every output is valid");
     Ok(())
 }
@@ -214,25 +216,26 @@ async fn fail_cached(shared: &Shared, build: &Build, drv: &StorePath) -> Result<
     } else {
         BuildStatus::DepFailed
     };
-    let mut tx = shared.pool.begin().await?;
-    record::create_build_step(
-        &mut tx,
-        &NewStepRow {
-            build: build.id,
-            drv_path: &dir.display(drv),
-            system: "",
-            status: Some(BuildStatus::CachedFailure),
-            machine: "",
-            start_time: None,
-            error_msg: None,
-            propagated_from: None,
-            outputs: &[],
-        },
-    )
-    .await?;
-    record::mark_failed_build(&mut tx, build.id, status, now, now, top).await?;
-    record::notify_build_finished(&mut tx, build.id, &[]).await?;
-    tx.commit().await?;
+    in_transaction!(shared.pool, |tx| {
+        record::create_build_step(
+            &mut tx,
+            &NewStepRow {
+                build: build.id,
+                drv_path: &dir.display(drv),
+                system: "",
+                status: Some(BuildStatus::CachedFailure),
+                machine: "",
+                start_time: None,
+                error_msg: None,
+                propagated_from: None,
+                outputs: &[],
+            },
+        )
+        .await?;
+        record::mark_failed_build(&mut tx, build.id, status, now, now, top).await?;
+        record::notify_build_finished(&mut tx, build.id, &[]).await?;
+        Ok(())
+    })?;
     tracing::info!(build = build.id, "cached failure of {drv}");
     Ok(())
 }
@@ -247,25 +250,26 @@ async fn abort_build(
 ) -> Result<(), Fatal> {
     tracing::error!(build, "aborting build: {reason}");
     let now = record::now();
-    let mut tx = shared.pool.begin().await?;
-    record::create_build_step(
-        &mut tx,
-        &NewStepRow {
-            build,
-            drv_path: drv,
-            system: "",
-            status: Some(BuildStatus::Aborted),
-            machine: "",
-            start_time: Some(now),
-            error_msg: Some(reason),
-            propagated_from: None,
-            outputs: &[],
-        },
-    )
-    .await?;
-    record::mark_failed_build(&mut tx, build, BuildStatus::Aborted, now, now, false).await?;
-    record::notify_build_finished(&mut tx, build, &[]).await?;
-    tx.commit().await?;
+    in_transaction!(shared.pool, |tx| {
+        record::create_build_step(
+            &mut tx,
+            &NewStepRow {
+                build,
+                drv_path: drv,
+                system: "",
+                status: Some(BuildStatus::Aborted),
+                machine: "",
+                start_time: Some(now),
+                error_msg: Some(reason),
+                propagated_from: None,
+                outputs: &[],
+            },
+        )
+        .await?;
+        record::mark_failed_build(&mut tx, build, BuildStatus::Aborted, now, now, false).await?;
+        record::notify_build_finished(&mut tx, build, &[]).await?;
+        Ok(())
+    })?;
     Ok(())
 }
 

@@ -1,0 +1,108 @@
+//! The runner's status for operators, where Hydra keeps it: a JSON document
+//! in `SystemStatus` (what = 'queue-runner'), which Hydra's web interface
+//! shows at `/queue-runner-status`, with Hydra's field names where Hydra
+//! has the field. It says which machines are connected, what they run, and
+//! which are rested after repeated failures (`consecutiveFailures`,
+//! `disabledUntil`).
+//!
+//! Written every `status_interval_secs` by a task that is not critical: a
+//! failed write is logged and tried again next time. Each write is followed
+//! by a `queue_runner_status` notification.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+use crate::Shared;
+
+/// The status document now.
+pub fn snapshot(shared: &Shared, started: Instant) -> Value {
+    let now = Instant::now();
+    let epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let at_epoch = |t: Instant| epoch + t.saturating_duration_since(now).as_secs();
+    let (queued, steps, runnable) = {
+        let graph = shared.graph.lock();
+        (
+            graph.build_count(),
+            graph.step_count(),
+            graph.runnable().count(),
+        )
+    };
+    let machines = shared.machines.lock();
+    let mut by_name: BTreeMap<String, Value> = BTreeMap::new();
+    for m in machines.connected() {
+        let health = machines.health(&m.name);
+        by_name.insert(
+            m.name.clone(),
+            json!({
+                "enabled": true,
+                "connected": true,
+                "systemTypes": m.systems,
+                "supportedFeatures": m.supported_features,
+                "mandatoryFeatures": m.mandatory_features,
+                "maxJobs": m.max_jobs,
+                "currentJobs": m.running.len(),
+                "speedFactor": m.speed_factor,
+                "load1": m.load1,
+                "consecutiveFailures": health.consecutive_failures,
+                "disabledUntil": health.rested_until.filter(|t| *t > now).map_or(0, at_epoch),
+            }),
+        );
+    }
+    for (name, health) in machines.all_health() {
+        by_name.entry(name.clone()).or_insert_with(|| {
+            json!({
+                "enabled": true,
+                "connected": false,
+                "consecutiveFailures": health.consecutive_failures,
+                "disabledUntil": health.rested_until.filter(|t| *t > now).map_or(0, at_epoch),
+            })
+        });
+    }
+    let active = shared.attempts.lock().len();
+    json!({
+        "status": "up",
+        "time": epoch,
+        "uptime": now.duration_since(started).as_secs(),
+        "pid": std::process::id(),
+        "nrQueuedBuilds": queued,
+        "nrUnfinishedSteps": steps,
+        "nrRunnableSteps": runnable,
+        "nrActiveSteps": active,
+        "machines": by_name,
+    })
+}
+
+/// Writes the status every `status_interval_secs`, for as long as the
+/// runner runs.
+pub async fn run(shared: Arc<Shared>) {
+    let started = Instant::now();
+    let every = Duration::from_secs(shared.config.status_interval_secs.max(1).into());
+    loop {
+        let doc = snapshot(&shared, started);
+        if let Err(e) = write(&shared.pool, &doc).await {
+            tracing::warn!("cannot write the status to SystemStatus (will retry): {e}");
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+async fn write(pool: &sqlx::PgPool, doc: &Value) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "insert into SystemStatus (what, status) values ('queue-runner', $1)
+         on conflict (what) do update set status = excluded.status",
+    )
+    .bind(doc)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("notify queue_runner_status")
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
+}
