@@ -1,10 +1,34 @@
 # NixOS module for the queue runner: the schema migration and the daemon.
-# Settings are rendered to TOML (see docs/configuration.md for every key).
-# TLS, tokens, sd_notify and the hot standby arrive with issue #7.
+#
+# `settings` is rendered to the runner's TOML file; its keys are those of
+# docs/configuration.md (typed options below cover the usual ones, with
+# Hydra-like defaults). Secrets stay out of the Nix store: the database URL
+# may come from `databaseUrlFile`, builder tokens live in `tokensDir`, TLS
+# keys are paths. The unit is Type=notify with a watchdog; `systemctl
+# reload` re-reads the settings (SIGHUP). Two machines with this module on
+# one database form an active runner and a hot standby (they must reach the
+# same Nix store).
 { config, lib, pkgs, ... }:
 
 let
   cfg = config.services.hydra-queue-runner-rs;
+  toml = pkgs.formats.toml { };
+  optionalPath = name: value: lib.optionalAttrs (value != null) { ${name} = toString value; };
+  settingsFile = toml.generate "queue-runner.toml" (
+    {
+      listen = cfg.listen;
+      data_dir = "/var/lib/hydra/queue-runner";
+      store_socket = "/nix/var/nix/daemon-socket/socket";
+      max_log_size = cfg.maxLogSize;
+      max_output_size = cfg.maxOutputSize;
+      max_tries = cfg.maxTries;
+    }
+    // optionalPath "tls_cert" cfg.tls.certFile
+    // optionalPath "tls_key" cfg.tls.keyFile
+    // optionalPath "tls_client_ca" cfg.tls.clientCaFile
+    // optionalPath "builder_tokens_dir" cfg.tokensDir
+    // cfg.settings
+  );
 in
 {
   options.services.hydra-queue-runner-rs = {
@@ -21,11 +45,71 @@ in
       description = "PostgreSQL URL of the Hydra database (local socket by default).";
     };
 
+    databaseUrlFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      description = "A file with HYDRA_DATABASE_URL=..., for a URL with a password (read by systemd, kept out of the store).";
+    };
+
+    listen = lib.mkOption {
+      type = lib.types.str;
+      default = "0.0.0.0:7070";
+      description = "gRPC address builders connect to.";
+    };
+
+    openFirewall = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = "Open the gRPC port in the firewall.";
+    };
+
+    maxLogSize = lib.mkOption {
+      type = lib.types.ints.positive;
+      default = 64 * 1024 * 1024;
+      description = "Largest build log of a step (status 10 beyond), as Hydra's max_log_size.";
+    };
+
+    maxOutputSize = lib.mkOption {
+      type = lib.types.ints.positive;
+      default = 2 * 1024 * 1024 * 1024;
+      description = "Largest total output NAR size of a step (status 11 beyond), as Hydra's max_output_size.";
+    };
+
+    maxTries = lib.mkOption {
+      type = lib.types.ints.positive;
+      default = 5;
+      description = "Aborted attempts before a step fails as aborted.";
+    };
+
+    tls = {
+      certFile = lib.mkOption {
+        type = lib.types.nullOr lib.types.path;
+        default = null;
+        description = "TLS certificate (PEM) of the builder service.";
+      };
+      keyFile = lib.mkOption {
+        type = lib.types.nullOr lib.types.path;
+        default = null;
+        description = "Its private key (PEM); a path outside the Nix store.";
+      };
+      clientCaFile = lib.mkOption {
+        type = lib.types.nullOr lib.types.path;
+        default = null;
+        description = "CA that builders' client certificates must be signed by (mutual TLS).";
+      };
+    };
+
+    tokensDir = lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      description = "Directory of builder tokens: <machine>.token admits that builder, shared.token any.";
+    };
+
     settings = lib.mkOption {
-      type = lib.types.attrsOf lib.types.anything;
+      type = toml.type;
       default = { };
-      example = { listen = "0.0.0.0:7070"; max_log_size = 67108864; };
-      description = "Settings of hydra-queue-runner serve (TOML keys of docs/configuration.md).";
+      example = { ping_timeout_secs = 60; machine_rest_base_secs = 120.0; };
+      description = "Further settings of hydra-queue-runner serve (TOML keys of docs/configuration.md); they win over the options above.";
     };
   };
 
@@ -36,6 +120,9 @@ in
     };
     users.groups.hydra = { };
 
+    networking.firewall.allowedTCPPorts =
+      lib.optional cfg.openFirewall (lib.toInt (lib.last (lib.splitString ":" cfg.listen)));
+
     systemd.services.hydra-queue-runner-migrate = {
       description = "Hydra queue runner: database schema";
       wantedBy = [ "multi-user.target" ];
@@ -44,6 +131,7 @@ in
       serviceConfig = {
         Type = "oneshot";
         User = "hydra-queue-runner";
+        EnvironmentFile = lib.mkIf (cfg.databaseUrlFile != null) cfg.databaseUrlFile;
         ExecStart = "${cfg.package}/bin/hydra-queue-runner migrate";
         RemainAfterExit = true;
       };
@@ -53,17 +141,35 @@ in
       description = "Hydra queue runner";
       wantedBy = [ "multi-user.target" ];
       requires = [ "hydra-queue-runner-migrate.service" ];
-      after = [ "hydra-queue-runner-migrate.service" "nix-daemon.service" ];
+      after = [ "hydra-queue-runner-migrate.service" "nix-daemon.service" "network-online.target" ];
+      wants = [ "network-online.target" ];
       environment.HYDRA_DATABASE_URL = cfg.databaseUrl;
+      reloadTriggers = [ settingsFile ];
       serviceConfig = {
-        User = "hydra-queue-runner";
-        StateDirectory = "hydra/queue-runner";
-        ExecStart = "${cfg.package}/bin/hydra-queue-runner serve --config ${
-          (pkgs.formats.toml { }).generate "queue-runner.toml"
-            ({ data_dir = "/var/lib/hydra/queue-runner"; } // cfg.settings)
-        }";
+        Type = "notify";
+        NotifyAccess = "main";
+        WatchdogSec = 60;
+        ExecStart = "${cfg.package}/bin/hydra-queue-runner serve --config ${settingsFile}";
+        ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
         Restart = "always";
         RestartSec = 5;
+        User = "hydra-queue-runner";
+        EnvironmentFile = lib.mkIf (cfg.databaseUrlFile != null) cfg.databaseUrlFile;
+        StateDirectory = "hydra/queue-runner";
+        # Hardening: the runner needs its state directory, the nix-daemon
+        # socket and the network, nothing else.
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectControlGroups = true;
+        RestrictSUIDSGID = true;
+        LockPersonality = true;
+        RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" ];
+        SystemCallArchitectures = "native";
       };
     };
   };

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -16,11 +16,14 @@ pub enum ConfigError {
     Invalid { path: PathBuf, message: String },
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BuilderConfig {
     /// The runner's builder service, e.g. `http://runner.example:7070`.
     pub runner_url: String,
+    /// Several runners (an active one and hot standbys): tried in turn
+    /// until one accepts. Overrides `runner_url` when not empty.
+    pub runner_urls: Vec<String>,
     /// This machine's name in BuildSteps.machine; defaults to the host name.
     pub machine_name: String,
     /// Nix systems this machine builds for.
@@ -43,7 +46,67 @@ pub struct BuilderConfig {
     /// Reconnect backoff bounds, in seconds (with jitter).
     pub reconnect_min_secs: f64,
     pub reconnect_max_secs: f64,
+    /// A file holding this builder's bearer token for the runner;
+    /// `HYDRA_BUILDER_TOKEN` in the environment takes precedence.
+    pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) the runner's TLS certificate must be signed by
+    /// (for `https://` runner URLs).
+    pub tls_ca: Option<PathBuf>,
+    /// This builder's client certificate and key (PEM), for a runner that
+    /// asks for mutual TLS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
+
+/// Every key with what it means; defaults come from
+/// [`BuilderConfig::default`]. `--help` and docs/configuration.md are made
+/// from this (a test keeps them in step).
+pub const KEYS: &[(&str, &str)] = &[
+    (
+        "runner_url",
+        "the runner's builder service (http:// or https://)",
+    ),
+    (
+        "runner_urls",
+        "several runners (active and standbys), tried in turn; overrides runner_url",
+    ),
+    (
+        "machine_name",
+        "name in BuildSteps.machine (default: the host name)",
+    ),
+    ("systems", "systems built here (default: this machine's)"),
+    (
+        "supported_features",
+        "features offered (kvm, big-parallel, ...)",
+    ),
+    (
+        "mandatory_features",
+        "features a step must require to run here",
+    ),
+    ("max_jobs", "builds at once"),
+    (
+        "speed_factor",
+        "relative speed; the runner prefers faster machines",
+    ),
+    ("nix_daemon_socket", "the nix-daemon to build with"),
+    (
+        "store_dir",
+        "that daemon's store directory; must be the runner's",
+    ),
+    ("disk_path", "where free disk is measured for the runner"),
+    (
+        "reconnect_min_secs",
+        "reconnect backoff, first wait (jittered)",
+    ),
+    ("reconnect_max_secs", "reconnect backoff, longest wait"),
+    (
+        "token_file",
+        "file with this builder's bearer token (HYDRA_BUILDER_TOKEN overrides)",
+    ),
+    ("tls_ca", "CA the runner's certificate must be signed by"),
+    ("tls_cert", "client certificate for mutual TLS (PEM)"),
+    ("tls_key", "its private key (PEM)"),
+];
 
 impl Default for BuilderConfig {
     fn default() -> Self {
@@ -60,6 +123,11 @@ impl Default for BuilderConfig {
             disk_path: "/nix/store".into(),
             reconnect_min_secs: 1.0,
             reconnect_max_secs: 60.0,
+            token_file: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            runner_urls: Vec::new(),
         }
     }
 }
@@ -84,7 +152,32 @@ impl BuilderConfig {
         if c.systems.is_empty() {
             return Err("systems must name at least one system".into());
         }
+        if c.tls_cert.is_some() != c.tls_key.is_some() {
+            return Err("tls_cert and tls_key go together".into());
+        }
         Ok(c)
+    }
+
+    /// The runners to try, in order.
+    pub fn urls(&self) -> Vec<String> {
+        if self.runner_urls.is_empty() {
+            vec![self.runner_url.clone()]
+        } else {
+            self.runner_urls.clone()
+        }
+    }
+
+    /// Every key with its default and meaning, for `--help`.
+    pub fn describe() -> String {
+        let defaults = toml::Table::try_from(BuilderConfig::default()).expect("serialises");
+        let mut out = String::from("Configuration keys (TOML, --config), with their defaults:\n");
+        for (key, meaning) in KEYS {
+            let default = defaults
+                .get(*key)
+                .map_or("none".to_owned(), |v| v.to_string());
+            out.push_str(&format!("  {key} = {default}\n      {meaning}\n"));
+        }
+        out
     }
 }
 
@@ -112,5 +205,32 @@ mod tests {
         let err = BuilderConfig::parse("max_job = 4").unwrap_err();
         assert!(err.contains("max_job"), "{err}");
         assert!(BuilderConfig::parse("max_jobs = 0").is_err());
+    }
+
+    #[test]
+    fn every_field_is_a_documented_key() {
+        let all = BuilderConfig {
+            token_file: Some("t".into()),
+            tls_ca: Some("ca".into()),
+            tls_cert: Some("c".into()),
+            tls_key: Some("k".into()),
+            ..BuilderConfig::default()
+        };
+        let fields: Vec<String> = toml::Table::try_from(all)
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        let mut keys: Vec<String> = KEYS.iter().map(|k| k.0.to_owned()).collect();
+        keys.sort();
+        assert_eq!(fields, keys, "KEYS and BuilderConfig differ");
+        let docs = include_str!("../../../docs/configuration.md");
+        for key in keys {
+            assert!(
+                docs.contains(&format!("`{key}`")),
+                "{key} is not in docs/configuration.md"
+            );
+            assert!(BuilderConfig::describe().contains(&format!("  {key} = ")));
+        }
     }
 }

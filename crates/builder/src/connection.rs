@@ -12,7 +12,9 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::config::BuilderConfig;
 use crate::job::{self, JobContext};
@@ -27,6 +29,107 @@ pub enum BuilderError {
     },
     #[error(transparent)]
     Refused(#[from] hydra_proto::HandshakeError),
+    #[error("cannot read {path}: {source}")]
+    File {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the builder token is not usable in a header: {0}")]
+    BadToken(String),
+    #[error("TLS settings for {url}: {source}")]
+    Tls {
+        url: String,
+        source: tonic::transport::Error,
+    },
+}
+
+/// The client of the runner's service, every call carrying the token.
+pub type Client = RunnerServiceClient<InterceptedService<Channel, Auth>>;
+
+/// Adds `authorization: Bearer <token>` to every call, when there is a token.
+#[derive(Clone)]
+pub struct Auth(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+impl Auth {
+    /// The token from `HYDRA_BUILDER_TOKEN`, else from `token_file`.
+    fn from_config(config: &BuilderConfig) -> Result<Auth, BuilderError> {
+        let token = match std::env::var("HYDRA_BUILDER_TOKEN") {
+            Ok(t) => Some(t),
+            Err(_) => match &config.token_file {
+                Some(path) => Some(read(path).map(|b| String::from_utf8_lossy(&b).into_owned())?),
+                None => None,
+            },
+        };
+        let value = token
+            .map(|t| {
+                format!("Bearer {}", t.trim())
+                    .parse()
+                    .map_err(|_| BuilderError::BadToken("not ASCII".into()))
+            })
+            .transpose()?;
+        Ok(Auth(value))
+    }
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, BuilderError> {
+    std::fs::read(path).map_err(|source| BuilderError::File {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// One endpoint per runner URL, with TLS when the URL is https. Bad URLs
+/// and unreadable TLS files end the builder at once.
+fn endpoints(config: &BuilderConfig) -> Result<Vec<Endpoint>, BuilderError> {
+    let mut tls = ClientTlsConfig::new();
+    if let Some(ca) = &config.tls_ca {
+        tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+    }
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    config
+        .urls()
+        .into_iter()
+        .map(|url| {
+            let mut endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|source| BuilderError::BadUrl {
+                    url: url.clone(),
+                    source,
+                })?
+                .connect_timeout(Duration::from_secs(10))
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(20));
+            if url.starts_with("https://") {
+                endpoint = endpoint
+                    .tls_config(tls.clone())
+                    .map_err(|source| BuilderError::Tls { url, source })?;
+            }
+            Ok(endpoint)
+        })
+        .collect()
+}
+
+/// An error with its causes, for a log line that says what went wrong
+/// (a TLS handshake failure sits several sources deep).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// Why one session with the runner ended.
@@ -38,22 +141,22 @@ enum SessionEnd {
     Lost(String),
 }
 
-/// Runs the builder until a fatal error.
+/// Runs the builder until a fatal error. With several runner URLs, a lost
+/// or refused connection moves on to the next (a standby that became
+/// active).
 pub async fn run(config: BuilderConfig) -> Result<(), BuilderError> {
-    let endpoint = Endpoint::from_shared(config.runner_url.clone())
-        .map_err(|source| BuilderError::BadUrl {
-            url: config.runner_url.clone(),
-            source,
-        })?
-        .connect_timeout(Duration::from_secs(10))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20));
+    let endpoints = endpoints(&config)?;
+    let auth = Auth::from_config(&config)?;
+    let urls = config.urls();
     let mut failures = 0u32;
+    let mut next = 0usize;
     loop {
-        match session(&config, &endpoint, &mut failures).await {
+        let i = next % endpoints.len();
+        match session(&config, &urls[i], &endpoints[i], &auth, &mut failures).await {
             Err(SessionEnd::Fatal(e)) => return Err(e),
             Err(SessionEnd::Lost(why)) | Ok(why) => {
                 failures += 1;
+                next += 1;
                 let wait = backoff(&config, failures);
                 tracing::warn!("lost the runner ({why}); reconnecting in {wait:.1?}");
                 tokio::time::sleep(wait).await;
@@ -73,31 +176,35 @@ type ControlTx = mpsc::Sender<BuilderMessage>;
 /// One connection: join, then serve jobs until the stream ends.
 async fn session(
     config: &BuilderConfig,
+    url: &str,
     endpoint: &Endpoint,
+    auth: &Auth,
     failures: &mut u32,
 ) -> Result<String, SessionEnd> {
     let channel = endpoint
         .connect()
         .await
-        .map_err(|e| SessionEnd::Lost(format!("cannot connect to {}: {e}", config.runner_url)))?;
-    let mut client = RunnerServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20);
+        .map_err(|e| SessionEnd::Lost(format!("cannot connect to {url}: {}", chain(&e))))?;
+    let mut client = RunnerServiceClient::with_interceptor(channel.clone(), auth.clone())
+        .max_decoding_message_size(64 << 20);
     let (tx, rx) = mpsc::channel(256);
     tx.send(join_message(config)).await.expect("fresh channel");
     let mut inbound = client
         .open(ReceiverStream::new(rx))
         .await
-        .map_err(|s| lost_or_refused(&s))?
+        .map_err(|s| before_welcome(url, &s))?
         .into_inner();
     let first = inbound
         .message()
         .await
-        .map_err(|s| lost_or_refused(&s))?
+        .map_err(|s| before_welcome(url, &s))?
         .ok_or_else(|| SessionEnd::Lost("the runner closed the stream before welcoming".into()))?;
     let welcome = hydra_proto::check_welcome(first).map_err(BuilderError::from)?;
     *failures = 0;
-    tracing::info!(runner = %config.runner_url, "joined as {} ({})", config.machine_name, welcome.machine_id);
+    tracing::info!(runner = %url, "joined as {} ({})", config.machine_name, welcome.machine_id);
     let ctx = JobContext {
-        client: RunnerServiceClient::new(channel).max_decoding_message_size(64 << 20),
+        client: RunnerServiceClient::with_interceptor(channel, auth.clone())
+            .max_decoding_message_size(64 << 20),
         machine_id: welcome.machine_id.clone(),
         daemon_socket: config.nix_daemon_socket.clone(),
         control: tx.clone(),
@@ -121,6 +228,11 @@ async fn session(
                         let handle = jobs.spawn(job::run(ctx.clone(), job));
                         running.insert(id, handle);
                     }
+                    Some(runner_message::Msg::Settings(settings)) => {
+                        let every = Duration::from_secs(settings.ping_interval_secs.max(1).into());
+                        tracing::info!("the runner asks for a ping every {every:?}");
+                        pings = tokio::time::interval(every);
+                    }
                     Some(runner_message::Msg::Abort(a)) => {
                         if let Some(h) = running.remove(&a.attempt_id) {
                             tracing::info!(attempt = %a.attempt_id, "aborting: {}", a.reason);
@@ -142,6 +254,18 @@ async fn session(
     }
 }
 
+/// A failure before the runner welcomed us. Over TLS, a runner that
+/// refuses our certificate closes the connection after the handshake,
+/// which reaches us only as a broken call: say what it may be.
+fn before_welcome(url: &str, s: &tonic::Status) -> SessionEnd {
+    match lost_or_refused(s) {
+        SessionEnd::Lost(why) if url.starts_with("https://") => SessionEnd::Lost(format!(
+            "{why} (over TLS: if this persists, the runner may be refusing this builder's certificate; check tls_cert, tls_key and tls_ca)"
+        )),
+        other => other,
+    }
+}
+
 fn lost_or_refused(s: &tonic::Status) -> SessionEnd {
     match s.code() {
         tonic::Code::FailedPrecondition
@@ -150,7 +274,7 @@ fn lost_or_refused(s: &tonic::Status) -> SessionEnd {
         | tonic::Code::Unauthenticated => SessionEnd::Fatal(BuilderError::Refused(
             hydra_proto::HandshakeError::Refused(s.message().to_owned()),
         )),
-        _ => SessionEnd::Lost(format!("{}: {}", s.code(), s.message())),
+        _ => SessionEnd::Lost(format!("{}: {}", s.code(), chain(s))),
     }
 }
 

@@ -11,18 +11,16 @@ use hydra_nix::daemon::{
 };
 use hydra_nix::{Derivation, StoreDir};
 use hydra_proto::nar::{CHUNK, SendNarError};
-use hydra_proto::v1::runner_service_client::RunnerServiceClient;
 use hydra_proto::v1::*;
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
-use tonic::transport::Channel;
 
 use crate::connection::send;
 
 #[derive(Clone)]
 pub struct JobContext {
-    pub client: RunnerServiceClient<Channel>,
+    pub client: crate::connection::Client,
     pub machine_id: String,
     pub daemon_socket: PathBuf,
     pub control: mpsc::Sender<BuilderMessage>,

@@ -16,9 +16,14 @@ struct Cli {
     /// TOML configuration file (every key optional).
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// The runner's builder service URL (overrides `runner_url`).
+    /// The runner's builder service URL, repeatable for a standby (overrides
+    /// `runner_url` / `runner_urls`).
+    #[arg(long = "runner-url")]
+    runner_urls: Vec<String>,
+    /// Check the configuration and exit: prints `ok` and the effective
+    /// settings, or what is wrong, and exits non-zero.
     #[arg(long)]
-    runner_url: Option<String>,
+    check_config: bool,
     /// This machine's name (overrides `machine_name`).
     #[arg(long)]
     machine_name: Option<String>,
@@ -49,7 +54,12 @@ async fn main() -> ExitCode {
         // Colours only for a terminal: not in the journal, files or pipes.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    let cli = {
+        use clap::{CommandFactory, FromArgMatches};
+        let command = Cli::command().after_long_help(BuilderConfig::describe());
+        Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit())
+    };
+    let check_only = cli.check_config;
     let config = match configure(cli) {
         Ok(c) => c,
         Err(e) => {
@@ -57,6 +67,11 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if check_only {
+        println!("ok");
+        print!("{}", toml::to_string(&config).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
     match hydra_builder::run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -71,8 +86,8 @@ fn configure(cli: Cli) -> Result<BuilderConfig, hydra_builder::config::ConfigErr
         Some(p) => BuilderConfig::load(p)?,
         None => BuilderConfig::default(),
     };
-    if let Some(u) = cli.runner_url {
-        c.runner_url = u;
+    if !cli.runner_urls.is_empty() {
+        c.runner_urls = cli.runner_urls;
     }
     if let Some(n) = cli.machine_name {
         c.machine_name = n;

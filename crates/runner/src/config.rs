@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -21,7 +21,7 @@ pub enum ConfigError {
 
 /// Settings of `hydra-queue-runner serve`. The defaults suit a coordinator
 /// with a local nix-daemon; tests shorten the timers.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunnerConfig {
     /// PostgreSQL URL; `--database-url` / `HYDRA_DATABASE_URL` take precedence.
@@ -64,6 +64,127 @@ pub struct RunnerConfig {
     pub min_free_disk: u64,
     /// How often the status document in SystemStatus is rewritten.
     pub status_interval_secs: u32,
+    /// TLS for the builder service: the runner's certificate and key (PEM).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// With it, builders must present a client certificate signed by this
+    /// CA (mutual TLS).
+    pub tls_client_ca: Option<PathBuf>,
+    /// Builder bearer tokens: `<machine>.token` files admit that machine,
+    /// `shared.token` any machine. Without it, no token is asked.
+    pub builder_tokens_dir: Option<PathBuf>,
+    /// The PostgreSQL advisory lock that makes one runner active and any
+    /// other a standby. Runners of one database must agree on it.
+    pub advisory_lock_key: i64,
+}
+
+/// Every key, with what it means and whether SIGHUP reloads it. The
+/// defaults come from [`RunnerConfig::default`]; `serve --help` and
+/// docs/configuration.md are made from this (a test keeps them in step).
+pub const KEYS: &[(&str, &str, bool)] = &[
+    (
+        "database_url",
+        "PostgreSQL URL; --database-url and HYDRA_DATABASE_URL take precedence (keep secrets out of the file)",
+        false,
+    ),
+    ("database_connections", "PostgreSQL pool size", false),
+    (
+        "listen",
+        "address builders connect to (gRPC); port 0 picks one",
+        false,
+    ),
+    (
+        "data_dir",
+        "state: build logs under <data_dir>/build-logs",
+        false,
+    ),
+    ("store_socket", "the runner's own nix-daemon", false),
+    (
+        "max_output_size",
+        "largest total NAR size of a step's outputs (status 11 beyond)",
+        true,
+    ),
+    (
+        "max_log_size",
+        "largest build log of a step (status 10 beyond)",
+        true,
+    ),
+    (
+        "max_unsupported_secs",
+        "how long a runnable step may find no connected machine for it, while some is connected, before failing with 9",
+        true,
+    ),
+    (
+        "ping_interval_secs",
+        "how often builders ping; also the HTTP/2 keepalive interval (pushed to builders on reload)",
+        true,
+    ),
+    (
+        "ping_timeout_secs",
+        "a builder silent this long is gone, even with its TCP connection open",
+        true,
+    ),
+    (
+        "max_tries",
+        "aborted attempts before a step fails as aborted (3)",
+        true,
+    ),
+    (
+        "retry_base_secs",
+        "backoff before retrying an aborted step: a random half to all of base * factor^(tries-1)",
+        true,
+    ),
+    ("retry_factor", "see retry_base_secs", true),
+    (
+        "machine_rest_after_failures",
+        "aborted attempts in a row after which a machine rests",
+        true,
+    ),
+    (
+        "machine_rest_base_secs",
+        "first rest, doubled with each further failure",
+        true,
+    ),
+    ("machine_rest_max_secs", "longest rest", true),
+    (
+        "min_free_disk",
+        "a machine reporting less free disk gets no new steps",
+        true,
+    ),
+    (
+        "status_interval_secs",
+        "how often the status document (SystemStatus) is rewritten",
+        true,
+    ),
+    (
+        "tls_cert",
+        "TLS certificate of the builder service (PEM)",
+        false,
+    ),
+    ("tls_key", "its private key (PEM)", false),
+    (
+        "tls_client_ca",
+        "CA that builders' client certificates must be signed by (mutual TLS)",
+        false,
+    ),
+    (
+        "builder_tokens_dir",
+        "directory of builder tokens: <machine>.token admits that machine, shared.token any; re-read on reload",
+        true,
+    ),
+    (
+        "advisory_lock_key",
+        "PostgreSQL advisory lock that makes one runner active, the others standbys",
+        false,
+    ),
+];
+
+/// What a reload changed, and what it could not.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reload {
+    pub changed: Vec<&'static str>,
+    /// Keys whose new value waits for a restart.
+    pub need_restart: Vec<&'static str>,
 }
 
 impl Default for RunnerConfig {
@@ -87,6 +208,11 @@ impl Default for RunnerConfig {
             machine_rest_max_secs: 3600.0,
             min_free_disk: 1 << 30,
             status_interval_secs: 5,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            builder_tokens_dir: None,
+            advisory_lock_key: 0x4859_4452_4151_5252,
         }
     }
 }
@@ -122,6 +248,12 @@ impl RunnerConfig {
                 "ping_interval_secs must be >= 1 and ping_timeout_secs larger than it".into(),
             );
         }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err("tls_cert and tls_key go together".into());
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return Err("tls_client_ca needs tls_cert and tls_key (mutual TLS is TLS)".into());
+        }
         if self.machine_rest_after_failures == 0
             || self.machine_rest_base_secs < 0.0
             || self.machine_rest_max_secs < self.machine_rest_base_secs
@@ -129,6 +261,52 @@ impl RunnerConfig {
             return Err("machine_rest_after_failures must be >= 1, and 0 <= machine_rest_base_secs <= machine_rest_max_secs".into());
         }
         Ok(())
+    }
+
+    /// `self` with the reloadable keys of `new`; the others keep their
+    /// value until a restart.
+    pub fn reloaded(&self, new: &RunnerConfig) -> (RunnerConfig, Reload) {
+        let old_table = self.table();
+        let new_table = new.table();
+        let mut merged = old_table.clone();
+        let mut report = Reload::default();
+        for (key, _, reloadable) in KEYS {
+            let (a, b) = (old_table.get(*key), new_table.get(*key));
+            if a == b {
+                continue;
+            }
+            if *reloadable {
+                match b {
+                    Some(v) => merged.insert(key.to_string(), v.clone()),
+                    None => merged.remove(*key),
+                };
+                report.changed.push(key);
+            } else {
+                report.need_restart.push(key);
+            }
+        }
+        let config = merged
+            .try_into()
+            .expect("a table made of two valid configurations is valid");
+        (config, report)
+    }
+
+    fn table(&self) -> toml::Table {
+        toml::Table::try_from(self).expect("the configuration serialises")
+    }
+
+    /// Every key with its default and meaning, for `--help`.
+    pub fn describe() -> String {
+        let defaults = RunnerConfig::default().table();
+        let mut out = String::from("Configuration keys (TOML, --config), with their defaults:\n");
+        for (key, meaning, reloadable) in KEYS {
+            let default = defaults
+                .get(*key)
+                .map_or("none".to_owned(), |v| v.to_string());
+            let reload = if *reloadable { " [SIGHUP reloads]" } else { "" };
+            out.push_str(&format!("  {key} = {default}\n      {meaning}{reload}\n"));
+        }
+        out
     }
 
     /// How long a machine rests after `failures` aborted attempts in a
@@ -201,5 +379,47 @@ mod tests {
         let err =
             RunnerConfig::parse("ping_interval_secs = 10\nping_timeout_secs = 10").unwrap_err();
         assert!(err.contains("ping_timeout_secs"), "{err}");
+    }
+
+    #[test]
+    fn every_field_is_a_documented_key() {
+        let all = RunnerConfig {
+            database_url: Some("postgres:///x".into()),
+            tls_cert: Some("c".into()),
+            tls_key: Some("k".into()),
+            tls_client_ca: Some("ca".into()),
+            builder_tokens_dir: Some("t".into()),
+            ..RunnerConfig::default()
+        };
+        let fields: Vec<String> = all.table().keys().cloned().collect();
+        let keys: Vec<String> = KEYS.iter().map(|k| k.0.to_owned()).collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(fields, sorted, "KEYS and RunnerConfig differ");
+        let docs = include_str!("../../../docs/configuration.md");
+        for key in keys {
+            assert!(
+                docs.contains(&format!("`{key}`")),
+                "{key} is not in docs/configuration.md"
+            );
+            assert!(RunnerConfig::describe().contains(&format!("  {key} = ")));
+        }
+    }
+
+    #[test]
+    fn a_reload_takes_live_keys_and_names_those_that_need_a_restart() {
+        let old = RunnerConfig::parse("max_log_size = 100\nlisten = \"127.0.0.1:1\"").unwrap();
+        let new = RunnerConfig::parse("max_log_size = 50\nlisten = \"127.0.0.1:2\"\nmax_tries = 9")
+            .unwrap();
+        let (merged, report) = old.reloaded(&new);
+        assert_eq!(merged.max_log_size, 50);
+        assert_eq!(merged.max_tries, 9);
+        assert_eq!(
+            merged.listen.port(),
+            1,
+            "the listener stays until a restart"
+        );
+        assert_eq!(report.changed, ["max_log_size", "max_tries"]);
+        assert_eq!(report.need_restart, ["listen"]);
     }
 }

@@ -40,6 +40,7 @@ macro_rules! in_transaction {
 }
 
 pub mod attempts;
+pub mod auth;
 pub mod completion;
 pub mod config;
 pub mod dispatch;
@@ -52,6 +53,7 @@ pub mod record;
 pub mod resolver;
 pub mod status;
 pub mod store;
+pub mod systemd;
 pub mod tunnel;
 
 use std::net::SocketAddr;
@@ -77,7 +79,8 @@ use store::LocalStore;
 /// Locks are plain mutexes, never held across an await. When more than one
 /// is taken, the order is graph, then machines, then attempts.
 pub struct Shared {
-    pub config: RunnerConfig,
+    /// Swapped whole on SIGHUP: take it once per decision, via `config()`.
+    config: parking_lot::RwLock<Arc<RunnerConfig>>,
     pub pool: PgPool,
     pub store: LocalStore,
     pub logs: LogStore,
@@ -91,6 +94,8 @@ pub struct Shared {
     pub wake_resolver: Notify,
     /// `hashDerivationModulo` of input derivations, to name realisations.
     pub drv_hashes: Mutex<hydra_nix::derivation::hashing::DrvHashes>,
+    /// The builder tokens, re-read on reload.
+    pub tokens: parking_lot::RwLock<auth::Tokens>,
     /// Builds that had a step started in this process (for `build_started`).
     pub started_builds: Mutex<std::collections::HashSet<graph::BuildId>>,
     /// Where request handlers report a fault that must stop the runner.
@@ -98,6 +103,16 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The configuration now (a reload may replace it between two calls).
+    pub fn config(&self) -> Arc<RunnerConfig> {
+        self.config.read().clone()
+    }
+
+    /// Installs a reloaded configuration.
+    pub fn set_config(&self, config: RunnerConfig) {
+        *self.config.write() = Arc::new(config);
+    }
+
     /// The graph changed (steps became runnable or resolvable, a slot
     /// came free): the dispatcher and the resolver look again.
     pub fn wake(&self) {
@@ -132,6 +147,13 @@ pub enum Fatal {
     Serve(#[from] tonic::transport::Error),
     #[error("runner task panicked: {0}")]
     Panic(String),
+    #[error(transparent)]
+    Tokens(#[from] auth::TokenError),
+    #[error("cannot read the TLS file {path}: {source}")]
+    TlsFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Logs a critical task's failure when it happens (the supervisor may be
@@ -159,6 +181,23 @@ impl Runner {
     /// Starts the builder service on `config.listen` (port 0 picks one),
     /// the queue monitor and the dispatcher.
     pub async fn start(config: RunnerConfig, pool: PgPool) -> Result<Runner, Fatal> {
+        Self::start_with(config, pool, || {}).await
+    }
+
+    /// [`Runner::start`], first waiting as a hot standby while another
+    /// runner holds the advisory lock (`on_standby` is called once when
+    /// that is so). Nothing listens or dispatches before the lock is ours.
+    pub async fn start_with(
+        config: RunnerConfig,
+        pool: PgPool,
+        on_standby: impl FnOnce(),
+    ) -> Result<Runner, Fatal> {
+        let tokens = match &config.builder_tokens_dir {
+            Some(dir) => auth::Tokens::load(dir)?,
+            None => auth::Tokens::none(),
+        };
+        let tls = tunnel::TlsFiles::read(&config)?;
+        let lock = ActiveLock::acquire(&pool, config.advisory_lock_key, on_standby).await?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| Fatal::Listen {
@@ -173,7 +212,7 @@ impl Runner {
         let shared = Arc::new(Shared {
             store: LocalStore::new(config.store_socket.clone()),
             logs: LogStore::new(&config.data_dir),
-            config,
+            config: parking_lot::RwLock::new(Arc::new(config)),
             pool,
             graph: Mutex::new(Graph::default()),
             machines: Mutex::new(Machines::default()),
@@ -183,6 +222,7 @@ impl Runner {
             wake_resolver: Notify::new(),
             drv_hashes: Mutex::new(Default::default()),
             started_builds: Mutex::new(Default::default()),
+            tokens: parking_lot::RwLock::new(tokens),
             fatal: fatal_tx,
         });
         // Check the store before anything depends on it.
@@ -196,7 +236,7 @@ impl Runner {
         let status_shared = shared.clone();
         tasks.spawn(critical(
             "builder service",
-            tunnel::serve(shared.clone(), listener),
+            tunnel::serve(shared.clone(), listener, tls),
         ));
         tasks.spawn(critical(
             "queue monitor",
@@ -204,10 +244,7 @@ impl Runner {
         ));
         tasks.spawn(critical("dispatcher", dispatch::run(shared.clone())));
         tasks.spawn(critical("resolver", resolver::run(shared.clone())));
-        tasks.spawn(critical(
-            "database watchdog",
-            database_watchdog(shared.clone()),
-        ));
+        tasks.spawn(critical("database watchdog", database_watchdog(lock)));
         // Not critical: it logs and retries, and never ends by itself.
         tasks.spawn(async {
             status::run(status_shared).await;
@@ -238,6 +275,29 @@ impl Runner {
         Ok(())
     }
 
+    /// Applies a re-read configuration file: the keys that can change live
+    /// do (connected builders get a new ping interval), the others are
+    /// named as waiting for a restart; builder tokens are re-read.
+    pub async fn reload(&self, new: &RunnerConfig) -> Result<config::Reload, Fatal> {
+        let old = self.shared.config();
+        let (merged, report) = old.reloaded(new);
+        if report.changed.contains(&"builder_tokens_dir") || merged.builder_tokens_dir.is_some() {
+            let tokens = match &merged.builder_tokens_dir {
+                Some(dir) => auth::Tokens::load(dir)?,
+                None => auth::Tokens::none(),
+            };
+            *self.shared.tokens.write() = tokens;
+        }
+        let ping_changed = merged.ping_interval_secs != old.ping_interval_secs;
+        let ping = merged.ping_interval_secs;
+        self.shared.set_config(merged);
+        if ping_changed {
+            tunnel::push_settings(&self.shared, ping).await;
+        }
+        self.shared.wake();
+        Ok(report)
+    }
+
     /// Stops every task (the builder connections drop with the server, and
     /// builders abort what they run) and closes the step rows left busy as
     /// aborted (3), so that nothing looks running that is not.
@@ -250,13 +310,53 @@ impl Runner {
 /// How often, and how patiently, the watchdog checks the database.
 const DATABASE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 const DATABASE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often a standby tries the lock.
+const STANDBY_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Checks PostgreSQL every second on a connection of its own: a database
+/// The session-level advisory lock that makes this runner the active one,
+/// held on a connection of its own for the life of the process. Two
+/// runners never dispatch at once: PostgreSQL grants the lock to one
+/// session, and frees it when that session's connection ends (the runner
+/// died).
+pub struct ActiveLock {
+    conn: sqlx::PgConnection,
+}
+
+impl ActiveLock {
+    /// Takes the lock, waiting (and telling systemd's watchdog all is well)
+    /// while another runner has it.
+    pub async fn acquire(
+        pool: &PgPool,
+        key: i64,
+        on_standby: impl FnOnce(),
+    ) -> Result<ActiveLock, Fatal> {
+        let mut conn = pool.acquire().await?.detach();
+        let mut on_standby = Some(on_standby);
+        loop {
+            let ours: bool = sqlx::query_scalar("select pg_try_advisory_lock($1)")
+                .bind(key)
+                .fetch_one(&mut conn)
+                .await?;
+            if ours {
+                return Ok(ActiveLock { conn });
+            }
+            if let Some(tell) = on_standby.take() {
+                tracing::info!("another runner is active: standing by until its lock is free");
+                tell();
+            }
+            systemd::watchdog();
+            tokio::time::sleep(STANDBY_POLL).await;
+        }
+    }
+}
+
+/// Checks PostgreSQL every second on the lock's connection: a database
 /// that is gone stops the runner within seconds, instead of whenever the
-/// next query happens to wait out the pool's acquire timeout.
-async fn database_watchdog(shared: Arc<Shared>) -> Result<(), Fatal> {
+/// next query happens to wait out the pool's acquire timeout; and a runner
+/// whose lock session is gone (so a standby may be active now) stops.
+async fn database_watchdog(lock: ActiveLock) -> Result<(), Fatal> {
     use sqlx::Connection;
-    let mut conn = shared.pool.acquire().await?.detach();
+    let mut conn = lock.conn;
     loop {
         tokio::time::sleep(DATABASE_CHECK).await;
         let check = tokio::time::timeout(DATABASE_PATIENCE, conn.ping()).await;

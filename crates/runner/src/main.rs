@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use hydra_queue_runner::{Runner, RunnerConfig};
+use hydra_queue_runner::{Runner, RunnerConfig, systemd};
 
 #[derive(Parser)]
 #[command(
@@ -36,6 +36,9 @@ enum Command {
     /// Run the queue runner: load queued builds, dispatch steps to builders,
     /// record results.
     Serve(ServeArgs),
+    /// Configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Print the build log of a derivation (running or finished).
     Log {
         /// The `.drv` path (or its base name).
@@ -43,6 +46,17 @@ enum Command {
         /// The runner's data directory.
         #[arg(long, default_value = "/var/lib/hydra/queue-runner")]
         data_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Check a configuration file without starting anything: prints `ok`
+    /// and the effective settings, or what is wrong (key and file), and
+    /// exits non-zero.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
     },
 }
 
@@ -72,7 +86,7 @@ async fn main() -> ExitCode {
         // Colours only for a terminal: not in the journal, files or pipes.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    let cli = parse_cli();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -88,6 +102,66 @@ fn database_url(cli: &Option<String>, config: Option<&RunnerConfig>) -> anyhow::
         .ok_or_else(|| {
             anyhow::anyhow!("no database: pass --database-url or set HYDRA_DATABASE_URL")
         })
+}
+
+/// The command line, with every configuration key and its default in
+/// `serve --help`.
+fn parse_cli() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let command =
+        Cli::command().mut_subcommand("serve", |c| c.after_long_help(RunnerConfig::describe()));
+    Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit())
+}
+
+/// The serve configuration: the file, then the flags over it.
+fn serve_config(args: &ServeArgs) -> anyhow::Result<RunnerConfig> {
+    let mut config = match &args.config {
+        Some(path) => RunnerConfig::load(path)?,
+        None => RunnerConfig::default(),
+    };
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if let Some(s) = &args.store_socket {
+        config.store_socket = s.clone();
+    }
+    if let Some(d) = &args.data_dir {
+        config.data_dir = d.clone();
+    }
+    Ok(config)
+}
+
+/// Runs until a fault (returned) or a stop signal; SIGHUP reloads the file.
+async fn serve(runner: &mut Runner, args: &ServeArgs) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            res = runner.wait() => return res.context("the queue runner stopped"),
+            _ = terminate.recv() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
+            _ = hangup.recv() => reload(runner, args).await?,
+        }
+    }
+}
+
+async fn reload(runner: &Runner, args: &ServeArgs) -> anyhow::Result<()> {
+    let new = match serve_config(args) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("reload refused, the running configuration stays: {e:#}");
+            return Ok(());
+        }
+    };
+    let report = runner.reload(&new).await.context("reloading")?;
+    tracing::info!(
+        changed = ?report.changed,
+        need_restart = ?report.need_restart,
+        "reloaded the configuration"
+    );
+    Ok(())
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -107,19 +181,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve(args) => {
-            let mut config = match &args.config {
-                Some(path) => RunnerConfig::load(path)?,
-                None => RunnerConfig::default(),
-            };
-            if let Some(l) = args.listen {
-                config.listen = l;
-            }
-            if let Some(s) = args.store_socket {
-                config.store_socket = s;
-            }
-            if let Some(d) = args.data_dir {
-                config.data_dir = d;
-            }
+            let config = serve_config(&args)?;
             let url = database_url(&cli.database_url, Some(&config))?;
             let pool = hydra_db::connect(&url, config.database_connections).await?;
             let report = hydra_db::migrate(&pool)
@@ -128,22 +190,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if !report.applied.is_empty() {
                 tracing::info!("applied migrations {:?}", report.applied);
             }
-            let mut runner = Runner::start(config, pool).await?;
-            tracing::info!("serving builders on {}", runner.addr);
-            let mut terminate =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-            let fault = tokio::select! {
-                res = runner.wait() => Some(res),
-                _ = tokio::signal::ctrl_c() => None,
-                _ = terminate.recv() => None,
+            let standby = || {
+                systemd::ready("standby: another runner is active; waiting for its lock");
             };
-            match fault {
-                Some(res) => res.context("the queue runner stopped")?,
-                None => {
-                    tracing::info!("asked to stop; closing running steps as aborted");
-                    runner.shutdown().await.context("stopping")?;
-                }
+            let mut runner = Runner::start_with(config, pool, standby).await?;
+            tracing::info!("serving builders on {}", runner.addr);
+            systemd::ready("active");
+            let heartbeat = tokio::spawn(systemd::heartbeat(runner.shared.clone()));
+            let result = serve(&mut runner, &args).await;
+            heartbeat.abort();
+            if result.is_ok() {
+                tracing::info!("asked to stop; closing running steps as aborted");
+                systemd::stopping();
+                runner.shutdown().await.context("stopping")?;
             }
+            result
+        }
+        Command::Config(ConfigCommand::Check { config }) => {
+            let config = RunnerConfig::load(&config)?;
+            println!("ok");
+            print!("{}", toml::to_string(&config)?);
             Ok(())
         }
         Command::Log { drv, data_dir } => {

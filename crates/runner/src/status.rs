@@ -82,7 +82,7 @@ pub fn snapshot(shared: &Shared, started: Instant) -> Value {
 /// runner runs.
 pub async fn run(shared: Arc<Shared>) {
     let started = Instant::now();
-    let every = Duration::from_secs(shared.config.status_interval_secs.max(1).into());
+    let every = Duration::from_secs(shared.config().status_interval_secs.max(1).into());
     loop {
         let doc = snapshot(&shared, started);
         if let Err(e) = write(&shared.pool, &doc).await {

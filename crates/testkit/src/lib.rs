@@ -11,11 +11,13 @@
 //! - [`farm`]: a runner and builders over those, with a queue to submit to.
 //! - [`process`]: the runner and builder binaries as processes, for tests
 //!   that kill and restart them.
+//! - [`tls`]: certificate authorities and certificates made per test.
 
 pub mod farm;
 pub mod nix;
 pub mod pg;
 pub mod process;
+pub mod tls;
 
 pub use farm::{BuilderSpec, Farm, JobOptions, create_jobset, queue_builds, wait_finished};
 pub use nix::{NixStore, nix_config};

@@ -75,7 +75,18 @@ impl RunnerSetup {
     }
 
     /// Starts `hydra-queue-runner serve`; `env` is added to its environment.
+    /// Returns once it serves builders.
     pub async fn start(&self, env: &[(&str, &str)]) -> Result<RunnerProcess> {
+        let mut process = self.launch(env)?;
+        process
+            .wait_for_line("serving builders on", Duration::from_secs(30))
+            .await?;
+        Ok(process)
+    }
+
+    /// Starts `hydra-queue-runner serve` without waiting for it to serve
+    /// (a standby does not, until the active runner is gone).
+    pub fn launch(&self, env: &[(&str, &str)]) -> Result<RunnerProcess> {
         let mut child = Command::new(binary("hydra-queue-runner"))
             .args(["serve", "--config"])
             .arg(&self.config)
@@ -86,14 +97,10 @@ impl RunnerSetup {
             .kill_on_drop(true)
             .spawn()
             .context("starting hydra-queue-runner")?;
-        let mut process = RunnerProcess {
+        Ok(RunnerProcess {
             lines: forward_lines(&mut child, "runner"),
             child,
-        };
-        process
-            .wait_for_line("serving builders on", Duration::from_secs(30))
-            .await?;
-        Ok(process)
+        })
     }
 }
 
@@ -123,13 +130,22 @@ impl RunnerProcess {
 
     /// SIGTERM, as systemd stops a service.
     pub fn terminate(&self) -> Result<()> {
+        self.signal(libc::SIGTERM)
+    }
+
+    /// SIGHUP, as `systemctl reload` does.
+    pub fn hangup(&self) -> Result<()> {
+        self.signal(libc::SIGHUP)
+    }
+
+    fn signal(&self, sig: i32) -> Result<()> {
         let pid = self
             .child
             .id()
             .ok_or_else(|| anyhow!("the runner has exited"))?;
         // SAFETY: kill has no memory-safety preconditions.
-        if unsafe { libc::kill(pid as i32, libc::SIGTERM) } != 0 {
-            bail!("kill({pid}, SIGTERM): {}", std::io::Error::last_os_error());
+        if unsafe { libc::kill(pid as i32, sig) } != 0 {
+            bail!("kill({pid}, {sig}): {}", std::io::Error::last_os_error());
         }
         Ok(())
     }
@@ -171,6 +187,18 @@ impl BuilderProcess {
         dir: &Path,
         extra_config: &str,
     ) -> Result<BuilderProcess> {
+        Self::start_urls(name, &[format!("http://{address}")], dir, extra_config, &[])
+    }
+
+    /// A builder trying `urls` in turn, with more configuration lines and
+    /// environment variables.
+    pub fn start_urls(
+        name: &str,
+        urls: &[String],
+        dir: &Path,
+        extra_config: &str,
+        env: &[(&str, &str)],
+    ) -> Result<BuilderProcess> {
         let store = NixStore::start()?;
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(
@@ -179,14 +207,17 @@ impl BuilderProcess {
                 "reconnect_min_secs = 0.1\nreconnect_max_secs = 0.5\nmax_jobs = 2\n{extra_config}\n"
             ),
         )?;
-        let mut child = Command::new(binary("hydra-builder"))
-            .arg("--config")
-            .arg(&config)
-            .args(["--runner-url", &format!("http://{address}")])
+        let mut command = Command::new(binary("hydra-builder"));
+        command.arg("--config").arg(&config);
+        for url in urls {
+            command.args(["--runner-url", url]);
+        }
+        let mut child = command
             .args(["--machine-name", name])
             .arg("--nix-daemon-socket")
             .arg(store.socket())
             .env("RUST_LOG", "info,h2=warn,tower=warn")
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()

@@ -172,7 +172,7 @@ pub async fn abort_attempt(shared: &Shared, attempt: Attempt, reason: &str) -> R
         .machines
         .lock()
         .record_failure(&attempt.machine, Instant::now(), |n| {
-            shared.config.machine_rest(n)
+            shared.config().machine_rest(n)
         });
     if let Some(pause) = rest {
         tracing::warn!(machine = %attempt.machine, "machine rested for {pause:.0?} after repeated aborted attempts");
@@ -183,7 +183,7 @@ pub async fn abort_attempt(shared: &Shared, attempt: Attempt, reason: &str) -> R
             return Ok(());
         };
         let tries = graph.step(id).map_or(0, |s| s.aborted_attempts) + 1;
-        let wait = shared.config.retry_delay(tries);
+        let wait = shared.config().retry_delay(tries);
         let now = Instant::now();
         if graph
             .requeue(&attempt.drv_path, &attempt.id, now, Some(now + wait))
@@ -191,7 +191,7 @@ pub async fn abort_attempt(shared: &Shared, attempt: Attempt, reason: &str) -> R
         {
             return Ok(()); // not this attempt's step any more
         }
-        (tries >= shared.config.max_tries).then_some((id, tries))
+        (tries >= shared.config().max_tries).then_some((id, tries))
     };
     if let Some((id, tries)) = give_up {
         let msg = format!("gave up after {tries} aborted attempts; the last: {reason}");
@@ -223,7 +223,7 @@ pub async fn fail_unsupported(shared: &Shared, step: StepId) -> Result<(), Fatal
         } else {
             format!(" with features {features}")
         },
-        shared.config.max_unsupported_secs
+        shared.config().max_unsupported_secs
     );
     fail_step(
         shared,

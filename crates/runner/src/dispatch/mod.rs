@@ -72,7 +72,7 @@ pub fn plan_round(shared: &Shared, now: Instant) -> Round {
     let mut graph = shared.graph.lock();
     let mut machines = shared.machines.lock();
     let shares = shared.shares.lock();
-    let config = &shared.config;
+    let config = shared.config();
     let max_unsupported = Duration::from_secs(config.max_unsupported_secs);
     let mut round = Round::default();
     let due = |t: Instant, round: &mut Round| {

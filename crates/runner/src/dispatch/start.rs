@@ -111,7 +111,7 @@ async fn prepare_job(
         .iter()
         .map(|(name, o)| (name.clone(), o.path().map(|p| dir.display(p))))
         .collect();
-    let config = &shared.config;
+    let config = shared.config();
     Ok(PreparedJob {
         job: BuildJob {
             attempt_id: a.attempt.to_string(),

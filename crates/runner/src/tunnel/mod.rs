@@ -24,21 +24,169 @@ use crate::completion::{self, ReportError};
 use crate::dispatch::machines::Machine;
 use crate::{Fatal, Shared};
 
-pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) -> Result<(), Fatal> {
-    let config = &shared.config;
+/// TLS of the builder service, from the files read once at start (a bad
+/// file stops the runner at once, with its path). The handshake is done
+/// here rather than inside tonic, so that a refused builder (no client
+/// certificate, one of another CA) is logged with the reason.
+pub struct TlsFiles {
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl TlsFiles {
+    pub fn read(config: &crate::RunnerConfig) -> Result<TlsFiles, Fatal> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio_rustls::rustls;
+        let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+            return Ok(TlsFiles { acceptor: None });
+        };
+        let bad = |path: &std::path::Path, e: &dyn std::fmt::Display| Fatal::TlsFile {
+            path: path.to_owned(),
+            source: std::io::Error::other(e.to_string()),
+        };
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .and_then(|i| i.collect())
+            .map_err(|e| bad(cert, &e))?;
+        let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, &e))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(cert, &e))?;
+        let builder = match &config.tls_client_ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in CertificateDer::pem_file_iter(ca).map_err(|e| bad(ca, &e))? {
+                    roots
+                        .add(c.map_err(|e| bad(ca, &e))?)
+                        .map_err(|e| bad(ca, &e))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    roots.into(),
+                    provider,
+                )
+                .build()
+                .map_err(|e| bad(ca, &e))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut server = builder
+            .with_single_cert(certs, key_der)
+            .map_err(|e| bad(key, &e))?;
+        server.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(TlsFiles {
+            acceptor: Some(tokio_rustls::TlsAcceptor::from(Arc::new(server))),
+        })
+    }
+}
+
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    tls: TlsFiles,
+) -> Result<(), Fatal> {
+    let config = shared.config();
     let interval = Duration::from_secs(config.ping_interval_secs.into());
     let timeout = Duration::from_secs(config.ping_timeout_secs.into());
+    let tokens = shared.clone();
     let service = RunnerServiceServer::new(BuilderTunnel {
         shared: shared.clone(),
     })
     .max_decoding_message_size(64 << 20);
-    tonic::transport::Server::builder()
+    let service = tonic::service::interceptor::InterceptedService::new(
+        service,
+        move |request: Request<()>| {
+            if let Err(status) = tokens.tokens.read().check(bearer(&request)) {
+                let from = request.remote_addr();
+                tracing::warn!(?from, "refused a builder call: {}", status.message());
+                return Err(status);
+            }
+            Ok(request)
+        },
+    );
+    let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(interval))
         .http2_keepalive_timeout(Some(timeout))
-        .add_service(service)
-        .serve_with_incoming(TcpListenerStream::new(listener))
-        .await?;
+        .add_service(service);
+    match tls.acceptor {
+        None => {
+            server
+                .serve_with_incoming(TcpListenerStream::new(listener))
+                .await?
+        }
+        Some(acceptor) => {
+            server
+                .serve_with_incoming(tls_handshakes(listener, acceptor))
+                .await?
+        }
+    }
     Ok(())
+}
+
+type TlsConnection = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// Accepted connections after their TLS handshake; a failed handshake is
+/// logged with its reason and the connection dropped.
+fn tls_handshakes(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> ReceiverStream<Result<TlsConnection, std::io::Error>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, from) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    if tx.send(Err(e)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let handshake = tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp));
+                match handshake.await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(%from, "refused a builder connection: TLS handshake failed: {e}");
+                    }
+                    Err(_) => {
+                        tracing::warn!(%from, "refused a builder connection: TLS handshake timed out")
+                    }
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// The `authorization` header of a call, if any.
+fn bearer<T>(request: &Request<T>) -> Option<&str> {
+    request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+}
+
+/// Tells every connected builder the settings a reload changed.
+pub async fn push_settings(shared: &Shared, ping_interval_secs: u32) {
+    let senders: Vec<_> = shared
+        .machines
+        .lock()
+        .connected()
+        .map(|m| m.tx.clone())
+        .collect();
+    let msg = RunnerMessage {
+        msg: Some(runner_message::Msg::Settings(Settings {
+            ping_interval_secs,
+        })),
+    };
+    for tx in senders {
+        let _ = tx.send(Ok(msg.clone())).await;
+    }
 }
 
 pub struct BuilderTunnel {
@@ -56,6 +204,7 @@ impl RunnerService for BuilderTunnel {
         &self,
         request: Request<Streaming<BuilderMessage>>,
     ) -> Result<Response<Self::OpenStream>, Status> {
+        let token = bearer(&request).map(str::to_owned);
         let mut inbound = request.into_inner();
         let join = match hydra_proto::accept_join(&mut inbound).await {
             Ok(join) => join,
@@ -64,6 +213,15 @@ impl RunnerService for BuilderTunnel {
                 return Err(status);
             }
         };
+        let admitted = self
+            .shared
+            .tokens
+            .read()
+            .check_machine(token.as_deref(), &join.machine_name);
+        if let Err(status) = admitted {
+            tracing::warn!(machine = %join.machine_name, "refused a builder: {}", status.message());
+            return Err(status);
+        }
         let (tx, rx) = mpsc::channel(256);
         if let Err(reason) = self.check_join(&join) {
             tracing::warn!(machine = %join.machine_name, "refused a builder: {reason}");
@@ -78,7 +236,7 @@ impl RunnerService for BuilderTunnel {
             msg: Some(runner_message::Msg::Welcome(Welcome {
                 protocol_version: hydra_proto::PROTOCOL_VERSION,
                 machine_id: connection.clone(),
-                ping_interval_secs: self.shared.config.ping_interval_secs,
+                ping_interval_secs: self.shared.config().ping_interval_secs,
             })),
         };
         tx.send(Ok(welcome))
@@ -136,7 +294,7 @@ impl RunnerService for BuilderTunnel {
                         attempt.log_bytes += chunk.data.len() as u64;
                         // The builder enforces the log limit; this only
                         // bounds the damage of one that does not.
-                        (attempt.log_bytes <= self.shared.config.max_log_size.saturating_mul(2))
+                        (attempt.log_bytes <= self.shared.config().max_log_size.saturating_mul(2))
                             .then(|| attempt.drv_path.clone())
                     })
             };
@@ -234,7 +392,7 @@ async fn control_loop(
     connection: &str,
     inbound: &mut Streaming<BuilderMessage>,
 ) -> String {
-    let silence = Duration::from_secs(shared.config.ping_timeout_secs.into());
+    let silence = Duration::from_secs(shared.config().ping_timeout_secs.into());
     loop {
         let msg = match tokio::time::timeout(silence, inbound.message()).await {
             Err(_) => return format!("no ping for {} s", silence.as_secs()),

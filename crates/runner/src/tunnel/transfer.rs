@@ -145,10 +145,11 @@ async fn reject(shared: &Shared, header: &NarHeader, reason: String) -> Status {
 /// The header's path info, checked, and within the output size limit.
 fn path_info(shared: &Shared, h: &NarHeader) -> Result<PathInfo, String> {
     let info = h.path_info(shared.store.dir()).map_err(|e| e.to_string())?;
-    if info.nar_size > shared.config.max_output_size {
+    if info.nar_size > shared.config().max_output_size {
         return Err(format!(
             "NAR of {} bytes exceeds the output size limit of {} bytes",
-            info.nar_size, shared.config.max_output_size
+            info.nar_size,
+            shared.config().max_output_size
         ));
     }
     Ok(info)

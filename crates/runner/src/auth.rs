@@ -1,0 +1,166 @@
+//! Builder authentication by bearer token (mutual TLS, the other way, is
+//! the transport's: see `tunnel::serve`).
+//!
+//! Tokens live in files on the runner, in `builder_tokens_dir`: a file
+//! `<machine>.token` admits the builder of that name only, `shared.token`
+//! any builder. Every call must carry `authorization: Bearer <token>` with a
+//! known token; the control stream's join must also be by a machine the
+//! token admits. Files are re-read on reload.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+use tonic::Status;
+
+#[derive(Debug, Error)]
+pub enum TokenError {
+    #[error("cannot read the builder tokens in {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("builder token file {0} is empty")]
+    Empty(PathBuf),
+}
+
+/// Who a token admits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Admits {
+    Machine(String),
+    Any,
+}
+
+/// The tokens builders may present; `None` inside means none is asked.
+#[derive(Debug, Clone, Default)]
+pub struct Tokens {
+    by_token: Option<HashMap<String, Admits>>,
+}
+
+impl Tokens {
+    /// No authentication by token.
+    pub fn none() -> Tokens {
+        Tokens { by_token: None }
+    }
+
+    /// Reads every `*.token` file of `dir`.
+    pub fn load(dir: &Path) -> Result<Tokens, TokenError> {
+        let read_err = |source| TokenError::Read {
+            path: dir.to_owned(),
+            source,
+        };
+        let mut by_token = HashMap::new();
+        for entry in std::fs::read_dir(dir).map_err(read_err)? {
+            let path = entry.map_err(read_err)?.path();
+            let Some(stem) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".token"))
+            else {
+                continue;
+            };
+            let token = std::fs::read_to_string(&path)
+                .map_err(|source| TokenError::Read {
+                    path: path.clone(),
+                    source,
+                })?
+                .trim()
+                .to_owned();
+            if token.is_empty() {
+                return Err(TokenError::Empty(path));
+            }
+            let admits = match stem {
+                "shared" => Admits::Any,
+                name => Admits::Machine(name.to_owned()),
+            };
+            by_token.insert(token, admits);
+        }
+        Ok(Tokens {
+            by_token: Some(by_token),
+        })
+    }
+
+    pub fn required(&self) -> bool {
+        self.by_token.is_some()
+    }
+
+    /// Checks the `authorization` header of a call: any known token.
+    pub fn check(&self, header: Option<&str>) -> Result<(), Status> {
+        self.admits(header).map(|_| ())
+    }
+
+    /// Checks that the call's token admits `machine` (at join).
+    pub fn check_machine(&self, header: Option<&str>, machine: &str) -> Result<(), Status> {
+        match self.admits(header)? {
+            None | Some(Admits::Any) => Ok(()),
+            Some(Admits::Machine(m)) if m == machine => Ok(()),
+            Some(Admits::Machine(m)) => Err(Status::unauthenticated(format!(
+                "this builder token is machine {m}'s, not {machine}'s"
+            ))),
+        }
+    }
+
+    fn admits(&self, header: Option<&str>) -> Result<Option<&Admits>, Status> {
+        let Some(tokens) = &self.by_token else {
+            return Ok(None);
+        };
+        let token = header
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "this runner requires a builder token (authorization: Bearer <token>); set the builder's token_file",
+                )
+            })?;
+        tokens
+            .get(token.trim())
+            .map(Some)
+            .ok_or_else(|| Status::unauthenticated("unknown builder token"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn a_machine_token_admits_that_machine_and_a_shared_one_any() {
+        let dir = dir_with(&[
+            ("alpha.token", "secret-a\n"),
+            ("shared.token", "secret-s"),
+            ("README", "ignored"),
+        ]);
+        let t = Tokens::load(dir.path()).unwrap();
+        assert!(t.check_machine(Some("Bearer secret-a"), "alpha").is_ok());
+        let wrong = t
+            .check_machine(Some("Bearer secret-a"), "beta")
+            .unwrap_err();
+        assert_eq!(wrong.code(), tonic::Code::Unauthenticated);
+        assert!(t.check_machine(Some("Bearer secret-s"), "beta").is_ok());
+        assert!(t.check(Some("Bearer nope")).is_err());
+        let missing = t.check(None).unwrap_err();
+        assert!(missing.message().contains("requires a builder token"));
+    }
+
+    #[test]
+    fn without_a_directory_no_token_is_asked() {
+        assert!(Tokens::none().check(None).is_ok());
+        assert!(!Tokens::none().required());
+    }
+
+    #[test]
+    fn an_empty_token_file_is_an_error() {
+        let dir = dir_with(&[("alpha.token", "\n")]);
+        assert!(matches!(
+            Tokens::load(dir.path()),
+            Err(TokenError::Empty(_))
+        ));
+    }
+}
