@@ -141,6 +141,22 @@ impl Liar {
     }
 }
 
+impl Liar {
+    /// Closes its control stream: the machine is gone.
+    fn leave(self) {
+        drop(self.control);
+        drop(self.inbound);
+    }
+}
+
+/// An honest builder joins and the builds finish.
+async fn honest_builder_finishes(farm: &mut Farm, ids: &std::collections::BTreeMap<String, i32>) {
+    farm.add_builder(BuilderSpec::new("honest")).await.unwrap();
+    farm.wait_finished(ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+}
+
 /// (machine, status, errorMsg) of a build's steps, in order.
 async fn steps(farm: &Farm, build: i32) -> Vec<(String, Option<i32>, Option<String>)> {
     sqlx::query_as(
@@ -213,12 +229,8 @@ async fn a_corrupt_or_mismatched_output_is_rejected_and_the_step_retried() {
     assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
 
     // The liar leaves; an honest builder builds the step.
-    drop(liar.control);
-    drop(liar.inbound);
-    farm.add_builder(BuilderSpec::new("honest")).await.unwrap();
-    farm.wait_finished(ids.values().copied(), LIMIT)
-        .await
-        .unwrap();
+    liar.leave();
+    honest_builder_finishes(&mut farm, &ids).await;
     assert_eq!(farm.statuses(&ids).await.unwrap()["hi"], (0, 0));
     let rows: Vec<(String, Option<i32>, Option<String>)> = sqlx::query_as(
         "select machine, status, errorMsg from BuildSteps where build = $1 order by stepnr",
@@ -272,14 +284,9 @@ async fn a_report_for_a_step_another_machine_runs_is_refused_recorded_and_not_ap
     assert_eq!(recorded[0].2, job.attempt_id);
 
     // The owner leaves; an honest builder builds the step.
-    drop(owner.control);
-    drop(owner.inbound);
-    drop(intruder.control);
-    drop(intruder.inbound);
-    farm.add_builder(BuilderSpec::new("honest")).await.unwrap();
-    farm.wait_finished(ids.values().copied(), LIMIT)
-        .await
-        .unwrap();
+    owner.leave();
+    intruder.leave();
+    honest_builder_finishes(&mut farm, &ids).await;
     let rows = steps(&farm, ids["hi"]).await;
     let shape: Vec<(&str, Option<i32>)> = rows.iter().map(|r| (r.0.as_str(), r.1)).collect();
     assert_eq!(shape, [("owner", Some(3)), ("honest", Some(0))]);
@@ -315,12 +322,8 @@ async fn outputs_the_step_does_not_have_are_refused_and_the_step_retried() {
     .await
     .unwrap();
 
-    drop(liar.control);
-    drop(liar.inbound);
-    farm.add_builder(BuilderSpec::new("honest")).await.unwrap();
-    farm.wait_finished(ids.values().copied(), LIMIT)
-        .await
-        .unwrap();
+    liar.leave();
+    honest_builder_finishes(&mut farm, &ids).await;
     let rows = steps(&farm, ids["hi"]).await;
     assert_eq!(rows.len(), 3, "{rows:?}");
     assert_eq!(rows[0].1, Some(3));
@@ -387,10 +390,7 @@ async fn a_silent_builder_is_dropped_after_the_ping_timeout_and_its_late_report_
         "the late report changed nothing"
     );
 
-    farm.add_builder(BuilderSpec::new("honest")).await.unwrap();
-    farm.wait_finished(ids.values().copied(), LIMIT)
-        .await
-        .unwrap();
+    honest_builder_finishes(&mut farm, &ids).await;
     assert_eq!(farm.statuses(&ids).await.unwrap()["hi"], (0, 0));
 }
 
@@ -444,10 +444,7 @@ async fn a_machine_that_keeps_failing_is_rested_and_shows_so_in_the_status() {
     assert!(until > now + 500 && until <= now + 601, "{liar_status}");
 
     // Rested, it gets nothing; an honest builder takes the step.
-    farm.add_builder(BuilderSpec::new("honest")).await.unwrap();
-    farm.wait_finished(ids.values().copied(), LIMIT)
-        .await
-        .unwrap();
+    honest_builder_finishes(&mut farm, &ids).await;
     let rows = steps(&farm, ids["hi"]).await;
     let shape: Vec<(&str, Option<i32>)> = rows.iter().map(|r| (r.0.as_str(), r.1)).collect();
     assert_eq!(

@@ -6,8 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use hydra_testkit::process::{BuilderProcess, RunnerSetup, StartSignal};
-use hydra_testkit::{NixStore, PgCluster, create_jobset, queue_builds, wait_finished};
+use hydra_testkit::process::{BuilderProcess, RunnerProcess, RunnerSetup, StartSignal};
+use hydra_testkit::{NixStore, PgCluster, TestDb, create_jobset, queue_builds, wait_finished};
 use sqlx::PgPool;
 
 const LIMIT: Duration = Duration::from_secs(90);
@@ -53,88 +53,99 @@ async fn migrated_db(url: &str) -> PgPool {
     pool
 }
 
+/// A database, the runner's store, a runner process (with
+/// `extra_config`), `builders` builders, and the slow job queued and
+/// started: the test hurts someone while it runs.
+struct SlowJobSite {
+    db: TestDb,
+    _store: NixStore,
+    _dir: tempfile::TempDir,
+    runner: RunnerProcess,
+    builders: Vec<BuilderProcess>,
+    build: i32,
+}
+
+impl SlowJobSite {
+    async fn start(extra_config: &str, builders: &[&str]) -> SlowJobSite {
+        let db = TestDb::new().await;
+        let store = NixStore::start().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let setup = RunnerSetup::new_with(dir.path(), &store, &db.url, extra_config).unwrap();
+        let runner = setup.start(&[]).await.unwrap();
+        let builders = builders
+            .iter()
+            .map(|name| BuilderProcess::start(name, &setup.address, dir.path()).unwrap())
+            .collect();
+        let signal = StartSignal::new(dir.path(), "started").unwrap();
+        let jobset = create_jobset(&db.pool).await.unwrap();
+        let drvs = store
+            .instantiate(&slow_job(dir.path(), &signal), &["slow"])
+            .await
+            .unwrap();
+        let ids = queue_builds(&db.pool, &store, jobset, &drvs, |_| Default::default())
+            .await
+            .unwrap();
+        signal.started(LIMIT).await.unwrap();
+        SlowJobSite {
+            db,
+            _store: store,
+            _dir: dir,
+            runner,
+            builders,
+            build: ids["slow"],
+        }
+    }
+
+    /// The builder running the slow job.
+    async fn running_it(&mut self) -> &mut BuilderProcess {
+        let name = busy_machine(&self.db.pool).await;
+        self.builders.iter_mut().find(|b| b.name == name).unwrap()
+    }
+
+    async fn finished(&self) -> Vec<(String, Option<i32>, Option<String>)> {
+        wait_finished(&self.db.pool, [self.build], LIMIT)
+            .await
+            .unwrap();
+        steps(&self.db.pool, self.build).await
+    }
+}
+
 #[tokio::test]
 async fn a_builder_killed_mid_build_has_its_step_retried_on_the_other() {
-    let db = hydra_testkit::TestDb::new().await;
-    let store = NixStore::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let setup = RunnerSetup::new(dir.path(), &store, &db.url).unwrap();
-    let _runner = setup.start(&[]).await.unwrap();
-    let mut builders = [
-        BuilderProcess::start("one", &setup.address, dir.path()).unwrap(),
-        BuilderProcess::start("two", &setup.address, dir.path()).unwrap(),
-    ];
-    let signal = StartSignal::new(dir.path(), "started").unwrap();
-    let jobset = create_jobset(&db.pool).await.unwrap();
-    let drvs = store
-        .instantiate(&slow_job(dir.path(), &signal), &["slow"])
-        .await
-        .unwrap();
-    let ids = queue_builds(&db.pool, &store, jobset, &drvs, |_| Default::default())
-        .await
-        .unwrap();
+    let mut site = SlowJobSite::start("", &["one", "two"]).await;
+    let victim = site.running_it().await;
+    let name = victim.name.clone();
+    victim.kill().await.unwrap();
 
-    signal.started(LIMIT).await.unwrap();
-    let victim = busy_machine(&db.pool).await;
-    let survivor = if victim == "one" { "two" } else { "one" };
-    let b = builders.iter_mut().find(|b| b.name == victim).unwrap();
-    b.kill().await.unwrap();
-
-    wait_finished(&db.pool, ids.values().copied(), LIMIT)
-        .await
-        .unwrap();
-    let rows = steps(&db.pool, ids["slow"]).await;
+    let rows = site.finished().await;
     assert_eq!(rows.len(), 2, "{rows:?}");
-    assert_eq!((rows[0].0.as_str(), rows[0].1), (victim.as_str(), Some(3)));
+    assert_eq!((rows[0].0.as_str(), rows[0].1), (name.as_str(), Some(3)));
     assert!(
         rows[0].2.as_deref().unwrap_or("").contains("disconnected"),
         "{rows:?}"
     );
-    assert_eq!((rows[1].0.as_str(), rows[1].1), (survivor, Some(0)));
+    assert_ne!(rows[1].0, name, "retried on the other machine");
+    assert_eq!(rows[1].1, Some(0));
 }
 
 #[tokio::test]
 async fn a_frozen_builder_is_found_silent_and_its_step_retried_elsewhere() {
-    let db = hydra_testkit::TestDb::new().await;
-    let store = NixStore::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let setup = RunnerSetup::new_with(
-        dir.path(),
-        &store,
-        &db.url,
+    let mut site = SlowJobSite::start(
         "ping_interval_secs = 1\nping_timeout_secs = 3",
+        &["one", "two"],
     )
-    .unwrap();
-    let mut runner = setup.start(&[]).await.unwrap();
-    let builders = [
-        BuilderProcess::start("one", &setup.address, dir.path()).unwrap(),
-        BuilderProcess::start("two", &setup.address, dir.path()).unwrap(),
-    ];
-    let signal = StartSignal::new(dir.path(), "started").unwrap();
-    let jobset = create_jobset(&db.pool).await.unwrap();
-    let drvs = store
-        .instantiate(&slow_job(dir.path(), &signal), &["slow"])
-        .await
-        .unwrap();
-    let ids = queue_builds(&db.pool, &store, jobset, &drvs, |_| Default::default())
-        .await
-        .unwrap();
-
-    signal.started(LIMIT).await.unwrap();
-    let victim = busy_machine(&db.pool).await;
-    let frozen = builders.iter().find(|b| b.name == victim).unwrap();
+    .await;
+    let frozen = site.running_it().await;
+    let victim = frozen.name.clone();
     // Frozen, its TCP connection stays open: only its silence gives it away.
     frozen.freeze().unwrap();
     let frozen_at = Instant::now();
-    runner
+    site.runner
         .wait_for_line("builder left: no ping for 3 s", LIMIT)
         .await
         .unwrap();
     let noticed = frozen_at.elapsed();
-    wait_finished(&db.pool, ids.values().copied(), LIMIT)
-        .await
-        .unwrap();
-    let rows = steps(&db.pool, ids["slow"]).await;
+    let rows = site.finished().await;
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert_eq!((rows[0].0.as_str(), rows[0].1), (victim.as_str(), Some(3)));
     assert!(
@@ -149,12 +160,13 @@ async fn a_frozen_builder_is_found_silent_and_its_step_retried_elsewhere() {
     );
 
     // Thawed, it finds its runner gone, drops the stale job and joins anew.
+    let frozen = site.builders.iter().find(|b| b.name == victim).unwrap();
     frozen.thaw().unwrap();
-    runner
+    site.runner
         .wait_for_line(&format!("builder joined machine={victim}"), LIMIT)
         .await
         .unwrap();
-    let after = steps(&db.pool, ids["slow"]).await;
+    let after = steps(&site.db.pool, site.build).await;
     assert_eq!(after, rows, "nothing the thawed builder sent was applied");
 }
 
@@ -228,27 +240,11 @@ async fn losing_postgres_stops_the_runner_and_a_restart_finishes_the_run() {
 
 #[tokio::test]
 async fn a_stopped_runner_closes_its_running_steps_as_aborted() {
-    let db = hydra_testkit::TestDb::new().await;
-    let store = NixStore::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let setup = RunnerSetup::new(dir.path(), &store, &db.url).unwrap();
-    let runner = setup.start(&[]).await.unwrap();
-    let _builder = BuilderProcess::start("one", &setup.address, dir.path()).unwrap();
-    let signal = StartSignal::new(dir.path(), "started").unwrap();
-    let jobset = create_jobset(&db.pool).await.unwrap();
-    let drvs = store
-        .instantiate(&slow_job(dir.path(), &signal), &["slow"])
-        .await
-        .unwrap();
-    let ids = queue_builds(&db.pool, &store, jobset, &drvs, |_| Default::default())
-        .await
-        .unwrap();
-    signal.started(LIMIT).await.unwrap();
-
-    runner.terminate().unwrap();
-    let exit = runner.exit(Duration::from_secs(30)).await.unwrap();
+    let site = SlowJobSite::start("", &["one"]).await;
+    site.runner.terminate().unwrap();
+    let exit = site.runner.exit(Duration::from_secs(30)).await.unwrap();
     assert!(exit.status.success(), "{}", exit.output);
-    let rows = steps(&db.pool, ids["slow"]).await;
+    let rows = steps(&site.db.pool, site.build).await;
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].1, Some(3));
     assert!(
@@ -256,7 +252,7 @@ async fn a_stopped_runner_closes_its_running_steps_as_aborted() {
         "{rows:?}"
     );
     let busy: i64 = sqlx::query_scalar("select count(*) from BuildSteps where busy != 0")
-        .fetch_one(&db.pool)
+        .fetch_one(&site.db.pool)
         .await
         .unwrap();
     assert_eq!(busy, 0);
@@ -264,7 +260,7 @@ async fn a_stopped_runner_closes_its_running_steps_as_aborted() {
 
 #[tokio::test]
 async fn a_builder_with_another_store_dir_is_refused_on_both_sides() {
-    let db = hydra_testkit::TestDb::new().await;
+    let db = TestDb::new().await;
     let store = NixStore::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let setup = RunnerSetup::new(dir.path(), &store, &db.url).unwrap();
@@ -294,7 +290,7 @@ async fn a_builder_with_another_store_dir_is_refused_on_both_sides() {
 async fn a_builder_of_another_protocol_version_is_refused_on_both_sides() {
     use hydra_proto::v1::runner_service_client::RunnerServiceClient;
     use hydra_proto::v1::*;
-    let db = hydra_testkit::TestDb::new().await;
+    let db = TestDb::new().await;
     let store = NixStore::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let setup = RunnerSetup::new(dir.path(), &store, &db.url).unwrap();
