@@ -12,6 +12,7 @@
 //! so they are hand-written and every routine is tested against real Nix.
 
 pub mod base32;
+pub mod binary_cache;
 pub mod daemon;
 pub mod derivation;
 pub mod hash;

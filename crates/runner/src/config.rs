@@ -64,6 +64,11 @@ pub struct RunnerConfig {
     pub min_free_disk: u64,
     /// How often the status document in SystemStatus is rewritten.
     pub status_interval_secs: u32,
+    /// Destination stores (binary caches) the outputs are published to,
+    /// best effort: `file:///var/cache/hydra`.
+    pub destinations: Vec<String>,
+    /// Nix secret key (`name:base64`) that signs what is published.
+    pub signing_key_file: Option<PathBuf>,
     /// TLS for the builder service: the runner's certificate and key (PEM).
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -157,6 +162,16 @@ pub const KEYS: &[(&str, &str, bool)] = &[
         true,
     ),
     (
+        "destinations",
+        "binary caches the outputs are published to (file:// URLs), from a persistent queue",
+        false,
+    ),
+    (
+        "signing_key_file",
+        "Nix secret key (name:base64) that signs the published narinfos and realisations",
+        false,
+    ),
+    (
         "tls_cert",
         "TLS certificate of the builder service (PEM)",
         false,
@@ -208,6 +223,8 @@ impl Default for RunnerConfig {
             machine_rest_max_secs: 3600.0,
             min_free_disk: 1 << 30,
             status_interval_secs: 5,
+            destinations: Vec::new(),
+            signing_key_file: None,
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
@@ -247,6 +264,11 @@ impl RunnerConfig {
             return Err(
                 "ping_interval_secs must be >= 1 and ping_timeout_secs larger than it".into(),
             );
+        }
+        if let Some(d) = self.destinations.iter().find(|d| !d.starts_with("file://")) {
+            return Err(format!(
+                "destination {d:?}: only file:// binary caches are supported so far"
+            ));
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err("tls_cert and tls_key go together".into());
@@ -389,6 +411,7 @@ mod tests {
             tls_key: Some("k".into()),
             tls_client_ca: Some("ca".into()),
             builder_tokens_dir: Some("t".into()),
+            signing_key_file: Some("k".into()),
             ..RunnerConfig::default()
         };
         let fields: Vec<String> = all.table().keys().cloned().collect();

@@ -8,6 +8,7 @@
 //! - [`tunnel`]: the gRPC service builders connect to (jobs, logs, NARs, reports);
 //! - [`completion`]: a builder's report -> PostgreSQL, then the graph;
 //! - [`record`]: every write to Hydra's tables, with Hydra's rules;
+//! - [`uploads`]: outputs published to destination stores, from a queue;
 //! - [`realisations`]: CA outputs learnt from builds, in PostgreSQL and the store;
 //! - [`status`]: the status document operators read (Hydra's `SystemStatus`).
 //!
@@ -55,6 +56,7 @@ pub mod status;
 pub mod store;
 pub mod systemd;
 pub mod tunnel;
+pub mod uploads;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -92,6 +94,8 @@ pub struct Shared {
     pub wake_dispatcher: Notify,
     /// Wakes the resolver: a step's CA inputs are built.
     pub wake_resolver: Notify,
+    /// Wakes the uploader: outputs were queued for the destination stores.
+    pub wake_uploads: Notify,
     /// `hashDerivationModulo` of input derivations, to name realisations.
     pub drv_hashes: Mutex<hydra_nix::derivation::hashing::DrvHashes>,
     /// The builder tokens, re-read on reload.
@@ -149,6 +153,11 @@ pub enum Fatal {
     Panic(String),
     #[error(transparent)]
     Tokens(#[from] auth::TokenError),
+    #[error("the signing key {path}: {message}")]
+    SigningKey {
+        path: std::path::PathBuf,
+        message: String,
+    },
     #[error("cannot read the TLS file {path}: {source}")]
     TlsFile {
         path: std::path::PathBuf,
@@ -197,6 +206,7 @@ impl Runner {
             None => auth::Tokens::none(),
         };
         let tls = tunnel::TlsFiles::read(&config)?;
+        let signing_key = uploads::load_key(&config)?;
         let lock = ActiveLock::acquire(&pool, config.advisory_lock_key, on_standby).await?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -220,6 +230,7 @@ impl Runner {
             shares: Mutex::new(Shares::default()),
             wake_dispatcher: Notify::new(),
             wake_resolver: Notify::new(),
+            wake_uploads: Notify::new(),
             drv_hashes: Mutex::new(Default::default()),
             started_builds: Mutex::new(Default::default()),
             tokens: parking_lot::RwLock::new(tokens),
@@ -245,9 +256,15 @@ impl Runner {
         tasks.spawn(critical("dispatcher", dispatch::run(shared.clone())));
         tasks.spawn(critical("resolver", resolver::run(shared.clone())));
         tasks.spawn(critical("database watchdog", database_watchdog(lock)));
-        // Not critical: it logs and retries, and never ends by itself.
+        // Not critical: they log and retry; the uploader ends at once when
+        // there is no destination.
         tasks.spawn(async {
             status::run(status_shared).await;
+            Ok(())
+        });
+        let upload_shared = shared.clone();
+        tasks.spawn(async move {
+            uploads::run(upload_shared, signing_key).await;
             Ok(())
         });
         tasks.spawn(async move {

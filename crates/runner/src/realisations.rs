@@ -208,7 +208,7 @@ pub async fn register_in_store(
 /// Nix's `staticOutputHashes` of `drv_path`, which key its realisations.
 /// The hashes of input derivations are kept between calls, since the
 /// dependents of one CA derivation share most of their inputs.
-async fn output_hashes(
+pub(crate) async fn output_hashes(
     shared: &Shared,
     client: &mut DaemonClient,
     drv_path: &StorePath,

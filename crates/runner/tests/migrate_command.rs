@@ -18,14 +18,16 @@ async fn migrate_applies_then_reports_current() {
         "{}",
         String::from_utf8_lossy(&first.stderr)
     );
-    assert!(String::from_utf8_lossy(&first.stdout).contains("applied migrations [1, 2, 3, 4, 5]"));
+    assert!(
+        String::from_utf8_lossy(&first.stdout).contains("applied migrations [1, 2, 3, 4, 5, 6]")
+    );
     let second = runner()
         .arg("migrate")
         .env("HYDRA_DATABASE_URL", &db.url)
         .output()
         .unwrap();
     assert!(second.status.success());
-    assert!(String::from_utf8_lossy(&second.stdout).contains("schema is current (migration 5)"));
+    assert!(String::from_utf8_lossy(&second.stdout).contains("schema is current (migration 6)"));
 }
 
 #[test]

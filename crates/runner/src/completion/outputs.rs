@@ -31,6 +31,8 @@ pub struct Measured {
     pub info: BuildOutputInfo,
     pub size: i64,
     pub closure_size: i64,
+    /// The outputs' closure, references first (what a cache must hold).
+    pub closure: Vec<String>,
 }
 
 impl Measured {
@@ -99,6 +101,10 @@ pub async fn measure(
     let paths: Vec<String> = built.iter().map(|o| o.path.clone()).collect();
     let closure = client.query_closure(&paths).await?;
     let closure_size = closure.values().map(|i| i.nar_size as i64).sum();
+    let closure = hydra_nix::daemon::references_first(closure.into_values())
+        .into_iter()
+        .map(|i| i.path)
+        .collect();
     let size = built.iter().map(|o| o.nar_size as i64).sum();
     let named: Vec<(String, String, &OutputScan)> = built
         .iter()
@@ -110,6 +116,7 @@ pub async fn measure(
         info,
         size,
         closure_size,
+        closure,
     })
 }
 
@@ -176,7 +183,7 @@ pub async fn succeed(
         )
         .await?;
         attempts::close(&mut tx, &attempt.id, BuildStatus::Success.code()).await?;
-        record_realisations(shared, &mut tx, &realised, &paths).await?;
+        record_realisations(shared, &mut tx, &realised, &paths, &measured.closure).await?;
         write_success(&mut tx, &done.direct, attempt.build, &success).await?;
         Ok(())
     })?;
@@ -191,6 +198,7 @@ pub async fn succeed(
         let used = (stop_time - start_time).max(0) as f64;
         shared.shares.lock().add_used(j, used, Instant::now());
     }
+    shared.wake_uploads.notify_one();
     apply_success(shared, &done, Some(&attempt.id), attempt.build, &success).await?;
     shared.machines.lock().record_success(&attempt.machine);
     release(shared, &attempt);
@@ -221,11 +229,12 @@ pub async fn succeed_unbuilt(
     // The resolving step is the original: its outputs are the resolved ones.
     let realised = done.realised(&drv_path, true);
     in_transaction!(shared.pool, |tx| {
-        record_realisations(shared, &mut tx, &realised, &paths).await?;
+        record_realisations(shared, &mut tx, &realised, &paths, &measured.closure).await?;
         write_success(&mut tx, &done.direct, owner, &success).await?;
         Ok(())
     })?;
     tracing::info!(drv = %drv_path, "outputs known already (early cutoff): nothing to build");
+    shared.wake_uploads.notify_one();
     apply_success(shared, &done, None, owner, &success).await?;
     shared.wake();
     register_realisations(shared, &mut client, &realised, &paths).await
@@ -294,14 +303,21 @@ async fn apply_success(
     Ok(())
 }
 
+/// Realisations of the derivations whose outputs these are, and the
+/// queued uploads of the outputs' closure and of those realisations.
 async fn record_realisations(
     shared: &Shared,
     tx: &mut sqlx::PgConnection,
     realised: &[StorePath],
     paths: &[(String, String)],
+    closure: &[String],
 ) -> Result<(), Fatal> {
+    let destinations = &shared.config().destinations;
+    crate::uploads::enqueue_paths(tx, destinations, closure).await?;
     for drv in realised {
-        realisations::record(tx, &shared.store.dir().display(drv), paths).await?;
+        let drv = shared.store.dir().display(drv);
+        realisations::record(tx, &drv, paths).await?;
+        crate::uploads::enqueue_realisations(tx, destinations, &drv, paths).await?;
     }
     Ok(())
 }

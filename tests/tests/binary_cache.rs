@@ -1,0 +1,218 @@
+//! Outputs published to a `file://` binary cache, signed with a Nix key:
+//! a fresh store substitutes them with real Nix, verifying the signatures,
+//! CA outputs through their realisations; and a runner restarted with
+//! uploads pending finishes them, each once.
+
+use std::path::Path;
+use std::time::Duration;
+
+use hydra_testkit::process::{BuilderProcess, RunnerSetup};
+use hydra_testkit::{BuilderSpec, Farm, NixStore, create_jobset, queue_builds, wait_finished};
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+const JOBSET: &str = r#"with prelude; rec {
+  lib = mkDrv { name = "lib"; script = "mkdir -p $out/lib; echo library > $out/lib/lib.txt; ln -s lib.txt $out/lib/link"; };
+  app = mkDrv { name = "app"; script = "mkdir $out; echo ${lib} > $out/uses-lib"; };
+  ca-base = mkCA { name = "ca-base"; script = "echo base > $out"; };
+  ca-app = mkCA { name = "ca-app"; script = "cat ${ca-base} > $out; echo app >> $out"; };
+}"#;
+
+/// A Nix signing key pair made by Nix: (secret key file, public key).
+async fn nix_key(store: &NixStore, dir: &Path) -> (std::path::PathBuf, String) {
+    let (sk, pk) = (dir.join("cache.sk"), dir.join("cache.pk"));
+    store
+        .run(
+            "nix-store",
+            &[
+                "--generate-binary-cache-key",
+                "test-cache-1",
+                sk.to_str().unwrap(),
+                pk.to_str().unwrap(),
+            ],
+        )
+        .await
+        .unwrap();
+    (sk, std::fs::read_to_string(pk).unwrap().trim().to_owned())
+}
+
+/// Waits (on `hqr_upload_done`) until no upload is pending.
+async fn uploads_done(pool: &PgPool) {
+    let mut listener = PgListener::connect_with(pool).await.unwrap();
+    listener.listen("hqr_upload_done").await.unwrap();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let pending: i64 =
+            sqlx::query_scalar("select count(*) from hqr_uploads where done_at is null")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        if pending == 0 {
+            return;
+        }
+        tokio::time::timeout_at(deadline, listener.recv())
+            .await
+            .expect("uploads still pending")
+            .unwrap();
+    }
+}
+
+/// Nix options that make `cache` the only substituter, trusting `public`.
+fn from_cache<'a>(cache: &'a str, public: &'a str) -> Vec<&'a str> {
+    vec![
+        "--option",
+        "substituters",
+        cache,
+        "--option",
+        "trusted-public-keys",
+        public,
+        "--option",
+        "require-sigs",
+        "true",
+    ]
+}
+
+#[tokio::test]
+async fn a_fresh_store_substitutes_every_output_from_the_signed_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache_dir = dir.path().join("cache");
+    let keygen = NixStore::start().unwrap();
+    let (secret, public) = nix_key(&keygen, dir.path()).await;
+    let cache = format!("file://{}", cache_dir.display());
+    let cache_url = cache.clone();
+    let mut farm = Farm::start(move |c| {
+        c.destinations = vec![cache_url];
+        c.signing_key_file = Some(secret);
+    })
+    .await
+    .unwrap();
+    farm.add_builder(BuilderSpec::new("b")).await.unwrap();
+    let jobs = ["lib", "app", "ca-base", "ca-app"];
+    let ids = farm.submit(JOBSET, &jobs).await.unwrap();
+    farm.wait_finished(ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    uploads_done(&farm.db.pool).await;
+    assert!(cache_dir.join("nix-cache-info").exists());
+
+    // Input-addressed outputs, with their references, by store path.
+    let (app,): (String,) =
+        sqlx::query_as("select path from BuildOutputs where build = $1 and name = 'out'")
+            .bind(ids["app"])
+            .fetch_one(&farm.db.pool)
+            .await
+            .unwrap();
+    let fresh = NixStore::start().unwrap();
+    let mut args = vec!["--realise", app.as_str()];
+    args.extend(from_cache(&cache, &public));
+    fresh.run("nix-store", &args).await.unwrap();
+    let uses = fresh
+        .read_store_file(&format!("{app}/uses-lib"))
+        .await
+        .unwrap();
+    let lib = String::from_utf8(uses).unwrap();
+    let text = fresh
+        .read_store_file(&format!("{}/lib/lib.txt", lib.trim()))
+        .await
+        .unwrap();
+    assert_eq!(text, b"library\n", "the reference came along");
+
+    // Another key does not verify: Nix refuses to substitute.
+    let stranger = NixStore::start().unwrap();
+    let (_, other_public) = nix_key(&stranger, &dir.path().join("..")).await;
+    let mut args = vec!["--realise", app.as_str()];
+    args.extend(from_cache(&cache, &other_public));
+    assert!(
+        stranger.run("nix-store", &args).await.is_err(),
+        "unsigned for this key: not substituted"
+    );
+
+    // CA outputs through their realisations: the same derivations in a
+    // fresh store are realised without building anything.
+    let ca_store = NixStore::start().unwrap();
+    let drvs = ca_store
+        .instantiate_salted(JOBSET, &["ca-app"], farm.runner_store.salt())
+        .await
+        .unwrap();
+    let mut args = vec!["--realise", drvs["ca-app"].as_str(), "--max-jobs", "0"];
+    args.extend(from_cache(&cache, &public));
+    let out = ca_store.run("nix-store", &args).await.unwrap();
+    let (ours,): (String,) =
+        sqlx::query_as("select path from BuildOutputs where build = $1 and name = 'out'")
+            .bind(ids["ca-app"])
+            .fetch_one(&farm.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(out.trim(), ours);
+}
+
+#[tokio::test]
+async fn a_runner_restarted_with_uploads_pending_finishes_them_each_once() {
+    let db = hydra_testkit::TestDb::new().await;
+    let store = NixStore::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (secret, _) = nix_key(&store, dir.path()).await;
+    // The cache cannot be written at first: its directory is a file.
+    let cache_dir = dir.path().join("cache");
+    std::fs::write(&cache_dir, "in the way").unwrap();
+    let setup = RunnerSetup::new_with(
+        dir.path(),
+        &store,
+        &db.url,
+        &format!(
+            "destinations = [\"file://{}\"]\nsigning_key_file = \"{}\"",
+            cache_dir.display(),
+            secret.display()
+        ),
+    )
+    .unwrap();
+    let mut runner = setup.start(&[]).await.unwrap();
+    let _builder = BuilderProcess::start("one", &setup.address, dir.path()).unwrap();
+    let jobset = create_jobset(&db.pool).await.unwrap();
+    let drvs = store.instantiate(JOBSET, &["app"]).await.unwrap();
+    let ids = queue_builds(&db.pool, &store, jobset, &drvs, |_| Default::default())
+        .await
+        .unwrap();
+    wait_finished(&db.pool, ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    let status: Option<i32> = sqlx::query_scalar("select buildStatus from Builds")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, Some(0), "a cache that is down fails no build");
+    runner.wait_for_line("upload failed", LIMIT).await.unwrap();
+    runner.kill().await.unwrap();
+    let pending: i64 = sqlx::query_scalar("select count(*) from hqr_uploads where done_at is null")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(pending >= 2, "app and lib wait: {pending}");
+
+    std::fs::remove_file(&cache_dir).unwrap();
+    let _runner = setup.start(&[]).await.unwrap();
+    uploads_done(&db.pool).await;
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("select item, count(*) from hqr_uploads group by item having count(*) > 1")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert!(rows.is_empty(), "one row per item: {rows:?}");
+    let narinfos = std::fs::read_dir(&cache_dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "narinfo")
+        })
+        .count() as i64;
+    let paths: i64 = sqlx::query_scalar("select count(*) from hqr_uploads where kind = 'path'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(narinfos, paths, "a narinfo per queued path");
+}
