@@ -162,7 +162,7 @@ async fn a_runner_restarted_with_uploads_pending_finishes_them_each_once() {
         &store,
         &db.url,
         &format!(
-            "destinations = [\"file://{}\"]\nsigning_key_file = \"{}\"",
+            "destinations = [\"file://{}\"]\nsigning_key_file = \"{}\"\nstatus_interval_secs = 1",
             cache_dir.display(),
             secret.display()
         ),
@@ -184,6 +184,30 @@ async fn a_runner_restarted_with_uploads_pending_finishes_them_each_once() {
         .unwrap();
     assert_eq!(status, Some(0), "a cache that is down fails no build");
     runner.wait_for_line("upload failed", LIMIT).await.unwrap();
+    // The status document shows the failing uploads.
+    let mut listener = PgListener::connect_with(&db.pool).await.unwrap();
+    listener.listen("queue_runner_status").await.unwrap();
+    let dest = format!("file://{}", cache_dir.display());
+    loop {
+        let doc: Option<serde_json::Value> =
+            sqlx::query_scalar("select status from SystemStatus where what = 'queue-runner'")
+                .fetch_optional(&db.pool)
+                .await
+                .unwrap();
+        let failing = doc
+            .as_ref()
+            .and_then(|d| d["uploads"][&dest]["failing"].as_i64())
+            .unwrap_or(0);
+        if failing > 0 {
+            let error = doc.unwrap()["uploads"][&dest]["lastError"].to_string();
+            assert!(error.contains("cache"), "{error}");
+            break;
+        }
+        tokio::time::timeout(LIMIT, listener.recv())
+            .await
+            .expect("the status never showed the failing uploads")
+            .unwrap();
+    }
     runner.kill().await.unwrap();
     let pending: i64 = sqlx::query_scalar("select count(*) from hqr_uploads where done_at is null")
         .fetch_one(&db.pool)

@@ -84,12 +84,39 @@ pub async fn run(shared: Arc<Shared>) {
     let started = Instant::now();
     let every = Duration::from_secs(shared.config().status_interval_secs.max(1).into());
     loop {
-        let doc = snapshot(&shared, started);
+        let mut doc = snapshot(&shared, started);
+        match upload_queue(&shared.pool).await {
+            Ok(uploads) => doc["uploads"] = uploads,
+            Err(e) => tracing::warn!("cannot read the upload queue for the status: {e}"),
+        }
         if let Err(e) = write(&shared.pool, &doc).await {
             tracing::warn!("cannot write the status to SystemStatus (will retry): {e}");
         }
         tokio::time::sleep(every).await;
     }
+}
+
+/// The upload queue per destination: pending, failing (pending with a
+/// failed attempt) and done, with the last error.
+async fn upload_queue(pool: &sqlx::PgPool) -> Result<Value, sqlx::Error> {
+    let rows: Vec<(String, i64, i64, i64, Option<String>)> = sqlx::query_as(
+        "select destination,
+                count(*) filter (where done_at is null),
+                count(*) filter (where done_at is null and last_error is not null),
+                count(*) filter (where done_at is not null),
+                (array_agg(last_error order by id desc) filter (where done_at is null and last_error is not null))[1]
+           from hqr_uploads group by destination order by destination",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut out = serde_json::Map::new();
+    for (dest, pending, failing, done, last_error) in rows {
+        out.insert(
+            dest,
+            json!({"pending": pending, "failing": failing, "done": done, "lastError": last_error}),
+        );
+    }
+    Ok(Value::Object(out))
 }
 
 async fn write(pool: &sqlx::PgPool, doc: &Value) -> Result<(), sqlx::Error> {
