@@ -110,17 +110,17 @@ async fn a_config_file_with_an_unknown_key_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("runner.toml");
     std::fs::write(&config, "max_log_sise = 1\n").unwrap();
-    let out = Command::new(binary("hydra-queue-runner"))
-        .args([
-            "serve",
-            "--database-url",
-            "postgres://nobody@127.0.0.1:1/none",
-            "--config",
-        ])
-        .arg(&config)
-        .output()
-        .await
-        .unwrap();
+    let out = hydra_testkit::process::run_binary(
+        "hydra-queue-runner",
+        [
+            std::ffi::OsStr::new("serve"),
+            "--database-url".as_ref(),
+            "postgres://nobody@127.0.0.1:1/none".as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ],
+    )
+    .await;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -4,13 +4,14 @@
 //! and a hot standby taking over from a killed runner.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::path::Path;
 use std::time::Duration;
 
-use hydra_testkit::process::{BuilderProcess, RunnerSetup, StartSignal, binary, count_lines};
+use hydra_testkit::process::{BuilderProcess, RunnerSetup, StartSignal, count_lines, run_binary};
 use hydra_testkit::tls::TestCa;
 use hydra_testkit::{NixStore, TestDb, create_jobset, queue_builds, wait_finished};
 use tokio::net::UnixDatagram;
-use tokio::process::Command;
 
 const LIMIT: Duration = Duration::from_secs(90);
 
@@ -89,32 +90,41 @@ async fn the_runner_speaks_systemds_notify_protocol() {
     assert!(exit.status.success(), "{}", exit.output);
 }
 
+/// Runs `name args... file`, which must fail naming `key` and the file.
+async fn refuses_naming(name: &str, args: &[&str], file: &Path, key: &str) {
+    let args = args.iter().map(OsStr::new).chain([file.as_os_str()]);
+    let out = run_binary(name, args).await;
+    assert!(!out.status.success(), "{name} accepted {}", file.display());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let file_name = file.file_name().unwrap().to_string_lossy();
+    assert!(err.contains(key) && err.contains(&*file_name), "{err}");
+}
+
 #[tokio::test]
 async fn config_check_names_the_key_and_the_file_and_help_lists_every_key() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "max_tries = 3\npint_interval_secs = 4\n").unwrap();
-    let out = Command::new(binary("hydra-queue-runner"))
-        .args(["config", "check", "--config"])
-        .arg(&bad)
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("pint_interval_secs") && err.contains("bad.toml"),
-        "{err}"
-    );
+    refuses_naming(
+        "hydra-queue-runner",
+        &["config", "check", "--config"],
+        &bad,
+        "pint_interval_secs",
+    )
+    .await;
 
     let good = dir.path().join("good.toml");
     std::fs::write(&good, "max_tries = 3\n").unwrap();
-    let out = Command::new(binary("hydra-queue-runner"))
-        .args(["config", "check", "--config"])
-        .arg(&good)
-        .output()
-        .await
-        .unwrap();
+    let out = run_binary(
+        "hydra-queue-runner",
+        [
+            OsStr::new("config"),
+            OsStr::new("check"),
+            OsStr::new("--config"),
+            good.as_os_str(),
+        ],
+    )
+    .await;
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -124,24 +134,15 @@ async fn config_check_names_the_key_and_the_file_and_help_lists_every_key() {
 
     let builder_bad = dir.path().join("builder.toml");
     std::fs::write(&builder_bad, "max_jobz = 2\n").unwrap();
-    let out = Command::new(binary("hydra-builder"))
-        .args(["--check-config", "--config"])
-        .arg(&builder_bad)
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("max_jobz") && err.contains("builder.toml"),
-        "{err}"
-    );
+    refuses_naming(
+        "hydra-builder",
+        &["--check-config", "--config"],
+        &builder_bad,
+        "max_jobz",
+    )
+    .await;
 
-    let help = Command::new(binary("hydra-queue-runner"))
-        .args(["serve", "--help"])
-        .output()
-        .await
-        .unwrap();
+    let help = run_binary("hydra-queue-runner", ["serve", "--help"]).await;
     let help = String::from_utf8_lossy(&help.stdout);
     for key in [
         "ping_timeout_secs = 30",
@@ -150,11 +151,7 @@ async fn config_check_names_the_key_and_the_file_and_help_lists_every_key() {
     ] {
         assert!(help.contains(key), "{key} in serve --help");
     }
-    let help = Command::new(binary("hydra-builder"))
-        .arg("--help")
-        .output()
-        .await
-        .unwrap();
+    let help = run_binary("hydra-builder", ["--help"]).await;
     assert!(String::from_utf8_lossy(&help.stdout).contains("max_jobs = 1"));
 }
 

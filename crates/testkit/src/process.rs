@@ -139,15 +139,7 @@ impl RunnerProcess {
     }
 
     fn signal(&self, sig: i32) -> Result<()> {
-        let pid = self
-            .child
-            .id()
-            .ok_or_else(|| anyhow!("the runner has exited"))?;
-        // SAFETY: kill has no memory-safety preconditions.
-        if unsafe { libc::kill(pid as i32, sig) } != 0 {
-            bail!("kill({pid}, {sig}): {}", std::io::Error::last_os_error());
-        }
-        Ok(())
+        send_signal(&self.child, sig, "the runner")
     }
 
     /// Waits for the runner to exit by itself, with what it printed since
@@ -261,16 +253,30 @@ impl BuilderProcess {
     }
 
     fn signal(&self, sig: i32) -> Result<()> {
-        let pid = self
-            .child
-            .id()
-            .ok_or_else(|| anyhow!("the builder has exited"))?;
-        // SAFETY: kill has no memory-safety preconditions.
-        if unsafe { libc::kill(pid as i32, sig) } != 0 {
-            bail!("kill({pid}, {sig}): {}", std::io::Error::last_os_error());
-        }
-        Ok(())
+        send_signal(&self.child, sig, &self.name)
     }
+}
+
+fn send_signal(child: &Child, sig: i32, who: &str) -> Result<()> {
+    let pid = child.id().ok_or_else(|| anyhow!("{who} has exited"))?;
+    // SAFETY: kill has no memory-safety preconditions.
+    if unsafe { libc::kill(pid as i32, sig) } != 0 {
+        bail!("kill({pid}, {sig}): {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Runs a binary of this workspace to its end (a one-shot command such as
+/// `config check`).
+pub async fn run_binary(
+    name: &str,
+    args: impl IntoIterator<Item = impl AsRef<std::ffi::OsStr>>,
+) -> std::process::Output {
+    Command::new(binary(name))
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("running {name}: {e}"))
 }
 
 async fn wait_for(
