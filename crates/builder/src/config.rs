@@ -56,6 +56,12 @@ pub struct BuilderConfig {
     /// asks for mutual TLS.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Binary caches to fetch missing inputs from before asking the runner.
+    pub substituters: Vec<String>,
+    /// Keys (`name:base64`) their signatures must verify with.
+    pub trusted_public_keys: Vec<String>,
+    /// How long one cache may take; a slower one is demoted for a while.
+    pub substituter_timeout_secs: f64,
 }
 
 /// Every key with what it means; defaults come from
@@ -106,6 +112,18 @@ pub const KEYS: &[(&str, &str)] = &[
     ("tls_ca", "CA the runner's certificate must be signed by"),
     ("tls_cert", "client certificate for mutual TLS (PEM)"),
     ("tls_key", "its private key (PEM)"),
+    (
+        "substituters",
+        "binary caches tried for missing inputs before the runner (in order)",
+    ),
+    (
+        "trusted_public_keys",
+        "keys their signatures must verify with",
+    ),
+    (
+        "substituter_timeout_secs",
+        "how long one cache may take before it is demoted for a while",
+    ),
 ];
 
 impl Default for BuilderConfig {
@@ -128,6 +146,9 @@ impl Default for BuilderConfig {
             tls_cert: None,
             tls_key: None,
             runner_urls: Vec::new(),
+            substituters: Vec::new(),
+            trusted_public_keys: Vec::new(),
+            substituter_timeout_secs: 10.0,
         }
     }
 }

@@ -147,12 +147,20 @@ enum SessionEnd {
 pub async fn run(config: BuilderConfig) -> Result<(), BuilderError> {
     let endpoints = endpoints(&config)?;
     let auth = Auth::from_config(&config)?;
+    let substituters =
+        crate::substitute::Substituters::from_config(&config).map(std::sync::Arc::new);
     let urls = config.urls();
     let mut failures = 0u32;
     let mut next = 0usize;
     loop {
         let i = next % endpoints.len();
-        match session(&config, &urls[i], &endpoints[i], &auth, &mut failures).await {
+        let target = Target {
+            url: &urls[i],
+            endpoint: &endpoints[i],
+            auth: &auth,
+            substituters: substituters.clone(),
+        };
+        match session(&config, target, &mut failures).await {
             Err(SessionEnd::Fatal(e)) => return Err(e),
             Err(SessionEnd::Lost(why)) | Ok(why) => {
                 failures += 1;
@@ -174,13 +182,25 @@ fn backoff(config: &BuilderConfig, failures: u32) -> Duration {
 type ControlTx = mpsc::Sender<BuilderMessage>;
 
 /// One connection: join, then serve jobs until the stream ends.
+/// Where one session goes, and what it takes along.
+struct Target<'a> {
+    url: &'a str,
+    endpoint: &'a Endpoint,
+    auth: &'a Auth,
+    substituters: Option<std::sync::Arc<crate::substitute::Substituters>>,
+}
+
 async fn session(
     config: &BuilderConfig,
-    url: &str,
-    endpoint: &Endpoint,
-    auth: &Auth,
+    target: Target<'_>,
     failures: &mut u32,
 ) -> Result<String, SessionEnd> {
+    let Target {
+        url,
+        endpoint,
+        auth,
+        substituters,
+    } = target;
     let channel = endpoint
         .connect()
         .await
@@ -208,6 +228,7 @@ async fn session(
         machine_id: welcome.machine_id.clone(),
         daemon_socket: config.nix_daemon_socket.clone(),
         control: tx.clone(),
+        substituters: substituters.clone(),
     };
     let ping_every = Duration::from_secs(welcome.ping_interval_secs.max(1) as u64);
     let mut pings = tokio::time::interval(ping_every);
@@ -248,7 +269,10 @@ async fn session(
                 }
             }
             _ = pings.tick() => {
-                let _ = tx.send(ping(config, running.len())).await;
+                let timeouts = substituters
+                    .as_ref()
+                    .map_or(0, |s| s.timeouts.load(std::sync::atomic::Ordering::Relaxed));
+                let _ = tx.send(ping(config, running.len(), timeouts)).await;
             }
         }
     }
@@ -294,7 +318,7 @@ fn join_message(config: &BuilderConfig) -> BuilderMessage {
     }
 }
 
-fn ping(config: &BuilderConfig, running: usize) -> BuilderMessage {
+fn ping(config: &BuilderConfig, running: usize, substituter_timeouts: u64) -> BuilderMessage {
     let load1 = std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|s| s.split_whitespace().next().and_then(|l| l.parse().ok()))
@@ -304,6 +328,7 @@ fn ping(config: &BuilderConfig, running: usize) -> BuilderMessage {
             load1,
             free_disk_bytes: free_disk(&config.disk_path),
             running_jobs: running as u32,
+            substituter_timeouts,
         })),
     }
 }

@@ -24,6 +24,8 @@ pub struct JobContext {
     pub machine_id: String,
     pub daemon_socket: PathBuf,
     pub control: mpsc::Sender<BuilderMessage>,
+    /// Binary caches tried before the runner for missing inputs.
+    pub substituters: Option<std::sync::Arc<crate::substitute::Substituters>>,
 }
 
 /// A fault of this machine or of the transfer, not of the build: the
@@ -86,7 +88,13 @@ async fn execute(ctx: &JobContext, job: &BuildJob) -> Result<CompletionReport, J
         .collect();
     if !missing.is_empty() {
         progress(ctx, job, Phase::SendingInputs).await;
-        fetch_inputs(ctx, job, &mut daemon, missing).await?;
+        let missing = match &ctx.substituters {
+            Some(caches) => caches.substitute(&ctx.daemon_socket, missing).await,
+            None => missing,
+        };
+        if !missing.is_empty() {
+            fetch_inputs(ctx, job, &mut daemon, missing).await?;
+        }
     }
     progress(ctx, job, Phase::Building).await;
     let mut settings = ClientSettings {

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod connection;
 pub mod job;
+pub mod substitute;
 
 pub use config::BuilderConfig;
 pub use connection::{BuilderError, run};

@@ -49,6 +49,7 @@ pub fn snapshot(shared: &Shared, started: Instant) -> Value {
                 "currentJobs": m.running.len(),
                 "speedFactor": m.speed_factor,
                 "load1": m.load1,
+                "substituterTimeouts": m.substituter_timeouts,
                 "consecutiveFailures": health.consecutive_failures,
                 "disabledUntil": health.rested_until.filter(|t| *t > now).map_or(0, at_epoch),
             }),

@@ -24,6 +24,8 @@ pub struct Machine {
     pub load1: f32,
     /// Unknown until the first ping.
     pub free_disk: Option<u64>,
+    /// Substitutions from binary caches that timed out on the machine.
+    pub substituter_timeouts: u64,
     pub tx: ControlTx,
 }
 
@@ -232,6 +234,7 @@ mod tests {
             running: HashSet::new(),
             load1: 0.0,
             free_disk: None,
+            substituter_timeouts: 0,
             tx: mpsc::channel(1).0,
         }
     }

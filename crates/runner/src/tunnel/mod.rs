@@ -257,6 +257,7 @@ impl RunnerService for BuilderTunnel {
             running: Default::default(),
             load1: 0.0,
             free_disk: None,
+            substituter_timeouts: 0,
             tx,
         };
         tracing::info!(machine = %machine.name, systems = ?machine.systems, max_jobs = machine.max_jobs, "builder joined");
@@ -408,6 +409,7 @@ async fn control_loop(
                     m.load1 = p.load1;
                     // 0 means the builder could not tell.
                     m.free_disk = (p.free_disk_bytes > 0).then_some(p.free_disk_bytes);
+                    m.substituter_timeouts = p.substituter_timeouts;
                 }
             }
             Some(builder_message::Msg::Progress(p)) => {

@@ -1,0 +1,180 @@
+//! Builders fetch inputs from binary caches before asking the runner, and
+//! keep building when the caches are down or hang: a slow cache is demoted,
+//! its timeouts show in the status, and the runner sends what no cache has.
+
+use std::time::Duration;
+
+use hydra_testkit::process::{BuilderProcess, RunnerSetup};
+use hydra_testkit::{NixStore, TestDb, create_jobset, queue_builds, wait_finished};
+use sqlx::postgres::PgListener;
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+async fn build(db: &TestDb, store: &NixStore, expr: &str, job: &str) -> i32 {
+    let jobset: i32 = match sqlx::query_scalar("select id from Jobsets")
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap()
+    {
+        Some(id) => id,
+        None => create_jobset(&db.pool).await.unwrap(),
+    };
+    let drvs = store.instantiate(expr, &[job]).await.unwrap();
+    let ids = queue_builds(&db.pool, store, jobset, &drvs, |_| Default::default())
+        .await
+        .unwrap();
+    wait_finished(&db.pool, ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    let status: Option<i32> = sqlx::query_scalar("select buildStatus from Builds where id = $1")
+        .bind(ids[job])
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, Some(0), "{job}");
+    ids[job]
+}
+
+#[tokio::test]
+async fn a_builder_takes_inputs_from_the_cache_instead_of_the_runner() {
+    let db = TestDb::new().await;
+    let store = NixStore::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (sk, pk) = (dir.path().join("sk"), dir.path().join("pk"));
+    store
+        .run(
+            "nix-store",
+            &[
+                "--generate-binary-cache-key",
+                "farm-1",
+                sk.to_str().unwrap(),
+                pk.to_str().unwrap(),
+            ],
+        )
+        .await
+        .unwrap();
+    let public = std::fs::read_to_string(&pk).unwrap().trim().to_owned();
+    let cache = format!("file://{}", dir.path().join("cache").display());
+    let setup = RunnerSetup::new_with(
+        dir.path(),
+        &store,
+        &db.url,
+        &format!(
+            "destinations = [\"{cache}\"]\nsigning_key_file = \"{}\"",
+            sk.display()
+        ),
+    )
+    .unwrap();
+    let _runner = setup.start(&[]).await.unwrap();
+    let expr = r#"with prelude; rec {
+      lib = mkDrv { name = "lib"; script = "mkdir $out; echo library > $out/lib.txt"; };
+      app = mkDrv { name = "app"; script = "cat ${lib}/lib.txt > $out"; };
+    }"#;
+
+    // One builder builds lib, which the runner publishes, and leaves.
+    let mut first = BuilderProcess::start("first", &setup.address, dir.path()).unwrap();
+    build(&db, &store, expr, "lib").await;
+    let mut listener = PgListener::connect_with(&db.pool).await.unwrap();
+    listener.listen("hqr_upload_done").await.unwrap();
+    while sqlx::query_scalar::<_, i64>("select count(*) from hqr_uploads where done_at is null")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+        > 0
+    {
+        tokio::time::timeout(LIMIT, listener.recv())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    first.kill().await.unwrap();
+
+    // Another, with the cache, builds app: lib comes from the cache.
+    let mut second = BuilderProcess::start_with(
+        "second",
+        &setup.address,
+        dir.path(),
+        &format!("substituters = [\"{cache}\"]\ntrusted_public_keys = [\"{public}\"]"),
+    )
+    .unwrap();
+    build(&db, &store, expr, "app").await;
+    let said = second
+        .wait_for_line("substituted 1 of 1 inputs", LIMIT)
+        .await
+        .unwrap();
+    assert!(said.contains(&cache), "{said}");
+}
+
+#[tokio::test]
+async fn caches_that_are_down_or_hang_never_stop_a_build() {
+    let db = TestDb::new().await;
+    let store = NixStore::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let setup = RunnerSetup::new_with(
+        dir.path(),
+        &store,
+        &db.url,
+        "status_interval_secs = 1\nping_interval_secs = 1\nping_timeout_secs = 5",
+    )
+    .unwrap();
+    let _runner = setup.start(&[]).await.unwrap();
+
+    // A cache that is down (nothing listens) and one that hangs (accepts,
+    // never answers).
+    let down = hydra_testkit::process::free_address().unwrap();
+    let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hanging_url = format!("http://{}", hanging.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hanging.accept().await {
+            held.push(socket);
+        }
+    });
+    let mut builder = BuilderProcess::start_with(
+        "one",
+        &setup.address,
+        dir.path(),
+        &format!(
+            "substituters = [\"http://{down}\", \"{hanging_url}\"]\nsubstituter_timeout_secs = 1.0"
+        ),
+    )
+    .unwrap();
+
+    // Inputs the builder lacks: sources in the runner's store.
+    let job = |n: u32| {
+        format!(
+            r#"with prelude; {{ job = mkDrv {{ name = "job{n}"; script = "cat ${{builtins.toFile "data{n}" "input {n}"}} > $out"; }}; }}"#
+        )
+    };
+    build(&db, &store, &job(1), "job").await;
+    builder.wait_for_line("demoted", LIMIT).await.unwrap();
+
+    // The demoted cache is skipped next time; the runner sends the input.
+    build(&db, &store, &job(2), "job").await;
+    builder
+        .wait_for_line("skipping demoted caches", LIMIT)
+        .await
+        .unwrap();
+
+    // The timeouts show in the status document.
+    let mut listener = PgListener::connect_with(&db.pool).await.unwrap();
+    listener.listen("queue_runner_status").await.unwrap();
+    loop {
+        let doc: Option<serde_json::Value> =
+            sqlx::query_scalar("select status from SystemStatus where what = 'queue-runner'")
+                .fetch_optional(&db.pool)
+                .await
+                .unwrap();
+        let timeouts = doc
+            .as_ref()
+            .and_then(|d| d["machines"]["one"]["substituterTimeouts"].as_u64())
+            .unwrap_or(0);
+        if timeouts >= 1 {
+            break;
+        }
+        tokio::time::timeout(LIMIT, listener.recv())
+            .await
+            .expect("the status never showed the timeout")
+            .unwrap();
+    }
+}
