@@ -240,3 +240,64 @@ async fn a_runner_restarted_with_uploads_pending_finishes_them_each_once() {
         .unwrap();
     assert_eq!(narinfos, paths, "a narinfo per queued path");
 }
+
+#[tokio::test]
+async fn a_build_whose_outputs_are_only_in_the_cache_is_a_cached_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = format!("file://{}", dir.path().join("cache").display());
+    let cache_url = cache.clone();
+    let mut farm = Farm::start(move |c| c.destinations = vec![cache_url])
+        .await
+        .unwrap();
+    farm.add_builder(BuilderSpec::new("b")).await.unwrap();
+    let drvs = farm
+        .runner_store
+        .instantiate(JOBSET, &["lib"])
+        .await
+        .unwrap();
+    let first = farm.queue(&drvs, |_| Default::default()).await.unwrap();
+    farm.wait_finished(first.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    uploads_done(&farm.db.pool).await;
+    let (out,): (String,) = sqlx::query_as("select path from BuildOutputs where build = $1")
+        .bind(first["lib"])
+        .fetch_one(&farm.db.pool)
+        .await
+        .unwrap();
+    // The runner's store loses the output; the cache still has it.
+    farm.runner_store
+        .run("nix-store", &["--delete", &out])
+        .await
+        .unwrap();
+
+    let again = farm.queue(&drvs, |_| Default::default()).await.unwrap();
+    farm.wait_finished(again.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        farm.statuses(&again).await.unwrap()["lib"],
+        (0, 1),
+        "cached"
+    );
+    let steps: i64 = sqlx::query_scalar("select count(*) from BuildSteps where build = $1")
+        .bind(again["lib"])
+        .fetch_one(&farm.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(steps, 0, "nothing was built");
+    let (size, closure): (Option<i64>, Option<i64>) =
+        sqlx::query_as("select size, closureSize from Builds where id = $1")
+            .bind(again["lib"])
+            .fetch_one(&farm.db.pool)
+            .await
+            .unwrap();
+    assert!(size.unwrap() > 0 && closure.unwrap() >= size.unwrap());
+    let remembered: i64 =
+        sqlx::query_scalar("select count(*) from hqr_cache_presence where path = $1 and present")
+            .bind(&out)
+            .fetch_one(&farm.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(remembered, 1, "the lookup is remembered for the next start");
+}

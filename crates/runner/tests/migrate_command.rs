@@ -19,7 +19,7 @@ async fn migrate_applies_then_reports_current() {
         String::from_utf8_lossy(&first.stderr)
     );
     assert!(
-        String::from_utf8_lossy(&first.stdout).contains("applied migrations [1, 2, 3, 4, 5, 6]")
+        String::from_utf8_lossy(&first.stdout).contains("applied migrations [1, 2, 3, 4, 5, 6, 7]")
     );
     let second = runner()
         .arg("migrate")
@@ -27,7 +27,7 @@ async fn migrate_applies_then_reports_current() {
         .output()
         .unwrap();
     assert!(second.status.success());
-    assert!(String::from_utf8_lossy(&second.stdout).contains("schema is current (migration 6)"));
+    assert!(String::from_utf8_lossy(&second.stdout).contains("schema is current (migration 7)"));
 }
 
 #[test]

@@ -16,6 +16,13 @@ use crate::{Fatal, Shared};
 pub enum Planned {
     /// Every output of the top-level derivation is valid: a cached build.
     Cached,
+    /// Every output of the top-level derivation is in a destination cache,
+    /// though not in the runner's store: a cached build too.
+    InDestination {
+        outputs: Vec<(String, String)>,
+        size: u64,
+        closure_size: u64,
+    },
     /// A step's outputs failed before (`FailedPaths`).
     CachedFailure {
         drv: StorePath,
@@ -61,6 +68,10 @@ pub async fn plan(
         };
         let paths =
             realisations::output_paths(&shared.pool, shared.store.dir(), &path, &drv).await?;
+        let named: Vec<(String, String)> = paths
+            .iter()
+            .filter_map(|(n, p)| p.clone().map(|p| (n.clone(), p)))
+            .collect();
         let known: Vec<String> = paths.into_values().flatten().collect();
         let all_known = known.len() == drv.outputs.len();
         if all_known
@@ -75,6 +86,19 @@ pub async fn plan(
                 return Ok(Planned::Cached);
             }
             continue;
+        }
+        if path == *top && all_known {
+            let destinations = &shared.config().destinations;
+            let found =
+                crate::uploads::presence::outputs_in_a_cache(&shared.pool, destinations, &known)
+                    .await?;
+            if let Some((size, closure_size)) = found {
+                return Ok(Planned::InDestination {
+                    outputs: named,
+                    size,
+                    closure_size,
+                });
+            }
         }
         let needs_resolution = match drv.needs_resolution() {
             Ok(n) => n,

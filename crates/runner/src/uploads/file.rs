@@ -145,6 +145,29 @@ impl FileCache {
     }
 }
 
+impl FileCache {
+    /// The NAR size and references the cache's narinfo gives for `path`,
+    /// if the cache has it.
+    pub fn read_narinfo(&self, path: &str) -> Option<super::presence::InCache> {
+        let hash_part = base_name(path).split('-').next()?;
+        let text = std::fs::read_to_string(self.root.join(format!("{hash_part}.narinfo"))).ok()?;
+        let mut nar_size = None;
+        let mut references = Vec::new();
+        for line in text.lines() {
+            if let Some(v) = line.strip_prefix("NarSize: ") {
+                nar_size = v.trim().parse().ok();
+            } else if let Some(v) = line.strip_prefix("References: ") {
+                let dir = path.rsplit_once('/').map_or("", |(d, _)| d);
+                references = v.split_whitespace().map(|r| format!("{dir}/{r}")).collect();
+            }
+        }
+        Some(super::presence::InCache {
+            nar_size: nar_size?,
+            references,
+        })
+    }
+}
+
 fn base_name(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }

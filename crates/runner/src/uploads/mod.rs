@@ -9,6 +9,7 @@
 //! critical: a cache that is down delays publication, never a build.
 
 pub mod file;
+pub mod presence;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -158,6 +159,11 @@ async fn work_once(
         };
         match result {
             Ok(()) => {
+                if kind == "path" {
+                    // A "not there" remembered before the upload is stale now.
+                    let found = cache.read_narinfo(item);
+                    presence::remember(&shared.pool, dest, item, found.as_ref()).await?;
+                }
                 sqlx::query(
                     "update hqr_uploads set done_at = now(), last_error = null where id = $1",
                 )
