@@ -44,9 +44,18 @@ ensure_nextest() {
   fi
 }
 
+# A local S3-compatible server for the S3 destination tests (moto, from PyPI).
+ensure_moto() {
+  if ! command -v moto_server >/dev/null 2>&1; then
+    log "installing moto (a local S3 server for tests)"
+    python3 -m pip install --quiet 'moto[server]'
+  fi
+}
+
 ensure_all() {
   ensure_nix
   ensure_postgres
+  ensure_moto
 }
 
 export NIX_CONFIG="sandbox = false

@@ -301,3 +301,128 @@ async fn a_build_whose_outputs_are_only_in_the_cache_is_a_cached_build() {
             .unwrap();
     assert_eq!(remembered, 1, "the lookup is remembered for the next start");
 }
+
+/// A local S3-compatible server (moto, from PyPI) with a bucket `cache`.
+struct S3Server {
+    child: tokio::process::Child,
+    endpoint: String,
+}
+
+impl S3Server {
+    async fn start() -> S3Server {
+        let address = hydra_testkit::process::free_address().unwrap();
+        let port = address.rsplit(':').next().unwrap().to_owned();
+        let child = tokio::process::Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("moto_server (pip install 'moto[server]'; scripts/test.sh installs it)");
+        let endpoint = format!("http://{address}");
+        // Ready when it creates the bucket (it binds within a second or two).
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        loop {
+            let made = tokio::process::Command::new("curl")
+                .args(["-sf", "-X", "PUT", &format!("{endpoint}/cache")])
+                .status()
+                .await
+                .unwrap();
+            if made.success() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "moto_server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        S3Server { child, endpoint }
+    }
+
+    /// An object of the bucket, read with credentials (moto refuses
+    /// anonymous reads of objects).
+    async fn get(&self, key: &str) -> Option<Vec<u8>> {
+        use object_store::ObjectStore;
+        let store = object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name("cache")
+            .with_endpoint(&self.endpoint)
+            .with_allow_http(true)
+            .with_region("us-east-1")
+            .with_access_key_id("test")
+            .with_secret_access_key("test")
+            .build()
+            .unwrap();
+        let found = store.get(&object_store::path::Path::from(key)).await.ok()?;
+        Some(found.bytes().await.unwrap().to_vec())
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+#[tokio::test]
+async fn outputs_are_published_to_an_s3_destination() {
+    let s3 = S3Server::start().await;
+    let db = hydra_testkit::TestDb::new().await;
+    let store = NixStore::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (secret, public) = nix_key(&store, dir.path()).await;
+    let setup = RunnerSetup::new_with(
+        dir.path(),
+        &store,
+        &db.url,
+        &format!(
+            "destinations = [\"s3://cache?endpoint={}&region=us-east-1\"]\nsigning_key_file = \"{}\"",
+            s3.endpoint,
+            secret.display()
+        ),
+    )
+    .unwrap();
+    let _runner = setup
+        .start(&[
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+        ])
+        .await
+        .unwrap();
+    let _builder = BuilderProcess::start("one", &setup.address, dir.path()).unwrap();
+    let jobset = create_jobset(&db.pool).await.unwrap();
+    let drvs = store.instantiate(JOBSET, &["app"]).await.unwrap();
+    let ids = queue_builds(&db.pool, &store, jobset, &drvs, |_| Default::default())
+        .await
+        .unwrap();
+    wait_finished(&db.pool, ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    uploads_done(&db.pool).await;
+
+    let (app,): (String,) = sqlx::query_as("select path from BuildOutputs where name = 'out'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let hash_part = app.rsplit('/').next().unwrap().split('-').next().unwrap();
+    let narinfo =
+        String::from_utf8(s3.get(&format!("{hash_part}.narinfo")).await.unwrap()).unwrap();
+    assert!(narinfo.contains(&format!("StorePath: {app}")), "{narinfo}");
+    assert!(
+        narinfo.contains(&format!("Sig: {}:", public.split(':').next().unwrap())),
+        "{narinfo}"
+    );
+    // The NAR it names is there, and is the path's NAR.
+    let url = narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap();
+    let compressed = s3.get(url).await.expect("the NAR is in the bucket");
+    let nar = zstd::decode_all(compressed.as_slice()).unwrap();
+    let nar_hash = narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("NarHash: "))
+        .unwrap();
+    assert_eq!(hydra_nix::Hash::sha256(&nar).to_prefixed_base32(), nar_hash);
+    assert!(s3.get("nix-cache-info").await.is_some());
+}

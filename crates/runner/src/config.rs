@@ -265,10 +265,8 @@ impl RunnerConfig {
                 "ping_interval_secs must be >= 1 and ping_timeout_secs larger than it".into(),
             );
         }
-        if let Some(d) = self.destinations.iter().find(|d| !d.starts_with("file://")) {
-            return Err(format!(
-                "destination {d:?}: only file:// binary caches are supported so far"
-            ));
+        for d in &self.destinations {
+            crate::uploads::cache::Cache::from_url(d).map_err(|e| e.to_string())?;
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err("tls_cert and tls_key go together".into());

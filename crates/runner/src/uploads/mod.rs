@@ -8,7 +8,7 @@
 //! from the runner's store, and retries failures with backoff. It is not
 //! critical: a cache that is down delays publication, never a build.
 
-pub mod file;
+pub mod cache;
 pub mod presence;
 
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use hydra_nix::binary_cache::SecretKey;
 use sqlx::PgConnection;
 
 use crate::{Fatal, Shared};
-use file::FileCache;
+use cache::Cache;
 
 /// How many rows one claim takes.
 const BATCH: i64 = 16;
@@ -85,11 +85,17 @@ pub fn load_key(shared_config: &crate::RunnerConfig) -> Result<Option<Arc<Secret
 
 /// Uploads queued items until the runner stops.
 pub async fn run(shared: Arc<Shared>, key: Option<Arc<SecretKey>>) {
-    let caches: Vec<(String, FileCache)> = shared
+    let caches: Vec<(String, Cache)> = shared
         .config()
         .destinations
         .iter()
-        .filter_map(|d| FileCache::from_url(d).map(|c| (d.clone(), c)))
+        .filter_map(|d| match Cache::from_url(d) {
+            Ok(c) => Some((d.clone(), c)),
+            Err(e) => {
+                tracing::error!("{e}");
+                None
+            }
+        })
         .collect();
     if caches.is_empty() {
         return;
@@ -126,7 +132,7 @@ type Claimed = (i64, String, String, String, Option<String>);
 /// Claims a batch and uploads it; returns how many rows it handled.
 async fn work_once(
     shared: &Shared,
-    caches: &[(String, FileCache)],
+    caches: &[(String, Cache)],
     key: Option<&SecretKey>,
 ) -> Result<usize, Fatal> {
     let rows: Vec<Claimed> = sqlx::query_as(
@@ -161,8 +167,9 @@ async fn work_once(
             Ok(()) => {
                 if kind == "path" {
                     // A "not there" remembered before the upload is stale now.
-                    let found = cache.read_narinfo(item);
-                    presence::remember(&shared.pool, dest, item, found.as_ref()).await?;
+                    if let Ok(found) = cache.read_narinfo(item).await {
+                        presence::remember(&shared.pool, dest, item, found.as_ref()).await?;
+                    }
                 }
                 sqlx::query(
                     "update hqr_uploads set done_at = now(), last_error = null where id = $1",

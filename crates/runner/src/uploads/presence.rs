@@ -7,7 +7,7 @@ use std::collections::{HashSet, VecDeque};
 
 use sqlx::PgPool;
 
-use super::file::FileCache;
+use super::cache::Cache;
 use crate::Fatal;
 
 /// How long "not in the cache" is believed.
@@ -25,7 +25,7 @@ pub struct InCache {
 pub async fn lookup(
     pool: &PgPool,
     destination: &str,
-    cache: &FileCache,
+    cache: &Cache,
     path: &str,
 ) -> Result<Option<InCache>, Fatal> {
     let known: Option<(bool, Option<i64>, Vec<String>, f64)> = sqlx::query_as(
@@ -46,7 +46,14 @@ pub async fn lookup(
         Some((false, _, _, age)) if age < RECHECK_SECS => return Ok(None),
         _ => {}
     }
-    let found = cache.read_narinfo(path);
+    let found = match cache.read_narinfo(path).await {
+        Ok(found) => found,
+        Err(e) => {
+            // A cache that cannot be asked has nothing, this time.
+            tracing::warn!(destination, "cannot look {path} up: {e}");
+            return Ok(None);
+        }
+    };
     remember(pool, destination, path, found.as_ref()).await?;
     Ok(found)
 }
@@ -84,7 +91,7 @@ pub async fn outputs_in_a_cache(
     outputs: &[String],
 ) -> Result<Option<(u64, u64)>, Fatal> {
     'caches: for dest in destinations {
-        let Some(cache) = FileCache::from_url(dest) else {
+        let Ok(cache) = Cache::from_url(dest) else {
             continue;
         };
         let mut size = 0;
