@@ -23,6 +23,7 @@ let
       max_output_size = cfg.maxOutputSize;
       max_tries = cfg.maxTries;
     }
+    // lib.optionalAttrs (cfg.httpListen != null) { http_listen = cfg.httpListen; }
     // optionalPath "tls_cert" cfg.tls.certFile
     // optionalPath "tls_key" cfg.tls.keyFile
     // optionalPath "tls_client_ca" cfg.tls.clientCaFile
@@ -55,6 +56,12 @@ in
       type = lib.types.str;
       default = "0.0.0.0:7070";
       description = "gRPC address builders connect to.";
+    };
+
+    httpListen = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = "127.0.0.1:7071";
+      description = "HTTP address of /status and /metrics (Prometheus); null turns it off.";
     };
 
     openFirewall = lib.mkOption {

@@ -154,6 +154,7 @@ async fn a_runner_restarted_with_uploads_pending_finishes_them_each_once() {
     let store = NixStore::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (secret, _) = nix_key(&store, dir.path()).await;
+    let http = hydra_testkit::process::free_address().unwrap();
     // The cache cannot be written at first: its directory is a file.
     let cache_dir = dir.path().join("cache");
     std::fs::write(&cache_dir, "in the way").unwrap();
@@ -162,7 +163,7 @@ async fn a_runner_restarted_with_uploads_pending_finishes_them_each_once() {
         &store,
         &db.url,
         &format!(
-            "destinations = [\"file://{}\"]\nsigning_key_file = \"{}\"\nstatus_interval_secs = 1",
+            "destinations = [\"file://{}\"]\nsigning_key_file = \"{}\"\nstatus_interval_secs = 1\nhttp_listen = \"{http}\"",
             cache_dir.display(),
             secret.display()
         ),
@@ -208,6 +209,13 @@ async fn a_runner_restarted_with_uploads_pending_finishes_them_each_once() {
             .expect("the status never showed the failing uploads")
             .unwrap();
     }
+    let metrics = hydra_testkit::process::scrape(&http).await.unwrap();
+    let failing =
+        hydra_testkit::process::sample(&metrics, "hqr_uploads_failing", "destination", &dest);
+    assert!(
+        failing.is_some_and(|f| f >= 1.0),
+        "failing uploads in /metrics: {failing:?}"
+    );
     runner.kill().await.unwrap();
     let pending: i64 = sqlx::query_scalar("select count(*) from hqr_uploads where done_at is null")
         .fetch_one(&db.pool)

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use hydra_testkit::process::{BuilderProcess, RunnerSetup};
+use hydra_testkit::process::{BuilderProcess, RunnerSetup, sample, scrape};
 use hydra_testkit::{NixStore, TestDb, create_jobset, queue_builds, wait_finished};
 use sqlx::postgres::PgListener;
 
@@ -110,11 +110,14 @@ async fn caches_that_are_down_or_hang_never_stop_a_build() {
     let db = TestDb::new().await;
     let store = NixStore::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let http = hydra_testkit::process::free_address().unwrap();
     let setup = RunnerSetup::new_with(
         dir.path(),
         &store,
         &db.url,
-        "status_interval_secs = 1\nping_interval_secs = 1\nping_timeout_secs = 5",
+        &format!(
+            "status_interval_secs = 1\nping_interval_secs = 1\nping_timeout_secs = 5\nhttp_listen = \"{http}\""
+        ),
     )
     .unwrap();
     let _runner = setup.start(&[]).await.unwrap();
@@ -177,4 +180,13 @@ async fn caches_that_are_down_or_hang_never_stop_a_build() {
             .expect("the status never showed the timeout")
             .unwrap();
     }
+    // And in the Prometheus metrics.
+    let scrape = scrape(&http).await.unwrap();
+    let timeouts = sample(
+        &scrape,
+        "hqr_machine_substituter_timeouts_total",
+        "machine",
+        "one",
+    );
+    assert!(timeouts.is_some_and(|t| t >= 1.0), "{timeouts:?}");
 }

@@ -30,6 +30,8 @@ pub struct RunnerConfig {
     pub database_connections: u32,
     /// Where builders connect (gRPC).
     pub listen: SocketAddr,
+    /// Where `/status` and `/metrics` are served over HTTP; off without it.
+    pub http_listen: Option<SocketAddr>,
     /// Logs and other state: `<data_dir>/build-logs/..`.
     pub data_dir: PathBuf,
     /// The runner's own nix-daemon: inputs are served from it and outputs
@@ -96,6 +98,11 @@ pub const KEYS: &[(&str, &str, bool)] = &[
     (
         "listen",
         "address builders connect to (gRPC); port 0 picks one",
+        false,
+    ),
+    (
+        "http_listen",
+        "address of the HTTP /status and /metrics (Prometheus) endpoint; none: off",
         false,
     ),
     (
@@ -208,6 +215,7 @@ impl Default for RunnerConfig {
             database_url: None,
             database_connections: 16,
             listen: "127.0.0.1:7070".parse().expect("literal address"),
+            http_listen: None,
             data_dir: "/var/lib/hydra/queue-runner".into(),
             store_socket: "/nix/var/nix/daemon-socket/socket".into(),
             max_output_size: 2 << 30,
@@ -408,6 +416,7 @@ mod tests {
             tls_cert: Some("c".into()),
             tls_key: Some("k".into()),
             tls_client_ca: Some("ca".into()),
+            http_listen: Some("127.0.0.1:1".parse().unwrap()),
             builder_tokens_dir: Some("t".into()),
             signing_key_file: Some("k".into()),
             ..RunnerConfig::default()

@@ -47,6 +47,7 @@ pub mod config;
 pub mod dispatch;
 pub mod failpoint;
 pub mod graph;
+pub mod http;
 pub mod logs;
 pub mod queue_monitor;
 pub mod realisations;
@@ -153,6 +154,8 @@ pub enum Fatal {
     Panic(String),
     #[error(transparent)]
     Tokens(#[from] auth::TokenError),
+    #[error("the HTTP status server stopped: {source}")]
+    Http { source: std::io::Error },
     #[error("the signing key {path}: {message}")]
     SigningKey {
         path: std::path::PathBuf,
@@ -182,6 +185,8 @@ async fn critical(
 pub struct Runner {
     pub shared: Arc<Shared>,
     pub addr: SocketAddr,
+    /// Where `/status` and `/metrics` are served, if anywhere.
+    pub http_addr: Option<SocketAddr>,
     tasks: JoinSet<Result<(), Fatal>>,
 }
 
@@ -218,6 +223,14 @@ impl Runner {
             addr: config.listen,
             source,
         })?;
+        let http = match config.http_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| Fatal::Listen { addr, source })?,
+            ),
+            None => None,
+        };
         let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             store: LocalStore::new(config.store_socket.clone()),
@@ -254,6 +267,14 @@ impl Runner {
             queue_monitor::run(shared.clone()),
         ));
         tasks.spawn(critical("dispatcher", dispatch::run(shared.clone())));
+        let mut http_addr = None;
+        if let Some(listener) = http {
+            http_addr = listener.local_addr().ok();
+            tasks.spawn(critical(
+                "HTTP status server",
+                http::serve(shared.clone(), listener),
+            ));
+        }
         tasks.spawn(critical("resolver", resolver::run(shared.clone())));
         tasks.spawn(critical("database watchdog", database_watchdog(lock)));
         // Not critical: they log and retry; the uploader ends at once when
@@ -276,6 +297,7 @@ impl Runner {
         Ok(Runner {
             shared,
             addr,
+            http_addr,
             tasks,
         })
     }

@@ -195,6 +195,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let mut runner = Runner::start_with(config, pool, standby).await?;
             tracing::info!("serving builders on {}", runner.addr);
+            if let Some(http) = runner.http_addr {
+                tracing::info!("serving /status and /metrics on http://{http}");
+            }
             systemd::ready("active");
             let heartbeat = tokio::spawn(systemd::heartbeat(runner.shared.clone()));
             let result = serve(&mut runner, &args).await;

@@ -99,7 +99,7 @@ pub async fn run(shared: Arc<Shared>) {
 
 /// The upload queue per destination: pending, failing (pending with a
 /// failed attempt) and done, with the last error.
-async fn upload_queue(pool: &sqlx::PgPool) -> Result<Value, sqlx::Error> {
+pub async fn upload_queue(pool: &sqlx::PgPool) -> Result<Value, sqlx::Error> {
     let rows: Vec<(String, i64, i64, i64, Option<String>)> = sqlx::query_as(
         "select destination,
                 count(*) filter (where done_at is null),

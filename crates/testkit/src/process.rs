@@ -360,3 +360,38 @@ pub fn count_lines(path: &Path) -> Result<std::collections::BTreeMap<String, usi
     }
     Ok(counts)
 }
+
+/// A runner's `/metrics` at `http` (host:port), parsed as Prometheus
+/// parses them.
+pub async fn scrape(http: &str) -> Result<prometheus_parse::Scrape> {
+    let out = Command::new("curl")
+        .args(["-sf", &format!("http://{http}/metrics")])
+        .output()
+        .await?;
+    if !out.status.success() {
+        bail!("GET http://{http}/metrics failed");
+    }
+    let text = String::from_utf8(out.stdout)?;
+    Ok(prometheus_parse::Scrape::parse(
+        text.lines().map(|l| Ok(l.to_owned())),
+    )?)
+}
+
+/// The value of metric `name` with label `key` = `value`, if scraped.
+pub fn sample(
+    scrape: &prometheus_parse::Scrape,
+    name: &str,
+    key: &str,
+    value: &str,
+) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && s.labels.get(key) == Some(value))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+}

@@ -1,0 +1,195 @@
+//! The runner's HTTP endpoint for operators and monitoring (`http_listen`):
+//! `GET /status` (the status document of [`crate::status`], live) and
+//! `GET /metrics` (Prometheus text format).
+
+use std::fmt::Write;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Json};
+use axum::routing::get;
+
+use crate::{Fatal, Shared};
+
+struct App {
+    shared: Arc<Shared>,
+    started: Instant,
+}
+
+pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) -> Result<(), Fatal> {
+    let app = Arc::new(App {
+        shared,
+        started: Instant::now(),
+    });
+    let router = Router::new()
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .with_state(app);
+    axum::serve(listener, router)
+        .await
+        .map_err(|source| Fatal::Http { source })
+}
+
+async fn status(State(app): State<Arc<App>>) -> impl IntoResponse {
+    let mut doc = crate::status::snapshot(&app.shared, app.started);
+    if let Ok(uploads) = crate::status::upload_queue(&app.shared.pool).await {
+        doc["uploads"] = uploads;
+    }
+    Json(doc)
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    let text = render(&app.shared).await;
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+/// One metric family: its help, type and samples (labels, value).
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{labels} {value}");
+    }
+}
+
+fn label(key: &str, value: &str) -> String {
+    let escaped = value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n");
+    format!("{{{key}=\"{escaped}\"}}")
+}
+
+async fn render(shared: &Shared) -> String {
+    let mut out = String::new();
+    let (builds, steps, runnable) = {
+        let graph = shared.graph.lock();
+        (
+            graph.build_count(),
+            graph.step_count(),
+            graph.runnable().count(),
+        )
+    };
+    let running = shared.attempts.lock().len();
+    let one = |v: usize| vec![(String::new(), v as f64)];
+    family(
+        &mut out,
+        "hqr_queued_builds",
+        "gauge",
+        "Unfinished builds in the queue.",
+        &one(builds),
+    );
+    family(
+        &mut out,
+        "hqr_unfinished_steps",
+        "gauge",
+        "Steps in the graph.",
+        &one(steps),
+    );
+    family(
+        &mut out,
+        "hqr_runnable_steps",
+        "gauge",
+        "Steps waiting for a machine.",
+        &one(runnable),
+    );
+    family(
+        &mut out,
+        "hqr_running_steps",
+        "gauge",
+        "Attempts running on machines.",
+        &one(running),
+    );
+    let mut slots = Vec::new();
+    let mut busy = Vec::new();
+    let mut failures = Vec::new();
+    let mut timeouts = Vec::new();
+    {
+        let machines = shared.machines.lock();
+        for m in machines.connected() {
+            let l = label("machine", &m.name);
+            slots.push((l.clone(), m.max_jobs as f64));
+            busy.push((l.clone(), m.running.len() as f64));
+            failures.push((
+                l.clone(),
+                machines.health(&m.name).consecutive_failures as f64,
+            ));
+            timeouts.push((l, m.substituter_timeouts as f64));
+        }
+    }
+    family(
+        &mut out,
+        "hqr_machine_slots",
+        "gauge",
+        "Job slots of a connected machine.",
+        &slots,
+    );
+    family(
+        &mut out,
+        "hqr_machine_running",
+        "gauge",
+        "Slots in use.",
+        &busy,
+    );
+    family(
+        &mut out,
+        "hqr_machine_consecutive_failures",
+        "gauge",
+        "Aborted attempts in a row (a machine rests after machine_rest_after_failures).",
+        &failures,
+    );
+    family(
+        &mut out,
+        "hqr_machine_substituter_timeouts_total",
+        "counter",
+        "Binary-cache substitutions that timed out on the machine.",
+        &timeouts,
+    );
+    if let Ok(serde_json::Value::Object(queue)) = crate::status::upload_queue(&shared.pool).await {
+        let pick = |field: &str| -> Vec<(String, f64)> {
+            queue
+                .iter()
+                .map(|(dest, v)| (label("destination", dest), v[field].as_f64().unwrap_or(0.0)))
+                .collect()
+        };
+        family(
+            &mut out,
+            "hqr_uploads_pending",
+            "gauge",
+            "Uploads waiting for a destination.",
+            &pick("pending"),
+        );
+        family(
+            &mut out,
+            "hqr_uploads_failing",
+            "gauge",
+            "Pending uploads whose last try failed.",
+            &pick("failing"),
+        );
+        family(
+            &mut out,
+            "hqr_uploads_done_total",
+            "counter",
+            "Uploads done.",
+            &pick("done"),
+        );
+    }
+    family(
+        &mut out,
+        "hqr_db_pool_connections",
+        "gauge",
+        "PostgreSQL connections of the pool.",
+        &one(shared.pool.size() as usize),
+    );
+    family(
+        &mut out,
+        "hqr_db_pool_idle_connections",
+        "gauge",
+        "Idle PostgreSQL connections of the pool.",
+        &one(shared.pool.num_idle()),
+    );
+    out
+}
