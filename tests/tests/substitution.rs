@@ -190,3 +190,113 @@ async fn caches_that_are_down_or_hang_never_stop_a_build() {
     );
     assert!(timeouts.is_some_and(|t| t >= 1.0), "{timeouts:?}");
 }
+
+#[tokio::test]
+async fn a_cache_stopped_mid_run_leaves_the_inputs_to_the_runner() {
+    let db = TestDb::new().await;
+    let store = NixStore::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (sk, pk) = (dir.path().join("sk"), dir.path().join("pk"));
+    store
+        .run(
+            "nix-store",
+            &[
+                "--generate-binary-cache-key",
+                "farm-1",
+                sk.to_str().unwrap(),
+                pk.to_str().unwrap(),
+            ],
+        )
+        .await
+        .unwrap();
+    let public = std::fs::read_to_string(&pk).unwrap().trim().to_owned();
+    let cache_dir = dir.path().join("cache");
+    let setup = RunnerSetup::new_with(
+        dir.path(),
+        &store,
+        &db.url,
+        &format!(
+            "destinations = [\"file://{}\"]\nsigning_key_file = \"{}\"",
+            cache_dir.display(),
+            sk.display()
+        ),
+    )
+    .unwrap();
+    let _runner = setup.start(&[]).await.unwrap();
+    let expr = r#"with prelude; rec {
+      lib1 = mkDrv { name = "lib1"; script = "echo one > $out"; };
+      lib2 = mkDrv { name = "lib2"; script = "echo two > $out"; };
+      app1 = mkDrv { name = "app1"; script = "cat ${lib1} > $out"; };
+      app2 = mkDrv { name = "app2"; script = "cat ${lib2} > $out"; };
+    }"#;
+    let mut first = BuilderProcess::start("first", &setup.address, dir.path()).unwrap();
+    build(&db, &store, expr, "lib1").await;
+    build(&db, &store, expr, "lib2").await;
+    let mut listener = PgListener::connect_with(&db.pool).await.unwrap();
+    listener.listen("hqr_upload_done").await.unwrap();
+    while sqlx::query_scalar::<_, i64>("select count(*) from hqr_uploads where done_at is null")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+        > 0
+    {
+        tokio::time::timeout(LIMIT, listener.recv())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    first.kill().await.unwrap();
+
+    // The cache, served over HTTP, works for the first job...
+    let address = hydra_testkit::process::free_address().unwrap();
+    let port = address.rsplit(':').next().unwrap().to_owned();
+    let mut server = tokio::process::Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
+        .arg(&cache_dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let cache = format!("http://{address}");
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while !tokio::process::Command::new("curl")
+        .args(["-sf", &format!("{cache}/nix-cache-info")])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .await
+        .unwrap()
+        .success()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the HTTP cache did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut second = BuilderProcess::start_with(
+        "second",
+        &setup.address,
+        dir.path(),
+        &format!(
+            "substituters = [\"{cache}\"]\ntrusted_public_keys = [\"{public}\"]\nsubstituter_timeout_secs = 5.0"
+        ),
+    )
+    .unwrap();
+    build(&db, &store, expr, "app1").await;
+    second
+        .wait_for_line("substituted 1 of 1 inputs", LIMIT)
+        .await
+        .unwrap();
+
+    // ...and is stopped: the next job's input comes from the runner.
+    server.kill().await.unwrap();
+    build(&db, &store, expr, "app2").await;
+}
