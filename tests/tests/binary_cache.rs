@@ -20,43 +20,16 @@ const JOBSET: &str = r#"with prelude; rec {
   ca-app = mkCA { name = "ca-app"; script = "cat ${ca-base} > $out; echo app >> $out"; };
 }"#;
 
-/// A Nix signing key pair made by Nix: (secret key file, public key).
 async fn nix_key(store: &NixStore, dir: &Path) -> (std::path::PathBuf, String) {
-    let (sk, pk) = (dir.join("cache.sk"), dir.join("cache.pk"));
-    store
-        .run(
-            "nix-store",
-            &[
-                "--generate-binary-cache-key",
-                "test-cache-1",
-                sk.to_str().unwrap(),
-                pk.to_str().unwrap(),
-            ],
-        )
+    hydra_testkit::caches::nix_key(store, dir, "test-cache-1")
         .await
-        .unwrap();
-    (sk, std::fs::read_to_string(pk).unwrap().trim().to_owned())
+        .unwrap()
 }
 
-/// Waits (on `hqr_upload_done`) until no upload is pending.
 async fn uploads_done(pool: &PgPool) {
-    let mut listener = PgListener::connect_with(pool).await.unwrap();
-    listener.listen("hqr_upload_done").await.unwrap();
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    loop {
-        let pending: i64 =
-            sqlx::query_scalar("select count(*) from hqr_uploads where done_at is null")
-                .fetch_one(pool)
-                .await
-                .unwrap();
-        if pending == 0 {
-            return;
-        }
-        tokio::time::timeout_at(deadline, listener.recv())
-            .await
-            .expect("uploads still pending")
-            .unwrap();
-    }
+    hydra_testkit::caches::uploads_done(pool, LIMIT)
+        .await
+        .unwrap();
 }
 
 /// Nix options that make `cache` the only substituter, trusting `public`.

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use hydra_testkit::caches::{nix_key, uploads_done};
 use hydra_testkit::process::{BuilderProcess, RunnerSetup, sample, scrape};
 use hydra_testkit::{NixStore, TestDb, create_jobset, queue_builds, wait_finished};
 use sqlx::postgres::PgListener;
@@ -40,20 +41,7 @@ async fn a_builder_takes_inputs_from_the_cache_instead_of_the_runner() {
     let db = TestDb::new().await;
     let store = NixStore::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (sk, pk) = (dir.path().join("sk"), dir.path().join("pk"));
-    store
-        .run(
-            "nix-store",
-            &[
-                "--generate-binary-cache-key",
-                "farm-1",
-                sk.to_str().unwrap(),
-                pk.to_str().unwrap(),
-            ],
-        )
-        .await
-        .unwrap();
-    let public = std::fs::read_to_string(&pk).unwrap().trim().to_owned();
+    let (sk, public) = nix_key(&store, dir.path(), "farm-1").await.unwrap();
     let cache = format!("file://{}", dir.path().join("cache").display());
     let setup = RunnerSetup::new_with(
         dir.path(),
@@ -74,19 +62,7 @@ async fn a_builder_takes_inputs_from_the_cache_instead_of_the_runner() {
     // One builder builds lib, which the runner publishes, and leaves.
     let mut first = BuilderProcess::start("first", &setup.address, dir.path()).unwrap();
     build(&db, &store, expr, "lib").await;
-    let mut listener = PgListener::connect_with(&db.pool).await.unwrap();
-    listener.listen("hqr_upload_done").await.unwrap();
-    while sqlx::query_scalar::<_, i64>("select count(*) from hqr_uploads where done_at is null")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
-        > 0
-    {
-        tokio::time::timeout(LIMIT, listener.recv())
-            .await
-            .unwrap()
-            .unwrap();
-    }
+    uploads_done(&db.pool, LIMIT).await.unwrap();
     first.kill().await.unwrap();
 
     // Another, with the cache, builds app: lib comes from the cache.
@@ -196,20 +172,7 @@ async fn a_cache_stopped_mid_run_leaves_the_inputs_to_the_runner() {
     let db = TestDb::new().await;
     let store = NixStore::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (sk, pk) = (dir.path().join("sk"), dir.path().join("pk"));
-    store
-        .run(
-            "nix-store",
-            &[
-                "--generate-binary-cache-key",
-                "farm-1",
-                sk.to_str().unwrap(),
-                pk.to_str().unwrap(),
-            ],
-        )
-        .await
-        .unwrap();
-    let public = std::fs::read_to_string(&pk).unwrap().trim().to_owned();
+    let (sk, public) = nix_key(&store, dir.path(), "farm-1").await.unwrap();
     let cache_dir = dir.path().join("cache");
     let setup = RunnerSetup::new_with(
         dir.path(),
@@ -232,19 +195,7 @@ async fn a_cache_stopped_mid_run_leaves_the_inputs_to_the_runner() {
     let mut first = BuilderProcess::start("first", &setup.address, dir.path()).unwrap();
     build(&db, &store, expr, "lib1").await;
     build(&db, &store, expr, "lib2").await;
-    let mut listener = PgListener::connect_with(&db.pool).await.unwrap();
-    listener.listen("hqr_upload_done").await.unwrap();
-    while sqlx::query_scalar::<_, i64>("select count(*) from hqr_uploads where done_at is null")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
-        > 0
-    {
-        tokio::time::timeout(LIMIT, listener.recv())
-            .await
-            .unwrap()
-            .unwrap();
-    }
+    uploads_done(&db.pool, LIMIT).await.unwrap();
     first.kill().await.unwrap();
 
     // The cache, served over HTTP, works for the first job...

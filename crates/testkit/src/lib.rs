@@ -12,7 +12,10 @@
 //! - [`process`]: the runner and builder binaries as processes, for tests
 //!   that kill and restart them.
 //! - [`tls`]: certificate authorities and certificates made per test.
+//! - [`caches`]: Nix signing keys and the runner's upload queue, for
+//!   binary-cache tests.
 
+pub mod caches;
 pub mod farm;
 pub mod nix;
 pub mod pg;
