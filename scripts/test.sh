@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib/setup.sh
 
 ensure_all
+ensure_moto
 ensure_nextest
 
 log "checking formatting"

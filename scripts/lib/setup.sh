@@ -55,7 +55,6 @@ ensure_moto() {
 ensure_all() {
   ensure_nix
   ensure_postgres
-  ensure_moto
 }
 
 export NIX_CONFIG="sandbox = false
