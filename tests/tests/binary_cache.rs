@@ -293,31 +293,19 @@ impl S3Server {
     async fn start() -> S3Server {
         let address = hydra_testkit::process::free_address().unwrap();
         let port = address.rsplit(':').next().unwrap().to_owned();
-        let child = tokio::process::Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("moto_server (pip install 'moto[server]'; scripts/test.sh installs it)");
+        let mut command = tokio::process::Command::new("moto_server");
+        command.args(["-H", "127.0.0.1", "-p", &port]);
+        // moto_server: pip install 'moto[server]' (scripts/test.sh does).
+        let child = hydra_testkit::process::start_server(command, "Running on", LIMIT)
+            .await
+            .unwrap();
         let endpoint = format!("http://{address}");
-        // Ready when it creates the bucket (it binds within a second or two).
-        let deadline = tokio::time::Instant::now() + LIMIT;
-        loop {
-            let made = tokio::process::Command::new("curl")
-                .args(["-sf", "-X", "PUT", &format!("{endpoint}/cache")])
-                .status()
-                .await
-                .unwrap();
-            if made.success() {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "moto_server did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let made = tokio::process::Command::new("curl")
+            .args(["-sf", "-X", "PUT", &format!("{endpoint}/cache")])
+            .status()
+            .await
+            .unwrap();
+        assert!(made.success(), "creating the bucket");
         S3Server { child, endpoint }
     }
 

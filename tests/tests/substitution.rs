@@ -201,7 +201,8 @@ async fn a_cache_stopped_mid_run_leaves_the_inputs_to_the_runner() {
     // The cache, served over HTTP, works for the first job...
     let address = hydra_testkit::process::free_address().unwrap();
     let port = address.rsplit(':').next().unwrap().to_owned();
-    let mut server = tokio::process::Command::new("python3")
+    let mut command = tokio::process::Command::new("python3");
+    command
         .args([
             "-m",
             "http.server",
@@ -210,28 +211,11 @@ async fn a_cache_stopped_mid_run_leaves_the_inputs_to_the_runner() {
             "127.0.0.1",
             "--directory",
         ])
-        .arg(&cache_dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
+        .arg(&cache_dir);
+    let mut server = hydra_testkit::process::start_server(command, "Serving HTTP", LIMIT)
+        .await
         .unwrap();
     let cache = format!("http://{address}");
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    while !tokio::process::Command::new("curl")
-        .args(["-sf", &format!("{cache}/nix-cache-info")])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .await
-        .unwrap()
-        .success()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the HTTP cache did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let mut second = BuilderProcess::start_with(
         "second",
         &setup.address,

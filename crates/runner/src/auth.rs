@@ -43,6 +43,11 @@ impl Tokens {
         Tokens { by_token: None }
     }
 
+    /// The tokens of `builder_tokens_dir`, or none asked without it.
+    pub fn from_setting(dir: Option<&Path>) -> Result<Tokens, TokenError> {
+        dir.map_or(Ok(Tokens::none()), Tokens::load)
+    }
+
     /// Reads every `*.token` file of `dir`.
     pub fn load(dir: &Path) -> Result<Tokens, TokenError> {
         let read_err = |source| TokenError::Read {
@@ -78,10 +83,6 @@ impl Tokens {
         Ok(Tokens {
             by_token: Some(by_token),
         })
-    }
-
-    pub fn required(&self) -> bool {
-        self.by_token.is_some()
     }
 
     /// Checks the `authorization` header of a call: any known token.
@@ -152,7 +153,7 @@ mod tests {
     #[test]
     fn without_a_directory_no_token_is_asked() {
         assert!(Tokens::none().check(None).is_ok());
-        assert!(!Tokens::none().required());
+        assert!(Tokens::from_setting(None).unwrap().check(None).is_ok());
     }
 
     #[test]

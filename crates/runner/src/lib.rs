@@ -206,10 +206,7 @@ impl Runner {
         pool: PgPool,
         on_standby: impl FnOnce(),
     ) -> Result<Runner, Fatal> {
-        let tokens = match &config.builder_tokens_dir {
-            Some(dir) => auth::Tokens::load(dir)?,
-            None => auth::Tokens::none(),
-        };
+        let tokens = auth::Tokens::from_setting(config.builder_tokens_dir.as_deref())?;
         let tls = tunnel::TlsFiles::read(&config)?;
         let signing_key = uploads::load_key(&config)?;
         let lock = ActiveLock::acquire(&pool, config.advisory_lock_key, on_standby).await?;
@@ -320,13 +317,9 @@ impl Runner {
     pub async fn reload(&self, new: &RunnerConfig) -> Result<config::Reload, Fatal> {
         let old = self.shared.config();
         let (merged, report) = old.reloaded(new);
-        if report.changed.contains(&"builder_tokens_dir") || merged.builder_tokens_dir.is_some() {
-            let tokens = match &merged.builder_tokens_dir {
-                Some(dir) => auth::Tokens::load(dir)?,
-                None => auth::Tokens::none(),
-            };
-            *self.shared.tokens.write() = tokens;
-        }
+        // Token files may have changed even where the setting did not.
+        *self.shared.tokens.write() =
+            auth::Tokens::from_setting(merged.builder_tokens_dir.as_deref())?;
         let ping_changed = merged.ping_interval_secs != old.ping_interval_secs;
         let ping = merged.ping_interval_secs;
         self.shared.set_config(merged);

@@ -395,3 +395,35 @@ pub fn sample(
             _ => f64::NAN,
         })
 }
+
+/// Starts a helper server (a test's S3 or HTTP cache) and returns once it
+/// prints a line containing `ready` on stdout or stderr: it listens then.
+pub async fn start_server(mut command: Command, ready: &str, limit: Duration) -> Result<Child> {
+    let mut child = command
+        .env("PYTHONUNBUFFERED", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting a test server")?;
+    let (tx, mut lines) = mpsc::unbounded_channel();
+    let out = child.stdout.take().expect("piped");
+    let err = child.stderr.take().expect("piped");
+    for pipe in [
+        Box::new(out) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+        Box::new(err),
+    ] {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(pipe).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    drop(tx);
+    wait_for(&mut lines, ready, limit, "the test server").await?;
+    // Keep draining, so that a chatty server never blocks on a full pipe.
+    tokio::spawn(async move { while lines.recv().await.is_some() {} });
+    Ok(child)
+}

@@ -148,6 +148,9 @@ async fn work_once(
     .fetch_all(&shared.pool)
     .await?;
     let mut rows = rows;
+    if rows.is_empty() {
+        return Ok(0);
+    }
     rows.sort_by_key(|r| r.0);
     let mut client = shared.store.client().await?;
     for (id, dest, kind, item, out_path) in &rows {

@@ -95,12 +95,6 @@ pub async fn outputs_in_a_cache(
             continue;
         };
         let mut size = 0;
-        for out in outputs {
-            match lookup(pool, dest, &cache, out).await? {
-                Some(found) => size += found.nar_size,
-                None => continue 'caches,
-            }
-        }
         let mut closure_size = 0;
         let mut seen: HashSet<String> = HashSet::new();
         let mut todo: VecDeque<String> = outputs.iter().cloned().collect();
@@ -113,6 +107,9 @@ pub async fn outputs_in_a_cache(
                 continue 'caches;
             };
             closure_size += found.nar_size;
+            if outputs.contains(&p) {
+                size += found.nar_size;
+            }
             todo.extend(found.references);
         }
         return Ok(Some((size, closure_size)));
