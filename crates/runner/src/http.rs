@@ -12,7 +12,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Json};
 use axum::routing::get;
 
-use crate::{Fatal, Shared};
+use crate::{Fatal, QueueCounts, Shared};
 
 struct App {
     shared: Arc<Shared>,
@@ -65,15 +65,12 @@ fn label(key: &str, value: &str) -> String {
 
 async fn render(shared: &Shared) -> String {
     let mut out = String::new();
-    let (builds, steps, runnable) = {
-        let graph = shared.graph.lock();
-        (
-            graph.build_count(),
-            graph.step_count(),
-            graph.runnable().count(),
-        )
-    };
-    let running = shared.attempts.lock().len();
+    let QueueCounts {
+        builds,
+        steps,
+        runnable,
+        running,
+    } = shared.queue_counts();
     let one = |v: usize| vec![(String::new(), v as f64)];
     family(
         &mut out,

@@ -107,7 +107,33 @@ pub struct Shared {
     fatal: tokio::sync::mpsc::UnboundedSender<Fatal>,
 }
 
+/// How much is queued and running, for the status, metrics and systemd.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueCounts {
+    pub builds: usize,
+    pub steps: usize,
+    pub runnable: usize,
+    pub running: usize,
+}
+
 impl Shared {
+    pub fn queue_counts(&self) -> QueueCounts {
+        let (builds, steps, runnable) = {
+            let graph = self.graph.lock();
+            (
+                graph.build_count(),
+                graph.step_count(),
+                graph.runnable().count(),
+            )
+        };
+        QueueCounts {
+            builds,
+            steps,
+            runnable,
+            running: self.attempts.lock().len(),
+        }
+    }
+
     /// The configuration now (a reload may replace it between two calls).
     pub fn config(&self) -> Arc<RunnerConfig> {
         self.config.read().clone()

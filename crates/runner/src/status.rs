@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use crate::Shared;
+use crate::{QueueCounts, Shared};
 
 /// The status document now.
 pub fn snapshot(shared: &Shared, started: Instant) -> Value {
@@ -25,14 +25,12 @@ pub fn snapshot(shared: &Shared, started: Instant) -> Value {
         .unwrap_or_default()
         .as_secs();
     let at_epoch = |t: Instant| epoch + t.saturating_duration_since(now).as_secs();
-    let (queued, steps, runnable) = {
-        let graph = shared.graph.lock();
-        (
-            graph.build_count(),
-            graph.step_count(),
-            graph.runnable().count(),
-        )
-    };
+    let QueueCounts {
+        builds: queued,
+        steps,
+        runnable,
+        running: active,
+    } = shared.queue_counts();
     let machines = shared.machines.lock();
     let mut by_name: BTreeMap<String, Value> = BTreeMap::new();
     for m in machines.connected() {
@@ -65,7 +63,6 @@ pub fn snapshot(shared: &Shared, started: Instant) -> Value {
             })
         });
     }
-    let active = shared.attempts.lock().len();
     json!({
         "status": "up",
         "time": epoch,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
-use crate::Shared;
+use crate::{QueueCounts, Shared};
 
 fn send(states: &[NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(false, states) {
@@ -61,16 +61,13 @@ pub async fn heartbeat(shared: Arc<Shared>) {
 }
 
 fn describe(shared: &Shared) -> String {
-    let (builds, steps, runnable) = {
-        let graph = shared.graph.lock();
-        (
-            graph.build_count(),
-            graph.step_count(),
-            graph.runnable().count(),
-        )
-    };
+    let QueueCounts {
+        builds,
+        steps,
+        runnable,
+        running,
+    } = shared.queue_counts();
     let machines = shared.machines.lock().connected().count();
-    let running = shared.attempts.lock().len();
     format!(
         "active: {builds} builds queued, {steps} steps ({runnable} runnable, {running} running), {machines} machines"
     )
