@@ -127,6 +127,11 @@ in
     };
     users.groups.hydra = { };
 
+    # The operator commands (`hydra-queue-runner status`, `watch`, ...) talk
+    # to this runner's client API.
+    environment.systemPackages = [ cfg.package ];
+    environment.variables.HYDRA_QUEUE_RUNNER_URL = "http://${cfg.listen}";
+
     networking.firewall.allowedTCPPorts =
       lib.optional cfg.openFirewall (lib.toInt (lib.last (lib.splitString ":" cfg.listen)));
 

@@ -9,6 +9,7 @@ source scripts/lib/setup.sh
 
 ensure_all
 ensure_moto
+ensure_chromium
 ensure_nextest
 
 log "checking formatting"

@@ -52,6 +52,13 @@ ensure_moto() {
   fi
 }
 
+ensure_chromium() {
+  if ! command -v chromium >/dev/null 2>&1; then
+    log "installing chromium (the status page is tested in a headless browser)"
+    apt_install chromium
+  fi
+}
+
 ensure_all() {
   ensure_nix
   ensure_postgres

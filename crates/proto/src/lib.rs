@@ -1,5 +1,6 @@
 //! The gRPC protocol between the queue runner and its builders, generated
-//! from `proto/builder.proto`, and the version handshake both sides apply.
+//! from `proto/builder.proto` (and the client API from `proto/client.proto`),
+//! and the version handshake both sides apply.
 
 use thiserror::Error;
 
@@ -9,6 +10,14 @@ pub mod nar;
 pub mod v1 {
     tonic::include_proto!("hydra.builder.v1");
 }
+
+/// The client API (`hydra.client.v1`): submit, watch, cancel, explain.
+pub mod client {
+    tonic::include_proto!("hydra.client.v1");
+}
+
+/// Encoded descriptors of both services, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
 
 /// The protocol version of this build. Runner and builder must agree exactly:
 /// a mismatch is refused at join, with a message saying which side to upgrade.

@@ -31,7 +31,12 @@ pub struct Attempt {
     /// The BuildSteps row: (build, stepnr).
     pub build: BuildId,
     pub stepnr: i32,
+    /// The builds that needed the step when it was dispatched: its events
+    /// concern them.
+    pub builds: Vec<BuildId>,
     pub start_time: i64,
+    /// When it was dispatched (for the step duration histogram).
+    pub dispatched_at: std::time::Instant,
     /// The step's outputs: name -> path where the `.drv` fixes it (CA
     /// outputs are learnt from the build).
     pub outputs: Vec<(String, Option<String>)>,
@@ -133,6 +138,11 @@ impl Attempts {
             .collect()
     }
 
+    /// Every running attempt, for status reports.
+    pub fn iter(&self) -> impl Iterator<Item = &Attempt> {
+        self.running.values()
+    }
+
     pub fn len(&self) -> usize {
         self.running.len()
     }
@@ -177,7 +187,9 @@ mod tests {
             drv_path: StorePath::from_base_name("7rjj86a15146cq1d3qy068lml7n8ykzm-hello.drv")
                 .unwrap(),
             build: 1,
+            builds: vec![1],
             stepnr: 1,
+            dispatched_at: std::time::Instant::now(),
             start_time: 0,
             outputs: vec![("out".into(), None)],
             uploads: HashMap::new(),

@@ -15,12 +15,12 @@ use tonic::Status;
 
 #[derive(Debug, Error)]
 pub enum TokenError {
-    #[error("cannot read the builder tokens in {path}: {source}")]
+    #[error("cannot read the tokens in {path}: {source}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("builder token file {0} is empty")]
+    #[error("token file {0} is empty")]
     Empty(PathBuf),
 }
 
@@ -98,6 +98,21 @@ impl Tokens {
             Some(Admits::Machine(m)) => Err(Status::unauthenticated(format!(
                 "this builder token is machine {m}'s, not {machine}'s"
             ))),
+        }
+    }
+
+    /// Checks a client API call: any known token admits a client.
+    pub fn check_client(&self, header: Option<&str>) -> Result<(), Status> {
+        let Some(tokens) = &self.by_token else {
+            return Ok(());
+        };
+        match header.and_then(|h| h.strip_prefix("Bearer ")) {
+            None => Err(Status::unauthenticated(
+                "this runner's client API requires a token (authorization: Bearer <token>); \
+                 pass --token-file or set HYDRA_QUEUE_RUNNER_TOKEN",
+            )),
+            Some(t) if tokens.contains_key(t.trim()) => Ok(()),
+            Some(_) => Err(Status::unauthenticated("unknown client token")),
         }
     }
 

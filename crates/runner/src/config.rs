@@ -80,6 +80,13 @@ pub struct RunnerConfig {
     /// Builder bearer tokens: `<machine>.token` files admit that machine,
     /// `shared.token` any machine. Without it, no token is asked.
     pub builder_tokens_dir: Option<PathBuf>,
+    /// Client API bearer tokens: every `*.token` file admits a client.
+    /// Without it, the client API asks for none (keep `listen` private).
+    pub client_tokens_dir: Option<PathBuf>,
+    /// A runnable step gains one global priority point per this many
+    /// seconds it waits (at most 20), so background work is never starved
+    /// for ever; 0 turns aging off.
+    pub priority_aging_secs: u64,
     /// The PostgreSQL advisory lock that makes one runner active and any
     /// other a standby. Runners of one database must agree on it.
     pub advisory_lock_key: i64,
@@ -195,6 +202,16 @@ pub const KEYS: &[(&str, &str, bool)] = &[
         true,
     ),
     (
+        "client_tokens_dir",
+        "directory of client API tokens: any *.token file admits a client; re-read on reload",
+        true,
+    ),
+    (
+        "priority_aging_secs",
+        "a runnable step gains a global priority point per this many seconds waited (at most 20); 0 turns aging off",
+        true,
+    ),
+    (
         "advisory_lock_key",
         "PostgreSQL advisory lock that makes one runner active, the others standbys",
         false,
@@ -237,6 +254,8 @@ impl Default for RunnerConfig {
             tls_key: None,
             tls_client_ca: None,
             builder_tokens_dir: None,
+            client_tokens_dir: None,
+            priority_aging_secs: 60,
             advisory_lock_key: 0x4859_4452_4151_5252,
         }
     }
@@ -418,6 +437,7 @@ mod tests {
             tls_client_ca: Some("ca".into()),
             http_listen: Some("127.0.0.1:1".parse().unwrap()),
             builder_tokens_dir: Some("t".into()),
+            client_tokens_dir: Some("c".into()),
             signing_key_file: Some("k".into()),
             ..RunnerConfig::default()
         };

@@ -40,15 +40,19 @@ macro_rules! in_transaction {
     }};
 }
 
+pub mod api;
 pub mod attempts;
 pub mod auth;
+pub mod cli;
 pub mod completion;
 pub mod config;
 pub mod dispatch;
+pub mod events;
 pub mod failpoint;
 pub mod graph;
 pub mod http;
 pub mod logs;
+pub mod metrics;
 pub mod queue_monitor;
 pub mod realisations;
 pub mod record;
@@ -62,6 +66,7 @@ pub mod uploads;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use futures::FutureExt;
 use parking_lot::Mutex;
 use sqlx::PgPool;
 use thiserror::Error;
@@ -101,6 +106,12 @@ pub struct Shared {
     pub drv_hashes: Mutex<hydra_nix::derivation::hashing::DrvHashes>,
     /// The builder tokens, re-read on reload.
     pub tokens: parking_lot::RwLock<auth::Tokens>,
+    /// The client API tokens, re-read on reload.
+    pub client_tokens: parking_lot::RwLock<auth::Tokens>,
+    /// Step durations and dispatch latency, for `/metrics`.
+    pub metrics: metrics::Metrics,
+    /// Ticks when events were committed (client watchers wait on it).
+    pub event_tick: tokio::sync::watch::Sender<u64>,
     /// Builds that had a step started in this process (for `build_started`).
     pub started_builds: Mutex<std::collections::HashSet<graph::BuildId>>,
     /// Where request handlers report a fault that must stop the runner.
@@ -233,6 +244,7 @@ impl Runner {
         on_standby: impl FnOnce(),
     ) -> Result<Runner, Fatal> {
         let tokens = auth::Tokens::from_setting(config.builder_tokens_dir.as_deref())?;
+        let client_tokens = auth::Tokens::from_setting(config.client_tokens_dir.as_deref())?;
         let tls = tunnel::TlsFiles::read(&config)?;
         let signing_key = uploads::load_key(&config)?;
         let lock = ActiveLock::acquire(&pool, config.advisory_lock_key, on_standby).await?;
@@ -270,10 +282,14 @@ impl Runner {
             drv_hashes: Mutex::new(Default::default()),
             started_builds: Mutex::new(Default::default()),
             tokens: parking_lot::RwLock::new(tokens),
+            client_tokens: parking_lot::RwLock::new(client_tokens),
+            event_tick: tokio::sync::watch::Sender::new(0),
+            metrics: Default::default(),
             fatal: fatal_tx,
         });
         // Check the store before anything depends on it.
         shared.store.client().await?;
+        api::cluster::load_drained(&shared).await?;
         completion::close_open_attempts(
             &shared,
             "aborted: the queue runner stopped while the step ran",
@@ -306,6 +322,7 @@ impl Runner {
             status::run(status_shared).await;
             Ok(())
         });
+        tasks.spawn(api::follow::listen(shared.clone()).map(Ok));
         let upload_shared = shared.clone();
         tasks.spawn(async move {
             uploads::run(upload_shared, signing_key).await;
@@ -346,6 +363,8 @@ impl Runner {
         // Token files may have changed even where the setting did not.
         *self.shared.tokens.write() =
             auth::Tokens::from_setting(merged.builder_tokens_dir.as_deref())?;
+        *self.shared.client_tokens.write() =
+            auth::Tokens::from_setting(merged.client_tokens_dir.as_deref())?;
         let ping_changed = merged.ping_interval_secs != old.ping_interval_secs;
         let ping = merged.ping_interval_secs;
         self.shared.set_config(merged);

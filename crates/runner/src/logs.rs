@@ -98,6 +98,32 @@ impl LogStore {
         Ok(packed)
     }
 
+    /// The log of `drv` from byte `offset` on, running or finished; None if
+    /// there is none. A reader that follows a running log calls it again
+    /// with the bytes it has read so far.
+    pub fn read_from(&self, drv: &StorePath, offset: u64) -> Result<Option<Vec<u8>>, LogError> {
+        use std::io::{Read, Seek, SeekFrom};
+        let plain = self.path(drv);
+        let io = |source| LogError::Io {
+            path: plain.clone(),
+            source,
+        };
+        match std::fs::File::open(&plain) {
+            Ok(mut f) => {
+                f.seek(SeekFrom::Start(offset)).map_err(io)?;
+                let mut rest = Vec::new();
+                f.read_to_end(&mut rest).map_err(io)?;
+                return Ok(Some(rest));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+        Ok(self.read(drv)?.map(|all| {
+            let start = (offset as usize).min(all.len());
+            all[start..].to_vec()
+        }))
+    }
+
     /// The log of `drv`, running or finished; None if there is none.
     pub fn read(&self, drv: &StorePath) -> Result<Option<Vec<u8>>, LogError> {
         let plain = self.path(drv);
@@ -142,6 +168,7 @@ mod tests {
         logs.append(&drv, b"line 1\n").unwrap();
         assert_eq!(logs.append(&drv, b"line 2\n").unwrap(), 14);
         assert_eq!(logs.read(&drv).unwrap().unwrap(), b"line 1\nline 2\n");
+        assert_eq!(logs.read_from(&drv, 7).unwrap().unwrap(), b"line 2\n");
         let packed = logs.finish(&drv).unwrap();
         assert!(
             packed
@@ -150,5 +177,7 @@ mod tests {
         );
         assert!(!logs.path(&drv).exists());
         assert_eq!(logs.read(&drv).unwrap().unwrap(), b"line 1\nline 2\n");
+        assert_eq!(logs.read_from(&drv, 7).unwrap().unwrap(), b"line 2\n");
+        assert_eq!(logs.read_from(&drv, 99).unwrap().unwrap(), b"");
     }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use hydra_queue_runner::{Runner, RunnerConfig, systemd};
+use hydra_queue_runner::{Runner, RunnerConfig, cli, systemd};
 
 #[derive(Parser)]
 #[command(
@@ -24,6 +24,9 @@ struct Cli {
     )]
     database_url: Option<String>,
 
+    #[command(flatten)]
+    connection: cli::Connection,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -39,14 +42,21 @@ enum Command {
     /// Configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Print the build log of a derivation (running or finished).
-    Log {
+    /// Print the build log of a derivation from the data directory, without
+    /// a running runner (`logs` asks the runner).
+    LocalLog {
         /// The `.drv` path (or its base name).
         drv: String,
         /// The runner's data directory.
         #[arg(long, default_value = "/var/lib/hydra/queue-runner")]
         data_dir: PathBuf,
     },
+    #[command(flatten)]
+    Client(cli::ClientCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) of hydra-queue-runner.
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -215,7 +225,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", toml::to_string(&config)?);
             Ok(())
         }
-        Command::Log { drv, data_dir } => {
+        Command::Client(command) => cli::run(&cli.connection, command).await,
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(
+                shell,
+                &mut command,
+                "hydra-queue-runner",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
+            Ok(())
+        }
+        Command::LocalLog { drv, data_dir } => {
             let base = drv.rsplit('/').next().unwrap_or(&drv);
             let path = hydra_nix::StorePath::from_base_name(base)?;
             let logs = hydra_queue_runner::logs::LogStore::new(&data_dir);

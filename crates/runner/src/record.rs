@@ -209,20 +209,26 @@ pub async fn finish_build_step(
     .await
 }
 
-/// Sets the progress (`busy`) code of a running step.
+/// Sets the progress (`busy`) code of a running step, with its event.
 pub async fn set_step_progress(
     pool: &sqlx::PgPool,
     build: BuildId,
     stepnr: i32,
     busy: i32,
+    event: crate::events::NewEvent,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("update BuildSteps set busy = $3 where build = $1 and stepnr = $2 and busy != 0")
-        .bind(build)
-        .bind(stepnr)
-        .bind(busy)
-        .execute(pool)
-        .await
-        .map(|_| ())
+    let mut tx = pool.begin().await?;
+    let changed =
+        sqlx::query("update BuildSteps set busy = $3 where build = $1 and stepnr = $2 and busy != 0 and busy != $3")
+            .bind(build)
+            .bind(stepnr)
+            .bind(busy)
+            .execute(&mut *tx)
+            .await?;
+    if changed.rows_affected() > 0 {
+        crate::events::emit(&mut tx, &[event]).await?;
+    }
+    tx.commit().await
 }
 
 /// What a succeeded build records.
@@ -363,6 +369,22 @@ pub async fn notify_build_finished(
     build: BuildId,
     dependents: &[BuildId],
 ) -> Result<(), sqlx::Error> {
+    let mut ids = vec![build];
+    ids.extend_from_slice(dependents);
+    let statuses: Vec<(i32, Option<i32>)> =
+        sqlx::query_as("select id, buildStatus from Builds where id = any($1) order by id")
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?;
+    let ended: Vec<crate::events::NewEvent> = statuses
+        .into_iter()
+        .map(|(id, status)| {
+            let status = status.unwrap_or(3);
+            crate::events::NewEvent::new(crate::events::Kind::of_build_status(status), vec![id])
+                .status(status)
+        })
+        .collect();
+    crate::events::emit(tx, &ended).await?;
     let mut payload = build.to_string();
     for d in dependents {
         let part = format!("\t{d}");

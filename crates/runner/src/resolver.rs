@@ -19,6 +19,7 @@ use std::time::Instant;
 use hydra_nix::daemon::DaemonClient;
 use hydra_nix::{Derivation, StorePath};
 
+use crate::events::{self, Kind, NewEvent};
 use crate::graph::{Build, NewStep, StepId};
 use crate::realisations;
 use crate::record;
@@ -41,6 +42,8 @@ struct Pending {
     required_features: Vec<String>,
     /// The build whose BuildSteps rows record the step.
     owner: Build,
+    /// Every live build that needs it (for the `resolved` event).
+    builds: Vec<crate::graph::BuildId>,
 }
 
 async fn resolve_step(shared: &Shared, id: StepId) -> Result<(), Fatal> {
@@ -53,6 +56,7 @@ async fn resolve_step(shared: &Shared, id: StepId) -> Result<(), Fatal> {
                 system: s.system.clone(),
                 required_features: s.required_features.clone(),
                 owner,
+                builds: graph.dependent_builds(id).iter().map(|b| b.id).collect(),
             },
             _ => return Ok(()), // dropped meanwhile
         }
@@ -127,6 +131,7 @@ async fn record_resolution(
     let outputs: Vec<(String, Option<String>)> =
         drv.outputs.keys().map(|n| (n.clone(), None)).collect();
     let drv_path = shared.store.dir().display(&pending.drv_path);
+    let resolved_full = shared.store.dir().display(resolved);
     let resolved = resolved.to_string();
     in_transaction!(shared.pool, |tx| {
         record::record_resolution(
@@ -138,6 +143,10 @@ async fn record_resolution(
             &outputs,
         )
         .await?;
+        let event = NewEvent::new(Kind::Resolved, pending.builds.clone())
+            .drv(drv_path.as_str())
+            .detail(resolved_full.as_str());
+        events::emit(&mut tx, &[event]).await?;
         Ok(())
     })
 }

@@ -38,7 +38,7 @@ pub fn snapshot(shared: &Shared, started: Instant) -> Value {
         by_name.insert(
             m.name.clone(),
             json!({
-                "enabled": true,
+                "enabled": !machines.is_drained(&m.name),
                 "connected": true,
                 "systemTypes": m.systems,
                 "supportedFeatures": m.supported_features,

@@ -14,6 +14,30 @@ use tokio::task::JoinHandle;
 
 use crate::{NixStore, TestDb};
 
+/// The client API's generated client over a plain channel.
+pub type ApiClient =
+    hydra_proto::client::client_service_client::ClientServiceClient<tonic::transport::Channel>;
+
+/// Waits for `check` to hold, looking every 50 ms, for conditions no
+/// event announces (a build loaded into the graph, say); fails after
+/// `limit` with what it last saw.
+pub async fn eventually<T, F, Fut>(limit: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("condition not met within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A builder to start: its name, systems and features.
 #[derive(Debug, Clone)]
 pub struct BuilderSpec {
@@ -206,6 +230,11 @@ impl Farm {
             out.insert(job.clone(), (status.unwrap_or(-1), cached.unwrap_or(0)));
         }
         Ok(out)
+    }
+
+    /// A client of the runner's client API.
+    pub async fn api(&self) -> Result<ApiClient> {
+        Ok(ApiClient::connect(format!("http://{}", self.runner().addr)).await?)
     }
 
     /// The runner's log of a step's derivation.

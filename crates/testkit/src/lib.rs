@@ -22,6 +22,9 @@ pub mod pg;
 pub mod process;
 pub mod tls;
 
-pub use farm::{BuilderSpec, Farm, JobOptions, create_jobset, queue_builds, wait_finished};
+pub use farm::{
+    ApiClient, BuilderSpec, Farm, JobOptions, create_jobset, eventually, queue_builds,
+    wait_finished,
+};
 pub use nix::{NixStore, nix_config};
 pub use pg::{PgCluster, TestDb};

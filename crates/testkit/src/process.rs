@@ -303,18 +303,23 @@ pub struct StartSignal {
     path: PathBuf,
 }
 
+fn mkfifo(path: &Path) -> Result<()> {
+    let c = std::ffi::CString::new(path.to_str().expect("UTF-8 path"))?;
+    // SAFETY: mkfifo reads the NUL-terminated path we own.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o666) } != 0 {
+        bail!(
+            "mkfifo {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
 impl StartSignal {
     pub fn new(dir: &Path, name: &str) -> Result<StartSignal> {
         let path = dir.join(name);
-        let c = std::ffi::CString::new(path.to_str().expect("UTF-8 path"))?;
-        // SAFETY: mkfifo reads the NUL-terminated path we own.
-        if unsafe { libc::mkfifo(c.as_ptr(), 0o666) } != 0 {
-            bail!(
-                "mkfifo {}: {}",
-                path.display(),
-                std::io::Error::last_os_error()
-            );
-        }
+        mkfifo(&path)?;
         Ok(StartSignal { path })
     }
 
@@ -330,6 +335,35 @@ impl StartSignal {
             .await
             .map_err(|_| anyhow!("no build started within {limit:?}"))???;
         Ok(text.trim().to_owned())
+    }
+}
+
+/// A named pipe that a test derivation's builder reads before it goes on
+/// (`read x < <pipe>`): the build holds until the test opens the gate, so a
+/// test controls exactly when a running step finishes.
+pub struct Gate {
+    path: PathBuf,
+}
+
+impl Gate {
+    pub fn new(dir: &Path, name: &str) -> Result<Gate> {
+        let path = dir.join(name);
+        mkfifo(&path)?;
+        Ok(Gate { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Lets one waiting build go on (waits for it to be reading).
+    pub async fn open(&self, limit: Duration) -> Result<()> {
+        let path = self.path.clone();
+        let write = tokio::task::spawn_blocking(move || std::fs::write(path, "go\n"));
+        tokio::time::timeout(limit, write)
+            .await
+            .map_err(|_| anyhow!("no build read the gate within {limit:?}"))???;
+        Ok(())
     }
 }
 

@@ -21,6 +21,7 @@ use thiserror::Error;
 
 use crate::attempts::{self, Attempt, OwnershipError};
 use crate::dispatch::Assignment;
+use crate::events::{self, Kind, NewEvent};
 use crate::graph::{Build, Dropped, StepId};
 use crate::record::{self, NewStepRow, StepResult, Success};
 use crate::{Fatal, Shared};
@@ -190,6 +191,9 @@ pub async fn abort_attempt(shared: &Shared, attempt: Attempt, reason: &str) -> R
             .is_err()
         {
             return Ok(()); // not this attempt's step any more
+        }
+        if graph.drop_if_unneeded(id) {
+            return Ok(()); // kept running for a superseded build only
         }
         (tries >= shared.config().max_tries).then_some((id, tries))
     };
@@ -406,6 +410,18 @@ async fn write_failure(
         };
         record::mark_failed_build(tx, b.id, status, f.start_time, f.stop_time, false).await?;
     }
+    let concerned = match attempt {
+        Some((a, _)) => a.builds.clone(),
+        None => builds.iter().map(|b| b.id).collect(),
+    };
+    let mut finished = NewEvent::new(Kind::StepFinished, concerned)
+        .drv(drv_full.as_str())
+        .status(f.status.code())
+        .detail(f.error_msg);
+    if !f.machine.is_empty() {
+        finished = finished.machine(f.machine);
+    }
+    events::emit(tx, &[finished]).await?;
     if let Some(o) = owner {
         let others: Vec<i32> = builds.iter().map(|b| b.id).filter(|b| *b != o).collect();
         record::notify_build_finished(tx, o, &others).await?;
@@ -489,6 +505,9 @@ async fn close_attempt(
     in_transaction!(shared.pool, |tx| {
         record::finish_build_step(&mut tx, attempt.build, attempt.stepnr, &result).await?;
         attempts::close(&mut tx, &attempt.id, status.code()).await?;
+        let drv = shared.store.dir().display(&attempt.drv_path);
+        let finished = events::step_finished(&drv, attempt, status, Some(reason));
+        events::emit(&mut tx, &[finished]).await?;
         Ok(())
     })?;
     release(shared, attempt);
@@ -497,6 +516,11 @@ async fn close_attempt(
 
 /// Frees the machine slot an attempt held and wakes the dispatcher.
 fn release(shared: &Shared, attempt: &Attempt) {
+    shared
+        .metrics
+        .step_seconds
+        .lock()
+        .observe(attempt.dispatched_at.elapsed());
     shared
         .machines
         .lock()

@@ -11,6 +11,7 @@ use uuid::Uuid;
 use super::nix_support::{BuildOutputInfo, OutputScan, scan_nar};
 use super::{abort_attempt, release, write_success};
 use crate::attempts::{self, Attempt};
+use crate::events;
 use crate::graph::{Build, StepId};
 use crate::realisations;
 use crate::record::{self, StepResult, Success};
@@ -183,6 +184,16 @@ pub async fn succeed(
         )
         .await?;
         attempts::close(&mut tx, &attempt.id, BuildStatus::Success.code()).await?;
+        events::emit(
+            &mut tx,
+            &[events::step_finished(
+                &shared.store.dir().display(&attempt.drv_path),
+                &attempt,
+                BuildStatus::Success,
+                None,
+            )],
+        )
+        .await?;
         record_realisations(shared, &mut tx, &realised, &paths, &measured.closure).await?;
         write_success(&mut tx, &done.direct, attempt.build, &success).await?;
         Ok(())

@@ -45,7 +45,7 @@ impl Machine {
         self.max_jobs.saturating_sub(self.running.len() as u32)
     }
 
-    fn has_disk(&self, min_free: u64) -> bool {
+    pub fn has_disk(&self, min_free: u64) -> bool {
         self.free_disk.is_none_or(|free| free >= min_free)
     }
 
@@ -68,6 +68,26 @@ pub struct Health {
 pub struct Machines {
     by_name: HashMap<String, Machine>,
     health: HashMap<String, Health>,
+    /// Drained by an operator (by name, connected or not): they finish
+    /// what they run and get nothing new.
+    drained: HashSet<String>,
+}
+
+/// Why the machines that support a step do not take it now (for Explain).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Availability {
+    /// A machine could take it: the next dispatch round will.
+    Free,
+    /// No connected machine supports the system and features.
+    Unsupported,
+    /// Every supporting machine is drained.
+    Drained,
+    /// Every supporting machine not drained is resting, until the earliest.
+    Rested { until: Instant },
+    /// Every supporting machine is short of disk.
+    LowDisk,
+    /// Every supporting machine's slots are taken.
+    NoFreeSlot { machines: usize, slots: u32 },
 }
 
 /// Why no machine took a step.
@@ -166,6 +186,71 @@ impl Machines {
             .min()
     }
 
+    /// Drains (`true`) or undrains a machine by name.
+    pub fn set_drained(&mut self, name: &str, drained: bool) {
+        if drained {
+            self.drained.insert(name.to_owned());
+        } else {
+            self.drained.remove(name);
+        }
+    }
+
+    pub fn drained_names(&self) -> impl Iterator<Item = &String> {
+        self.drained.iter()
+    }
+
+    pub fn is_drained(&self, name: &str) -> bool {
+        self.drained.contains(name)
+    }
+
+    /// Why a step of `system` needing `required` is not taken (the same
+    /// tests as [`Machines::choose`], reported instead of applied).
+    pub fn availability(
+        &self,
+        system: &str,
+        required: &[String],
+        min_free_disk: u64,
+        now: Instant,
+    ) -> Availability {
+        let supporting: Vec<&Machine> = self
+            .by_name
+            .values()
+            .filter(|m| m.supports(system, required))
+            .collect();
+        if supporting.is_empty() {
+            return Availability::Unsupported;
+        }
+        let open: Vec<&&Machine> = supporting
+            .iter()
+            .filter(|m| !self.drained.contains(&m.name))
+            .collect();
+        if open.is_empty() {
+            return Availability::Drained;
+        }
+        let awake: Vec<&&&Machine> = open
+            .iter()
+            .filter(|m| !self.is_rested(&m.name, now))
+            .collect();
+        if awake.is_empty() {
+            let until = open
+                .iter()
+                .filter_map(|m| self.health.get(&m.name).and_then(|h| h.rested_until))
+                .min()
+                .unwrap_or(now);
+            return Availability::Rested { until };
+        }
+        if awake.iter().all(|m| !m.has_disk(min_free_disk)) {
+            return Availability::LowDisk;
+        }
+        if awake.iter().all(|m| m.free_slots() == 0) {
+            return Availability::NoFreeSlot {
+                machines: awake.len(),
+                slots: awake.iter().map(|m| m.max_jobs).sum(),
+            };
+        }
+        Availability::Free
+    }
+
     fn is_rested(&self, name: &str, now: Instant) -> bool {
         self.health
             .get(name)
@@ -176,7 +261,7 @@ impl Machines {
     /// The best machine for a step: one not in `avoid` (machines its
     /// earlier attempts aborted on) when there is one, then the fastest,
     /// the fewest of its slots in use, the lowest reported load. Rested
-    /// machines count as busy, never as unsupported.
+    /// and drained machines count as busy, never as unsupported.
     pub fn choose(
         &self,
         system: &str,
@@ -195,7 +280,10 @@ impl Machines {
         }
         supporting
             .filter(|m| {
-                m.free_slots() > 0 && m.has_disk(min_free_disk) && !self.is_rested(&m.name, now)
+                m.free_slots() > 0
+                    && m.has_disk(min_free_disk)
+                    && !self.is_rested(&m.name, now)
+                    && !self.drained.contains(&m.name)
             })
             .max_by(|a, b| {
                 let fresh = |m: &Machine| !avoid.contains(&m.name);
@@ -383,5 +471,54 @@ mod tests {
         assert!(ms.choose("x86_64-linux", &[], 0, later, &[]).is_ok());
         ms.record_success("flaky");
         assert_eq!(ms.health("flaky"), Health::default());
+    }
+
+    #[test]
+    fn a_drained_machine_gets_nothing_new_and_says_so() {
+        let mut ms = Machines::default();
+        ms.register(machine("m1", &["x86_64-linux"], &[], &[], 1.0, 1));
+        let now = Instant::now();
+        ms.set_drained("m1", true);
+        assert_eq!(
+            ms.choose("x86_64-linux", &[], 0, now, &[]).unwrap_err(),
+            NoMachine::Busy,
+            "drained, not unsupported"
+        );
+        assert_eq!(
+            ms.availability("x86_64-linux", &[], 0, now),
+            Availability::Drained
+        );
+        ms.set_drained("m1", false);
+        assert_eq!(
+            ms.availability("x86_64-linux", &[], 0, now),
+            Availability::Free
+        );
+    }
+
+    #[test]
+    fn availability_names_each_reason_a_step_waits() {
+        let mut ms = Machines::default();
+        let now = Instant::now();
+        assert_eq!(
+            ms.availability("x86_64-linux", &[], 0, now),
+            Availability::Unsupported
+        );
+        ms.register(machine("m1", &["x86_64-linux"], &[], &[], 1.0, 1));
+        ms.get_mut("m1").unwrap().running.insert(Uuid::new_v4());
+        assert_eq!(
+            ms.availability("x86_64-linux", &[], 0, now),
+            Availability::NoFreeSlot {
+                machines: 1,
+                slots: 1
+            }
+        );
+        let rest = |_| Some(Duration::from_secs(60));
+        ms.record_failure("m1", now, rest);
+        assert_eq!(
+            ms.availability("x86_64-linux", &[], 0, now),
+            Availability::Rested {
+                until: now + Duration::from_secs(60)
+            }
+        );
     }
 }

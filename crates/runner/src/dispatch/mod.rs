@@ -33,6 +33,10 @@ pub struct Assignment {
     pub tx: ControlTx,
     /// The build whose BuildSteps records the attempt.
     pub owner: Build,
+    /// When the step became runnable (for the dispatch latency).
+    pub runnable_since: Instant,
+    /// Every live build that needs the step (for its events).
+    pub builds: Vec<crate::graph::BuildId>,
     pub facts: SchedFacts,
 }
 
@@ -74,6 +78,7 @@ pub fn plan_round(shared: &Shared, now: Instant) -> Round {
     let shares = shared.shares.lock();
     let config = shared.config();
     let max_unsupported = Duration::from_secs(config.max_unsupported_secs);
+    let aging = config.priority_aging_secs;
     let mut round = Round::default();
     let due = |t: Instant, round: &mut Round| {
         round.next_deadline = Some(round.next_deadline.map_or(t, |d| d.min(t)));
@@ -86,7 +91,11 @@ pub fn plan_round(shared: &Shared, now: Instant) -> Round {
                 not_before: Some(t),
                 ..
             } if t > now => due(t, &mut round),
-            _ => queue.push((OrderKey::new(&step.sched, &shares), id)),
+            StepState::Runnable { since, .. } => {
+                let bonus = order::aging_bonus(now.saturating_duration_since(since), aging);
+                queue.push((OrderKey::new(&step.sched, &shares, bonus), id));
+            }
+            _ => queue.push((OrderKey::new(&step.sched, &shares, 0), id)),
         }
     }
     queue.sort_by(|a, b| a.0.dispatch_order(&b.0));
@@ -137,6 +146,14 @@ pub fn plan_round(shared: &Shared, now: Instant) -> Round {
                     owner: graph
                         .owner_build(id)
                         .expect("a step in the graph has a build"),
+                    builds: graph.dependent_builds(id).iter().map(|b| b.id).collect(),
+                    // After a backoff, from its end.
+                    runnable_since: match step.state {
+                        StepState::Runnable { since, not_before } => {
+                            not_before.map_or(since, |t| t.max(since))
+                        }
+                        _ => now,
+                    },
                     facts: step.sched.clone(),
                 };
                 graph.set_unsupported_since(id, None);

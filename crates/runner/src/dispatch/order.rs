@@ -1,6 +1,8 @@
 //! The order in which runnable steps get machines (the brief's order):
 //! global priority, then jobset fair share, then critical path, then local
-//! priority, then the oldest build.
+//! priority, then the oldest build. The global priority ages: a step that
+//! waits long enough overtakes newer work of a higher class, so background
+//! submissions are never starved for ever.
 
 use std::cmp::Ordering;
 use std::collections::{HashMap, VecDeque};
@@ -20,10 +22,23 @@ pub struct OrderKey {
     pub lowest_build_id: i32,
 }
 
+/// The most a step's global priority grows by waiting.
+pub const MAX_AGING_BONUS: i32 = 20;
+
+/// Global priority points a step earned by waiting `waited`: one per
+/// `period_secs` (0: none), at most [`MAX_AGING_BONUS`].
+pub fn aging_bonus(waited: Duration, period_secs: u64) -> i32 {
+    if period_secs == 0 {
+        return 0;
+    }
+    (waited.as_secs() / period_secs).min(MAX_AGING_BONUS as u64) as i32
+}
+
 impl OrderKey {
-    pub fn new(facts: &SchedFacts, shares: &Shares) -> OrderKey {
+    /// `bonus`: what the step earned by waiting (see [`aging_bonus`]).
+    pub fn new(facts: &SchedFacts, shares: &Shares, bonus: i32) -> OrderKey {
         OrderKey {
-            global_priority: facts.global_priority,
+            global_priority: facts.global_priority.saturating_add(bonus),
             share_used: facts
                 .jobsets
                 .iter()
@@ -120,6 +135,40 @@ mod tests {
         assert_eq!((keys[2].local_priority, keys[2].critical_path), (3, 5));
         assert_eq!((keys[3].local_priority, keys[3].critical_path), (0, 5));
         assert_eq!(keys[4].critical_path, 1);
+    }
+
+    #[test]
+    fn waiting_earns_priority_up_to_a_cap() {
+        let minute = Duration::from_secs(60);
+        assert_eq!(aging_bonus(minute * 3, 60), 3);
+        assert_eq!(aging_bonus(minute * 1000, 60), MAX_AGING_BONUS);
+        assert_eq!(aging_bonus(minute * 1000, 0), 0, "0 turns aging off");
+    }
+
+    #[test]
+    fn a_background_step_that_waited_long_overtakes_fresh_normal_work() {
+        use crate::api::priority::PriorityClass;
+        let shares = Shares::default();
+        let facts = |class: PriorityClass| SchedFacts {
+            global_priority: class.global_priority(),
+            local_priority: class.local_priority(),
+            ..SchedFacts::none()
+        };
+        let background = facts(PriorityClass::Background);
+        let normal = facts(PriorityClass::Normal);
+        let fresh = OrderKey::new(&normal, &shares, 0);
+        let young = OrderKey::new(
+            &background,
+            &shares,
+            aging_bonus(Duration::from_secs(60), 60),
+        );
+        let old = OrderKey::new(
+            &background,
+            &shares,
+            aging_bonus(Duration::from_secs(660), 60),
+        );
+        assert_eq!(fresh.dispatch_order(&young), Ordering::Less);
+        assert_eq!(old.dispatch_order(&fresh), Ordering::Less);
     }
 
     #[test]

@@ -5,6 +5,7 @@ use hydra_proto::v1::{BuildJob, Limits, RunnerMessage, runner_message};
 
 use super::Assignment;
 use crate::attempts::{self, Attempt};
+use crate::events::{self, Kind, NewEvent};
 use crate::realisations::{self, RealisationError};
 use crate::record::{self, NewStepRow};
 use crate::store::StoreError;
@@ -33,7 +34,13 @@ pub async fn start_attempt(shared: &Shared, a: Assignment) -> Result<(), Fatal> 
     let msg = RunnerMessage {
         msg: Some(runner_message::Msg::Build(job.job)),
     };
-    if a.tx.send(Ok(msg)).await.is_err() {
+    let sent = a.tx.send(Ok(msg)).await;
+    shared
+        .metrics
+        .dispatch_seconds
+        .lock()
+        .observe(a.runnable_since.elapsed());
+    if sent.is_err() {
         let taken = shared.attempts.lock().take(&a.attempt);
         if let Some(attempt) = taken {
             crate::completion::abort_attempt(
@@ -159,6 +166,10 @@ async fn persist(
         if first_step {
             record::notify_build_started(&mut tx, a.owner.id).await?;
         }
+        let started = NewEvent::new(Kind::StepStarted, a.builds.clone())
+            .drv(drv.as_str())
+            .machine(a.machine.as_str());
+        events::emit(&mut tx, &[started]).await?;
         Ok(attempt)
     })?;
     shared.started_builds.lock().insert(a.owner.id);
@@ -178,6 +189,8 @@ fn new_attempt(
         drv_path: a.drv_path.clone(),
         build: a.owner.id,
         stepnr,
+        builds: a.builds.clone(),
+        dispatched_at: std::time::Instant::now(),
         start_time,
         outputs: outputs.to_vec(),
         uploads: Default::default(),

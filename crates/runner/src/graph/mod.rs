@@ -63,12 +63,22 @@ pub struct NewStep {
     pub needs_resolution: bool,
 }
 
+/// Steps of one system, by where they are (see [`Graph::steps_per_system`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SystemSteps {
+    pub runnable: u32,
+    pub running: u32,
+    pub waiting: u32,
+}
+
 /// What the loader read for one build: its new steps, and the steps it
 /// expects to find in the graph already.
 #[derive(Debug, Default)]
 pub struct LoadPlan {
     pub new_steps: Vec<NewStep>,
     pub existing: HashSet<StorePath>,
+    /// Derivations of the closure found built already (for the counters).
+    pub cached: u32,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -128,6 +138,49 @@ impl Graph {
 
     pub fn build(&self, id: BuildId) -> Option<&Build> {
         self.builds.get(&id)
+    }
+
+    /// Every step, for status reports.
+    pub fn steps(&self) -> impl Iterator<Item = (StepId, &Step)> + '_ {
+        self.steps.iter().map(|(id, s)| (*id, s))
+    }
+
+    /// How many steps of each system wait for a machine, run, or wait for
+    /// inputs (or the resolver).
+    pub fn steps_per_system(&self) -> std::collections::BTreeMap<String, SystemSteps> {
+        let mut by_system: std::collections::BTreeMap<String, SystemSteps> = Default::default();
+        for step in self.steps.values() {
+            let row = by_system.entry(step.system.clone()).or_default();
+            match step.state {
+                StepState::Runnable { .. } => row.runnable += 1,
+                StepState::Running { .. } => row.running += 1,
+                StepState::Waiting | StepState::Resolving => row.waiting += 1,
+                StepState::Finished => {}
+            }
+        }
+        by_system
+    }
+
+    /// The steps `build` still needs: its top-level step and everything
+    /// below it in the graph.
+    pub fn steps_of_build(&self, build: BuildId) -> Vec<StepId> {
+        let Some(top) = self
+            .builds
+            .get(&build)
+            .and_then(|b| self.by_path.get(&b.drv_path))
+        else {
+            return Vec::new();
+        };
+        let mut seen = HashSet::new();
+        let mut todo = vec![*top];
+        while let Some(id) = todo.pop() {
+            if seen.insert(id) {
+                todo.extend(self.steps[&id].deps.iter().copied());
+            }
+        }
+        let mut ids: Vec<StepId> = seen.into_iter().collect();
+        ids.sort();
+        ids
     }
 
     pub fn step_count(&self) -> usize {
@@ -457,13 +510,36 @@ impl Graph {
         for b in &builds {
             self.builds.remove(&b.id);
         }
-        dropped.extend(self.drop_unneeded(candidates));
+        dropped.extend(self.drop_unneeded(candidates, false));
         Ok(Failed { builds, dropped })
     }
 
     /// Builds that left the queue (cancelled, deleted, finished elsewhere):
     /// they leave the graph with the steps only they needed.
     pub fn remove_builds(&mut self, ids: &[BuildId]) -> Dropped {
+        let candidates = self.detach_builds(ids);
+        self.drop_unneeded(candidates, false)
+    }
+
+    /// Like [`Graph::remove_builds`], but a running step only they needed
+    /// stays until its attempt ends (a soft supersede lets it finish): it
+    /// is recorded as usual if it succeeds or fails, and dropped if it is
+    /// aborted (see [`Graph::drop_if_unneeded`]).
+    pub fn remove_builds_keeping_running(&mut self, ids: &[BuildId]) -> Dropped {
+        let candidates = self.detach_builds(ids);
+        self.drop_unneeded(candidates, true)
+    }
+
+    /// Drops `id` if no build needs it (a step kept running for a removed
+    /// build, whose attempt was aborted). Returns whether it was dropped.
+    pub fn drop_if_unneeded(&mut self, id: StepId) -> bool {
+        let dropped = self.drop_unneeded(vec![id], false);
+        !dropped.steps.is_empty()
+    }
+
+    /// Takes `ids` out of the graph; returns the top-level steps that may
+    /// now be unneeded.
+    fn detach_builds(&mut self, ids: &[BuildId]) -> Vec<StepId> {
         let mut candidates = Vec::new();
         for id in ids {
             let Some(build) = self.builds.remove(id) else {
@@ -478,12 +554,13 @@ impl Graph {
                 candidates.push(top);
             }
         }
-        self.drop_unneeded(candidates)
+        candidates
     }
 
     /// Removes, from `candidates` downwards, every step that no build has as
-    /// top level and no step waits for.
-    fn drop_unneeded(&mut self, mut todo: Vec<StepId>) -> Dropped {
+    /// top level and no step waits for (but running ones, with
+    /// `keep_running`).
+    fn drop_unneeded(&mut self, mut todo: Vec<StepId>, keep_running: bool) -> Dropped {
         let mut dropped = Dropped::default();
         while let Some(id) = todo.pop() {
             let Some(step) = self.steps.get(&id) else {
@@ -491,6 +568,9 @@ impl Graph {
             };
             let live_top = step.toplevel_of.iter().any(|b| self.builds.contains_key(b));
             if live_top || !step.rdeps.is_empty() {
+                continue;
+            }
+            if keep_running && step.running_attempt().is_some() {
                 continue;
             }
             let step = self.remove_step(id);
@@ -582,6 +662,7 @@ mod tests {
                 })
                 .collect(),
             existing: HashSet::new(),
+            cached: 0,
         }
     }
 
@@ -611,6 +692,61 @@ mod tests {
         let lib = g.step_id(&path("lib")).unwrap();
         assert_eq!(g.dependent_builds(lib).len(), 2);
         assert_eq!(runnable_names(&g), ["lib.drv"]);
+    }
+
+    #[test]
+    fn a_soft_removal_keeps_running_steps_until_their_attempt_ends() {
+        let mut g = Graph::default();
+        let now = Instant::now();
+        g.insert_build(
+            build(1, "app"),
+            plan(&[("app", &["lib", "doc"]), ("lib", &[]), ("doc", &[])]),
+            now,
+        )
+        .unwrap();
+        let (lib, doc) = (
+            g.step_id(&path("lib")).unwrap(),
+            g.step_id(&path("doc")).unwrap(),
+        );
+        let (a, d) = (Uuid::new_v4(), Uuid::new_v4());
+        g.mark_dispatched(lib, a, "m").unwrap();
+        g.mark_dispatched(doc, d, "m").unwrap();
+        let dropped = g.remove_builds_keeping_running(&[1]);
+        assert!(dropped.running.is_empty(), "nothing running is aborted");
+        assert!(
+            g.step_id(&path("app")).is_none(),
+            "the waiting step is gone"
+        );
+        // lib finishes as usual, for no build.
+        let done = g.step_succeeded(lib, Some(&a), now).unwrap();
+        assert!(done.builds.is_empty() && done.unblocked.is_empty());
+        // doc's attempt aborts: nobody wants a retry.
+        g.requeue(&path("doc"), &d, now, None).unwrap();
+        assert!(g.drop_if_unneeded(doc));
+        assert_eq!(g.step_count(), 0);
+        assert_eq!(runnable_names(&g), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_hard_removal_aborts_running_steps_no_other_build_needs() {
+        let mut g = Graph::default();
+        let now = Instant::now();
+        g.insert_build(
+            build(1, "app"),
+            plan(&[("app", &["lib"]), ("lib", &[])]),
+            now,
+        )
+        .unwrap();
+        let mut p = plan(&[("other", &["lib"])]);
+        p.existing.insert(path("lib"));
+        g.insert_build(build(2, "other"), p, now).unwrap();
+        let lib = g.step_id(&path("lib")).unwrap();
+        g.mark_dispatched(lib, Uuid::new_v4(), "m").unwrap();
+        let dropped = g.remove_builds(&[1]);
+        assert!(dropped.running.is_empty(), "build 2 still needs lib");
+        let dropped = g.remove_builds(&[2]);
+        assert_eq!(dropped.running.len(), 1);
+        assert_eq!(g.step_count(), 0);
     }
 
     #[test]

@@ -85,6 +85,7 @@ pub async fn plan(
             if path == *top {
                 return Ok(Planned::Cached);
             }
+            plan.cached += 1;
             continue;
         }
         if path == *top && all_known {

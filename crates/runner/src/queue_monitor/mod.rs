@@ -16,6 +16,7 @@ use hydra_nix::daemon::DaemonClient;
 use sqlx::postgres::PgListener;
 
 use crate::completion;
+use crate::events::{Kind, NewEvent};
 use crate::graph::{Build, BuildId, InsertError};
 use crate::record::{self, NewStepRow};
 use crate::{Fatal, Shared};
@@ -91,15 +92,24 @@ async fn load_new_builds(shared: &Shared, last_id: BuildId) -> Result<BuildId, F
     let Some(max) = rows.last().map(|r| r.id) else {
         return Ok(last_id);
     };
+    // Before loading: a cached build finishes during its load, and its
+    // `completed` must come after its `queued`.
+    let ids: Vec<BuildId> = rows.iter().map(|r| r.id).collect();
+    crate::events::emit_queued_once(&shared.pool, &ids).await?;
     let started = Instant::now();
     let total = rows.len();
     let mut client = shared.store.client().await?;
+    let mut plans = Vec::new();
     for (i, row) in rows.into_iter().enumerate() {
-        load_build(shared, &mut client, row).await?;
+        let id = row.id;
+        if let Some(cached) = load_build(shared, &mut client, row).await? {
+            plans.push((id, cached));
+        }
         if (i + 1) % 1000 == 0 {
             tracing::info!("loaded {} of {total} queued builds", i + 1);
         }
     }
+    record_plans(shared, &plans).await?;
     shared.wake();
     let steps = shared.graph.lock().step_count();
     tracing::info!(
@@ -109,21 +119,44 @@ async fn load_new_builds(shared: &Shared, last_id: BuildId) -> Result<BuildId, F
     Ok(max)
 }
 
+/// How many derivations of each build's closure loading found built
+/// already (the client API's "cached" counter), in one statement.
+async fn record_plans(shared: &Shared, plans: &[(BuildId, u32)]) -> Result<(), Fatal> {
+    if plans.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i32> = plans.iter().map(|p| p.0).collect();
+    let cached: Vec<i32> = plans.iter().map(|p| p.1 as i32).collect();
+    sqlx::query(
+        "insert into hqr_build_plans (build, cached) select * from unnest($1::integer[], $2::integer[])
+         on conflict (build) do update set cached = excluded.cached",
+    )
+    .bind(&ids)
+    .bind(&cached)
+    .execute(&shared.pool)
+    .await?;
+    Ok(())
+}
+
 /// Loads one queued build: finishes it at once when it is cached, failed
 /// before, or unloadable; otherwise adds it and its steps to the graph.
+/// Returns how many derivations of its closure were built already, when
+/// it was read.
 async fn load_build(
     shared: &Shared,
     client: &mut DaemonClient,
     row: QueuedBuild,
-) -> Result<(), Fatal> {
+) -> Result<Option<u32>, Fatal> {
     if shared.graph.lock().build(row.id).is_some() {
-        return Ok(());
+        return Ok(None);
     }
     let drv_path = match shared.store.dir().parse_path(&row.drvpath) {
         Ok(p) => p,
         Err(e) => {
             let reason = format!("Builds.drvPath '{}' is not a store path: {e}", row.drvpath);
-            return abort_build(shared, row.id, &row.drvpath, &reason).await;
+            return abort_build(shared, row.id, &row.drvpath, &reason)
+                .await
+                .map(|()| Some(0));
         }
     };
     let build = Build {
@@ -143,20 +176,30 @@ async fn load_build(
     // read again (it is valid now, or failed).
     for _ in 0..5 {
         match loader::plan(shared, client, &drv_path).await? {
-            Planned::Cached => return finish_cached(shared, client, &build).await,
+            Planned::Cached => {
+                return finish_cached(shared, client, &build)
+                    .await
+                    .map(|()| Some(1));
+            }
             Planned::InDestination {
                 outputs,
                 size,
                 closure_size,
             } => {
                 return finish_cached_in_destination(shared, &build, &outputs, size, closure_size)
-                    .await;
+                    .await
+                    .map(|()| Some(1));
             }
-            Planned::CachedFailure { drv } => return fail_cached(shared, &build, &drv).await,
+            Planned::CachedFailure { drv } => {
+                return fail_cached(shared, &build, &drv).await.map(|()| Some(0));
+            }
             Planned::Unloadable { reason } => {
-                return abort_build(shared, build.id, &row.drvpath, &reason).await;
+                return abort_build(shared, build.id, &row.drvpath, &reason)
+                    .await
+                    .map(|()| Some(0));
             }
             Planned::Steps(plan) => {
+                let cached = plan.cached;
                 let inserted =
                     shared
                         .graph
@@ -164,14 +207,14 @@ async fn load_build(
                         .insert_build(build.clone(), plan, Instant::now());
                 match inserted {
                     // The dispatcher is woken once the whole batch is in.
-                    Ok(_runnable) => return Ok(()),
+                    Ok(_runnable) => return Ok(Some(cached)),
                     Err(InsertError::Vanished(step)) => {
                         tracing::debug!(
                             build = build.id,
                             "step {step} finished during loading; reloading"
                         );
                     }
-                    Err(InsertError::Duplicate(_)) => return Ok(()),
+                    Err(InsertError::Duplicate(_)) => return Ok(None),
                 }
             }
         }
@@ -180,7 +223,7 @@ async fn load_build(
         build = build.id,
         "the build's steps kept changing while it loaded; will retry on the next pass"
     );
-    Ok(())
+    Ok(None)
 }
 
 /// Every output of the build is valid already: a cached build (Hydra
@@ -325,17 +368,29 @@ async fn apply_changes(shared: &Shared, cursor: i64) -> Result<i64, Fatal> {
         return Ok(cursor);
     };
     let mut gone = Vec::new();
+    let mut gone_soft = Vec::new();
     for (_, build, kind) in &changes {
         match kind.as_str() {
-            "cancelled" | "deleted" => gone.push(*build),
+            "cancelled" => {
+                if emit_cancelled(shared, *build).await? {
+                    gone_soft.push(*build);
+                } else {
+                    gone.push(*build);
+                }
+            }
+            "deleted" => gone.push(*build),
             "restarted" => {
+                let queued = NewEvent::new(Kind::Queued, vec![*build]).detail("restarted");
+                crate::events::emit_now(&shared.pool, &[queued]).await?;
                 let row: Option<QueuedBuild> = sqlx::query_as(&format!("{QUEUED} and b.id = $1"))
                     .bind(build)
                     .fetch_optional(&shared.pool)
                     .await?;
                 if let Some(row) = row {
                     let mut client = shared.store.client().await?;
-                    load_build(shared, &mut client, row).await?;
+                    if let Some(cached) = load_build(shared, &mut client, row).await? {
+                        record_plans(shared, &[(*build, cached)]).await?;
+                    }
                     shared.wake();
                 }
             }
@@ -353,6 +408,18 @@ async fn apply_changes(shared: &Shared, cursor: i64) -> Result<i64, Fatal> {
             _ => {}
         }
     }
+    if !gone_soft.is_empty() {
+        let dropped = shared
+            .graph
+            .lock()
+            .remove_builds_keeping_running(&gone_soft);
+        tracing::info!(
+            "{} builds were superseded, their running steps may finish; {} steps dropped",
+            gone_soft.len(),
+            dropped.steps.len()
+        );
+        completion::drop_steps(shared, dropped).await?;
+    }
     if !gone.is_empty() {
         let dropped = shared.graph.lock().remove_builds(&gone);
         tracing::info!(
@@ -367,6 +434,22 @@ async fn apply_changes(shared: &Shared, cursor: i64) -> Result<i64, Fatal> {
         .execute(&shared.pool)
         .await?;
     Ok(last)
+}
+
+/// The `cancelled` event of a build, with the reason the API recorded (a
+/// cancel from Hydra's web interface has none). Returns whether its
+/// running steps may finish (a soft supersede).
+async fn emit_cancelled(shared: &Shared, build: BuildId) -> Result<bool, Fatal> {
+    let row: Option<(String, bool)> =
+        sqlx::query_as("select reason, keep_running from hqr_cancellations where build = $1")
+            .bind(build)
+            .fetch_optional(&shared.pool)
+            .await?;
+    let mut event =
+        NewEvent::new(Kind::Cancelled, vec![build]).status(BuildStatus::Cancelled.code());
+    event.detail = row.as_ref().map(|r| r.0.clone());
+    crate::events::emit_now(&shared.pool, &[event]).await?;
+    Ok(row.is_some_and(|r| r.1))
 }
 
 /// Jobsets' scheduling shares, and their build time in the last 24 hours.

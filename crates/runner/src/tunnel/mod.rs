@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::completion::{self, ReportError};
 use crate::dispatch::machines::Machine;
+use crate::events::{Kind, NewEvent};
 use crate::{Fatal, Shared};
 
 /// TLS of the builder service, from the files read once at start (a bad
@@ -104,10 +105,25 @@ pub async fn serve(
             Ok(request)
         },
     );
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<RunnerServiceServer<BuilderTunnel>>()
+        .await;
+    health
+        .set_serving::<hydra_proto::client::client_service_server::ClientServiceServer<crate::api::ClientApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(hydra_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the compiled descriptors are valid");
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(interval))
         .http2_keepalive_timeout(Some(timeout))
-        .add_service(service);
+        .add_service(service)
+        .add_service(crate::api::service(shared.clone()))
+        .add_service(health_service)
+        .add_service(reflection);
     match tls.acceptor {
         None => {
             server
@@ -164,7 +180,7 @@ fn tls_handshakes(
 }
 
 /// The `authorization` header of a call, if any.
-fn bearer<T>(request: &Request<T>) -> Option<&str> {
+pub(crate) fn bearer<T>(request: &Request<T>) -> Option<&str> {
     request
         .metadata()
         .get("authorization")
@@ -417,13 +433,19 @@ async fn control_loop(
                     .attempts
                     .lock()
                     .owned(&p.attempt_id, connection)
-                    .map(|a| (a.build, a.stepnr))
+                    .map(|a| {
+                        let event = NewEvent::new(Kind::StepProgress, a.builds.clone())
+                            .drv(shared.store.dir().display(&a.drv_path))
+                            .machine(a.machine.as_str())
+                            .detail(phase_name(p.phase()));
+                        (a.build, a.stepnr, event)
+                    })
                     .ok();
-                if let Some((build, stepnr)) = row {
+                if let Some((build, stepnr, event)) = row {
                     let busy = busy_code(p.phase());
-                    if let Err(e) =
-                        crate::record::set_step_progress(&shared.pool, build, stepnr, busy).await
-                    {
+                    let progress =
+                        crate::record::set_step_progress(&shared.pool, build, stepnr, busy, event);
+                    if let Err(e) = progress.await {
                         shared.die(e.into());
                         return "the runner is stopping".into();
                     }
@@ -433,6 +455,18 @@ async fn control_loop(
                 return "the builder sent a second Join or an empty message".into();
             }
         }
+    }
+}
+
+/// The phase as events name it.
+fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Unspecified | Phase::Preparing => "preparing",
+        Phase::SendingInputs => "sending-inputs",
+        Phase::Building => "building",
+        Phase::WaitingForLocalSlot => "waiting-for-local-slot",
+        Phase::ReceivingOutputs => "receiving-outputs",
+        Phase::PostProcessing => "post-processing",
     }
 }
 

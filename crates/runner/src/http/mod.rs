@@ -1,6 +1,9 @@
 //! The runner's HTTP endpoint for operators and monitoring (`http_listen`):
-//! `GET /status` (the status document of [`crate::status`], live) and
-//! `GET /metrics` (Prometheus text format).
+//! `GET /` (a read-only status page for a browser), `GET /status` (the
+//! status document of [`crate::status`], live) and `GET /metrics`
+//! (Prometheus text format).
+
+mod page;
 
 use std::fmt::Write;
 use std::sync::Arc;
@@ -25,6 +28,7 @@ pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) -> Re
         started: Instant::now(),
     });
     let router = Router::new()
+        .route("/", get(page))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .with_state(app);
@@ -39,6 +43,11 @@ async fn status(State(app): State<Arc<App>>) -> impl IntoResponse {
         doc["uploads"] = uploads;
     }
     Json(doc)
+}
+
+async fn page(State(app): State<Arc<App>>) -> impl IntoResponse {
+    let html = page::render(&app.shared, app.started);
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html)
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
@@ -174,6 +183,16 @@ async fn render(shared: &Shared) -> String {
             &pick("done"),
         );
     }
+    shared.metrics.step_seconds.lock().render(
+        &mut out,
+        "hqr_step_duration_seconds",
+        "Attempts from dispatch to their end, whatever the outcome.",
+    );
+    shared.metrics.dispatch_seconds.lock().render(
+        &mut out,
+        "hqr_dispatch_latency_seconds",
+        "From a step becoming runnable to its job being sent to a machine.",
+    );
     family(
         &mut out,
         "hqr_db_pool_connections",

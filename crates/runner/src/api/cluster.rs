@@ -1,0 +1,301 @@
+//! The farm as the dispatcher sees it: queues per system, machines, drain,
+//! and why a build's steps are not running.
+
+use std::collections::BTreeMap;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use hydra_proto::client::*;
+
+use super::{ApiError, build_id};
+use crate::Shared;
+use crate::dispatch::machines::Availability;
+use crate::graph::{Step, StepState};
+
+pub async fn status(shared: &Shared) -> Result<ClusterStatusResponse, ApiError> {
+    let counts = shared.queue_counts();
+    let per_system = shared.graph.lock().steps_per_system();
+    let systems = per_system
+        .into_iter()
+        .map(|(system, s)| SystemQueue {
+            system,
+            runnable: s.runnable,
+            running: s.running,
+            waiting: s.waiting,
+        })
+        .collect();
+    let machines = shared.machines.lock().connected().count() as u32;
+    let last_event_seq = crate::events::last_seq(&shared.pool).await? as u64;
+    Ok(ClusterStatusResponse {
+        queued_builds: counts.builds as u32,
+        steps: counts.steps as u32,
+        runnable: counts.runnable as u32,
+        running: counts.running as u32,
+        systems,
+        machines,
+        last_event_seq,
+    })
+}
+
+pub fn machines(shared: &Shared) -> MachinesResponse {
+    let now = Instant::now();
+    let mut current: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for a in shared.attempts.lock().iter() {
+        current
+            .entry(a.machine.clone())
+            .or_default()
+            .push(shared.store.dir().display(&a.drv_path));
+    }
+    let machines = shared.machines.lock();
+    let mut out: Vec<MachineInfo> = machines
+        .connected()
+        .map(|m| {
+            let health = machines.health(&m.name);
+            MachineInfo {
+                name: m.name.clone(),
+                systems: m.systems.clone(),
+                supported_features: m.supported_features.clone(),
+                mandatory_features: m.mandatory_features.clone(),
+                max_jobs: m.max_jobs,
+                running: m.running.len() as u32,
+                load1: m.load1,
+                speed_factor: m.speed_factor,
+                current_steps: current.remove(&m.name).unwrap_or_default(),
+                drained: machines.is_drained(&m.name),
+                rested_for_secs: health
+                    .rested_until
+                    .map_or(0, |t| t.saturating_duration_since(now).as_secs()),
+                consecutive_failures: health.consecutive_failures,
+                connected: true,
+            }
+        })
+        .collect();
+    // Drained machines that are not connected are still worth showing.
+    for name in machines.drained_names() {
+        if machines.get(name).is_none() {
+            out.push(MachineInfo {
+                name: name.clone(),
+                drained: true,
+                ..Default::default()
+            });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    MachinesResponse { machines: out }
+}
+
+/// Drains or undrains `name` (persisted, so a restart keeps it).
+pub async fn set_drained(
+    shared: &Shared,
+    name: &str,
+    drained: bool,
+) -> Result<DrainResponse, ApiError> {
+    if name.is_empty() {
+        return Err(ApiError::Invalid("which machine?".into()));
+    }
+    if drained {
+        sqlx::query("insert into hqr_drained_machines (name) values ($1) on conflict do nothing")
+            .bind(name)
+            .execute(&shared.pool)
+            .await?;
+    } else {
+        sqlx::query("delete from hqr_drained_machines where name = $1")
+            .bind(name)
+            .execute(&shared.pool)
+            .await?;
+    }
+    shared.machines.lock().set_drained(name, drained);
+    tracing::info!(
+        machine = name,
+        "{}",
+        if drained { "drained" } else { "undrained" }
+    );
+    shared.wake();
+    Ok(DrainResponse { drained })
+}
+
+/// Reads the drained machines into the dispatcher's view (at start).
+pub async fn load_drained(shared: &Shared) -> Result<(), sqlx::Error> {
+    let names: Vec<String> = sqlx::query_scalar("select name from hqr_drained_machines")
+        .fetch_all(&shared.pool)
+        .await?;
+    let mut machines = shared.machines.lock();
+    for n in names {
+        machines.set_drained(&n, true);
+    }
+    Ok(())
+}
+
+pub async fn explain(shared: &Shared, req: ExplainRequest) -> Result<ExplainResponse, ApiError> {
+    let id = build_id(req.build_id)?;
+    let steps = {
+        let graph = shared.graph.lock();
+        if graph.build(id).is_none() {
+            None
+        } else {
+            let machines = shared.machines.lock();
+            let config = shared.config();
+            let now = Instant::now();
+            let explained: Vec<StepExplanation> = graph
+                .steps_of_build(id)
+                .into_iter()
+                .filter_map(|s| graph.step(s))
+                .filter(|s| {
+                    req.drv_path.is_empty()
+                        || shared.store.dir().display(&s.drv_path) == req.drv_path
+                })
+                .map(|s| {
+                    let mut e = explain_step(s, &machines, config.min_free_disk, now);
+                    e.drv_path = shared.store.dir().display(&s.drv_path);
+                    e
+                })
+                .collect();
+            Some(explained)
+        }
+    };
+    let Some(steps) = steps else {
+        return explain_absent(shared, id).await;
+    };
+    if steps.is_empty() && !req.drv_path.is_empty() {
+        return Err(ApiError::NotFound(format!(
+            "build {id} does not need {} (or it is built already)",
+            req.drv_path
+        )));
+    }
+    Ok(ExplainResponse {
+        summary: summarise(id, &steps),
+        steps,
+    })
+}
+
+/// A build the graph does not have: finished, or not read yet.
+async fn explain_absent(shared: &Shared, id: i32) -> Result<ExplainResponse, ApiError> {
+    let row: Option<(i32, Option<i32>)> =
+        sqlx::query_as("select finished, buildStatus from Builds where id = $1")
+            .bind(id)
+            .fetch_optional(&shared.pool)
+            .await?;
+    let summary = match row {
+        None => return Err(ApiError::NotFound(format!("there is no build {id}"))),
+        Some((1, status)) => format!(
+            "build {id} is finished ({})",
+            super::query::status_name(true, status, false)
+        ),
+        Some(_) => {
+            format!("build {id} is queued but not loaded yet: the queue monitor reads it next")
+        }
+    };
+    Ok(ExplainResponse {
+        summary,
+        steps: Vec::new(),
+    })
+}
+
+fn explain_step(
+    step: &Step,
+    machines: &crate::dispatch::machines::Machines,
+    min_free_disk: u64,
+    now: Instant,
+) -> StepExplanation {
+    let mut e = StepExplanation {
+        system: step.system.clone(),
+        ..Default::default()
+    };
+    let (reason, detail): (&str, String) = match &step.state {
+        StepState::Running { machine, .. } => ("running", format!("running on {machine}")),
+        StepState::Waiting => {
+            e.waiting_for = step.deps.len() as u32;
+            (
+                "waiting-for-dependencies",
+                format!("waiting for {} dependencies to be built", step.deps.len()),
+            )
+        }
+        StepState::Resolving => (
+            "resolving",
+            "its inputs are built; the resolver is writing the resolved derivation".into(),
+        ),
+        StepState::Finished => ("finished", "finished".into()),
+        StepState::Runnable {
+            not_before: Some(t),
+            ..
+        } if *t > now => {
+            e.until = unix(*t, now);
+            (
+                "backoff",
+                format!(
+                    "backing off after {} aborted attempts, until {}s from now",
+                    step.aborted_attempts,
+                    t.duration_since(now).as_secs()
+                ),
+            )
+        }
+        StepState::Runnable { .. } => {
+            let features = &step.required_features;
+            match machines.availability(&step.system, features, min_free_disk, now) {
+                Availability::Unsupported => (
+                    "no-machine",
+                    format!(
+                        "no connected machine builds {}{}",
+                        step.system,
+                        if features.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" with features {}", features.join(", "))
+                        }
+                    ),
+                ),
+                Availability::Drained => (
+                    "machines-drained",
+                    "every machine that could build it is drained".into(),
+                ),
+                Availability::Rested { until } => {
+                    e.until = unix(until, now);
+                    (
+                        "machines-rested",
+                        format!(
+                            "every machine that could build it is resting after repeated failures, for {}s more",
+                            until.saturating_duration_since(now).as_secs()
+                        ),
+                    )
+                }
+                Availability::LowDisk => (
+                    "low-disk",
+                    "every machine that could build it is short of disk".into(),
+                ),
+                Availability::NoFreeSlot { machines, slots } => (
+                    "no-free-slot",
+                    format!(
+                        "all {slots} slots of the {machines} machines that could build it are busy"
+                    ),
+                ),
+                Availability::Free => (
+                    "dispatching",
+                    "a machine is free: the next dispatch round takes it".into(),
+                ),
+            }
+        }
+    };
+    e.reason = reason.to_owned();
+    e.detail = detail;
+    e
+}
+
+fn summarise(id: i32, steps: &[StepExplanation]) -> String {
+    let mut by_reason: BTreeMap<&str, usize> = BTreeMap::new();
+    for s in steps {
+        *by_reason.entry(s.reason.as_str()).or_default() += 1;
+    }
+    let parts: Vec<String> = by_reason.iter().map(|(r, n)| format!("{n} {r}")).collect();
+    format!(
+        "build {id}: {} steps to go ({})",
+        steps.len(),
+        parts.join(", ")
+    )
+}
+
+/// `t` (a monotonic instant) as Unix seconds.
+fn unix(t: Instant, now: Instant) -> i64 {
+    let wall = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    wall + t.saturating_duration_since(now).as_secs() as i64
+}

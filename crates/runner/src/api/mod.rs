@@ -1,0 +1,200 @@
+//! The client API (`hydra.client.v1`), for services that submit builds and
+//! for the operator CLI. It is served beside the builders' service, on the
+//! same address (and TLS), with gRPC health and reflection.
+//!
+//! Each call is a thin adapter onto one of:
+//! - [`builds`]: the writes (submit, supersede, cancel, restart, bump),
+//!   which go through PostgreSQL and Hydra's notifications exactly as
+//!   Hydra's own front end does, so the queue monitor applies them;
+//! - [`query`]: build status, per-step counters and listings;
+//! - [`follow`]: the streams (events, logs);
+//! - [`cluster`]: queues, machines, drain, and why a step is not running.
+//!
+//! A database error here fails the call (`UNAVAILABLE`), not the runner:
+//! the database watchdog is what stops a runner whose database is gone.
+
+pub mod builds;
+pub mod cluster;
+pub mod follow;
+pub mod priority;
+pub mod query;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use hydra_proto::client::client_service_server::{ClientService, ClientServiceServer};
+use hydra_proto::client::*;
+use thiserror::Error;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::Shared;
+use crate::store::StoreError;
+
+/// Why a client call failed.
+#[derive(Debug, Error)]
+pub enum ApiError {
+    /// The request is wrong: the message says how.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Logs(#[from] crate::logs::LogError),
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        let msg = e.to_string();
+        match e {
+            ApiError::Invalid(_) => Status::invalid_argument(msg),
+            ApiError::NotFound(_) => Status::not_found(msg),
+            ApiError::Store(s) if !s.is_infrastructure() => Status::invalid_argument(msg),
+            ApiError::Database(_) | ApiError::Store(_) => Status::unavailable(msg),
+            ApiError::Logs(_) => Status::internal(msg),
+        }
+    }
+}
+
+/// A build id from the wire (uint64) as Hydra's (integer).
+pub(crate) fn build_id(id: u64) -> Result<i32, ApiError> {
+    i32::try_from(id)
+        .ok()
+        .filter(|i| *i > 0)
+        .ok_or_else(|| ApiError::Invalid(format!("{id} is not a build id")))
+}
+
+pub(crate) fn build_ids(ids: &[u64]) -> Result<Vec<i32>, ApiError> {
+    ids.iter().map(|i| build_id(*i)).collect()
+}
+
+pub struct ClientApi {
+    shared: Arc<Shared>,
+}
+
+/// The client service, with its token check, for the runner's gRPC server.
+pub fn service(
+    shared: Arc<Shared>,
+) -> tonic::service::interceptor::InterceptedService<
+    ClientServiceServer<ClientApi>,
+    impl tonic::service::Interceptor + Clone,
+> {
+    let tokens = shared.clone();
+    let server = ClientServiceServer::new(ClientApi { shared }).max_decoding_message_size(64 << 20);
+    tonic::service::interceptor::InterceptedService::new(server, move |request: Request<()>| {
+        let token = crate::tunnel::bearer(&request);
+        tokens
+            .client_tokens
+            .read()
+            .check_client(token)
+            .inspect_err(|status| {
+                let from = request.remote_addr();
+                tracing::warn!(?from, "refused a client call: {}", status.message());
+            })?;
+        Ok(request)
+    })
+}
+
+type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ClientService for ClientApi {
+    async fn submit(&self, r: Request<SubmitRequest>) -> Result<Response<SubmitResponse>, Status> {
+        Ok(Response::new(
+            builds::submit(&self.shared, r.into_inner()).await?,
+        ))
+    }
+
+    async fn get_build(&self, r: Request<GetBuildRequest>) -> Result<Response<BuildInfo>, Status> {
+        let id = build_id(r.into_inner().build_id)?;
+        Ok(Response::new(query::get_build(&self.shared, id).await?))
+    }
+
+    async fn cancel(&self, r: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
+        Ok(Response::new(
+            builds::cancel(&self.shared, r.into_inner()).await?,
+        ))
+    }
+
+    async fn restart(
+        &self,
+        r: Request<RestartRequest>,
+    ) -> Result<Response<RestartResponse>, Status> {
+        Ok(Response::new(
+            builds::restart(&self.shared, r.into_inner()).await?,
+        ))
+    }
+
+    async fn bump(&self, r: Request<BumpRequest>) -> Result<Response<BumpResponse>, Status> {
+        Ok(Response::new(
+            builds::bump(&self.shared, r.into_inner()).await?,
+        ))
+    }
+
+    async fn list_builds(
+        &self,
+        r: Request<ListBuildsRequest>,
+    ) -> Result<Response<ListBuildsResponse>, Status> {
+        Ok(Response::new(
+            query::list_builds(&self.shared, r.into_inner()).await?,
+        ))
+    }
+
+    type GetLogStream = Streamed<LogLines>;
+
+    async fn get_log(
+        &self,
+        r: Request<GetLogRequest>,
+    ) -> Result<Response<Self::GetLogStream>, Status> {
+        let stream = follow::log(self.shared.clone(), r.into_inner()).await?;
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type WatchStream = Streamed<Event>;
+
+    async fn watch(&self, r: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let stream = follow::events(self.shared.clone(), r.into_inner())?;
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn cluster_status(
+        &self,
+        _: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        Ok(Response::new(cluster::status(&self.shared).await?))
+    }
+
+    async fn machines(
+        &self,
+        _: Request<MachinesRequest>,
+    ) -> Result<Response<MachinesResponse>, Status> {
+        Ok(Response::new(cluster::machines(&self.shared)))
+    }
+
+    async fn drain(&self, r: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
+        let name = r.into_inner().machine;
+        Ok(Response::new(
+            cluster::set_drained(&self.shared, &name, true).await?,
+        ))
+    }
+
+    async fn undrain(&self, r: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
+        let name = r.into_inner().machine;
+        Ok(Response::new(
+            cluster::set_drained(&self.shared, &name, false).await?,
+        ))
+    }
+
+    async fn explain(
+        &self,
+        r: Request<ExplainRequest>,
+    ) -> Result<Response<ExplainResponse>, Status> {
+        Ok(Response::new(
+            cluster::explain(&self.shared, r.into_inner()).await?,
+        ))
+    }
+}

@@ -1,0 +1,263 @@
+//! The durable event log that clients watch (`hqr_events`).
+//!
+//! Events are written in the same transaction as the change they describe,
+//! so an event exists exactly when its change committed. Their sequence
+//! numbers are assigned under a transaction-scoped advisory lock that is
+//! held until commit: events therefore become visible in `seq` order, and
+//! a watcher that resumes after the last `seq` it saw neither misses an
+//! event committed later with a smaller number nor sees one twice.
+//! `pg_notify('hqr_events')`, delivered on commit, wakes the watchers.
+
+use sqlx::PgConnection;
+use sqlx::PgPool;
+
+use crate::graph::BuildId;
+
+/// The advisory lock (two-key form, apart from the runner's active lock)
+/// that orders event numbers.
+const SEQUENCE_LOCK: (i32, i32) = (0x6871_7200, 1);
+
+/// What happened; the `kind` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Queued,
+    StepStarted,
+    StepProgress,
+    StepFinished,
+    Resolved,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Queued => "queued",
+            Kind::StepStarted => "step_started",
+            Kind::StepProgress => "step_progress",
+            Kind::StepFinished => "step_finished",
+            Kind::Resolved => "resolved",
+            Kind::Completed => "completed",
+            Kind::Failed => "failed",
+            Kind::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        [
+            Kind::Queued,
+            Kind::StepStarted,
+            Kind::StepProgress,
+            Kind::StepFinished,
+            Kind::Resolved,
+            Kind::Completed,
+            Kind::Failed,
+            Kind::Cancelled,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+
+    /// The event that ends a build finished with Hydra status `status`.
+    pub fn of_build_status(status: i32) -> Kind {
+        match status {
+            0 => Kind::Completed,
+            4 => Kind::Cancelled,
+            _ => Kind::Failed,
+        }
+    }
+}
+
+/// An event to write.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub kind: Kind,
+    pub builds: Vec<BuildId>,
+    pub drv_path: Option<String>,
+    pub machine: Option<String>,
+    pub status: Option<i32>,
+    pub detail: Option<String>,
+}
+
+impl NewEvent {
+    pub fn new(kind: Kind, builds: Vec<BuildId>) -> NewEvent {
+        NewEvent {
+            kind,
+            builds,
+            drv_path: None,
+            machine: None,
+            status: None,
+            detail: None,
+        }
+    }
+
+    pub fn drv(mut self, drv: impl Into<String>) -> Self {
+        self.drv_path = Some(drv.into());
+        self
+    }
+
+    pub fn machine(mut self, m: impl Into<String>) -> Self {
+        self.machine = Some(m.into());
+        self
+    }
+
+    pub fn status(mut self, s: i32) -> Self {
+        self.status = Some(s);
+        self
+    }
+
+    pub fn detail(mut self, d: impl Into<String>) -> Self {
+        self.detail = Some(d.into());
+        self
+    }
+}
+
+/// `step_finished` for an attempt that ended with `status`.
+pub fn step_finished(
+    drv: &str,
+    attempt: &crate::attempts::Attempt,
+    status: hydra_db::status::BuildStatus,
+    reason: Option<&str>,
+) -> NewEvent {
+    let mut e = NewEvent::new(Kind::StepFinished, attempt.builds.clone())
+        .drv(drv)
+        .machine(attempt.machine.as_str())
+        .status(status.code());
+    e.detail = reason.map(str::to_owned);
+    e
+}
+
+/// A stored event.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct EventRow {
+    pub seq: i64,
+    pub kind: String,
+    pub builds: Vec<i32>,
+    pub at: i64,
+    pub drv_path: Option<String>,
+    pub machine: Option<String>,
+    pub status: Option<i32>,
+    pub detail: Option<String>,
+}
+
+/// Writes `events` in `tx`, numbered after every committed event.
+pub async fn emit(tx: &mut PgConnection, events: &[NewEvent]) -> Result<(), sqlx::Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("select pg_advisory_xact_lock($1, $2)")
+        .bind(SEQUENCE_LOCK.0)
+        .bind(SEQUENCE_LOCK.1)
+        .execute(&mut *tx)
+        .await?;
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    let builds: Vec<String> = events.iter().map(|e| int_array(&e.builds)).collect();
+    let drvs: Vec<Option<&str>> = events.iter().map(|e| e.drv_path.as_deref()).collect();
+    let machines: Vec<Option<&str>> = events.iter().map(|e| e.machine.as_deref()).collect();
+    let statuses: Vec<Option<i32>> = events.iter().map(|e| e.status).collect();
+    let details: Vec<Option<&str>> = events.iter().map(|e| e.detail.as_deref()).collect();
+    sqlx::query(
+        "insert into hqr_events (seq, kind, builds, drv_path, machine, status, detail)
+         select m.top + e.ord, e.kind, e.builds::integer[], e.drv, e.machine, e.status, e.detail
+           from (select coalesce(max(seq), 0) as top from hqr_events) m,
+                unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::integer[], $6::text[])
+                  with ordinality as e(kind, builds, drv, machine, status, detail, ord)",
+    )
+    .bind(&kinds)
+    .bind(&builds)
+    .bind(&drvs)
+    .bind(&machines)
+    .bind(&statuses)
+    .bind(&details)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("select pg_notify('hqr_events', '')")
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Writes `events` in a transaction of their own.
+pub async fn emit_now(pool: &PgPool, events: &[NewEvent]) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    emit(&mut tx, events).await?;
+    tx.commit().await
+}
+
+/// `queued` events for the builds among `ids` that have none yet (the
+/// loader's builds; a restart writes its own).
+pub async fn emit_queued_once(pool: &PgPool, ids: &[BuildId]) -> Result<(), sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let fresh: Vec<i32> = sqlx::query_scalar(
+        "select b from unnest($1::integer[]) b
+          where not exists (select 1 from hqr_events e where e.builds @> array[b] and e.kind = 'queued')",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
+    let events: Vec<NewEvent> = fresh
+        .into_iter()
+        .map(|b| NewEvent::new(Kind::Queued, vec![b]))
+        .collect();
+    emit_now(pool, &events).await
+}
+
+/// Up to `limit` events after `after`, of `build` or of all.
+pub async fn read_after(
+    pool: &PgPool,
+    build: Option<BuildId>,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<EventRow>, sqlx::Error> {
+    sqlx::query_as(
+        "select seq, kind, builds, at, drv_path, machine, status, detail from hqr_events
+          where seq > $1 and ($2::integer is null or builds @> array[$2::integer])
+          order by seq limit $3",
+    )
+    .bind(after)
+    .bind(build)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// The newest event's number (0 when there is none).
+pub async fn last_seq(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("select coalesce(max(seq), 0) from hqr_events")
+        .fetch_one(pool)
+        .await
+}
+
+fn int_array(ids: &[BuildId]) -> String {
+    let parts: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+    format!("{{{}}}", parts.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_round_trip_through_their_column_names() {
+        for k in [Kind::Queued, Kind::StepProgress, Kind::Cancelled] {
+            assert_eq!(Kind::parse(k.as_str()), Some(k));
+        }
+        assert_eq!(Kind::parse("exploded"), None);
+    }
+
+    #[test]
+    fn a_finished_build_maps_to_its_ending_event() {
+        assert_eq!(Kind::of_build_status(0), Kind::Completed);
+        assert_eq!(Kind::of_build_status(4), Kind::Cancelled);
+        assert_eq!(Kind::of_build_status(2), Kind::Failed);
+    }
+
+    #[test]
+    fn build_lists_are_postgres_array_literals() {
+        assert_eq!(int_array(&[]), "{}");
+        assert_eq!(int_array(&[3, 17]), "{3,17}");
+    }
+}
