@@ -31,7 +31,9 @@ create table hqr_events (
     kind     text not null check (kind in ('queued', 'step_started', 'step_progress',
                  'step_finished', 'resolved', 'completed', 'failed', 'cancelled')),
     builds   integer[] not null,
-    at       bigint not null default extract(epoch from now())::bigint,
+    -- Unix milliseconds when the row was written (not when its transaction
+    -- began), so that benchmarks can time steps from the log.
+    at_ms    bigint not null default (extract(epoch from clock_timestamp()) * 1000)::bigint,
     drv_path text,
     machine  text,
     status   integer,

@@ -76,6 +76,7 @@ async fn events_until_finished(api: &mut ApiClient, id: u64, after: u64) -> Vec<
             build_id: id,
             after_seq: after,
             until_finished: true,
+            include_logs: false,
         })
         .await
         .unwrap()
@@ -144,6 +145,32 @@ async fn a_build_is_submitted_watched_logged_and_listed_with_right_counters() {
     counters_become(&mut api, id, [2, 0, 0, 1, 1, 0]).await;
     assert_eq!(build(&mut api, id).await.status, "running");
 
+    // A watcher that asked for log lines gets the running step's too.
+    let with_logs = tokio::spawn({
+        let mut api = api.clone();
+        async move {
+            let mut s = api
+                .watch(WatchRequest {
+                    build_id: id,
+                    until_finished: true,
+                    include_logs: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut lines = Vec::new();
+            while let Some(e) = tokio::time::timeout(LIMIT, s.next()).await.unwrap() {
+                let e = e.unwrap();
+                if e.kind == EventKind::Log as i32 {
+                    assert_eq!(e.seq, 0, "log lines are not durable events");
+                    lines.push(e.detail);
+                }
+            }
+            lines
+        }
+    });
+
     // Follow the running log from line 1: lines 1 and 2 now, 3 after the gate.
     let mut log = api
         .get_log(GetLogRequest {
@@ -174,6 +201,8 @@ async fn a_build_is_submitted_watched_logged_and_listed_with_right_counters() {
         lines, want,
         "every line once, numbered, until the step ended"
     );
+    let live: Vec<String> = (0..=3).map(|n| format!("line {n}")).collect();
+    assert_eq!(with_logs.await.unwrap(), live);
 
     // The whole story, from the first event on.
     let events = events_until_finished(&mut api, id, 0).await;
@@ -291,6 +320,7 @@ async fn a_resumed_watcher_gets_every_later_event_exactly_once() {
                         build_id: one,
                         after_seq: seen.last().map_or(0, |e| e.seq),
                         until_finished: true,
+                        include_logs: false,
                     })
                     .await
                     .unwrap()
@@ -514,7 +544,11 @@ async fn a_hard_supersede_aborts_the_older_builds_running_steps() {
     let Superseded { farm, old, new, .. } = supersede(SupersedeMode::Hard).await;
     let mut api = farm.api().await.unwrap();
     let events = events_until_finished(&mut api, new, 0).await;
-    assert_eq!(events.last().unwrap().kind, EventKind::Completed as i32);
+    assert_eq!(
+        events.last().unwrap().kind,
+        EventKind::Completed as i32,
+        "{events:#?}"
+    );
     // The slow step's attempt was cancelled (4), not left to finish.
     let done = eventually(LIMIT, || async {
         Ok(step_status(&farm, old, "-slow.drv").await)

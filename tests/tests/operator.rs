@@ -330,6 +330,12 @@ async fn metrics_parse_and_the_status_page_shows_a_machine_in_headless_chromium(
     assert_eq!(value("hqr_dispatch_latency_seconds"), Some(1.0));
     assert!(value("hqr_db_pool_connections").unwrap() >= 1.0);
     assert_eq!(value("hqr_queued_builds"), Some(0.0));
+    assert!(
+        metrics
+            .samples
+            .iter()
+            .any(|s| s.metric == "hqr_machine_slots")
+    );
 
     let profile = tempfile::tempdir().unwrap();
     let out = tokio::process::Command::new("chromium")

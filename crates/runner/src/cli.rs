@@ -55,6 +55,9 @@ pub enum ClientCommand {
         /// Resume after this event number.
         #[arg(long, default_value_t = 0)]
         after: u64,
+        /// Print the running steps' log lines too.
+        #[arg(long)]
+        logs: bool,
     },
     /// A step's log (a build's top-level step, or a `.drv` path).
     Logs {
@@ -164,7 +167,9 @@ pub async fn run(conn: &Connection, command: ClientCommand) -> Result<()> {
         ClientCommand::Submit(args) => submit(&mut client, &out, args).await,
         ClientCommand::Show { build } => show(&mut client, &out, build).await,
         ClientCommand::List(args) => list(&mut client, &out, args).await,
-        ClientCommand::Watch { build, after } => watch(&mut client, &out, build, after).await,
+        ClientCommand::Watch { build, after, logs } => {
+            watch(&mut client, &out, build, after, logs).await
+        }
         ClientCommand::Logs {
             target,
             follow,
@@ -560,13 +565,14 @@ fn kind_name(k: i32) -> &'static str {
         EventKind::Completed => "completed",
         EventKind::Failed => "failed",
         EventKind::Cancelled => "cancelled",
+        EventKind::Log => "log",
         EventKind::Unspecified => "unknown",
     }
 }
 
 fn event_json(e: &Event) -> Value {
     json!({
-        "seq": e.seq, "kind": kind_name(e.kind), "builds": e.build_ids, "time": e.time,
+        "seq": e.seq, "kind": kind_name(e.kind), "builds": e.build_ids, "time_ms": e.time_ms,
         "drv_path": e.drv_path, "machine": e.machine, "status": e.status, "detail": e.detail,
     })
 }
@@ -587,12 +593,19 @@ fn event_line(e: &Event) -> String {
     line
 }
 
-async fn watch(client: &mut Client, out: &Output, build: Option<u64>, after: u64) -> Result<()> {
+async fn watch(
+    client: &mut Client,
+    out: &Output,
+    build: Option<u64>,
+    after: u64,
+    logs: bool,
+) -> Result<()> {
     let mut stream = client
         .watch(WatchRequest {
             build_id: build.unwrap_or(0),
             after_seq: after,
             until_finished: build.is_some(),
+            include_logs: logs,
         })
         .await?
         .into_inner();
@@ -609,8 +622,15 @@ async fn watch(client: &mut Client, out: &Output, build: Option<u64>, after: u64
     while let Some(event) = stream.message().await? {
         if out.json {
             out.print_json(&event_json(&event))?;
+        } else if event.kind == EventKind::Log as i32 {
+            let step = event.drv_path.rsplit('/').next().unwrap_or("");
+            bar.println(format!("  {step}> {}", event.detail));
+            continue;
         } else {
             bar.println(event_line(&event));
+        }
+        if event.kind == EventKind::Log as i32 {
+            continue;
         }
         if let Some(id) = build {
             let b = client

@@ -134,7 +134,8 @@ pub struct EventRow {
     pub seq: i64,
     pub kind: String,
     pub builds: Vec<i32>,
-    pub at: i64,
+    /// Unix milliseconds.
+    pub at_ms: i64,
     pub drv_path: Option<String>,
     pub machine: Option<String>,
     pub status: Option<i32>,
@@ -213,7 +214,7 @@ pub async fn read_after(
     limit: i64,
 ) -> Result<Vec<EventRow>, sqlx::Error> {
     sqlx::query_as(
-        "select seq, kind, builds, at, drv_path, machine, status, detail from hqr_events
+        "select seq, kind, builds, at_ms, drv_path, machine, status, detail from hqr_events
           where seq > $1 and ($2::integer is null or builds @> array[$2::integer])
           order by seq limit $3",
     )

@@ -59,6 +59,14 @@ impl Histogram {
         self.counts.iter().sum()
     }
 
+    /// The mean observation, in seconds (0 without any).
+    pub fn mean(&self) -> f64 {
+        match self.count() {
+            0 => 0.0,
+            n => self.sum / n as f64,
+        }
+    }
+
     /// Writes the family in the Prometheus text format.
     pub fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}");
@@ -80,6 +88,9 @@ pub struct Metrics {
     pub step_seconds: Mutex<Histogram>,
     /// From a step becoming runnable to its job being sent to a machine.
     pub dispatch_seconds: Mutex<Histogram>,
+    /// One dispatcher round's decisions (sorting the runnable steps and
+    /// choosing machines), without sending the jobs.
+    pub round_seconds: Mutex<Histogram>,
 }
 
 impl Default for Metrics {
@@ -87,6 +98,7 @@ impl Default for Metrics {
         Metrics {
             step_seconds: Mutex::new(Histogram::new(DURATION_BOUNDS)),
             dispatch_seconds: Mutex::new(Histogram::new(LATENCY_BOUNDS)),
+            round_seconds: Mutex::new(Histogram::new(LATENCY_BOUNDS)),
         }
     }
 }

@@ -60,8 +60,10 @@ pub fn events(
         0 => None,
         id => Some(build_id(id)?),
     };
-    if req.until_finished && build.is_none() {
-        return Err(ApiError::Invalid("until_finished needs a build id".into()));
+    if (req.until_finished || req.include_logs) && build.is_none() {
+        return Err(ApiError::Invalid(
+            "until_finished and include_logs need a build id".into(),
+        ));
     }
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
@@ -73,7 +75,8 @@ pub fn events(
 }
 
 /// Sends events after `req.after_seq` until the client leaves (or the
-/// build ends, with `until_finished`).
+/// build ends, with `until_finished`), with the live log lines of the
+/// build's running steps between them when asked.
 async fn pump_events(
     shared: &Shared,
     build: Option<i32>,
@@ -83,8 +86,16 @@ async fn pump_events(
     let mut cursor = i64::try_from(req.after_seq)
         .map_err(|_| Status::invalid_argument("after_seq is out of range"))?;
     let mut tick = shared.event_tick.subscribe();
+    let mut logs = build.filter(|_| req.include_logs).map(LiveLogs::new);
     loop {
         tick.mark_unchanged();
+        if let Some(live) = &mut logs {
+            for line in live.poll(shared)? {
+                if tx.send(Ok(line)).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
         let rows = events::read_after(&shared.pool, build, cursor, PAGE)
             .await
             .map_err(ApiError::from)?;
@@ -102,15 +113,81 @@ async fn pump_events(
         if full_page {
             continue;
         }
-        if req.until_finished && build_ended(shared, build).await? {
+        if req.until_finished && build_ended(shared, build, cursor).await? {
             // Its ending event came before this stream's cursor.
             return Ok(());
         }
+        let wait = if logs.is_some() {
+            LOG_POLL
+        } else {
+            SAFETY_POLL
+        };
         tokio::select! {
             _ = tick.changed() => {}
-            _ = tokio::time::sleep(SAFETY_POLL) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = tx.closed() => return Ok(()),
         }
+    }
+}
+
+/// The logs of a build's running steps, read as they grow, for a watcher
+/// that asked for them. A step that stops running is read to its end once
+/// more, then forgotten.
+struct LiveLogs {
+    build: i32,
+    following: std::collections::HashMap<StorePath, (u64, LineCursor)>,
+}
+
+impl LiveLogs {
+    fn new(build: i32) -> LiveLogs {
+        LiveLogs {
+            build,
+            following: Default::default(),
+        }
+    }
+
+    fn poll(&mut self, shared: &Shared) -> Result<Vec<Event>, ApiError> {
+        let running: Vec<StorePath> = {
+            let graph = shared.graph.lock();
+            graph
+                .steps_of_build(self.build)
+                .into_iter()
+                .filter_map(|id| graph.step(id))
+                .filter(|s| matches!(s.state, StepState::Running { .. }))
+                .map(|s| s.drv_path.clone())
+                .collect()
+        };
+        for drv in &running {
+            self.following
+                .entry(drv.clone())
+                .or_insert_with(|| (0, LineCursor::new(0)));
+        }
+        let mut out = Vec::new();
+        let mut done = Vec::new();
+        for (drv, (offset, cursor)) in &mut self.following {
+            let ended = !running.contains(drv);
+            if let Some(bytes) = shared.logs.read_from(drv, *offset)? {
+                *offset += bytes.len() as u64;
+                let full = shared.store.dir().display(drv);
+                for line in cursor.push(&bytes, ended).lines {
+                    out.push(Event {
+                        seq: 0,
+                        kind: EventKind::Log as i32,
+                        build_ids: vec![self.build as u64],
+                        drv_path: full.clone(),
+                        detail: line,
+                        ..Default::default()
+                    });
+                }
+            }
+            if ended {
+                done.push(drv.clone());
+            }
+        }
+        for d in done {
+            self.following.remove(&d);
+        }
+        Ok(out)
     }
 }
 
@@ -121,16 +198,18 @@ fn ends_build(row: &EventRow) -> bool {
     )
 }
 
-/// Whether `build` is finished and its last event says so (a cancel
-/// finishes the row at once; its event follows when the queue monitor
-/// applies it). A build without events (finished before they existed)
-/// has ended too.
-async fn build_ended(shared: &Shared, build: Option<i32>) -> Result<bool, Status> {
+/// Whether `build` is finished and its last event, already sent (at or
+/// before `cursor`), says so. A cancel finishes the row at once and its
+/// event follows when the queue monitor applies it; an event committed
+/// after this stream's last read is not sent yet. A build without events
+/// (finished before they existed) has ended too.
+async fn build_ended(shared: &Shared, build: Option<i32>, cursor: i64) -> Result<bool, Status> {
     let Some(id) = build else { return Ok(false) };
-    let row: Option<(i32, Option<String>)> = sqlx::query_as(
-        "select b.finished, (select e.kind from hqr_events e where e.builds @> array[b.id]
-                               order by e.seq desc limit 1)
-           from Builds b where b.id = $1",
+    let row: Option<(i32, Option<i64>, Option<String>)> = sqlx::query_as(
+        "select b.finished, e.seq, e.kind from Builds b
+           left join lateral (select seq, kind from hqr_events
+                               where builds @> array[b.id] order by seq desc limit 1) e on true
+          where b.id = $1",
     )
     .bind(id)
     .fetch_optional(&shared.pool)
@@ -138,13 +217,19 @@ async fn build_ended(shared: &Shared, build: Option<i32>) -> Result<bool, Status
     .map_err(ApiError::from)?;
     match row {
         None => Err(Status::not_found(format!("there is no build {id}"))),
-        Some((finished, last)) => Ok(finished != 0
-            && last.is_none_or(|k| {
+        Some((finished, seq, kind)) => {
+            let ending = |k: &str| {
                 matches!(
-                    Kind::parse(&k),
+                    Kind::parse(k),
                     Some(Kind::Completed | Kind::Failed | Kind::Cancelled)
                 )
-            })),
+            };
+            Ok(finished != 0
+                && match (seq, kind) {
+                    (Some(seq), Some(k)) => seq <= cursor && ending(&k),
+                    _ => true,
+                })
+        }
     }
 }
 
@@ -164,7 +249,7 @@ pub fn to_wire(row: EventRow) -> Event {
         seq: row.seq as u64,
         kind: kind as i32,
         build_ids: row.builds.iter().map(|b| *b as u64).collect(),
-        time: row.at,
+        time_ms: row.at_ms,
         drv_path: row.drv_path.unwrap_or_default(),
         machine: row.machine.unwrap_or_default(),
         status: row.status,

@@ -52,7 +52,9 @@ pub struct Round {
 
 pub async fn run(shared: Arc<Shared>) -> Result<(), Fatal> {
     loop {
-        let round = plan_round(&shared, Instant::now());
+        let began = Instant::now();
+        let round = plan_round(&shared, began);
+        shared.metrics.round_seconds.lock().observe(began.elapsed());
         for step in round.unsupported {
             crate::completion::fail_unsupported(&shared, step).await?;
         }

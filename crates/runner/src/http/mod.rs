@@ -109,6 +109,34 @@ async fn render(shared: &Shared) -> String {
         "Attempts running on machines.",
         &one(running),
     );
+    let per_system = shared.graph.lock().steps_per_system();
+    let by_system = |pick: fn(&crate::graph::SystemSteps) -> u32| -> Vec<(String, f64)> {
+        per_system
+            .iter()
+            .map(|(system, s)| (label("system", system), pick(s) as f64))
+            .collect()
+    };
+    family(
+        &mut out,
+        "hqr_system_runnable_steps",
+        "gauge",
+        "Steps of a system waiting for a machine.",
+        &by_system(|s| s.runnable),
+    );
+    family(
+        &mut out,
+        "hqr_system_running_steps",
+        "gauge",
+        "Steps of a system running.",
+        &by_system(|s| s.running),
+    );
+    family(
+        &mut out,
+        "hqr_system_waiting_steps",
+        "gauge",
+        "Steps of a system waiting for their inputs.",
+        &by_system(|s| s.waiting),
+    );
     let mut slots = Vec::new();
     let mut busy = Vec::new();
     let mut failures = Vec::new();
@@ -192,6 +220,11 @@ async fn render(shared: &Shared) -> String {
         &mut out,
         "hqr_dispatch_latency_seconds",
         "From a step becoming runnable to its job being sent to a machine.",
+    );
+    shared.metrics.round_seconds.lock().render(
+        &mut out,
+        "hqr_dispatch_round_seconds",
+        "One dispatcher round's decisions (sorting runnable steps, choosing machines).",
     );
     family(
         &mut out,
