@@ -227,6 +227,7 @@ async fn session(
             .max_decoding_message_size(64 << 20),
         machine_id: welcome.machine_id.clone(),
         daemon_socket: config.nix_daemon_socket.clone(),
+        daemon: hydra_nix::daemon::Spares::new(&config.nix_daemon_socket, 2),
         control: tx.clone(),
         substituters: substituters.clone(),
     };

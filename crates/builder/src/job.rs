@@ -23,6 +23,8 @@ pub struct JobContext {
     pub client: crate::connection::Client,
     pub machine_id: String,
     pub daemon_socket: PathBuf,
+    /// Fresh connections to it, made ahead of the next job.
+    pub daemon: std::sync::Arc<hydra_nix::daemon::Spares>,
     pub control: mpsc::Sender<BuilderMessage>,
     /// Binary caches tried before the runner for missing inputs.
     pub substituters: Option<std::sync::Arc<crate::substitute::Substituters>>,
@@ -74,11 +76,11 @@ async fn execute(ctx: &JobContext, job: &BuildJob) -> Result<CompletionReport, J
     let drv = Derivation::parse(&dir, &job.drv).map_err(|e| JobError::BadJob(e.to_string()))?;
     let limits = job.limits.unwrap_or_default();
     progress(ctx, job, Phase::Preparing).await;
-    let mut roots = DaemonClient::connect(&ctx.daemon_socket).await?;
+    let mut roots = ctx.daemon.take().await?;
     for p in &job.input_paths {
         roots.add_temp_root(p).await?;
     }
-    let mut daemon = DaemonClient::connect(&ctx.daemon_socket).await?;
+    let mut daemon = ctx.daemon.take().await?;
     let valid = daemon.query_valid_paths(&job.input_paths).await?;
     let missing: Vec<String> = job
         .input_paths

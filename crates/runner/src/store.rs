@@ -40,15 +40,18 @@ impl StoreError {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LocalStore {
     socket: PathBuf,
     dir: StoreDir,
+    /// Dispatch, uploads and completions each want a connection at once.
+    spares: std::sync::Arc<hydra_nix::daemon::Spares>,
 }
 
 impl LocalStore {
     pub fn new(socket: PathBuf) -> LocalStore {
         LocalStore {
+            spares: hydra_nix::daemon::Spares::new(&socket, 4),
             socket,
             dir: StoreDir::default(),
         }
@@ -58,9 +61,11 @@ impl LocalStore {
         &self.dir
     }
 
-    /// A fresh daemon connection (the daemon serves each on its own).
+    /// A fresh daemon connection (the daemon serves each on its own),
+    /// usually made ahead of time.
     pub async fn client(&self) -> Result<DaemonClient, StoreError> {
-        DaemonClient::connect(&self.socket)
+        self.spares
+            .take()
             .await
             .map_err(|source| StoreError::Unreachable {
                 socket: self.socket.clone(),

@@ -6,15 +6,18 @@
 //!
 //! - [`wire`]: the protocol's integers, strings and lists;
 //! - [`client`]: the handshake and the operations;
-//! - [`types`]: what the operations take and return.
+//! - [`types`]: what the operations take and return;
+//! - [`Spares`]: fresh connections made ahead of need.
 
 mod client;
 mod error;
+mod spares;
 mod types;
 mod wire;
 
 pub use client::{ClientSettings, DaemonClient, PROTOCOL_VERSION};
 pub use error::DaemonError;
+pub use spares::Spares;
 pub use types::{
     BuildMode, BuildResult, BuildStatus, LogLine, PathInfo, Realisation, references_first,
 };

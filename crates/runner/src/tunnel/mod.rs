@@ -127,7 +127,7 @@ pub async fn serve(
     match tls.acceptor {
         None => {
             server
-                .serve_with_incoming(TcpListenerStream::new(listener))
+                .serve_with_incoming(no_delay(TcpListenerStream::new(listener)))
                 .await?
         }
         Some(acceptor) => {
@@ -137,6 +137,20 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// Connections with Nagle's algorithm off: the control stream's small
+/// messages (a job, an abort) must leave at once, not wait for the
+/// builder's delayed ACK (which cost about 40 ms per step).
+fn no_delay(
+    incoming: TcpListenerStream,
+) -> impl Stream<Item = Result<tokio::net::TcpStream, std::io::Error>> {
+    use tokio_stream::StreamExt;
+    incoming.map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
 }
 
 type TlsConnection = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
@@ -159,6 +173,9 @@ fn tls_handshakes(
                     continue;
                 }
             };
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::warn!(%from, "cannot set TCP_NODELAY: {e}");
+            }
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
                 let handshake = tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp));

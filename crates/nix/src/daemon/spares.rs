@@ -1,0 +1,64 @@
+//! Connections made ahead of need. A nix-daemon forks and opens its store
+//! for every connection (a few milliseconds), which showed on the critical
+//! path of every step; so the next connection is made while the current
+//! one is in use. A connection is never handed out twice: each goes away
+//! with whatever it held (temporary roots, settings), so nothing leaks
+//! from one job into another.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::{DaemonClient, DaemonError};
+
+pub struct Spares {
+    socket: PathBuf,
+    ready: Mutex<Vec<DaemonClient>>,
+    filling: AtomicBool,
+    keep: usize,
+}
+
+impl Spares {
+    /// Keeps up to `keep` fresh connections to the daemon at `socket`
+    /// (made once the first is taken).
+    pub fn new(socket: &Path, keep: usize) -> Arc<Spares> {
+        Arc::new(Spares {
+            socket: socket.to_owned(),
+            ready: Mutex::new(Vec::new()),
+            filling: AtomicBool::new(false),
+            keep,
+        })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// A fresh connection: a spare if there is one, else a new one; then
+    /// the spares are made up again in the background.
+    pub async fn take(self: &Arc<Self>) -> Result<DaemonClient, DaemonError> {
+        let spare = self.ready.lock().expect("spares lock").pop();
+        self.refill();
+        match spare {
+            Some(c) => Ok(c),
+            None => DaemonClient::connect(&self.socket).await,
+        }
+    }
+
+    fn refill(self: &Arc<Self>) {
+        if self.keep == 0 || self.filling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            while me.ready.lock().expect("spares lock").len() < me.keep {
+                // A failure shows to the next caller, who connects itself.
+                let Ok(c) = DaemonClient::connect(&me.socket).await else {
+                    break;
+                };
+                me.ready.lock().expect("spares lock").push(c);
+            }
+            me.filling.store(false, Ordering::Release);
+        });
+    }
+}
