@@ -111,16 +111,26 @@ pub struct Farm {
     pub builders: Vec<RunningBuilder>,
     pub runner: Option<Runner>,
     pub data_dir: tempfile::TempDir,
-    jobset_id: i32,
+    pub jobset_id: i32,
+    /// What the runner was started with (a restart uses it again).
+    pub config: RunnerConfig,
 }
 
 impl Farm {
     /// A database, the runner's store and a running runner (no builders yet).
     /// `tune` adjusts the runner's configuration.
     pub async fn start(tune: impl FnOnce(&mut RunnerConfig)) -> Result<Farm> {
+        Self::start_on(NixStore::start()?, tune).await
+    }
+
+    /// [`Farm::start`] over a runner store made elsewhere (a benchmark's
+    /// cached one).
+    pub async fn start_on(
+        runner_store: NixStore,
+        tune: impl FnOnce(&mut RunnerConfig),
+    ) -> Result<Farm> {
         init_tracing();
         let db = TestDb::new().await;
-        let runner_store = NixStore::start()?;
         let data_dir = tempfile::tempdir()?;
         let mut config = RunnerConfig {
             listen: "127.0.0.1:0".parse()?,
@@ -130,7 +140,7 @@ impl Farm {
             ..RunnerConfig::default()
         };
         tune(&mut config);
-        let runner = Runner::start(config, db.pool.clone()).await?;
+        let runner = Runner::start(config.clone(), db.pool.clone()).await?;
         let jobset_id = create_jobset(&db.pool).await?;
         Ok(Farm {
             db,
@@ -139,7 +149,19 @@ impl Farm {
             runner: Some(runner),
             data_dir,
             jobset_id,
+            config,
         })
+    }
+
+    /// Stops the runner cleanly and starts a new one on the same database
+    /// and store (with `listen` on port 0, at a new address).
+    pub async fn restart_runner(&mut self) -> Result<()> {
+        if let Some(old) = self.runner.take() {
+            old.shutdown().await?;
+        }
+        let config = self.config.clone();
+        self.runner = Some(Runner::start(config, self.db.pool.clone()).await?);
+        Ok(())
     }
 
     pub fn runner(&self) -> &Runner {
@@ -347,6 +369,17 @@ pub async fn create_jobset(pool: &sqlx::PgPool) -> Result<i32> {
             .fetch_one(pool)
             .await?,
     )
+}
+
+/// Warnings only, on stderr (benchmarks print their own progress; RUST_LOG
+/// overrides the level).
+pub fn init_tracing_quiet() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "warn,sqlx=error,h2=warn,tower=warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Logs of the runner and builders, shown for failing tests (RUST_LOG

@@ -12,11 +12,14 @@
 //! - [`process`]: the runner and builder binaries as processes, for tests
 //!   that kill and restart them.
 //! - [`tls`]: certificate authorities and certificates made per test.
+//! - [`load`]: a load-generator builder that speaks the real protocol and
+//!   completes every job at once (benchmarks of the runner alone).
 //! - [`caches`]: Nix signing keys and the runner's upload queue, for
 //!   binary-cache tests.
 
 pub mod caches;
 pub mod farm;
+pub mod load;
 pub mod nix;
 pub mod pg;
 pub mod process;

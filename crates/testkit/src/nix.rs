@@ -53,19 +53,35 @@ pub struct NixStore {
     salt: String,
     socket: PathBuf,
     daemon: Child,
+    /// A store opened at a fixed place (a benchmark's cache) outlives us.
+    keep: bool,
 }
 
 impl NixStore {
     /// Starts a daemon over a new, empty store.
     pub fn start() -> Result<NixStore, NixError> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err(NixError::NotRoot);
-        }
         let root = tempfile::Builder::new()
             .prefix("hq-store-")
             .tempdir()?
             .keep();
+        Self::serve(root, uuid::Uuid::new_v4().simple().to_string(), false)
+    }
+
+    /// Starts a daemon over the store kept at `root` (made when missing),
+    /// which stays when the daemon stops: benchmarks cache what they
+    /// instantiated there. `salt` must be the same on every opening for
+    /// instantiations to give the same derivations.
+    pub fn open(root: &Path, salt: &str) -> Result<NixStore, NixError> {
+        std::fs::create_dir_all(root)?;
+        let _ = std::fs::remove_file(root.join("daemon.sock"));
+        Self::serve(root.to_owned(), salt.to_owned(), true)
+    }
+
+    fn serve(root: PathBuf, salt: String, keep: bool) -> Result<NixStore, NixError> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(NixError::NotRoot);
+        }
         let nix_dir = root.join("nix");
         std::fs::create_dir_all(&nix_dir)?;
         let socket = root.join("daemon.sock");
@@ -100,10 +116,11 @@ impl NixStore {
         let daemon = cmd.spawn()?;
         drop((listener, ready_write));
         let store = NixStore {
-            salt: uuid::Uuid::new_v4().simple().to_string(),
+            salt,
             root,
             socket,
             daemon,
+            keep,
         };
         store.wait_until_mounted(ready_read)?;
         store.initialise()?;
@@ -194,6 +211,19 @@ impl NixStore {
         self.instantiate_salted(expr, attrs, &self.salt).await
     }
 
+    /// Instantiates `expr`, whose value is a list of derivations (too many
+    /// for `-A` arguments); returns their `.drv` paths in order.
+    pub async fn instantiate_list(&self, expr: &str) -> Result<Vec<String>, NixError> {
+        let file = self.write_expr(expr, &self.salt)?;
+        let out = self
+            .run(
+                "nix-instantiate",
+                &[file.to_str().expect("UTF-8 temp path")],
+            )
+            .await?;
+        Ok(out.lines().map(str::to_owned).collect())
+    }
+
     /// The salt of this store's test derivations.
     pub fn salt(&self) -> &str {
         &self.salt
@@ -257,7 +287,7 @@ impl Drop for NixStore {
         unsafe { libc::killpg(self.daemon.id() as i32, libc::SIGKILL) };
         let _ = self.daemon.wait();
         // HQ_KEEP_STORES=1 keeps the store and its daemon.log for a post-mortem.
-        if std::env::var_os("HQ_KEEP_STORES").is_none() {
+        if !self.keep && std::env::var_os("HQ_KEEP_STORES").is_none() {
             let _ = std::fs::remove_dir_all(&self.root);
         }
     }

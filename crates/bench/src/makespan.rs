@@ -1,0 +1,235 @@
+//! Makespan against the floor: the same DAG built by local Nix
+//! (`nix-store --realise -j N` in a fresh store) and through PostgreSQL,
+//! the runner and builders with separate stores and the same total slots,
+//! in one run. Per-step overheads come from the event log's timestamps.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use hydra_testkit::{BuilderSpec, Farm, NixStore};
+use serde_json::{Value, json};
+
+use crate::dag::Dag;
+use crate::report::{ms, percentile, table};
+
+pub struct Options {
+    pub jobs: u32,
+    pub builders: u32,
+}
+
+pub async fn run(dags: &[Dag], o: &Options) -> Result<Value> {
+    let mut results = Vec::new();
+    let mut rows = Vec::new();
+    for dag in dags {
+        let salt = uuid_like();
+        eprintln!(
+            "[makespan] {}: local nix-store --realise -j {}",
+            dag.shape, o.jobs
+        );
+        let local = local_nix(dag, &salt, o.jobs).await?;
+        eprintln!(
+            "[makespan] {}: the farm ({} builders, {} slots in all)",
+            dag.shape, o.builders, o.jobs
+        );
+        let (farm, over) = farm(dag, &salt, o).await?;
+        let ratio = farm / local;
+        rows.push(vec![
+            dag.shape.clone(),
+            dag.nodes.len().to_string(),
+            format!("{local:.2}"),
+            format!("{farm:.2}"),
+            format!("{ratio:.2}"),
+            ms(over.dispatch_to_start_p50),
+            ms(over.input_transfer_p50),
+            ms(over.completion_to_next_p50),
+            ms(over.build_p50),
+            ms(over.outputs_p50),
+        ]);
+        results.push(json!({
+            "shape": dag.shape, "steps": dag.nodes.len() + 1, "jobs": o.jobs,
+            "builders": o.builders, "local_seconds": local, "farm_seconds": farm,
+            "ratio": ratio, "overheads_ms": over.to_json(),
+        }));
+    }
+    table(
+        "makespan: local Nix vs the farm (seconds; overheads are medians in ms)",
+        &[
+            "shape",
+            "steps",
+            "local",
+            "farm",
+            "farm/local",
+            "dispatch->start",
+            "inputs",
+            "done->next",
+            "build",
+            "outputs+done",
+        ],
+        &rows,
+    );
+    Ok(json!({ "scenario": "makespan", "results": results }))
+}
+
+fn uuid_like() -> String {
+    format!("bench{:x}", rand::random::<u64>())
+}
+
+async fn local_nix(dag: &Dag, salt: &str, jobs: u32) -> Result<f64> {
+    let store = NixStore::start()?;
+    let drvs = store
+        .instantiate_salted(&dag.expression(), &["all"], salt)
+        .await?;
+    let began = Instant::now();
+    store
+        .run(
+            "nix-store",
+            &[
+                "--realise",
+                "--quiet",
+                "-j",
+                &jobs.to_string(),
+                &drvs["all"],
+            ],
+        )
+        .await?;
+    Ok(began.elapsed().as_secs_f64())
+}
+
+async fn farm(dag: &Dag, salt: &str, o: &Options) -> Result<(f64, Overheads)> {
+    let mut farm = Farm::start(|_| {}).await?;
+    let per = (o.jobs / o.builders).max(1);
+    for b in 0..o.builders {
+        farm.add_builder(BuilderSpec::new(&format!("bench-{b}")).max_jobs(per))
+            .await?;
+    }
+    let attrs = dag.attrs();
+    let attrs: Vec<&str> = attrs.iter().map(String::as_str).collect();
+    let drvs = farm
+        .runner_store
+        .instantiate_salted(&dag.expression(), &attrs, salt)
+        .await?;
+    let top = [("all".to_owned(), drvs["all"].clone())].into();
+    let began = Instant::now();
+    let ids = farm.queue(&top, |_| Default::default()).await?;
+    farm.wait_finished(ids.values().copied(), Duration::from_secs(3600))
+        .await?;
+    let makespan = began.elapsed().as_secs_f64();
+    let status: Option<i32> = sqlx::query_scalar("select buildStatus from Builds where id = $1")
+        .bind(ids["all"])
+        .fetch_one(&farm.db.pool)
+        .await?;
+    if status != Some(0) {
+        bail!(
+            "the farm's build of {} ended with status {status:?}",
+            dag.shape
+        );
+    }
+    let over = overheads(&farm, dag, &drvs).await?;
+    Ok((makespan, over))
+}
+
+#[derive(Debug, Default)]
+struct Overheads {
+    dispatch_to_start_p50: f64,
+    dispatch_to_start_p90: f64,
+    input_transfer_p50: f64,
+    input_transfer_p90: f64,
+    completion_to_next_p50: f64,
+    completion_to_next_p90: f64,
+    /// The build itself (building -> receiving outputs).
+    build_p50: f64,
+    /// Output upload and the completion (receiving outputs -> finished).
+    outputs_p50: f64,
+    /// Dispatch to the builder's first progress message.
+    job_sent_p50: f64,
+}
+
+impl Overheads {
+    fn to_json(&self) -> Value {
+        let m = |s: f64| (s * 1000.0 * 10.0).round() / 10.0;
+        json!({
+            "dispatch_to_start_p50": m(self.dispatch_to_start_p50),
+            "dispatch_to_start_p90": m(self.dispatch_to_start_p90),
+            "input_transfer_p50": m(self.input_transfer_p50),
+            "input_transfer_p90": m(self.input_transfer_p90),
+            "completion_to_next_dispatch_p50": m(self.completion_to_next_p50),
+            "completion_to_next_dispatch_p90": m(self.completion_to_next_p90),
+            "build_p50": m(self.build_p50),
+            "outputs_and_completion_p50": m(self.outputs_p50),
+            "dispatch_to_builder_ack_p50": m(self.job_sent_p50),
+        })
+    }
+}
+
+/// Per step, from the event log: dispatch (`step_started`) to the builder
+/// building (`building`), the input transfer (`sending-inputs` to
+/// `building`), and the last input's completion to the step's dispatch.
+async fn overheads(
+    farm: &Farm,
+    dag: &Dag,
+    drvs: &std::collections::BTreeMap<String, String>,
+) -> Result<Overheads> {
+    let rows: Vec<(String, Option<String>, Option<String>, i64)> = sqlx::query_as(
+        "select kind, drv_path, detail, at_ms from hqr_events
+          where kind in ('step_started', 'step_progress', 'step_finished') order by seq",
+    )
+    .fetch_all(&farm.db.pool)
+    .await?;
+    let mut at: HashMap<(String, &str), i64> = HashMap::new();
+    for (kind, drv, detail, t) in &rows {
+        let Some(drv) = drv else { continue };
+        let what: &str = match (kind.as_str(), detail.as_deref()) {
+            ("step_started", _) => "started",
+            ("step_finished", _) => "finished",
+            (_, Some("sending-inputs")) => "sending",
+            (_, Some("building")) => "building",
+            (_, Some("preparing")) => "preparing",
+            (_, Some("receiving-outputs")) => "receiving",
+            _ => continue,
+        };
+        at.entry((drv.clone(), what)).or_insert(*t);
+    }
+    let get = |drv: &str, what: &str| at.get(&(drv.to_owned(), what)).copied();
+    let mut to_start = Vec::new();
+    let mut inputs = Vec::new();
+    let mut to_next = Vec::new();
+    let mut building = Vec::new();
+    let mut outputs = Vec::new();
+    let mut preparing = Vec::new();
+    for (i, node) in dag.nodes.iter().enumerate() {
+        let drv = &drvs[&format!("n{i}")];
+        if let (Some(s), Some(b)) = (get(drv, "started"), get(drv, "building")) {
+            to_start.push((b - s) as f64 / 1000.0);
+            if let Some(send) = get(drv, "sending") {
+                inputs.push((b - send) as f64 / 1000.0);
+            }
+        }
+        let span = |a: &str, b: &str| match (get(drv, a), get(drv, b)) {
+            (Some(x), Some(y)) => Some((y - x) as f64 / 1000.0),
+            _ => None,
+        };
+        building.extend(span("building", "receiving"));
+        outputs.extend(span("receiving", "finished"));
+        preparing.extend(span("started", "preparing"));
+        let last_input = node
+            .deps
+            .iter()
+            .filter_map(|d| get(&drvs[&format!("n{d}")], "finished"))
+            .max();
+        if let (Some(done), Some(s)) = (last_input, get(drv, "started")) {
+            to_next.push((s - done) as f64 / 1000.0);
+        }
+    }
+    Ok(Overheads {
+        dispatch_to_start_p50: percentile(&to_start, 50.0),
+        dispatch_to_start_p90: percentile(&to_start, 90.0),
+        input_transfer_p50: percentile(&inputs, 50.0),
+        input_transfer_p90: percentile(&inputs, 90.0),
+        completion_to_next_p50: percentile(&to_next, 50.0),
+        completion_to_next_p90: percentile(&to_next, 90.0),
+        build_p50: percentile(&building, 50.0),
+        outputs_p50: percentile(&outputs, 50.0),
+        job_sent_p50: percentile(&preparing, 50.0),
+    })
+}

@@ -1,0 +1,149 @@
+//! A load-generator builder: it speaks the real protocol (join, pings,
+//! output uploads, completion reports) but builds nothing. Each job
+//! "succeeds" at once with a tiny NAR for every output. For benchmarks of
+//! the runner's own costs (dispatch latency, scale); never proof that
+//! building works.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use hydra_nix::{Derivation, Hash, StoreDir};
+use hydra_proto::v1::runner_service_client::RunnerServiceClient;
+use hydra_proto::v1::*;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// When a load builder received a job.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub machine: String,
+    pub drv_path: String,
+    pub at: Instant,
+}
+
+/// Joins `name` to the runner at `url` and serves jobs until the task is
+/// dropped; every job received is sent to `seen`. With `complete` false it
+/// never reports (its slots stay taken: a machine that holds its jobs).
+pub async fn run_load_builder(
+    url: String,
+    name: String,
+    system: String,
+    max_jobs: u32,
+    complete: bool,
+    seen: mpsc::UnboundedSender<Received>,
+) -> Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(url)?
+        .connect()
+        .await
+        .context("connecting to the runner")?;
+    let client = RunnerServiceClient::new(channel).max_decoding_message_size(64 << 20);
+    let (control, rx) = mpsc::channel(64);
+    control
+        .send(BuilderMessage {
+            msg: Some(builder_message::Msg::Join(Join {
+                protocol_version: hydra_proto::PROTOCOL_VERSION,
+                builder_version: "load-generator".into(),
+                machine_name: name.clone(),
+                systems: vec![system],
+                max_jobs,
+                speed_factor: 1.0,
+                store_dir: "/nix/store".into(),
+                ..Default::default()
+            })),
+        })
+        .await?;
+    let mut inbound = client
+        .clone()
+        .open(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let first = inbound.message().await?.context("no welcome")?;
+    let welcome = hydra_proto::check_welcome(first)?;
+    let machine_id = Arc::new(welcome.machine_id);
+    let ping_every = Duration::from_secs(welcome.ping_interval_secs.max(1) as u64);
+    let pinger = control.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(ping_every).await;
+            let ping = BuilderMessage {
+                msg: Some(builder_message::Msg::Ping(Ping::default())),
+            };
+            if pinger.send(ping).await.is_err() {
+                return;
+            }
+        }
+    });
+    while let Some(msg) = inbound.message().await? {
+        let Some(runner_message::Msg::Build(job)) = msg.msg else {
+            continue;
+        };
+        let _ = seen.send(Received {
+            machine: name.clone(),
+            drv_path: job.drv_path.clone(),
+            at: Instant::now(),
+        });
+        if !complete {
+            continue;
+        }
+        let client = client.clone();
+        let machine_id = machine_id.clone();
+        tokio::spawn(async move {
+            if let Err(e) = complete_at_once(client, &machine_id, job).await {
+                tracing::warn!("load builder: {e:#}");
+            }
+        });
+    }
+    bail!("the runner closed {name}'s control stream")
+}
+
+/// Uploads a one-file NAR for each output and reports success.
+async fn complete_at_once(
+    mut client: RunnerServiceClient<tonic::transport::Channel>,
+    machine_id: &str,
+    job: BuildJob,
+) -> Result<()> {
+    let dir = StoreDir::default();
+    let drv = Derivation::parse(&dir, &job.drv)?;
+    let nar = hydra_nix::nar::single_file_nar(b"load\n");
+    let hash = Hash::sha256(&nar);
+    let mut outputs = Vec::new();
+    for (name, output) in &drv.outputs {
+        let Some(path) = output.path() else {
+            bail!("the load builder cannot make floating CA outputs");
+        };
+        let path = dir.display(path);
+        let header = NarChunk {
+            part: Some(nar_chunk::Part::Header(NarHeader {
+                machine_id: machine_id.to_owned(),
+                attempt_id: job.attempt_id.clone(),
+                store_path: path.clone(),
+                nar_hash: hash.to_prefixed_base32(),
+                nar_size: nar.len() as u64,
+                ..Default::default()
+            })),
+        };
+        let data = NarChunk {
+            part: Some(nar_chunk::Part::Data(nar.clone())),
+        };
+        client
+            .upload_output(tokio_stream::iter(vec![header, data]))
+            .await?;
+        outputs.push(BuiltOutput {
+            name: name.clone(),
+            path,
+            nar_hash: hash.to_prefixed_base32(),
+            nar_size: nar.len() as u64,
+        });
+    }
+    client
+        .complete(CompletionReport {
+            machine_id: machine_id.to_owned(),
+            attempt_id: job.attempt_id,
+            outcome: Outcome::Succeeded as i32,
+            outputs,
+            ..Default::default()
+        })
+        .await?;
+    Ok(())
+}
