@@ -40,6 +40,9 @@ create table hqr_events (
     detail   text
 );
 create index hqr_events_builds on hqr_events using gin (builds);
+-- Whether a build has had its `queued` event (asked for every build the
+-- runner loads: a full queue after a restart is 100,000s of lookups).
+create index hqr_events_queued on hqr_events ((builds[1])) where kind = 'queued';
 
 -- Machines an operator drained: they keep their running steps and get no
 -- new ones, across runner restarts, until undrained.

@@ -194,7 +194,7 @@ pub async fn emit_queued_once(pool: &PgPool, ids: &[BuildId]) -> Result<(), sqlx
     }
     let fresh: Vec<i32> = sqlx::query_scalar(
         "select b from unnest($1::integer[]) b
-          where not exists (select 1 from hqr_events e where e.builds @> array[b] and e.kind = 'queued')",
+          where not exists (select 1 from hqr_events e where e.kind = 'queued' and e.builds[1] = b)",
     )
     .bind(ids)
     .fetch_all(pool)

@@ -83,6 +83,12 @@ const QUEUED: &str =
    from Builds b join Jobsets j on j.id = b.jobset_id
   where b.finished = 0";
 
+/// Builds read at once, each by its own daemon connection: most of a
+/// load is waiting for the daemon and PostgreSQL, which work in parallel.
+const LOADERS: usize = 4;
+/// Progress is logged, and the dispatcher woken, every this many builds.
+const PROGRESS_EVERY: usize = 1000;
+
 /// Loads builds with an id above `last_id`; returns the highest id seen.
 async fn load_new_builds(shared: &Shared, last_id: BuildId) -> Result<BuildId, Fatal> {
     let rows: Vec<QueuedBuild> = sqlx::query_as(&format!("{QUEUED} and b.id > $1 order by b.id"))
@@ -98,17 +104,29 @@ async fn load_new_builds(shared: &Shared, last_id: BuildId) -> Result<BuildId, F
     crate::events::emit_queued_once(&shared.pool, &ids).await?;
     let started = Instant::now();
     let total = rows.len();
-    let mut client = shared.store.client().await?;
-    let mut plans = Vec::new();
-    for (i, row) in rows.into_iter().enumerate() {
-        let id = row.id;
-        if let Some(cached) = load_build(shared, &mut client, row).await? {
-            plans.push((id, cached));
+    let queue = parking_lot::Mutex::new(rows.into_iter());
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let loader = || async {
+        let mut client = shared.store.client().await?;
+        let mut plans = Vec::new();
+        loop {
+            let Some(row) = queue.lock().next() else {
+                return Ok::<_, Fatal>(plans);
+            };
+            let id = row.id;
+            if let Some(cached) = load_build(shared, &mut client, row).await? {
+                plans.push((id, cached));
+            }
+            let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            if n % PROGRESS_EVERY == 0 {
+                tracing::info!("loaded {n} of {total} queued builds");
+                // What is loaded can start while the rest loads.
+                shared.wake();
+            }
         }
-        if (i + 1) % 1000 == 0 {
-            tracing::info!("loaded {} of {total} queued builds", i + 1);
-        }
-    }
+    };
+    let loaded = futures::future::try_join_all((0..LOADERS).map(|_| loader())).await?;
+    let plans: Vec<(BuildId, u32)> = loaded.into_iter().flatten().collect();
     record_plans(shared, &plans).await?;
     shared.wake();
     let steps = shared.graph.lock().step_count();
