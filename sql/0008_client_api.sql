@@ -22,12 +22,14 @@ create table hqr_cancellations (
     at     timestamptz not null default now()
 );
 
--- The durable event log clients watch. `seq` is assigned under a
--- transaction-scoped advisory lock, so events commit in `seq` order: a
--- client that resumes after the last `seq` it saw misses nothing and sees
--- nothing twice.
+-- The durable event log clients watch. Rows are written (with an `id`) in
+-- the transactions of the changes they describe; the active runner's
+-- sequencer then numbers committed rows (`seq`: contiguous, in the order it
+-- finds them), so a client that resumes after the last `seq` it saw misses
+-- nothing and sees nothing twice. Clients see numbered rows only.
 create table hqr_events (
-    seq      bigint primary key,
+    id       bigserial primary key,
+    seq      bigint unique,
     kind     text not null check (kind in ('queued', 'step_started', 'step_progress',
                  'step_finished', 'resolved', 'completed', 'failed', 'cancelled')),
     builds   integer[] not null,
@@ -40,6 +42,7 @@ create table hqr_events (
     detail   text
 );
 create index hqr_events_builds on hqr_events using gin (builds);
+create index hqr_events_unsequenced on hqr_events (id) where seq is null;
 -- Whether a build has had its `queued` event (asked for every build the
 -- runner loads: a full queue after a restart is 100,000s of lookups).
 create index hqr_events_queued on hqr_events ((builds[1])) where kind = 'queued';

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use hydra_queue_runner::Runner;
-use hydra_testkit::load::{Received, run_load_builder};
+use hydra_testkit::load::{Completion, Received, run_load_builder};
 use hydra_testkit::{Farm, NixStore};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -95,7 +95,14 @@ pub async fn run(builds: usize) -> Result<Value> {
 fn holder(farm: &Farm, tx: mpsc::UnboundedSender<Received>) {
     let url = format!("http://{}", farm.runner().addr);
     let system = hydra_builder::config::current_system();
-    tokio::spawn(run_load_builder(url, "holder".into(), system, 1, false, tx));
+    tokio::spawn(run_load_builder(
+        url,
+        "holder".into(),
+        system,
+        1,
+        Completion::Hold,
+        tx,
+    ));
 }
 
 /// Seconds until the graph holds `steps` steps (the one the holder runs

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use hydra_queue_runner::api::priority::PriorityClass;
 use hydra_testkit::Farm;
-use hydra_testkit::load::run_load_builder;
+use hydra_testkit::load::{Completion, run_load_builder};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -20,7 +20,14 @@ pub async fn run(samples: usize, queued: usize) -> Result<Value> {
     let system = hydra_builder::config::current_system();
     let (tx, mut seen) = mpsc::unbounded_channel();
     let url = format!("http://{}", farm.runner().addr);
-    tokio::spawn(run_load_builder(url, "idle".into(), system, 4, true, tx));
+    tokio::spawn(run_load_builder(
+        url,
+        "idle".into(),
+        system,
+        4,
+        Completion::Succeed,
+        tx,
+    ));
     let expr = format!(
         "with prelude; map (i: mkDrv {{ name = \"lat${{toString i}}\"; script = \"echo ${{toString i}} > $out\"; }}) (builtins.genList (x: x) {})",
         2 * samples + 2

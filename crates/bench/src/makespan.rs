@@ -172,7 +172,7 @@ async fn overheads(
 ) -> Result<Overheads> {
     let rows: Vec<(String, Option<String>, Option<String>, i64)> = sqlx::query_as(
         "select kind, drv_path, detail, at_ms from hqr_events
-          where kind in ('step_started', 'step_progress', 'step_finished') order by seq",
+          where kind in ('step_started', 'step_progress', 'step_finished') order by id",
     )
     .fetch_all(&farm.db.pool)
     .await?;

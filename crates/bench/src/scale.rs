@@ -1,5 +1,7 @@
 //! Scale: hundreds of connected load-generator builders (the real
-//! protocol, every job done at once) and a large queue of runnable steps.
+//! protocol, every job failed at once, so that the runner's store takes no
+//! writes and the figure is the runner's) and a large queue of runnable
+//! steps.
 //! For a fixed window: steps dispatched per second, the dispatcher's
 //! round time, and CPU time. The builders run in this process too, so the
 //! CPU figure is an upper bound for the runner.
@@ -8,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use hydra_testkit::Farm;
-use hydra_testkit::load::run_load_builder;
+use hydra_testkit::load::{Completion, run_load_builder};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -41,7 +43,7 @@ pub async fn run(builders: usize, steps: usize, window: Duration) -> Result<Valu
             format!("load-{b}"),
             system.clone(),
             1,
-            true,
+            Completion::Fail,
             tx.clone(),
         ));
     }

@@ -109,7 +109,7 @@ async fn phase(farm: &Farm, drv: &str, from: &str, to: &str) -> Result<f64> {
         async move {
             sqlx::query_scalar::<_, i64>(
                 "select at_ms from hqr_events where kind = $1 and drv_path = $2
-                   and ($3::text is null or detail = $3) order by seq limit 1",
+                   and ($3::text is null or detail = $3) order by id limit 1",
             )
             .bind(kind)
             .bind(drv)

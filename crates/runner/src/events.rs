@@ -1,21 +1,31 @@
 //! The durable event log that clients watch (`hqr_events`).
 //!
 //! Events are written in the same transaction as the change they describe,
-//! so an event exists exactly when its change committed. Their sequence
-//! numbers are assigned under a transaction-scoped advisory lock that is
-//! held until commit: events therefore become visible in `seq` order, and
-//! a watcher that resumes after the last `seq` it saw neither misses an
-//! event committed later with a smaller number nor sees one twice.
-//! `pg_notify('hqr_events')`, delivered on commit, wakes the watchers.
+//! so an event exists exactly when its change committed. Writers do not
+//! number them: transactions commit in any order, and numbering at insert
+//! would let a watcher see number 10 before 9 commits (or make every
+//! writer wait for the one before it to commit). The [`sequencer`], a
+//! single task of the active runner woken by `hqr_events_written` on
+//! commit, numbers the committed rows it finds, after every number it gave
+//! before, in one statement. A number therefore never appears below one a
+//! watcher has seen, and a watcher that resumes after the last `seq` it saw
+//! misses nothing and sees nothing twice. `hqr_events`, notified by the
+//! sequencer, wakes the watchers.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::PgConnection;
 use sqlx::PgPool;
+use sqlx::postgres::PgListener;
 
 use crate::graph::BuildId;
+use crate::{Fatal, Shared};
 
-/// The advisory lock (two-key form, apart from the runner's active lock)
-/// that orders event numbers.
-const SEQUENCE_LOCK: (i32, i32) = (0x6871_7200, 1);
+/// How often the sequencer looks without a notification (a safety net).
+const SEQUENCER_POLL: Duration = Duration::from_secs(1);
+/// Rows numbered per statement.
+const SEQUENCER_BATCH: i64 = 10_000;
 
 /// What happened; the `kind` column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,16 +152,11 @@ pub struct EventRow {
     pub detail: Option<String>,
 }
 
-/// Writes `events` in `tx`, numbered after every committed event.
+/// Writes `events` in `tx`; the sequencer numbers them once it commits.
 pub async fn emit(tx: &mut PgConnection, events: &[NewEvent]) -> Result<(), sqlx::Error> {
     if events.is_empty() {
         return Ok(());
     }
-    sqlx::query("select pg_advisory_xact_lock($1, $2)")
-        .bind(SEQUENCE_LOCK.0)
-        .bind(SEQUENCE_LOCK.1)
-        .execute(&mut *tx)
-        .await?;
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
     let builds: Vec<String> = events.iter().map(|e| int_array(&e.builds)).collect();
     let drvs: Vec<Option<&str>> = events.iter().map(|e| e.drv_path.as_deref()).collect();
@@ -159,11 +164,11 @@ pub async fn emit(tx: &mut PgConnection, events: &[NewEvent]) -> Result<(), sqlx
     let statuses: Vec<Option<i32>> = events.iter().map(|e| e.status).collect();
     let details: Vec<Option<&str>> = events.iter().map(|e| e.detail.as_deref()).collect();
     sqlx::query(
-        "insert into hqr_events (seq, kind, builds, drv_path, machine, status, detail)
-         select m.top + e.ord, e.kind, e.builds::integer[], e.drv, e.machine, e.status, e.detail
-           from (select coalesce(max(seq), 0) as top from hqr_events) m,
-                unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::integer[], $6::text[])
-                  with ordinality as e(kind, builds, drv, machine, status, detail, ord)",
+        "insert into hqr_events (kind, builds, drv_path, machine, status, detail)
+         select e.kind, e.builds::integer[], e.drv, e.machine, e.status, e.detail
+           from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::integer[], $6::text[])
+                  with ordinality as e(kind, builds, drv, machine, status, detail, ord)
+          order by e.ord",
     )
     .bind(&kinds)
     .bind(&builds)
@@ -173,10 +178,48 @@ pub async fn emit(tx: &mut PgConnection, events: &[NewEvent]) -> Result<(), sqlx
     .bind(&details)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("select pg_notify('hqr_events', '')")
+    sqlx::query("select pg_notify('hqr_events_written', '')")
         .execute(&mut *tx)
         .await?;
     Ok(())
+}
+
+/// Numbers committed events as they come, for as long as the runner runs
+/// (the active runner only: one sequencer per database).
+pub async fn sequencer(shared: Arc<Shared>) -> Result<(), Fatal> {
+    let mut listener = PgListener::connect_with(&shared.pool).await?;
+    listener.listen("hqr_events_written").await?;
+    loop {
+        while number_committed(&shared.pool).await? == SEQUENCER_BATCH as u64 {}
+        // A notification that came while numbering is in the buffer: the
+        // next pass serves it (and any number of them) at once.
+        let _ = tokio::time::timeout(SEQUENCER_POLL, listener.recv()).await;
+        while listener.next_buffered().is_some() {}
+    }
+}
+
+/// Numbers the committed events that have no number yet, in id order,
+/// after the highest number given; returns how many.
+pub async fn number_committed(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let done = sqlx::query(
+        "with todo as (select id from hqr_events where seq is null order by id limit $1),
+              top as (select coalesce(max(seq), 0) as top from hqr_events)
+         update hqr_events e set seq = top.top + n.rn
+           from (select id, row_number() over (order by id) as rn from todo) n, top
+          where e.id = n.id",
+    )
+    .bind(SEQUENCER_BATCH)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if done > 0 {
+        sqlx::query("select pg_notify('hqr_events', '')")
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(done)
 }
 
 /// Writes `events` in a transaction of their own.

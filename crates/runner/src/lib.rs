@@ -315,6 +315,10 @@ impl Runner {
             ));
         }
         tasks.spawn(critical("resolver", resolver::run(shared.clone())));
+        tasks.spawn(critical(
+            "event sequencer",
+            events::sequencer(shared.clone()),
+        ));
         tasks.spawn(critical("database watchdog", database_watchdog(lock)));
         // Not critical: they log and retry; the uploader ends at once when
         // there is no destination.

@@ -14,6 +14,18 @@ use hydra_proto::v1::*;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+/// What a load builder does with its jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// Never reports: its slots stay taken (a machine holding its jobs).
+    Hold,
+    /// Uploads a tiny NAR per output and reports success (the runner's
+    /// store registers every output).
+    Succeed,
+    /// Reports a build failure at once (the runner's store takes nothing).
+    Fail,
+}
+
 /// When a load builder received a job.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -23,14 +35,14 @@ pub struct Received {
 }
 
 /// Joins `name` to the runner at `url` and serves jobs until the task is
-/// dropped; every job received is sent to `seen`. With `complete` false it
-/// never reports (its slots stay taken: a machine that holds its jobs).
+/// dropped; every job received is sent to `seen`, then ends as `completion`
+/// says.
 pub async fn run_load_builder(
     url: String,
     name: String,
     system: String,
     max_jobs: u32,
-    complete: bool,
+    completion: Completion,
     seen: mpsc::UnboundedSender<Received>,
 ) -> Result<()> {
     let channel = tonic::transport::Endpoint::from_shared(url)?
@@ -83,18 +95,38 @@ pub async fn run_load_builder(
             drv_path: job.drv_path.clone(),
             at: Instant::now(),
         });
-        if !complete {
-            continue;
-        }
         let client = client.clone();
         let machine_id = machine_id.clone();
         tokio::spawn(async move {
-            if let Err(e) = complete_at_once(client, &machine_id, job).await {
+            let done = match completion {
+                Completion::Hold => return,
+                Completion::Succeed => complete_at_once(client, &machine_id, job).await,
+                Completion::Fail => fail_at_once(client, &machine_id, job).await,
+            };
+            if let Err(e) = done {
                 tracing::warn!("load builder: {e:#}");
             }
         });
     }
     bail!("the runner closed {name}'s control stream")
+}
+
+/// Reports a build failure.
+async fn fail_at_once(
+    mut client: RunnerServiceClient<tonic::transport::Channel>,
+    machine_id: &str,
+    job: BuildJob,
+) -> Result<()> {
+    client
+        .complete(CompletionReport {
+            machine_id: machine_id.to_owned(),
+            attempt_id: job.attempt_id,
+            outcome: Outcome::Failed as i32,
+            error_msg: "the load builder fails every job".into(),
+            ..Default::default()
+        })
+        .await?;
+    Ok(())
 }
 
 /// Uploads a one-file NAR for each output and reports success.

@@ -208,7 +208,8 @@ async fn build_ended(shared: &Shared, build: Option<i32>, cursor: i64) -> Result
     let row: Option<(i32, Option<i64>, Option<String>)> = sqlx::query_as(
         "select b.finished, e.seq, e.kind from Builds b
            left join lateral (select seq, kind from hqr_events
-                               where builds @> array[b.id] order by seq desc limit 1) e on true
+                               where builds @> array[b.id] and seq is not null
+                               order by seq desc limit 1) e on true
           where b.id = $1",
     )
     .bind(id)

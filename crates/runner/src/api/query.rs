@@ -216,7 +216,7 @@ async fn finished_steps(
     let last: Vec<(String, Option<i32>)> = sqlx::query_as(
         "select distinct on (drv_path) drv_path, status from hqr_events
           where builds @> array[$1] and kind = 'step_finished' and drv_path is not null
-          order by drv_path, seq desc",
+          order by drv_path, id desc",
     )
     .bind(build)
     .fetch_all(pool)

@@ -50,7 +50,11 @@ pub struct Round {
     pub next_deadline: Option<Instant>,
 }
 
+/// Attempts started at once in a round.
+const CONCURRENT_STARTS: usize = 16;
+
 pub async fn run(shared: Arc<Shared>) -> Result<(), Fatal> {
+    use futures::TryStreamExt;
     loop {
         let began = Instant::now();
         let round = plan_round(&shared, began);
@@ -58,9 +62,11 @@ pub async fn run(shared: Arc<Shared>) -> Result<(), Fatal> {
         for step in round.unsupported {
             crate::completion::fail_unsupported(&shared, step).await?;
         }
-        for a in round.assignments {
-            start_attempt(&shared, a).await?;
-        }
+        // Each start reads the `.drv`, writes a transaction and sends the
+        // job: mostly waiting, so many go at once.
+        futures::stream::iter(round.assignments.into_iter().map(Ok))
+            .try_for_each_concurrent(CONCURRENT_STARTS, |a| start_attempt(&shared, a))
+            .await?;
         match round.next_deadline {
             Some(deadline) => {
                 tokio::select! {

@@ -118,7 +118,7 @@ async fn load_new_builds(shared: &Shared, last_id: BuildId) -> Result<BuildId, F
                 plans.push((id, cached));
             }
             let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            if n % PROGRESS_EVERY == 0 {
+            if n.is_multiple_of(PROGRESS_EVERY) {
                 tracing::info!("loaded {n} of {total} queued builds");
                 // What is loaded can start while the rest loads.
                 shared.wake();
@@ -127,8 +127,9 @@ async fn load_new_builds(shared: &Shared, last_id: BuildId) -> Result<BuildId, F
     };
     let loaded = futures::future::try_join_all((0..LOADERS).map(|_| loader())).await?;
     let plans: Vec<(BuildId, u32)> = loaded.into_iter().flatten().collect();
-    record_plans(shared, &plans).await?;
+    // Dispatch first: the counters can wait a moment.
     shared.wake();
+    record_plans(shared, &plans).await?;
     let steps = shared.graph.lock().step_count();
     tracing::info!(
         "loaded {total} builds in {:.1?}; {steps} steps in the graph",
