@@ -51,7 +51,7 @@ pub struct LocalStore {
 impl LocalStore {
     pub fn new(socket: PathBuf) -> LocalStore {
         LocalStore {
-            spares: hydra_nix::daemon::Spares::new(&socket, 4),
+            spares: hydra_nix::daemon::Spares::new(&socket, 16),
             socket,
             dir: StoreDir::default(),
         }
@@ -71,6 +71,12 @@ impl LocalStore {
                 socket: self.socket.clone(),
                 source,
             })
+    }
+
+    /// Gives back a connection after read-only operations that all
+    /// succeeded (see [`hydra_nix::daemon::Spares::release`]).
+    pub fn release(&self, client: DaemonClient) {
+        self.spares.release(client);
     }
 
     /// Reads and parses the `.drv` at `path`.

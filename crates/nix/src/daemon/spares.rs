@@ -1,9 +1,10 @@
 //! Connections made ahead of need. A nix-daemon forks and opens its store
 //! for every connection (a few milliseconds), which showed on the critical
 //! path of every step; so the next connection is made while the current
-//! one is in use. A connection is never handed out twice: each goes away
-//! with whatever it held (temporary roots, settings), so nothing leaks
-//! from one job into another.
+//! one is in use. A connection is handed out again only when the code that
+//! used it gives it back ([`Spares::release`]) after its operations
+//! succeeded and without leaving state on it (temporary roots, settings);
+//! one that failed midway, or that holds roots, is dropped instead.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +43,15 @@ impl Spares {
         match spare {
             Some(c) => Ok(c),
             None => DaemonClient::connect(&self.socket).await,
+        }
+    }
+
+    /// Gives back a connection whose operations all succeeded and that
+    /// holds no temporary roots or settings, for the next caller.
+    pub fn release(&self, client: DaemonClient) {
+        let mut ready = self.ready.lock().expect("spares lock");
+        if ready.len() < self.keep {
+            ready.push(client);
         }
     }
 

@@ -436,6 +436,7 @@ async fn known_outputs(shared: &Shared, drv: &hydra_nix::StorePath) -> Result<Ve
         .query_derivation_output_map(&shared.store.dir().display(drv))
         .await
         .map_err(crate::store::StoreError::from)?;
+    shared.store.release(client);
     Ok(map.into_values().flatten().collect())
 }
 

@@ -18,7 +18,10 @@ use crate::{Fatal, Shared};
 pub async fn start_attempt(shared: &Shared, a: Assignment) -> Result<(), Fatal> {
     let mut client = shared.store.client().await?;
     let job = match prepare_job(shared, &mut client, &a).await {
-        Ok(job) => job,
+        Ok(job) => {
+            shared.store.release(client);
+            job
+        }
         Err(e) => {
             let reason = e.into_reason()?;
             tracing::error!(drv = %a.drv_path, "cannot prepare step: {reason}");
