@@ -107,7 +107,7 @@ fn holder(farm: &Farm, tx: mpsc::UnboundedSender<Received>) {
 
 /// Seconds until the graph holds `steps` steps (the one the holder runs
 /// counts too).
-async fn all_loaded(farm: &Farm, steps: usize) -> Result<f64> {
+pub async fn all_loaded(farm: &Farm, steps: usize) -> Result<f64> {
     let since = Instant::now();
     let shared = farm.runner().shared.clone();
     hydra_testkit::eventually(Duration::from_secs(3600), || {

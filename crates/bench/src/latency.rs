@@ -118,11 +118,6 @@ async fn queue_unbuildable(farm: &mut Farm, n: usize) -> Result<()> {
     );
     let drvs = farm.runner_store.instantiate_list(&expr).await?;
     crate::ingest::insert_builds(&farm.db.pool, farm.jobset_id, &drvs, "bench-none").await?;
-    let shared = farm.runner().shared.clone();
-    hydra_testkit::eventually(Duration::from_secs(600), || {
-        let shared = shared.clone();
-        async move { Ok((shared.graph.lock().step_count() >= n).then_some(())) }
-    })
-    .await?;
+    crate::ingest::all_loaded(farm, n).await?;
     Ok(())
 }

@@ -25,12 +25,8 @@ pub async fn run(builders: usize, steps: usize, window: Duration) -> Result<Valu
     let drvs = farm.runner_store.instantiate_list(&expr).await?;
     let system = hydra_builder::config::current_system();
     crate::ingest::insert_builds(&farm.db.pool, farm.jobset_id, &drvs, &system).await?;
+    crate::ingest::all_loaded(&farm, steps).await?;
     let shared = farm.runner().shared.clone();
-    hydra_testkit::eventually(Duration::from_secs(3600), || {
-        let shared = shared.clone();
-        async move { Ok((shared.graph.lock().step_count() >= steps).then_some(())) }
-    })
-    .await?;
     eprintln!("[scale] {steps} runnable steps; connecting {builders} builders");
     let (tx, mut seen) = mpsc::unbounded_channel();
     let url = format!("http://{}", farm.runner().addr);
