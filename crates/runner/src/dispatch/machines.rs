@@ -186,6 +186,12 @@ impl Machines {
             .min()
     }
 
+    /// Whether any connected machine supports `system` with `required`
+    /// (busy, resting or drained ones too).
+    pub fn supports_any(&self, system: &str, required: &[String]) -> bool {
+        self.by_name.values().any(|m| m.supports(system, required))
+    }
+
     /// Drains (`true`) or undrains a machine by name.
     pub fn set_drained(&mut self, name: &str, drained: bool) {
         if drained {

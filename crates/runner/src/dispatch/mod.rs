@@ -8,6 +8,7 @@ pub mod machines;
 pub mod order;
 mod start;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -79,6 +80,9 @@ pub async fn run(shared: Arc<Shared>) -> Result<(), Fatal> {
     }
 }
 
+/// A kind of step, as machines see it: its system and required features.
+type Kind = (String, Vec<String>);
+
 /// Decides which runnable steps go where, and marks them dispatched.
 pub fn plan_round(shared: &Shared, now: Instant) -> Round {
     let mut graph = shared.graph.lock();
@@ -92,40 +96,31 @@ pub fn plan_round(shared: &Shared, now: Instant) -> Round {
         round.next_deadline = Some(round.next_deadline.map_or(t, |d| d.min(t)));
     };
 
+    // Steps no connected machine supports are set aside before sorting
+    // (a queue full of them must not slow every round); which kinds of
+    // step have no free machine is remembered for the rest of the round.
+    // With no machine connected at all, it is an outage, not an
+    // unsupported system: nothing fails for it.
+    let outage = machines.is_empty();
+    let mut supported: HashMap<(&str, &[String]), bool> = HashMap::new();
+    let mut newly_unsupported = Vec::new();
     let mut queue: Vec<(OrderKey, StepId)> = Vec::new();
     for (id, step) in graph.runnable() {
+        let any = *supported
+            .entry((&step.system, &step.required_features))
+            .or_insert_with(|| machines.supports_any(&step.system, &step.required_features));
         match step.state {
             StepState::Runnable {
                 not_before: Some(t),
                 ..
             } if t > now => due(t, &mut round),
-            StepState::Runnable { since, .. } => {
-                let bonus = order::aging_bonus(now.saturating_duration_since(since), aging);
-                queue.push((OrderKey::new(&step.sched, &shares, bonus), id));
-            }
-            _ => queue.push((OrderKey::new(&step.sched, &shares, 0), id)),
-        }
-    }
-    queue.sort_by(|a, b| a.0.dispatch_order(&b.0));
-
-    for (_, id) in queue {
-        let step = graph.step(id).expect("runnable step");
-        match machines.choose(
-            &step.system,
-            &step.required_features,
-            config.min_free_disk,
-            now,
-            &step.failed_on,
-        ) {
-            Err(NoMachine::Unsupported) => {
-                // With no machine connected at all, it is an outage, not
-                // an unsupported system: nothing fails for it.
-                if machines.is_empty() {
+            _ if !any => {
+                if outage {
                     continue;
                 }
                 let since = step.unsupported_since.unwrap_or(now);
                 if step.unsupported_since.is_none() {
-                    graph.set_unsupported_since(id, Some(now));
+                    newly_unsupported.push(id);
                 }
                 if now.duration_since(since) >= max_unsupported {
                     round.unsupported.push(id);
@@ -133,11 +128,43 @@ pub fn plan_round(shared: &Shared, now: Instant) -> Round {
                     due(since + max_unsupported, &mut round);
                 }
             }
+            StepState::Runnable { since, .. } => {
+                let bonus = order::aging_bonus(now.saturating_duration_since(since), aging);
+                queue.push((OrderKey::new(&step.sched, &shares, bonus), id));
+            }
+            _ => queue.push((OrderKey::new(&step.sched, &shares, 0), id)),
+        }
+    }
+    drop(supported);
+    for id in newly_unsupported {
+        graph.set_unsupported_since(id, Some(now));
+    }
+    queue.sort_by(|a, b| a.0.dispatch_order(&b.0));
+
+    let mut full: HashSet<Kind> = HashSet::new();
+    for (_, id) in queue {
+        let step = graph.step(id).expect("runnable step");
+        let kind = (step.system.clone(), step.required_features.clone());
+        let chosen = if full.contains(&kind) {
+            Err(NoMachine::Busy)
+        } else {
+            machines.choose(
+                &step.system,
+                &step.required_features,
+                config.min_free_disk,
+                now,
+                &step.failed_on,
+            )
+        };
+        match chosen {
+            Err(NoMachine::Unsupported) => unreachable!("set aside before sorting"),
             Err(NoMachine::Busy) => {
                 if step.unsupported_since.is_some() {
                     graph.set_unsupported_since(id, None);
                 }
-                if let Some(t) = machines.next_rest_end(now) {
+                if full.insert(kind)
+                    && let Some(t) = machines.next_rest_end(now)
+                {
                     due(t, &mut round);
                 }
             }

@@ -125,7 +125,8 @@ async fn load_new_builds(shared: &Shared, last_id: BuildId) -> Result<BuildId, F
             }
         }
     };
-    let loaded = futures::future::try_join_all((0..LOADERS).map(|_| loader())).await?;
+    let loaders = LOADERS.min(total);
+    let loaded = futures::future::try_join_all((0..loaders).map(|_| loader())).await?;
     let plans: Vec<(BuildId, u32)> = loaded.into_iter().flatten().collect();
     // Dispatch first: the counters can wait a moment.
     shared.wake();
