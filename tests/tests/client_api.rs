@@ -419,8 +419,9 @@ async fn a_cancel_keeps_the_shared_step_another_build_needs_and_is_no_failure() 
         .unwrap();
     let mut api = farm.api().await.unwrap();
     let a = submit(&mut api, submit_request(vec![drvs["a"].clone()])).await[0];
-    let b = submit(&mut api, submit_request(vec![drvs["b"].clone()])).await[0];
     signal.started(LIMIT).await.unwrap();
+    // b comes to need the shared step while it runs.
+    let b = submit(&mut api, submit_request(vec![drvs["b"].clone()])).await[0];
     counters_become(&mut api, b, [2, 0, 1, 1, 0, 0]).await;
 
     let cancelled = api
@@ -449,6 +450,14 @@ async fn a_cancel_keeps_the_shared_step_another_build_needs_and_is_no_failure() 
     gate.open(LIMIT).await.unwrap();
     let b_events = events_until_finished(&mut api, b, 0).await;
     assert_eq!(b_events.last().unwrap().kind, EventKind::Completed as i32);
+    let shared_done = b_events
+        .iter()
+        .any(|e| e.kind == EventKind::StepFinished as i32 && e.drv_path.ends_with("-shared.drv"));
+    assert!(
+        shared_done,
+        "a build that joined a running step hears it finish"
+    );
+    counters_become(&mut api, b, [2, 0, 0, 0, 2, 0]).await;
     let failed: i64 = sqlx::query_scalar("select count(*) from FailedPaths")
         .fetch_one(&farm.db.pool)
         .await

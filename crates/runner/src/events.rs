@@ -123,14 +123,21 @@ impl NewEvent {
     }
 }
 
-/// `step_finished` for an attempt that ended with `status`.
+/// `step_finished` for an attempt that ended with `status`, for the
+/// builds that needed it at dispatch and `also` (those that need it now:
+/// a build may have come to need it while it ran).
 pub fn step_finished(
     drv: &str,
     attempt: &crate::attempts::Attempt,
+    also: &[BuildId],
     status: hydra_db::status::BuildStatus,
     reason: Option<&str>,
 ) -> NewEvent {
-    let mut e = NewEvent::new(Kind::StepFinished, attempt.builds.clone())
+    let mut builds = attempt.builds.clone();
+    builds.extend_from_slice(also);
+    builds.sort_unstable();
+    builds.dedup();
+    let mut e = NewEvent::new(Kind::StepFinished, builds)
         .drv(drv)
         .machine(attempt.machine.as_str())
         .status(status.code());

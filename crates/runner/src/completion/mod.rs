@@ -410,10 +410,12 @@ async fn write_failure(
         };
         record::mark_failed_build(tx, b.id, status, f.start_time, f.stop_time, false).await?;
     }
-    let concerned = match attempt {
-        Some((a, _)) => a.builds.clone(),
-        None => builds.iter().map(|b| b.id).collect(),
-    };
+    let mut concerned: Vec<i32> = builds.iter().map(|b| b.id).collect();
+    if let Some((a, _)) = attempt {
+        concerned.extend_from_slice(&a.builds);
+        concerned.sort_unstable();
+        concerned.dedup();
+    }
     let mut finished = NewEvent::new(Kind::StepFinished, concerned)
         .drv(drv_full.as_str())
         .status(f.status.code())
@@ -507,7 +509,7 @@ async fn close_attempt(
         record::finish_build_step(&mut tx, attempt.build, attempt.stepnr, &result).await?;
         attempts::close(&mut tx, &attempt.id, status.code()).await?;
         let drv = shared.store.dir().display(&attempt.drv_path);
-        let finished = events::step_finished(&drv, attempt, status, Some(reason));
+        let finished = events::step_finished(&drv, attempt, &[], status, Some(reason));
         events::emit(&mut tx, &[finished]).await?;
         Ok(())
     })?;

@@ -189,6 +189,7 @@ pub async fn succeed(
             &[events::step_finished(
                 &shared.store.dir().display(&attempt.drv_path),
                 &attempt,
+                &done.needed_by,
                 BuildStatus::Success,
                 None,
             )],
@@ -258,6 +259,8 @@ struct Finishing {
     direct: Vec<Build>,
     /// Derivations that resolved to it.
     resolved_from: Vec<StorePath>,
+    /// Every build that needs it now (for its event).
+    needed_by: Vec<crate::graph::BuildId>,
 }
 
 impl Finishing {
@@ -283,6 +286,7 @@ fn finishing(shared: &Shared, drv_path: &StorePath, attempt: Option<&Uuid>) -> O
     Some(Finishing {
         step,
         direct: graph.top_level_builds(step),
+        needed_by: graph.dependent_builds(step).iter().map(|b| b.id).collect(),
         resolved_from: graph.step(step)?.resolved_from.clone(),
     })
 }
