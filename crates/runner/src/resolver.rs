@@ -50,13 +50,13 @@ async fn resolve_step(shared: &Shared, id: StepId) -> Result<(), Fatal> {
     let pending = {
         let graph = shared.graph.lock();
         let step = graph.step(id).filter(|s| s.is_resolving());
-        match (step, graph.owner_build(id)) {
-            (Some(s), Some(owner)) => Pending {
+        match (step, graph.owner_and_dependents(id)) {
+            (Some(s), Some((owner, builds))) => Pending {
                 drv_path: s.drv_path.clone(),
                 system: s.system.clone(),
                 required_features: s.required_features.clone(),
                 owner,
-                builds: graph.dependent_builds(id).iter().map(|b| b.id).collect(),
+                builds,
             },
             _ => return Ok(()), // dropped meanwhile
         }

@@ -170,6 +170,9 @@ pub fn plan_round(shared: &Shared, now: Instant) -> Round {
             }
             Ok(machine) => {
                 let attempt = Uuid::new_v4();
+                let (owner, builds) = graph
+                    .owner_and_dependents(id)
+                    .expect("a step in the graph has a build");
                 let assignment = Assignment {
                     step: id,
                     drv_path: step.drv_path.clone(),
@@ -178,10 +181,8 @@ pub fn plan_round(shared: &Shared, now: Instant) -> Round {
                     machine: machine.name.clone(),
                     connection: machine.connection.clone(),
                     tx: machine.tx.clone(),
-                    owner: graph
-                        .owner_build(id)
-                        .expect("a step in the graph has a build"),
-                    builds: graph.dependent_builds(id).iter().map(|b| b.id).collect(),
+                    owner,
+                    builds,
                     // After a backoff, from its end.
                     runnable_since: match step.state {
                         StepState::Runnable { since, not_before } => {

@@ -387,12 +387,18 @@ impl Graph {
         builds
     }
 
-    /// The build whose BuildSteps rows record `step`: one that has it as its
-    /// top level if any (as Hydra picks), else the oldest that needs it.
-    pub fn owner_build(&self, step: StepId) -> Option<Build> {
-        self.steps.get(&step)?;
-        let top = self.top_level_builds(step).into_iter().min_by_key(|b| b.id);
-        top.or_else(|| self.dependent_builds(step).into_iter().next())
+    /// The build whose BuildSteps rows record `step` (one that has it as
+    /// its top level if any, as Hydra picks, else the oldest that needs
+    /// it), and every live build that needs it, from one walk.
+    pub fn owner_and_dependents(&self, step: StepId) -> Option<(Build, Vec<BuildId>)> {
+        let top = self.steps.get(&step)?.toplevel_of.clone();
+        let needed = self.dependent_builds(step);
+        let owner = needed
+            .iter()
+            .find(|b| top.contains(&b.id))
+            .or_else(|| needed.first())?
+            .clone();
+        Some((owner, needed.iter().map(|b| b.id).collect()))
     }
 
     pub fn mark_dispatched(
@@ -696,6 +702,26 @@ mod tests {
         let lib = g.step_id(&path("lib")).unwrap();
         assert_eq!(g.dependent_builds(lib).len(), 2);
         assert_eq!(runnable_names(&g), ["lib.drv"]);
+    }
+
+    #[test]
+    fn a_step_is_owned_by_a_build_whose_top_level_it_is_else_the_oldest() {
+        let mut g = Graph::default();
+        let now = Instant::now();
+        g.insert_build(
+            build(1, "app"),
+            plan(&[("app", &["lib"]), ("lib", &[])]),
+            now,
+        )
+        .unwrap();
+        let lib = g.step_id(&path("lib")).unwrap();
+        let (owner, needed) = g.owner_and_dependents(lib).unwrap();
+        assert_eq!((owner.id, needed), (1, vec![1]));
+        let mut p = plan(&[]);
+        p.existing.insert(path("lib"));
+        g.insert_build(build(5, "lib"), p, now).unwrap();
+        let (owner, needed) = g.owner_and_dependents(lib).unwrap();
+        assert_eq!((owner.id, needed), (5, vec![1, 5]));
     }
 
     #[test]
