@@ -18,6 +18,12 @@ pub fn now() -> i64 {
         .unwrap_or(0)
 }
 
+/// A future monotonic instant `t` (a rest's end, a backoff's end) in
+/// seconds since the epoch, `now` being the monotonic clock's present.
+pub fn unix_seconds(t: std::time::Instant, now: std::time::Instant) -> i64 {
+    self::now() + t.saturating_duration_since(now).as_secs() as i64
+}
+
 /// A BuildSteps row to create.
 pub struct NewStepRow<'a> {
     pub build: BuildId,

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
@@ -20,11 +20,8 @@ use crate::{QueueCounts, Shared};
 /// The status document now.
 pub fn snapshot(shared: &Shared, started: Instant) -> Value {
     let now = Instant::now();
-    let epoch = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    let at_epoch = |t: Instant| epoch + t.saturating_duration_since(now).as_secs();
+    let epoch = crate::record::now();
+    let at_epoch = |t: Instant| crate::record::unix_seconds(t, now);
     let QueueCounts {
         builds: queued,
         steps,

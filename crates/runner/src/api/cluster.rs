@@ -2,7 +2,7 @@
 //! and why a build's steps are not running.
 
 use std::collections::BTreeMap;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use hydra_proto::client::*;
 
@@ -218,7 +218,7 @@ fn explain_step(
             not_before: Some(t),
             ..
         } if *t > now => {
-            e.until = unix(*t, now);
+            e.until = crate::record::unix_seconds(*t, now);
             (
                 "backoff",
                 format!(
@@ -248,7 +248,7 @@ fn explain_step(
                     "every machine that could build it is drained".into(),
                 ),
                 Availability::Rested { until } => {
-                    e.until = unix(until, now);
+                    e.until = crate::record::unix_seconds(until, now);
                     (
                         "machines-rested",
                         format!(
@@ -290,12 +290,4 @@ fn summarise(id: i32, steps: &[StepExplanation]) -> String {
         steps.len(),
         parts.join(", ")
     )
-}
-
-/// `t` (a monotonic instant) as Unix seconds.
-fn unix(t: Instant, now: Instant) -> i64 {
-    let wall = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    wall + t.saturating_duration_since(now).as_secs() as i64
 }
