@@ -140,14 +140,19 @@ async fn cancel_in(
     reason: &str,
     keep_running: bool,
 ) -> Result<Vec<i32>, sqlx::Error> {
-    let now = crate::record::now();
-    // The reason goes in first: the queue monitor reads it when the
-    // trigger's change row wakes it.
-    let cancelled: Vec<i32> =
-        sqlx::query_scalar("select id from Builds where id = any($1) and finished = 0 order by id")
-            .bind(ids)
-            .fetch_all(&mut *tx)
-            .await?;
+    // One transaction: the queue monitor, woken by the trigger's change row
+    // after the commit, finds the reason beside the cancelled build.
+    let mut cancelled: Vec<i32> = sqlx::query_scalar(
+        "update Builds set finished = 1, buildStatus = 4, isCachedBuild = 0,
+                startTime = coalesce(nullif(startTime, 0), $2), stopTime = $2
+          where id = any($1) and finished = 0
+         returning id",
+    )
+    .bind(ids)
+    .bind(crate::record::now())
+    .fetch_all(&mut *tx)
+    .await?;
+    cancelled.sort_unstable();
     sqlx::query(
         "insert into hqr_cancellations (build, reason, keep_running)
          select b, $2, $3 from unnest($1::integer[]) b
@@ -157,15 +162,6 @@ async fn cancel_in(
     .bind(&cancelled)
     .bind(reason)
     .bind(keep_running)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "update Builds set finished = 1, buildStatus = 4, isCachedBuild = 0,
-                startTime = coalesce(nullif(startTime, 0), $2), stopTime = $2
-          where id = any($1) and finished = 0",
-    )
-    .bind(&cancelled)
-    .bind(now)
     .execute(&mut *tx)
     .await?;
     sqlx::query("notify builds_cancelled")
