@@ -620,19 +620,24 @@ async fn watch(
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     while let Some(event) = stream.message().await? {
+        let kind = EventKind::try_from(event.kind).unwrap_or(EventKind::Unspecified);
         if out.json {
             out.print_json(&event_json(&event))?;
-        } else if event.kind == EventKind::Log as i32 {
+        } else if kind == EventKind::Log {
             let step = event.drv_path.rsplit('/').next().unwrap_or("");
             bar.println(format!("  {step}> {}", event.detail));
-            continue;
         } else {
             bar.println(event_line(&event));
         }
-        if event.kind == EventKind::Log as i32 {
-            continue;
-        }
-        if let Some(id) = build {
+        // Only what moves the counters is worth asking the runner about.
+        let moves = matches!(
+            kind,
+            EventKind::Queued
+                | EventKind::StepStarted
+                | EventKind::StepFinished
+                | EventKind::Resolved
+        );
+        if let Some(id) = build.filter(|_| moves && !bar.is_hidden()) {
             let b = client
                 .get_build(GetBuildRequest { build_id: id })
                 .await?

@@ -125,7 +125,7 @@ fn to_info(r: BuildRow, steps: Option<StepCounters>) -> BuildInfo {
         .priority_class
         .as_deref()
         .and_then(PriorityClass::parse)
-        .map_or(PriorityClass::Normal, |c| c);
+        .unwrap_or(PriorityClass::Normal);
     BuildInfo {
         id: r.id as u64,
         tenant: r.project,
