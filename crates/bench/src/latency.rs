@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use crate::report::{ms, percentile, table};
 
 pub async fn run(samples: usize, queued: usize) -> Result<Value> {
-    let mut farm = Farm::start(|c| c.max_unsupported_secs = 86_400).await?;
+    let farm = Farm::start(|c| c.max_unsupported_secs = 86_400).await?;
     let system = hydra_builder::config::current_system();
     let (tx, mut seen) = mpsc::unbounded_channel();
     let url = format!("http://{}", farm.runner().addr);
@@ -41,7 +41,7 @@ pub async fn run(samples: usize, queued: usize) -> Result<Value> {
         alone.push(measure(&farm, &mut api, drv, &mut seen).await?);
     }
     eprintln!("[latency] queueing {queued} steps no machine can build");
-    queue_unbuildable(&mut farm, queued).await?;
+    queue_unbuildable(&farm, queued).await?;
     let mut loaded = Vec::new();
     for drv in &drvs[samples + 1..=2 * samples] {
         loaded.push(measure(&farm, &mut api, drv, &mut seen).await?);
@@ -112,7 +112,7 @@ fn submit_request(drv: &str) -> hydra_proto::client::SubmitRequest {
 }
 
 /// Queues `n` one-step builds for a system no machine has.
-async fn queue_unbuildable(farm: &mut Farm, n: usize) -> Result<()> {
+async fn queue_unbuildable(farm: &Farm, n: usize) -> Result<()> {
     let expr = format!(
         "with prelude; map (i: mkDrv {{ name = \"none${{toString i}}\"; system = \"bench-none\"; script = \"true\"; }}) (builtins.genList (x: x) {n})"
     );
