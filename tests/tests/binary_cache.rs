@@ -9,7 +9,6 @@ use std::time::Duration;
 use hydra_testkit::process::{BuilderProcess, RunnerSetup};
 use hydra_testkit::{BuilderSpec, Farm, NixStore, create_jobset, queue_builds, wait_finished};
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
 
 const LIMIT: Duration = Duration::from_secs(90);
 
@@ -159,29 +158,14 @@ async fn a_runner_restarted_with_uploads_pending_finishes_them_each_once() {
     assert_eq!(status, Some(0), "a cache that is down fails no build");
     runner.wait_for_line("upload failed", LIMIT).await.unwrap();
     // The status document shows the failing uploads.
-    let mut listener = PgListener::connect_with(&db.pool).await.unwrap();
-    listener.listen("queue_runner_status").await.unwrap();
     let dest = format!("file://{}", cache_dir.display());
-    loop {
-        let doc: Option<serde_json::Value> =
-            sqlx::query_scalar("select status from SystemStatus where what = 'queue-runner'")
-                .fetch_optional(&db.pool)
-                .await
-                .unwrap();
-        let failing = doc
-            .as_ref()
-            .and_then(|d| d["uploads"][&dest]["failing"].as_i64())
-            .unwrap_or(0);
-        if failing > 0 {
-            let error = doc.unwrap()["uploads"][&dest]["lastError"].to_string();
-            assert!(error.contains("cache"), "{error}");
-            break;
-        }
-        tokio::time::timeout(LIMIT, listener.recv())
-            .await
-            .expect("the status never showed the failing uploads")
-            .unwrap();
-    }
+    let error = hydra_testkit::status_document_until(&db.pool, LIMIT, |d| {
+        let upload = &d["uploads"][&dest];
+        (upload["failing"].as_i64().unwrap_or(0) > 0).then(|| upload["lastError"].to_string())
+    })
+    .await
+    .expect("the status shows the failing uploads");
+    assert!(error.contains("cache"), "{error}");
     let metrics = hydra_testkit::process::scrape(&http).await.unwrap();
     let failing =
         hydra_testkit::process::sample(&metrics, "hqr_uploads_failing", "destination", &dest);

@@ -415,26 +415,12 @@ async fn a_machine_that_keeps_failing_is_rested_and_shows_so_in_the_status() {
     }
 
     // The status document (Hydra's SystemStatus) shows the rest.
-    let mut listener = sqlx::postgres::PgListener::connect_with(&farm.db.pool)
-        .await
-        .unwrap();
-    listener.listen("queue_runner_status").await.unwrap();
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    let liar_status = loop {
-        let doc: Option<serde_json::Value> =
-            sqlx::query_scalar("select status from SystemStatus where what = 'queue-runner'")
-                .fetch_optional(&farm.db.pool)
-                .await
-                .unwrap();
-        let entry = doc.map(|d| d["machines"]["liar"].clone());
-        if let Some(e) = entry.filter(|e| e["disabledUntil"].as_u64().unwrap_or(0) > 0) {
-            break e;
-        }
-        tokio::time::timeout_at(deadline, listener.recv())
-            .await
-            .expect("the status never showed the machine rested")
-            .unwrap();
-    };
+    let liar_status = hydra_testkit::status_document_until(&farm.db.pool, LIMIT, |d| {
+        let e = &d["machines"]["liar"];
+        (e["disabledUntil"].as_u64().unwrap_or(0) > 0).then(|| e.clone())
+    })
+    .await
+    .expect("the status shows the machine rested");
     assert_eq!(liar_status["consecutiveFailures"], 2, "{liar_status}");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

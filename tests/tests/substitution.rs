@@ -7,7 +7,6 @@ use std::time::Duration;
 use hydra_testkit::caches::{nix_key, uploads_done};
 use hydra_testkit::process::{BuilderProcess, RunnerSetup, sample, scrape};
 use hydra_testkit::{NixStore, TestDb, create_jobset, queue_builds, wait_finished};
-use sqlx::postgres::PgListener;
 
 const LIMIT: Duration = Duration::from_secs(90);
 
@@ -136,26 +135,12 @@ async fn caches_that_are_down_or_hang_never_stop_a_build() {
         .unwrap();
 
     // The timeouts show in the status document.
-    let mut listener = PgListener::connect_with(&db.pool).await.unwrap();
-    listener.listen("queue_runner_status").await.unwrap();
-    loop {
-        let doc: Option<serde_json::Value> =
-            sqlx::query_scalar("select status from SystemStatus where what = 'queue-runner'")
-                .fetch_optional(&db.pool)
-                .await
-                .unwrap();
-        let timeouts = doc
-            .as_ref()
-            .and_then(|d| d["machines"]["one"]["substituterTimeouts"].as_u64())
-            .unwrap_or(0);
-        if timeouts >= 1 {
-            break;
-        }
-        tokio::time::timeout(LIMIT, listener.recv())
-            .await
-            .expect("the status never showed the timeout")
-            .unwrap();
-    }
+    hydra_testkit::status_document_until(&db.pool, LIMIT, |d| {
+        let timeouts = d["machines"]["one"]["substituterTimeouts"].as_u64();
+        timeouts.filter(|t| *t >= 1)
+    })
+    .await
+    .expect("the status shows the timeout");
     // And in the Prometheus metrics.
     let scrape = scrape(&http).await.unwrap();
     let timeouts = sample(

@@ -355,6 +355,34 @@ pub async fn wait_finished(
     }
 }
 
+/// Waits (on `queue_runner_status` notifications, not by polling) until
+/// `pick` finds what it wants in the runner's status document
+/// (`SystemStatus`); returns it, or fails after `limit`.
+pub async fn status_document_until<T>(
+    pool: &sqlx::PgPool,
+    limit: Duration,
+    mut pick: impl FnMut(&serde_json::Value) -> Option<T>,
+) -> Result<T> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen("queue_runner_status").await?;
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let doc: Option<serde_json::Value> =
+            sqlx::query_scalar("select status from SystemStatus where what = 'queue-runner'")
+                .fetch_optional(pool)
+                .await?;
+        if let Some(found) = doc.as_ref().and_then(&mut pick) {
+            return Ok(found);
+        }
+        match tokio::time::timeout_at(deadline, listener.recv()).await {
+            Ok(note) => {
+                note.context("listening for queue_runner_status")?;
+            }
+            Err(_) => bail!("the status document never showed it within {limit:?}: {doc:?}"),
+        }
+    }
+}
+
 /// A user, a project `tests` and its jobset `jobs`; returns the jobset id.
 pub async fn create_jobset(pool: &sqlx::PgPool) -> Result<i32> {
     sqlx::raw_sql(

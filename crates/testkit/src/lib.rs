@@ -27,7 +27,7 @@ pub mod tls;
 
 pub use farm::{
     ApiClient, BuilderSpec, Farm, JobOptions, create_jobset, eventually, queue_builds,
-    wait_finished,
+    status_document_until, wait_finished,
 };
 pub use nix::{NixStore, nix_config};
 pub use pg::{PgCluster, TestDb};
