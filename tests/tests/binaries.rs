@@ -66,14 +66,9 @@ async fn the_runner_and_builder_binaries_build_a_queued_job() {
         .instantiate(r#"with prelude; { job = mkDrv { name = "job"; script = "echo from a process > $out"; }; }"#, &["job"])
         .await
         .unwrap();
-    sqlx::raw_sql(
-        "insert into Users (userName, emailAddress, password) values ('u', 'u@localhost', '');
-         insert into Projects (name, displayName, owner) values ('p', 'P', 'u');
-         insert into Jobsets (name, project) values ('j', 'p');",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    hydra_testkit::hydra_jobset(&db.pool, "p", "j")
+        .await
+        .unwrap();
     let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool)
         .await
         .unwrap();

@@ -150,6 +150,9 @@ pub async fn run(config: BuilderConfig) -> Result<(), BuilderError> {
     let substituters =
         crate::substitute::Substituters::from_config(&config).map(std::sync::Arc::new);
     let urls = config.urls();
+    // One per process: a reconnect of this builder is told from another
+    // builder that uses the same machine name.
+    let instance_id = uuid::Uuid::new_v4().to_string();
     let mut failures = 0u32;
     let mut next = 0usize;
     loop {
@@ -160,7 +163,7 @@ pub async fn run(config: BuilderConfig) -> Result<(), BuilderError> {
             auth: &auth,
             substituters: substituters.clone(),
         };
-        match session(&config, target, &mut failures).await {
+        match session(&config, &instance_id, target, &mut failures).await {
             Err(SessionEnd::Fatal(e)) => return Err(e),
             Err(SessionEnd::Lost(why)) | Ok(why) => {
                 failures += 1;
@@ -192,6 +195,7 @@ struct Target<'a> {
 
 async fn session(
     config: &BuilderConfig,
+    instance_id: &str,
     target: Target<'_>,
     failures: &mut u32,
 ) -> Result<String, SessionEnd> {
@@ -208,7 +212,9 @@ async fn session(
     let mut client = RunnerServiceClient::with_interceptor(channel.clone(), auth.clone())
         .max_decoding_message_size(64 << 20);
     let (tx, rx) = mpsc::channel(256);
-    tx.send(join_message(config)).await.expect("fresh channel");
+    tx.send(join_message(config, instance_id))
+        .await
+        .expect("fresh channel");
     let mut inbound = client
         .open(ReceiverStream::new(rx))
         .await
@@ -219,7 +225,14 @@ async fn session(
         .await
         .map_err(|s| before_welcome(url, &s))?
         .ok_or_else(|| SessionEnd::Lost("the runner closed the stream before welcoming".into()))?;
-    let welcome = hydra_proto::check_welcome(first).map_err(BuilderError::from)?;
+    let welcome = match hydra_proto::check_welcome(first) {
+        Ok(w) => w,
+        Err(hydra_proto::HandshakeError::RefusedForNow(why)) => {
+            tracing::error!(runner = %url, "refused for now: {why}");
+            return Err(SessionEnd::Lost(format!("refused for now: {why}")));
+        }
+        Err(e) => return Err(BuilderError::from(e).into()),
+    };
     *failures = 0;
     tracing::info!(runner = %url, "joined as {} ({})", config.machine_name, welcome.machine_id);
     let ctx = JobContext {
@@ -303,7 +316,7 @@ fn lost_or_refused(s: &tonic::Status) -> SessionEnd {
     }
 }
 
-fn join_message(config: &BuilderConfig) -> BuilderMessage {
+fn join_message(config: &BuilderConfig, instance_id: &str) -> BuilderMessage {
     BuilderMessage {
         msg: Some(builder_message::Msg::Join(Join {
             protocol_version: hydra_proto::PROTOCOL_VERSION,
@@ -315,6 +328,7 @@ fn join_message(config: &BuilderConfig) -> BuilderMessage {
             max_jobs: config.max_jobs,
             speed_factor: config.speed_factor,
             store_dir: config.store_dir.clone(),
+            instance_id: instance_id.to_owned(),
         })),
     }
 }

@@ -117,24 +117,20 @@ async fn execute(ctx: &JobContext, job: &BuildJob) -> Result<CompletionReport, J
         stop_time: result.stop_time,
         times_built: result.times_built as u32,
         is_non_deterministic: result.is_non_deterministic,
-        error_msg: result.error_msg.clone(),
         ..Default::default()
     };
-    let outcome = match result.status {
-        s if s.is_success() => Outcome::Succeeded,
-        BuildStatus::PermanentFailure
-        | BuildStatus::InputRejected
-        | BuildStatus::OutputRejected
-        | BuildStatus::CachedFailure
-        | BuildStatus::TransientFailure => Outcome::Failed,
-        BuildStatus::TimedOut => Outcome::TimedOut,
-        BuildStatus::LogLimitExceeded => Outcome::LogLimitExceeded,
-        BuildStatus::NotDeterministic => Outcome::NotDeterministic,
-        _ => Outcome::InfrastructureFailure,
-    };
+    let outcome = outcome_of(result.status);
     if outcome != Outcome::Succeeded {
+        let error_msg = match result.status {
+            BuildStatus::CachedFailure => format!(
+                "this machine's nix-daemon has the derivation as a cached failure: {}",
+                result.error_msg
+            ),
+            _ => result.error_msg,
+        };
         return Ok(CompletionReport {
             outcome: outcome as i32,
+            error_msg,
             ..base
         });
     }
@@ -186,6 +182,29 @@ async fn execute(ctx: &JobContext, job: &BuildJob) -> Result<CompletionReport, J
     })
 }
 
+/// Nix's result, as Hydra's runner reads it: a permanent failure of the
+/// build is the build's; a transient one (a failed fetch) is retried; a
+/// miscellaneous failure, or a failure cached by this machine's own
+/// daemon, is this machine's business, so the runner retries elsewhere.
+fn outcome_of(status: BuildStatus) -> Outcome {
+    match status {
+        s if s.is_success() => Outcome::Succeeded,
+        BuildStatus::PermanentFailure
+        | BuildStatus::InputRejected
+        | BuildStatus::OutputRejected => Outcome::Failed,
+        BuildStatus::TransientFailure => Outcome::TransientFailure,
+        BuildStatus::TimedOut => Outcome::TimedOut,
+        BuildStatus::LogLimitExceeded => Outcome::LogLimitExceeded,
+        BuildStatus::NotDeterministic => Outcome::NotDeterministic,
+        BuildStatus::CachedFailure
+        | BuildStatus::MiscFailure
+        | BuildStatus::DependencyFailed
+        | BuildStatus::NoSubstituters
+        | BuildStatus::Unknown(_) => Outcome::InfrastructureFailure,
+        _ => Outcome::InfrastructureFailure,
+    }
+}
+
 async fn progress(ctx: &JobContext, job: &BuildJob, phase: Phase) {
     let msg = BuilderMessage {
         msg: Some(builder_message::Msg::Progress(Progress {
@@ -212,11 +231,12 @@ async fn build_with_log(
     });
     let (machine_id, attempt_id) = (ctx.machine_id.clone(), job.attempt_id.clone());
     let mut on_log = move |line: LogLine| {
-        if let LogLine::Build(text) = line {
+        if let LogLine::Build(mut bytes) = line {
+            bytes.push(b'\n');
             let _ = log_tx.send(LogChunk {
                 machine_id: machine_id.clone(),
                 attempt_id: attempt_id.clone(),
-                data: format!("{text}\n").into_bytes(),
+                data: bytes,
             });
         }
     };

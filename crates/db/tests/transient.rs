@@ -47,3 +47,44 @@ async fn a_deadlock_is_transient_and_a_constraint_violation_is_not() {
         .unwrap_err();
     assert!(!hydra_db::is_transient(&dup), "{dup}");
 }
+
+/// What outside input can make PostgreSQL refuse is a data error (it ends
+/// the step, not the runner); a broken query or a lost server is fatal.
+#[tokio::test]
+async fn refused_data_is_a_data_error_and_a_broken_query_is_fatal() {
+    use hydra_db::{Fault, classify};
+    let db = TestDb::new().await;
+    sqlx::raw_sql(
+        "create table p (id int primary key);
+         create table c (p int references p(id), n int not null, t text, check (n >= 0));",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let refused = [
+        ("a NUL byte", "insert into c values (null, 0, $1)", "a\0b"),
+        ("a foreign key", "insert into c values (7, 0, $1)", ""),
+        ("a check", "insert into c values (null, -1, $1)", ""),
+        ("a not-null", "insert into c values (null, null, $1)", ""),
+        (
+            "out of range",
+            "insert into c values (null, 99999999999, $1)",
+            "",
+        ),
+    ];
+    for (what, sql, text) in refused {
+        let err = sqlx::query(sql)
+            .bind(text)
+            .execute(&db.pool)
+            .await
+            .unwrap_err();
+        assert_eq!(classify(&err), Fault::Data, "{what}: {err}");
+        assert!(hydra_db::is_data_error(&err));
+    }
+    let broken = sqlx::query("select * from no_such_table")
+        .execute(&db.pool)
+        .await
+        .unwrap_err();
+    assert_eq!(classify(&broken), Fault::Fatal, "{broken}");
+    assert_eq!(classify(&sqlx::Error::PoolTimedOut), Fault::Fatal);
+}

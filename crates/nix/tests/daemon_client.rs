@@ -193,7 +193,7 @@ async fn builds_a_derivation_through_the_client_with_its_log() {
         .unwrap();
     assert_eq!(result.status, BuildStatus::Built, "{}", result.error_msg);
     assert!(
-        lines.contains(&LogLine::Build("building-now".into())),
+        lines.contains(&LogLine::Build(b"building-now".to_vec())),
         "{lines:?}"
     );
     let out = dir.display(drv.outputs["out"].path().unwrap());
@@ -212,6 +212,53 @@ async fn builds_a_derivation_through_the_client_with_its_log() {
         "{}",
         result.error_msg
     );
+}
+
+/// Builds print bytes, not text: a NUL and a Latin-1 byte come through
+/// the log exactly, and Nix's failure message (which quotes the log's
+/// last lines) is read lossily instead of breaking the connection.
+#[tokio::test]
+async fn log_lines_are_bytes_and_a_failures_message_survives_bad_bytes() {
+    let store = NixStore::start().unwrap();
+    let paths = store
+        .instantiate(
+            r#"with prelude; {
+                odd = mkDrv { name = "odd"; script = "printf 'a\\000b\\n'; printf 'caf\\351\\n'; exit 1"; };
+            }"#,
+            &["odd"],
+        )
+        .await
+        .unwrap();
+    let dir = StoreDir::default();
+    let mut client = connect(&store).await;
+    let drv =
+        Derivation::parse(&dir, &store.read_store_file(&paths["odd"]).await.unwrap()).unwrap();
+    let mut lines = Vec::new();
+    let result = client
+        .build_derivation(&paths["odd"], &drv, BuildMode::Normal, &mut |l| {
+            lines.push(l)
+        })
+        .await
+        .unwrap();
+    assert_eq!(result.status, BuildStatus::PermanentFailure);
+    let build_lines: Vec<Vec<u8>> = lines
+        .into_iter()
+        .filter_map(|l| match l {
+            LogLine::Build(b) => Some(b),
+            LogLine::Daemon(_) => None,
+        })
+        .collect();
+    assert!(build_lines.contains(&b"a\0b".to_vec()), "{build_lines:?}");
+    assert!(
+        build_lines.contains(&b"caf\xe9".to_vec()),
+        "{build_lines:?}"
+    );
+    assert!(
+        result.error_msg.contains("caf\u{fffd}"),
+        "{}",
+        result.error_msg
+    );
+    assert_connection_usable(&mut client).await;
 }
 
 #[tokio::test]

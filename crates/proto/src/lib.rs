@@ -59,6 +59,9 @@ pub fn check_peer_version(local_role: &'static str, peer: u32) -> Result<(), Ver
 pub enum HandshakeError {
     #[error("the runner refused this builder: {0}")]
     Refused(String),
+    /// A refusal that may end by itself (see `Refused.retryable`).
+    #[error("the runner refused this builder for now: {0}")]
+    RefusedForNow(String),
     #[error(transparent)]
     Version(#[from] VersionMismatch),
     #[error("the runner answered the join with something other than Welcome or Refused")]
@@ -92,6 +95,9 @@ pub fn check_welcome(msg: v1::RunnerMessage) -> Result<v1::Welcome, HandshakeErr
         Some(v1::runner_message::Msg::Welcome(w)) => {
             check_peer_version("builder", w.protocol_version)?;
             Ok(w)
+        }
+        Some(v1::runner_message::Msg::Refused(r)) if r.retryable => {
+            Err(HandshakeError::RefusedForNow(r.reason))
         }
         Some(v1::runner_message::Msg::Refused(r)) => Err(HandshakeError::Refused(r.reason)),
         _ => Err(HandshakeError::Unexpected),

@@ -149,8 +149,19 @@ fn a_builder_rejects_a_runner_of_another_version() {
     let refused = RunnerMessage {
         msg: Some(runner_message::Msg::Refused(Refused {
             reason: "no token".into(),
+            retryable: false,
         })),
     };
     let err = check_welcome(refused).unwrap_err();
     assert_eq!(err.to_string(), "the runner refused this builder: no token");
+    let busy = RunnerMessage {
+        msg: Some(runner_message::Msg::Refused(Refused {
+            reason: "name in use".into(),
+            retryable: true,
+        })),
+    };
+    assert!(matches!(
+        check_welcome(busy),
+        Err(HandshakeError::RefusedForNow(r)) if r == "name in use"
+    ));
 }

@@ -45,6 +45,10 @@ pub struct RunnerConfig {
     /// its system and features, while some machine is connected, before it
     /// fails as unsupported (status 9).
     pub max_unsupported_secs: u64,
+    /// How long a machine that went away still counts as supporting its
+    /// systems and features for `max_unsupported_secs`: its steps wait for
+    /// it (a reboot, a network cut) instead of failing as unsupported.
+    pub machine_memory_secs: u64,
     /// How often builders ping (also the HTTP/2 keepalive interval).
     pub ping_interval_secs: u32,
     /// A builder silent this long (no ping, no progress) is gone, even
@@ -131,6 +135,11 @@ pub const KEYS: &[(&str, &str, bool)] = &[
     (
         "max_unsupported_secs",
         "how long a runnable step may find no connected machine for it, while some is connected, before failing with 9",
+        true,
+    ),
+    (
+        "machine_memory_secs",
+        "how long a machine that went away still counts as supporting its systems and features (its steps wait rather than fail with 9)",
         true,
     ),
     (
@@ -238,6 +247,7 @@ impl Default for RunnerConfig {
             max_output_size: 2 << 30,
             max_log_size: 64 << 20,
             max_unsupported_secs: 300,
+            machine_memory_secs: 86400,
             ping_interval_secs: 10,
             ping_timeout_secs: 30,
             max_tries: 5,

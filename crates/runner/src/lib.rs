@@ -53,6 +53,7 @@ pub mod graph;
 pub mod http;
 pub mod logs;
 pub mod metrics;
+pub mod outside;
 pub mod queue_monitor;
 pub mod realisations;
 pub mod record;
@@ -203,6 +204,23 @@ pub enum Fatal {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+}
+
+impl Fatal {
+    /// When PostgreSQL refused the *data* written (a value from outside
+    /// the runner, a row of a build deleted meanwhile; see
+    /// [`hydra_db::Fault::Data`]) rather than failed: the reason, for the
+    /// step or request that wrote it to end with. Such an error must never
+    /// stop the runner: it would meet the same data after its restart.
+    pub fn refused_data(&self) -> Option<String> {
+        match self {
+            Fatal::Database(e) if hydra_db::is_data_error(e) => Some(outside::display_text(
+                &format!("the database refused the data: {e}"),
+                outside::DISPLAY_MAX,
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// Logs a critical task's failure when it happens (the supervisor may be

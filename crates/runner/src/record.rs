@@ -37,14 +37,30 @@ pub struct NewStepRow<'a> {
     pub propagated_from: Option<BuildId>,
     /// Output name -> path (None while a CA output is unknown).
     pub outputs: &'a [(String, Option<String>)],
+    /// The resolved derivation's base name, for a status-13 row: Hydra's
+    /// check `(status = 13) = (resolvedDrvPath is not null)` holds for
+    /// every row, so both are written by the one insert.
+    pub resolved_drv_path: Option<&'a str>,
 }
 
 /// Creates a BuildSteps row with the next free step number of its build
 /// and its BuildStepOutputs; notifies `step_started` for a busy row.
+/// Returns None when the build is gone (deleted, with its jobset or
+/// project, while its steps ran, as Hydra's web interface can): the row
+/// is not written. The build's row is locked against deletion until the
+/// transaction ends, so the insert cannot break its foreign key.
 pub async fn create_build_step(
     tx: &mut PgConnection,
     row: &NewStepRow<'_>,
-) -> Result<i32, sqlx::Error> {
+) -> Result<Option<i32>, sqlx::Error> {
+    let exists: Option<i32> =
+        sqlx::query_scalar("select id from Builds where id = $1 for key share")
+            .bind(row.build)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if exists.is_none() {
+        return Ok(None);
+    }
     loop {
         let stepnr: i32 = sqlx::query_scalar(
             "select coalesce(max(stepnr), 0) + 1 from BuildSteps where build = $1",
@@ -54,8 +70,8 @@ pub async fn create_build_step(
         .await?;
         let busy = row.status.is_none();
         let inserted = sqlx::query(
-            "insert into BuildSteps (build, stepnr, type, drvPath, busy, startTime, system, status, propagatedFrom, errorMsg, stopTime, machine)
-             values ($1, $2, 0, $3, $4, $5, $6, $7, $8, $9, $10, $11) on conflict do nothing",
+            "insert into BuildSteps (build, stepnr, type, drvPath, busy, startTime, system, status, propagatedFrom, errorMsg, stopTime, machine, resolvedDrvPath)
+             values ($1, $2, 0, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) on conflict do nothing",
         )
         .bind(row.build)
         .bind(stepnr)
@@ -65,9 +81,10 @@ pub async fn create_build_step(
         .bind(row.system)
         .bind(row.status.map(|s| s.code()))
         .bind(row.propagated_from)
-        .bind(row.error_msg)
+        .bind(row.error_msg.filter(|m| !m.is_empty()))
         .bind(if busy { None } else { row.start_time })
         .bind(row.machine)
+        .bind(row.resolved_drv_path)
         .execute(&mut *tx)
         .await?;
         if inserted.rows_affected() == 0 {
@@ -87,13 +104,14 @@ pub async fn create_build_step(
         if busy {
             notify(tx, "step_started", &format!("{}\t{stepnr}", row.build)).await?;
         }
-        return Ok(stepnr);
+        return Ok(Some(stepnr));
     }
 }
 
 /// Hydra's row for a resolved CA step: status 13, with the resolved
 /// `.drv`'s base name in `resolvedDrvPath`. Written once per build and
 /// derivation: a runner that resolves again after a restart reuses it.
+/// None when the build is gone.
 pub async fn record_resolution(
     tx: &mut PgConnection,
     build: BuildId,
@@ -101,7 +119,7 @@ pub async fn record_resolution(
     system: &str,
     resolved_base_name: &str,
     outputs: &[(String, Option<String>)],
-) -> Result<i32, sqlx::Error> {
+) -> Result<Option<i32>, sqlx::Error> {
     let existing: Option<i32> = sqlx::query_scalar(
         "select stepnr from BuildSteps where build = $1 and drvPath = $2 and status = $3",
     )
@@ -111,9 +129,10 @@ pub async fn record_resolution(
     .fetch_optional(&mut *tx)
     .await?;
     if let Some(stepnr) = existing {
-        return Ok(stepnr);
+        return Ok(Some(stepnr));
     }
-    let stepnr = create_build_step(
+    let now = now();
+    create_build_step(
         tx,
         &NewStepRow {
             build,
@@ -121,20 +140,14 @@ pub async fn record_resolution(
             system,
             status: Some(BuildStatus::Resolved),
             machine: "",
-            start_time: Some(now()),
+            start_time: Some(now),
             error_msg: None,
             propagated_from: None,
             outputs,
+            resolved_drv_path: Some(resolved_base_name),
         },
     )
-    .await?;
-    sqlx::query("update BuildSteps set resolvedDrvPath = $3 where build = $1 and stepnr = $2")
-        .bind(build)
-        .bind(stepnr)
-        .bind(resolved_base_name)
-        .execute(&mut *tx)
-        .await?;
-    Ok(stepnr)
+    .await
 }
 
 /// Something a builder sent that was refused (`hqr_rejections`).
@@ -303,7 +316,7 @@ pub async fn mark_succeeded_build(
         .bind(p.sha256.as_deref())
         .bind(&p.path)
         .bind(&p.name)
-        .bind(p.default_path.as_deref())
+        .bind(p.default_path.as_deref().unwrap_or(""))
         .execute(&mut *tx)
         .await?;
     }
@@ -311,19 +324,18 @@ pub async fn mark_succeeded_build(
         .bind(build.id)
         .execute(&mut *tx)
         .await?;
+    // The project and jobset names as they are now (a rename cascades to
+    // Jobsets but not to the runner's memory), for BuildMetrics' keys.
     for m in &s.info.metrics {
         sqlx::query(
             "insert into BuildMetrics (build, name, unit, value, project, jobset, job, timestamp)
-             values ($1, $2, $3, $4, $5, $6, $7, $8)",
+             select b.id, $2, $3, $4, j.project, j.name, b.job, b.timestamp
+               from Builds b join Jobsets j on j.id = b.jobset_id where b.id = $1",
         )
         .bind(build.id)
         .bind(&m.name)
         .bind(m.unit.as_deref())
         .bind(m.value)
-        .bind(&build.project)
-        .bind(&build.jobset)
-        .bind(&build.job)
-        .bind(build.timestamp as i32)
         .execute(&mut *tx)
         .await?;
     }
@@ -354,14 +366,57 @@ pub async fn mark_failed_build(
     Ok(r.rows_affected() > 0)
 }
 
+/// The last build whose step for `drv` (or for one of its outputs)
+/// failed (1), for a cached failure's `propagatedFrom`, as Hydra finds it.
+pub async fn earlier_failure(
+    tx: &mut PgConnection,
+    drv: &str,
+    outputs: &[(String, Option<String>)],
+) -> Result<Option<BuildId>, sqlx::Error> {
+    let by_drv: Option<BuildId> = sqlx::query_scalar(
+        "select max(build) from BuildSteps where drvPath = $1 and startTime != 0 and stopTime != 0 and status = 1",
+    )
+    .bind(drv)
+    .fetch_one(&mut *tx)
+    .await?;
+    if by_drv.is_some() {
+        return Ok(by_drv);
+    }
+    for (name, path) in outputs {
+        let found: Option<BuildId> = match path {
+            Some(path) => sqlx::query_scalar(
+                "select max(s.build) from BuildSteps s join BuildStepOutputs o on s.build = o.build and s.stepnr = o.stepnr
+                  where s.startTime != 0 and s.stopTime != 0 and s.status = 1 and o.path = $1",
+            )
+            .bind(path),
+            None => sqlx::query_scalar(
+                "select max(s.build) from BuildSteps s join BuildStepOutputs o on s.build = o.build and s.stepnr = o.stepnr
+                  where s.startTime != 0 and s.stopTime != 0 and s.status = 1 and s.drvPath = $1 and o.name = $2",
+            )
+            .bind(drv)
+            .bind(name),
+        }
+        .fetch_one(&mut *tx)
+        .await?;
+        if found.is_some() {
+            return Ok(found);
+        }
+    }
+    Ok(None)
+}
+
 /// Remembers failed outputs so they are not built again (Hydra's cached failures).
 pub async fn insert_failed_paths(
     tx: &mut PgConnection,
     paths: &[String],
 ) -> Result<(), sqlx::Error> {
+    // Hydra's FailedPaths has an insert rule (IdempotentInsert), with which
+    // PostgreSQL refuses `on conflict`; this form works with and without it.
     for p in paths {
-        sqlx::query("insert into FailedPaths (path) values ($1) on conflict do nothing")
-            .bind(p)
+        sqlx::query(
+            "insert into FailedPaths (path) select $1 where not exists (select 1 from FailedPaths where path = $1)",
+        )
+        .bind(p)
             .execute(&mut *tx)
             .await?;
     }
@@ -417,4 +472,93 @@ async fn notify(tx: &mut PgConnection, channel: &str, payload: &str) -> Result<(
         .execute(&mut *tx)
         .await
         .map(|_| ())
+}
+
+/// The jobset `queue` of project `tenant` (the client API's), created
+/// with both when missing. Created as Hydra's schema requires of a jobset
+/// with no Nix expression: type 0 with empty expression fields and no
+/// flake, `emailOverride` set, and disabled, so Hydra's evaluator never
+/// tries to evaluate it.
+pub async fn ensure_jobset(
+    tx: &mut PgConnection,
+    owner: &str,
+    tenant: &str,
+    queue: &str,
+) -> Result<i32, sqlx::Error> {
+    sqlx::query(
+        "insert into Users (userName, emailAddress, password) values ($1, '', '!')
+         on conflict do nothing",
+    )
+    .bind(owner)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "insert into Projects (name, displayName, owner) values ($1, $1, $2) on conflict do nothing",
+    )
+    .bind(tenant)
+    .bind(owner)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "insert into Jobsets (name, project, description, type, nixExprInput, nixExprPath, flake,
+                              enabled, checkInterval, emailOverride)
+         values ($1, $2, 'builds submitted through the queue runner''s client API', 0, '', '', null,
+                 0, 0, '')
+         on conflict do nothing",
+    )
+    .bind(queue)
+    .bind(tenant)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query_scalar("select id from Jobsets where project = $1 and name = $2")
+        .bind(tenant)
+        .bind(queue)
+        .fetch_one(&mut *tx)
+        .await
+}
+
+/// A build to queue, as an evaluator would write it.
+pub struct NewBuild<'a> {
+    pub jobset: i32,
+    pub job: &'a str,
+    pub drv_path: &'a str,
+    pub system: &'a str,
+    /// None: Hydra's defaults (3600 s silent, 36000 s in all).
+    pub max_silent: Option<i32>,
+    pub timeout: Option<i32>,
+    pub local_priority: i32,
+    pub global_priority: i32,
+    /// Output name -> path (None for a CA output).
+    pub outputs: &'a [(String, Option<String>)],
+}
+
+/// Queues a build with its BuildOutputs; returns its id. The caller
+/// notifies `builds_added` when its transaction has them all.
+pub async fn insert_build(tx: &mut PgConnection, b: &NewBuild<'_>) -> Result<BuildId, sqlx::Error> {
+    let id: BuildId = sqlx::query_scalar(
+        "insert into Builds (finished, timestamp, jobset_id, job, drvPath, system, maxsilent, timeout,
+                             priority, globalPriority)
+         values (0, extract(epoch from now())::int, $1, $2, $3, $4, coalesce($5, 3600),
+                 coalesce($6, 36000), $7, $8)
+         returning id",
+    )
+    .bind(b.jobset)
+    .bind(b.job)
+    .bind(b.drv_path)
+    .bind(b.system)
+    .bind(b.max_silent)
+    .bind(b.timeout)
+    .bind(b.local_priority)
+    .bind(b.global_priority)
+    .fetch_one(&mut *tx)
+    .await?;
+    for (name, path) in b.outputs {
+        sqlx::query("insert into BuildOutputs (build, name, path) values ($1, $2, $3)")
+            .bind(id)
+            .bind(name)
+            .bind(path)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(id)
 }

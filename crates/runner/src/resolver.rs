@@ -134,6 +134,8 @@ async fn record_resolution(
     let resolved_full = shared.store.dir().display(resolved);
     let resolved = resolved.to_string();
     in_transaction!(shared.pool, |tx| {
+        // None: the owner build was deleted meanwhile; the queue monitor
+        // takes it out of the graph.
         record::record_resolution(
             &mut tx,
             pending.owner.id,

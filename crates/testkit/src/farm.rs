@@ -130,7 +130,9 @@ impl Farm {
         tune: impl FnOnce(&mut RunnerConfig),
     ) -> Result<Farm> {
         init_tracing();
-        let db = TestDb::new().await;
+        // Hydra's own schema, with every constraint, under the project's
+        // migrations: what the runner meets beside a real Hydra.
+        let db = TestDb::hydra().await;
         let data_dir = tempfile::tempdir()?;
         let mut config = RunnerConfig {
             listen: "127.0.0.1:0".parse()?,
@@ -385,18 +387,34 @@ pub async fn status_document_until<T>(
 
 /// A user, a project `tests` and its jobset `jobs`; returns the jobset id.
 pub async fn create_jobset(pool: &sqlx::PgPool) -> Result<i32> {
-    sqlx::raw_sql(
-        "insert into Users (userName, emailAddress, password) values ('tests', 'tests@localhost', '');
-         insert into Projects (name, displayName, owner) values ('tests', 'Tests', 'tests');
-         insert into Jobsets (name, project) values ('jobs', 'tests');",
+    hydra_jobset(pool, "tests", "jobs").await
+}
+
+/// A user `tests`, the project `project` and its jobset `jobset`, made as
+/// Hydra's web interface makes them (a legacy jobset with a Nix
+/// expression, `emailOverride` set, as Hydra's schema requires); returns
+/// the jobset id.
+pub async fn hydra_jobset(pool: &sqlx::PgPool, project: &str, jobset: &str) -> Result<i32> {
+    sqlx::query(
+        "insert into Users (userName, emailAddress, password) values ('tests', 'tests@localhost', '')
+         on conflict do nothing",
     )
     .execute(pool)
     .await?;
-    Ok(
-        sqlx::query_scalar("select id from Jobsets where name = 'jobs'")
-            .fetch_one(pool)
-            .await?,
+    sqlx::query(
+        "insert into Projects (name, displayName, owner) values ($1, $1, 'tests') on conflict do nothing",
     )
+    .bind(project)
+    .execute(pool)
+    .await?;
+    Ok(sqlx::query_scalar(
+        "insert into Jobsets (name, project, nixExprInput, nixExprPath, emailOverride, checkInterval)
+         values ($1, $2, 'jobs', 'release.nix', '', 0) returning id",
+    )
+    .bind(jobset)
+    .bind(project)
+    .fetch_one(pool)
+    .await?)
 }
 
 /// Warnings only, on stderr (benchmarks print their own progress; RUST_LOG

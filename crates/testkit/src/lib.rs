@@ -26,8 +26,8 @@ pub mod process;
 pub mod tls;
 
 pub use farm::{
-    ApiClient, BuilderSpec, Farm, JobOptions, create_jobset, eventually, queue_builds,
-    status_document_until, wait_finished,
+    ApiClient, BuilderSpec, Farm, JobOptions, create_jobset, eventually, hydra_jobset,
+    queue_builds, status_document_until, wait_finished,
 };
 pub use nix::{NixStore, nix_config};
 pub use pg::{PgCluster, TestDb};

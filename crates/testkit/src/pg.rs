@@ -246,6 +246,10 @@ extern "C" fn drop_process_cluster() {
     }
 }
 
+/// Hydra's schema (version 87) as `hydra-init` creates it, written from
+/// the facts of Hydra's `hydra.sql` (see the file's head).
+pub const HYDRA_SCHEMA: &str = include_str!("hydra-87.sql");
+
 /// A fresh database for one test, on the run's cluster.
 pub struct TestDb {
     pub url: String,
@@ -260,6 +264,22 @@ impl TestDb {
         hydra_db::migrate(&db.pool)
             .await
             .unwrap_or_else(|e| panic!("migrating {}: {e}", db.name));
+        db
+    }
+
+    /// A new database made as Hydra's `hydra-init` makes one (Hydra's
+    /// whole schema, version 87, with every constraint: [`HYDRA_SCHEMA`]),
+    /// then migrated by the project, as on a farm where this runner
+    /// replaces Hydra's.
+    pub async fn hydra() -> TestDb {
+        let db = Self::empty().await;
+        sqlx::raw_sql(HYDRA_SCHEMA)
+            .execute(&db.pool)
+            .await
+            .unwrap_or_else(|e| panic!("creating Hydra's schema in {}: {e}", db.name));
+        hydra_db::migrate(&db.pool)
+            .await
+            .unwrap_or_else(|e| panic!("migrating {} on top of Hydra's schema: {e}", db.name));
         db
     }
 

@@ -473,7 +473,8 @@ impl DaemonClient {
 
     async fn read_build_result(&mut self) -> Result<BuildResult, DaemonError> {
         let status = BuildStatus::from_code(read_u64(&mut self.r).await?);
-        let error_msg = read_string(&mut self.r).await?;
+        // Nix's message for a failed build ends with the log's last lines.
+        let error_msg = read_text(&mut self.r).await?;
         let times_built = read_u64(&mut self.r).await?;
         let is_non_deterministic = read_bool(&mut self.r).await?;
         let start_time = read_u64(&mut self.r).await?;
@@ -513,7 +514,7 @@ impl DaemonClient {
             match read_u64(&mut self.r).await? {
                 STDERR_LAST => return Ok(()),
                 STDERR_NEXT => {
-                    let msg = read_string(&mut self.r).await?;
+                    let msg = read_text(&mut self.r).await?;
                     on_log(LogLine::Daemon(msg.trim_end_matches('\n').to_owned()));
                 }
                 STDERR_ERROR => return Err(self.read_error().await?),
@@ -521,7 +522,7 @@ impl DaemonClient {
                     read_u64(&mut self.r).await?; // id
                     read_u64(&mut self.r).await?; // level
                     read_u64(&mut self.r).await?; // type
-                    let text = read_string(&mut self.r).await?;
+                    let text = read_text(&mut self.r).await?;
                     self.read_fields().await?;
                     read_u64(&mut self.r).await?; // parent
                     if !text.is_empty() {
@@ -555,8 +556,9 @@ impl DaemonClient {
         }
     }
 
-    /// Reads activity fields, keeping the string ones.
-    async fn read_fields(&mut self) -> Result<Vec<String>, DaemonError> {
+    /// Reads activity fields, keeping the string ones as bytes (a build's
+    /// log line is whatever it printed).
+    async fn read_fields(&mut self) -> Result<Vec<Vec<u8>>, DaemonError> {
         let n = read_u64(&mut self.r).await?;
         let mut strings = Vec::new();
         for _ in 0..n {
@@ -564,7 +566,7 @@ impl DaemonClient {
                 0 => {
                     read_u64(&mut self.r).await?;
                 }
-                1 => strings.push(read_string(&mut self.r).await?),
+                1 => strings.push(read_bytes(&mut self.r).await?),
                 t => return Err(DaemonError::Protocol(format!("unknown field type {t}"))),
             }
         }
@@ -573,16 +575,16 @@ impl DaemonClient {
 
     /// Reads the structured error (protocol >= 1.26).
     async fn read_error(&mut self) -> Result<DaemonError, DaemonError> {
-        let _type = read_string(&mut self.r).await?;
+        let _type = read_text(&mut self.r).await?;
         let _level = read_u64(&mut self.r).await?;
-        let _name = read_string(&mut self.r).await?;
-        let message = read_string(&mut self.r).await?;
+        let _name = read_text(&mut self.r).await?;
+        let message = read_text(&mut self.r).await?;
         let _have_pos = read_u64(&mut self.r).await?;
         let n = read_u64(&mut self.r).await?;
         let mut traces = Vec::new();
         for _ in 0..n {
             let _have_pos = read_u64(&mut self.r).await?;
-            traces.push(read_string(&mut self.r).await?);
+            traces.push(read_text(&mut self.r).await?);
         }
         Ok(DaemonError::Nix {
             message: strip_ansi(&message),

@@ -17,6 +17,13 @@ pub struct Spares {
     ready: Mutex<Vec<DaemonClient>>,
     filling: AtomicBool,
     keep: usize,
+    /// Set once a connection completed its handshake. Until then
+    /// connections are made one at a time and no spares are made: on a
+    /// fresh store with `ca-derivations`, Nix 2.8's first connections
+    /// migrate its schema, and several at once can deadlock ("waiting for
+    /// exclusive access to the Nix store for ca drvs").
+    warmed: AtomicBool,
+    first: tokio::sync::Mutex<()>,
 }
 
 impl Spares {
@@ -28,6 +35,8 @@ impl Spares {
             ready: Mutex::new(Vec::new()),
             filling: AtomicBool::new(false),
             keep,
+            warmed: AtomicBool::new(false),
+            first: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -38,6 +47,15 @@ impl Spares {
     /// A fresh connection: a spare if there is one, else a new one; then
     /// the spares are made up again in the background.
     pub async fn take(self: &Arc<Self>) -> Result<DaemonClient, DaemonError> {
+        if !self.warmed.load(Ordering::Acquire) {
+            let _one_at_a_time = self.first.lock().await;
+            if !self.warmed.load(Ordering::Acquire) {
+                let client = DaemonClient::connect(&self.socket).await?;
+                self.warmed.store(true, Ordering::Release);
+                self.refill();
+                return Ok(client);
+            }
+        }
         let spare = self.ready.lock().expect("spares lock").pop();
         self.refill();
         match spare {

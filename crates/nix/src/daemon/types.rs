@@ -112,9 +112,11 @@ pub struct BuildResult {
 /// A line of output from the daemon while it works.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogLine {
-    /// A line the build itself printed.
-    Build(String),
-    /// A message of the daemon's (`building '...'`, warnings).
+    /// A line the build itself printed, as bytes: builds print what they
+    /// like (NUL, Latin-1), and a log is kept byte for byte.
+    Build(Vec<u8>),
+    /// A message of the daemon's (`building '...'`, warnings), decoded
+    /// lossily for display.
     Daemon(String),
 }
 

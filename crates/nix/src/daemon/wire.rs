@@ -40,6 +40,13 @@ pub async fn read_string<R: AsyncRead + Unpin>(r: &mut R) -> Result<String, Daem
         .map_err(|_| DaemonError::Protocol("string is not UTF-8".into()))
 }
 
+/// A string meant for people (a log line, an error message): Nix passes
+/// on whatever bytes a build printed, so invalid UTF-8 is replaced rather
+/// than refused.
+pub async fn read_text<R: AsyncRead + Unpin>(r: &mut R) -> Result<String, DaemonError> {
+    Ok(String::from_utf8_lossy(&read_bytes(r).await?).into_owned())
+}
+
 pub async fn read_strings<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<String>, DaemonError> {
     let n = read_u64(r).await?;
     if n > MAX_STRING {

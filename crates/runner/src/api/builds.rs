@@ -13,6 +13,7 @@ use super::priority::PriorityClass;
 use super::{ApiError, build_ids};
 use crate::Shared;
 use crate::events::{self, Kind, NewEvent};
+use crate::record;
 use crate::store::StoreError;
 
 /// The user that owns projects the API creates.
@@ -56,7 +57,7 @@ pub async fn submit(shared: &Shared, req: SubmitRequest) -> Result<SubmitRespons
     let key = Some(req.supersede_key.as_str()).filter(|k| !k.is_empty());
 
     let mut tx = shared.pool.begin().await?;
-    let jobset = ensure_jobset(&mut tx, &req.tenant, queue).await?;
+    let jobset = record::ensure_jobset(&mut tx, API_USER, &req.tenant, queue).await?;
     let older: Vec<i32> = match key {
         Some(k) => {
             sqlx::query_scalar(
@@ -73,7 +74,22 @@ pub async fn submit(shared: &Shared, req: SubmitRequest) -> Result<SubmitRespons
     };
     let mut ids = Vec::new();
     for q in &queued {
-        let id = insert_build(&mut tx, jobset, q, class, &req).await?;
+        let nonzero = |v: u32| (v > 0).then_some(v as i32);
+        let id = record::insert_build(
+            &mut tx,
+            &record::NewBuild {
+                jobset,
+                job: &q.job,
+                drv_path: &q.drv,
+                system: &q.system,
+                max_silent: nonzero(req.max_silent_secs),
+                timeout: nonzero(req.timeout_secs),
+                local_priority: class.local_priority(),
+                global_priority: class.global_priority(),
+                outputs: &q.outputs,
+            },
+        )
+        .await?;
         sqlx::query(
             "insert into hqr_client_builds (build, tenant, priority_class, supersede_key)
              values ($1, $2, $3, $4)",
@@ -121,7 +137,7 @@ pub async fn cancel(shared: &Shared, req: CancelRequest) -> Result<CancelRespons
     let reason = if req.reason.trim().is_empty() {
         "cancelled through the API".to_owned()
     } else {
-        req.reason.trim().to_owned()
+        crate::outside::display_text(req.reason.trim(), crate::outside::DISPLAY_MAX)
     };
     let mut tx = shared.pool.begin().await?;
     let cancelled = cancel_in(&mut tx, &ids, &reason, false).await?;
@@ -330,74 +346,6 @@ async fn read_queued(
         system: drv.platform.clone(),
         outputs: outputs.into_iter().collect(),
     })
-}
-
-/// The jobset `queue` of project `tenant`, created with both when missing.
-async fn ensure_jobset(
-    tx: &mut PgConnection,
-    tenant: &str,
-    queue: &str,
-) -> Result<i32, sqlx::Error> {
-    sqlx::query(
-        "insert into Users (userName, emailAddress, password) values ($1, '', '!')
-         on conflict do nothing",
-    )
-    .bind(API_USER)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "insert into Projects (name, displayName, owner) values ($1, $1, $2) on conflict do nothing",
-    )
-    .bind(tenant)
-    .bind(API_USER)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("insert into Jobsets (name, project) values ($1, $2) on conflict do nothing")
-        .bind(queue)
-        .bind(tenant)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query_scalar("select id from Jobsets where project = $1 and name = $2")
-        .bind(tenant)
-        .bind(queue)
-        .fetch_one(&mut *tx)
-        .await
-}
-
-async fn insert_build(
-    tx: &mut PgConnection,
-    jobset: i32,
-    q: &Queued,
-    class: PriorityClass,
-    req: &SubmitRequest,
-) -> Result<i32, sqlx::Error> {
-    let nonzero = |v: u32| (v > 0).then_some(v as i32);
-    let id: i32 = sqlx::query_scalar(
-        "insert into Builds (finished, timestamp, jobset_id, job, drvPath, system, maxsilent, timeout,
-                             priority, globalPriority)
-         values (0, extract(epoch from now())::int, $1, $2, $3, $4, coalesce($5, 3600),
-                 coalesce($6, 36000), $7, $8)
-         returning id",
-    )
-    .bind(jobset)
-    .bind(&q.job)
-    .bind(&q.drv)
-    .bind(&q.system)
-    .bind(nonzero(req.max_silent_secs))
-    .bind(nonzero(req.timeout_secs))
-    .bind(class.local_priority())
-    .bind(class.global_priority())
-    .fetch_one(&mut *tx)
-    .await?;
-    for (name, path) in &q.outputs {
-        sqlx::query("insert into BuildOutputs (build, name, path) values ($1, $2, $3)")
-            .bind(id)
-            .bind(name)
-            .bind(path)
-            .execute(&mut *tx)
-            .await?;
-    }
-    Ok(id)
 }
 
 #[cfg(test)]

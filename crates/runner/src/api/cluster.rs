@@ -243,6 +243,13 @@ fn explain_step(
                         }
                     ),
                 ),
+                Availability::Away { machines } => (
+                    "machines-away",
+                    format!(
+                        "only machines that went away build it ({}); it waits for them",
+                        machines.join(", ")
+                    ),
+                ),
                 Availability::Drained => (
                     "machines-drained",
                     "every machine that could build it is drained".into(),

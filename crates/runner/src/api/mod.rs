@@ -54,6 +54,11 @@ impl From<ApiError> for Status {
             ApiError::Invalid(_) => Status::invalid_argument(msg),
             ApiError::NotFound(_) => Status::not_found(msg),
             ApiError::Store(s) if !s.is_infrastructure() => Status::invalid_argument(msg),
+            // The database refused what the request carried (a NUL byte, a
+            // value out of range, a constraint): the request is wrong.
+            ApiError::Database(d) if hydra_db::is_data_error(&d) => Status::invalid_argument(
+                crate::outside::display_text(&msg, crate::outside::DISPLAY_MAX),
+            ),
             ApiError::Database(_) | ApiError::Store(_) => Status::unavailable(msg),
             ApiError::Logs(_) => Status::internal(msg),
         }

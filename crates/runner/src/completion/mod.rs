@@ -23,6 +23,7 @@ use crate::attempts::{self, Attempt, OwnershipError};
 use crate::dispatch::Assignment;
 use crate::events::{self, Kind, NewEvent};
 use crate::graph::{Build, Dropped, StepId};
+use crate::outside::{self, OutsideError};
 use crate::record::{self, NewStepRow, StepResult, Success};
 use crate::{Fatal, Shared};
 
@@ -31,8 +32,53 @@ use crate::{Fatal, Shared};
 pub enum ReportError {
     #[error(transparent)]
     Ownership(#[from] OwnershipError),
+    /// A field of the report is unusable: the attempt was aborted as a
+    /// builder fault (retried, elsewhere if possible; the machine charged).
+    #[error("malformed report: {0}")]
+    Malformed(#[from] OutsideError),
     #[error(transparent)]
     Fatal(#[from] Fatal),
+}
+
+/// A builder's completion report with every field checked at the
+/// boundary ([`crate::outside`]): text cleaned, numbers in range.
+#[derive(Debug)]
+pub struct CheckedReport {
+    pub outcome: Outcome,
+    pub error_msg: String,
+    pub start_time: Option<i32>,
+    pub stop_time: Option<i32>,
+    pub times_built: Option<i32>,
+    pub is_non_deterministic: bool,
+    /// Output name -> path, as the builder reported them (checked against
+    /// the derivation later).
+    pub outputs: Vec<(String, String)>,
+}
+
+impl CheckedReport {
+    pub fn check(r: CompletionReport) -> Result<CheckedReport, OutsideError> {
+        let outputs = r
+            .outputs
+            .into_iter()
+            .map(|o| {
+                outside::name(&o.name, "output name")?;
+                outside::name(&o.path, "output path")?;
+                Ok((o.name, o.path))
+            })
+            .collect::<Result<_, OutsideError>>()?;
+        Ok(CheckedReport {
+            outcome: Outcome::try_from(r.outcome).unwrap_or(Outcome::Unspecified),
+            error_msg: outside::display_text(&r.error_msg, outside::ERROR_MSG_MAX),
+            start_time: outside::unix_time(r.start_time, "start time")?,
+            stop_time: outside::unix_time(r.stop_time, "stop time")?,
+            times_built: match r.times_built {
+                0 => None,
+                n => Some(outside::small(n.into(), "times built")?),
+            },
+            is_non_deterministic: r.is_non_deterministic,
+            outputs,
+        })
+    }
 }
 
 /// How a step failed, for its rows.
@@ -44,6 +90,9 @@ struct Failure<'a> {
     machine: &'a str,
     times_built: Option<i32>,
     is_non_deterministic: Option<bool>,
+    /// Whether the outputs go to FailedPaths (a permanent failure of the
+    /// build itself, not a transient one that gave up).
+    cache: bool,
 }
 
 impl<'a> Failure<'a> {
@@ -58,6 +107,7 @@ impl<'a> Failure<'a> {
             machine: "",
             times_built: None,
             is_non_deterministic: None,
+            cache: false,
         }
     }
 }
@@ -110,8 +160,15 @@ pub async fn on_report(
         .attempts
         .lock()
         .take_owned(&report.attempt_id, connection)?;
-    let outcome = Outcome::try_from(report.outcome).unwrap_or(Outcome::Unspecified);
-    let status = match outcome {
+    let report = match CheckedReport::check(report) {
+        Ok(r) => r,
+        Err(e) => {
+            let reason = format!("the builder sent a malformed report: {e}");
+            abort_attempt(shared, attempt, &reason).await?;
+            return Err(ReportError::Malformed(e));
+        }
+    };
+    let status = match report.outcome {
         Outcome::Succeeded => {
             return outputs::succeed(shared, attempt, &report)
                 .await
@@ -120,6 +177,10 @@ pub async fn on_report(
         Outcome::InfrastructureFailure | Outcome::Unspecified => {
             let reason = format!("the builder could not build the step: {}", report.error_msg);
             abort_attempt(shared, attempt, &reason).await?;
+            return Ok(());
+        }
+        Outcome::TransientFailure => {
+            retry_transient(shared, attempt, &report.error_msg).await?;
             return Ok(());
         }
         Outcome::Failed => BuildStatus::Failed,
@@ -142,33 +203,36 @@ pub async fn on_report(
     let failure = Failure {
         status,
         error_msg: &report.error_msg,
-        start_time: nonzero(report.start_time as i64).unwrap_or(attempt.start_time),
-        stop_time: nonzero(report.stop_time as i64).unwrap_or_else(record::now),
+        start_time: report.start_time.map_or(attempt.start_time, i64::from),
+        stop_time: report.stop_time.map_or_else(record::now, i64::from),
         machine: &attempt.machine,
-        times_built: nonzero(report.times_built as i64).map(|t| t as i32),
+        times_built: report.times_built,
         is_non_deterministic: report.is_non_deterministic.then_some(true),
+        cache: matches!(status, BuildStatus::Failed | BuildStatus::NotDeterministic),
     };
-    fail_step(
+    let written = fail_step(
         shared,
         step,
         Some((&attempt, &log_file.display().to_string())),
         &failure,
     )
-    .await?;
+    .await;
+    if let Err(e) = &written
+        && let Some(reason) = e.refused_data()
+    {
+        abort_attempt(shared, attempt, &reason).await?;
+        return Ok(());
+    }
+    written?;
     shared.machines.lock().record_success(&attempt.machine);
     release(shared, &attempt);
     Ok(())
-}
-
-fn nonzero(v: i64) -> Option<i64> {
-    (v != 0).then_some(v)
 }
 
 /// A builder fault ended `attempt`: record it as aborted (3) and requeue
 /// the step with backoff, or fail it as aborted after `max_tries`.
 pub async fn abort_attempt(shared: &Shared, attempt: Attempt, reason: &str) -> Result<(), Fatal> {
     tracing::warn!(drv = %attempt.drv_path, machine = %attempt.machine, attempt = %attempt.id, "attempt aborted: {reason}");
-    close_attempt(shared, &attempt, BuildStatus::Aborted, reason).await?;
     let rest = shared
         .machines
         .lock()
@@ -178,6 +242,29 @@ pub async fn abort_attempt(shared: &Shared, attempt: Attempt, reason: &str) -> R
     if let Some(pause) = rest {
         tracing::warn!(machine = %attempt.machine, "machine rested for {pause:.0?} after repeated aborted attempts");
     }
+    requeue(shared, attempt, reason, BuildStatus::Aborted).await
+}
+
+/// Nix's transient failure (a fixed-output derivation whose fetch failed,
+/// say): retried with backoff like a builder fault, but the machine is
+/// not charged; the attempt's row says aborted (3), never failed, so that
+/// nothing retryable is ever recorded as a failure; after `max_tries` the
+/// step fails (1) without a FailedPaths entry, as Hydra's runner does.
+async fn retry_transient(shared: &Shared, attempt: Attempt, message: &str) -> Result<(), Fatal> {
+    tracing::warn!(drv = %attempt.drv_path, machine = %attempt.machine, "transient failure, retrying: {message}");
+    let reason = format!("transient failure (retried): {message}");
+    requeue(shared, attempt, &reason, BuildStatus::Failed).await
+}
+
+/// Closes `attempt` as aborted and puts its step back in the queue with
+/// backoff; after `max_tries` the step fails with `give_up_as`.
+async fn requeue(
+    shared: &Shared,
+    attempt: Attempt,
+    reason: &str,
+    give_up_as: BuildStatus,
+) -> Result<(), Fatal> {
+    close_attempt(shared, &attempt, BuildStatus::Aborted, reason).await?;
     let give_up = {
         let mut graph = shared.graph.lock();
         let Some(id) = graph.step_id(&attempt.drv_path) else {
@@ -198,14 +285,8 @@ pub async fn abort_attempt(shared: &Shared, attempt: Attempt, reason: &str) -> R
         (tries >= shared.config().max_tries).then_some((id, tries))
     };
     if let Some((id, tries)) = give_up {
-        let msg = format!("gave up after {tries} aborted attempts; the last: {reason}");
-        fail_step(
-            shared,
-            id,
-            None,
-            &Failure::unbuilt(BuildStatus::Aborted, &msg),
-        )
-        .await?;
+        let msg = format!("gave up after {tries} attempts; the last: {reason}");
+        fail_step(shared, id, None, &Failure::unbuilt(give_up_as, &msg)).await?;
     }
     shared.wake();
     Ok(())
@@ -279,6 +360,19 @@ pub async fn fail_before_start(shared: &Shared, a: &Assignment, reason: &str) ->
     Ok(())
 }
 
+/// An assignment whose attempt was never recorded (its owner build was
+/// deleted meanwhile): the slot is freed and the step planned again after
+/// `pause`, with nothing counted against step or machine.
+pub fn not_started(shared: &Shared, a: &Assignment, pause: std::time::Duration) {
+    shared.machines.lock().release(&a.machine, &a.attempt);
+    let now = Instant::now();
+    let _ = shared
+        .graph
+        .lock()
+        .unstart(&a.drv_path, &a.attempt, now, Some(now + pause));
+    shared.wake();
+}
+
 /// Records a permanent failure of `step` for every build that needs it,
 /// then removes them (and what only they needed) from the graph.
 async fn fail_step(
@@ -299,11 +393,10 @@ async fn fail_step(
         };
         (failed, graph.dependent_builds(step))
     };
-    let known = match failure.status {
-        BuildStatus::Failed | BuildStatus::NotDeterministic => {
-            known_outputs(shared, &failed.drv).await?
-        }
-        _ => Vec::new(),
+    let known = if failure.cache {
+        known_outputs(shared, &failed.drv).await?
+    } else {
+        Vec::new()
     };
     let owner = in_transaction!(shared.pool, |tx| {
         let owner =
@@ -387,6 +480,8 @@ async fn write_failure(
     for b in builds {
         let has_row = attempt.is_some() && Some(b.id) == owner;
         if !has_row {
+            let propagated_from = owner.filter(|o| *o != b.id);
+            // A build gone meanwhile (deleted) gets no row.
             record::create_build_step(
                 tx,
                 &NewStepRow {
@@ -395,10 +490,12 @@ async fn write_failure(
                     system,
                     status: Some(f.status),
                     machine: f.machine,
-                    start_time: Some(f.start_time),
+                    // As Hydra: a propagated row has no times of its own.
+                    start_time: propagated_from.is_none().then_some(f.start_time),
                     error_msg: Some(f.error_msg),
-                    propagated_from: owner.filter(|o| *o != b.id),
+                    propagated_from,
                     outputs: &[],
+                    resolved_drv_path: None,
                 },
             )
             .await?;

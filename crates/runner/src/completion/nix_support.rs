@@ -10,6 +10,8 @@ use std::io::Read;
 
 use sha2::{Digest, Sha256};
 
+use crate::outside::{DISPLAY_MAX, display_bytes, display_text};
+
 /// The `nix-support` files larger than this are not kept (Hydra's are tiny).
 const MAX_SUPPORT_FILE: u64 = 1 << 20;
 
@@ -106,7 +108,7 @@ impl BuildOutputInfo {
         for (_, path, scan) in outputs {
             info.failed |= scan.support.contains_key("failed");
             if let Some(name) = scan.support.get("hydra-release-name") {
-                let name = String::from_utf8_lossy(name).trim().to_owned();
+                let name = display_bytes(name, DISPLAY_MAX).trim().to_owned();
                 if !name.is_empty() {
                     info.release_name = Some(name);
                 }
@@ -197,11 +199,10 @@ fn product(line: &str, outputs: &[(String, String, &OutputScan)]) -> Option<Prod
         },
         path,
         default_path: (!default_path.is_empty()).then(|| {
-            default_path
-                .split_whitespace()
-                .next()
-                .unwrap_or("")
-                .to_owned()
+            display_text(
+                default_path.split_whitespace().next().unwrap_or(""),
+                DISPLAY_MAX,
+            )
         }),
     })
 }
@@ -237,7 +238,7 @@ fn metric(line: &str) -> Option<Metric> {
     let value: f64 = fields[1].parse().ok()?;
     Some(Metric {
         name: name.to_owned(),
-        unit: fields.get(2).map(|u| u.to_string()),
+        unit: fields.get(2).map(|u| display_text(u, DISPLAY_MAX)),
         value,
     })
 }
@@ -304,6 +305,32 @@ mod tests {
         let lines = info.metrics.iter().find(|m| m.name == "lines").unwrap();
         assert_eq!((lines.value, lines.unit.as_deref()), (43.0, None));
         assert_eq!(info.metrics.len(), 2);
+    }
+
+    /// A build's `nix-support` files are bytes it wrote: NUL, colour codes
+    /// and invalid UTF-8 reach Hydra's columns cleaned, never as they are.
+    #[test]
+    fn hostile_nix_support_contents_are_cleaned() {
+        let products = format!("doc manual {OUT}/doc index\0.html\n");
+        let scan = scan_of(&[
+            ("nix-support/hydra-release-name", "rel\0ease-\u{1b}[1m1.0\n"),
+            ("nix-support/hydra-metrics", "size 3 by\0tes\n"),
+            ("nix-support/hydra-build-products", &products),
+        ]);
+        let mut scan = scan;
+        scan.entries.insert("doc".into(), EntryKind::Directory);
+        scan.support
+            .insert("hydra-release-name".into(), b"caf\xe9\0-1.0".to_vec());
+        let info = BuildOutputInfo::from_scans(&[("out".into(), OUT.into(), &scan)]);
+        assert_eq!(
+            info.release_name.as_deref(),
+            Some("caf\u{fffd}\u{fffd}-1.0")
+        );
+        assert_eq!(info.metrics[0].unit.as_deref(), Some("by\u{fffd}tes"));
+        assert_eq!(
+            info.products[0].default_path.as_deref(),
+            Some("index\u{fffd}.html")
+        );
     }
 
     #[test]

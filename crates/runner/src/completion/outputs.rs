@@ -5,11 +5,10 @@ use std::time::Instant;
 use hydra_db::status::BuildStatus;
 use hydra_nix::StorePath;
 use hydra_nix::daemon::DaemonClient;
-use hydra_proto::v1::CompletionReport;
 use uuid::Uuid;
 
 use super::nix_support::{BuildOutputInfo, OutputScan, scan_nar};
-use super::{abort_attempt, release, write_success};
+use super::{CheckedReport, abort_attempt, release, write_success};
 use crate::attempts::{self, Attempt};
 use crate::events;
 use crate::graph::{Build, StepId};
@@ -127,7 +126,7 @@ pub async fn measure(
 pub async fn succeed(
     shared: &Shared,
     mut attempt: Attempt,
-    report: &CompletionReport,
+    report: &CheckedReport,
 ) -> Result<(), Fatal> {
     let mut client = shared.store.client().await?;
     let (outputs, learnt) = match expected_outputs(shared, &mut client, &attempt, report).await {
@@ -152,20 +151,12 @@ pub async fn succeed(
         return super::close_dropped(shared, &attempt).await;
     };
     let log_file = shared.logs.finish(&attempt.drv_path)?.display().to_string();
-    let start_time = if report.start_time > 0 {
-        report.start_time as i64
-    } else {
-        attempt.start_time
-    };
-    let stop_time = if report.stop_time > 0 {
-        report.stop_time as i64
-    } else {
-        record::now()
-    };
+    let start_time = report.start_time.map_or(attempt.start_time, i64::from);
+    let stop_time = report.stop_time.map_or_else(record::now, i64::from);
     let paths = measured.paths();
     let success = measured.success(&paths, start_time, stop_time);
     let realised = done.realised(&attempt.drv_path, learnt);
-    in_transaction!(shared.pool, |tx| {
+    let written = in_transaction!(shared.pool, |tx| {
         record::finish_build_step(
             &mut tx,
             attempt.build,
@@ -176,7 +167,7 @@ pub async fn succeed(
                 start_time,
                 stop_time,
                 machine: &attempt.machine,
-                times_built: (report.times_built > 0).then_some(report.times_built as i32),
+                times_built: report.times_built,
                 is_non_deterministic: report.is_non_deterministic.then_some(true),
                 log_file: &log_file,
                 outputs: &paths,
@@ -198,7 +189,16 @@ pub async fn succeed(
         record_realisations(shared, &mut tx, &realised, &paths, &measured.closure).await?;
         write_success(&mut tx, &done.direct, attempt.build, &success).await?;
         Ok(())
-    })?;
+    });
+    // What the build put in its outputs (`nix-support`) reaches Hydra's
+    // tables here: should the database refuse it, the attempt ends as a
+    // fault and is retried, up to `max_tries`; the runner carries on.
+    if let Err(e) = &written
+        && let Some(reason) = e.refused_data()
+    {
+        return abort_attempt(shared, attempt, &reason).await;
+    }
+    written?;
     tracing::info!(drv = %attempt.drv_path, machine = %attempt.machine, "step succeeded");
 
     let jobset = shared
@@ -356,7 +356,7 @@ async fn expected_outputs(
     shared: &Shared,
     client: &mut DaemonClient,
     attempt: &Attempt,
-    report: &CompletionReport,
+    report: &CheckedReport,
 ) -> Result<(Vec<(String, String)>, bool), String> {
     let dir = shared.store.dir();
     let drv = shared
@@ -364,14 +364,13 @@ async fn expected_outputs(
         .read_derivation(client, &attempt.drv_path)
         .await
         .map_err(|e| format!("cannot re-read the derivation: {e}"))?;
-    if let Some(extra) = report
+    if let Some((extra, _)) = report
         .outputs
         .iter()
-        .find(|o| !drv.outputs.contains_key(&o.name))
+        .find(|(name, _)| !drv.outputs.contains_key(name))
     {
         return Err(format!(
-            "the builder reported an output '{}' that the derivation does not have",
-            extra.name
+            "the builder reported an output '{extra}' that the derivation does not have"
         ));
     }
     let mut outputs = Vec::new();
@@ -381,20 +380,19 @@ async fn expected_outputs(
             Some(p) => dir.display(p),
             None => {
                 learnt = true;
-                let reported = report
+                let (_, reported) = report
                     .outputs
                     .iter()
-                    .find(|o| &o.name == name)
+                    .find(|(n, _)| n == name)
                     .ok_or_else(|| format!("the builder did not report output '{name}'"))?;
-                dir.parse_path(&reported.path)
+                dir.parse_path(reported)
                     .map_err(|e| format!("the builder reported a bad path for '{name}': {e}"))?;
-                if !attempt.may_output(dir, &reported.path) {
+                if !attempt.may_output(dir, reported) {
                     return Err(format!(
-                        "the builder reported {} for output '{name}', which is not named as that output",
-                        reported.path
+                        "the builder reported {reported} for output '{name}', which is not named as that output"
                     ));
                 }
-                reported.path.clone()
+                reported.clone()
             }
         };
         outputs.push((name.clone(), path));

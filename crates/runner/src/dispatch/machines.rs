@@ -15,6 +15,10 @@ pub struct Machine {
     pub name: String,
     /// This connection's id (Welcome.machine_id).
     pub connection: String,
+    /// The builder process's own id (Join.instance_id): a reconnect of
+    /// the same process may replace its old connection, another builder
+    /// using the same name may not.
+    pub instance_id: String,
     pub systems: Vec<String>,
     pub supported_features: Vec<String>,
     pub mandatory_features: Vec<String>,
@@ -29,16 +33,32 @@ pub struct Machine {
     pub tx: ControlTx,
 }
 
+/// System and features, as Hydra matches them: the system is one of the
+/// machine's (`builtin` runs anywhere), every required feature is
+/// supported, and every mandatory feature of the machine is required.
+fn supports(
+    systems: &[String],
+    supported: &[String],
+    mandatory: &[String],
+    system: &str,
+    required: &[String],
+) -> bool {
+    (system == "builtin" || systems.iter().any(|s| s == system))
+        && required
+            .iter()
+            .all(|f| supported.contains(f) || mandatory.contains(f))
+        && mandatory.iter().all(|f| required.contains(f))
+}
+
 impl Machine {
-    /// System and features, as Hydra matches them: the system is one of the
-    /// machine's (`builtin` runs anywhere), every required feature is
-    /// supported, and every mandatory feature of the machine is required.
     pub fn supports(&self, system: &str, required: &[String]) -> bool {
-        (system == "builtin" || self.systems.iter().any(|s| s == system))
-            && required
-                .iter()
-                .all(|f| self.supported_features.contains(f) || self.mandatory_features.contains(f))
-            && self.mandatory_features.iter().all(|f| required.contains(f))
+        supports(
+            &self.systems,
+            &self.supported_features,
+            &self.mandatory_features,
+            system,
+            required,
+        )
     }
 
     pub fn free_slots(&self) -> u32 {
@@ -64,9 +84,21 @@ pub struct Health {
     pub rested_until: Option<Instant>,
 }
 
+/// A machine that went away (a reboot, a network cut): what it offered,
+/// remembered for `machine_memory_secs`, so that the steps only it builds
+/// wait for it rather than fail as unsupported.
+#[derive(Debug, Clone)]
+pub struct Departed {
+    pub systems: Vec<String>,
+    pub supported_features: Vec<String>,
+    pub mandatory_features: Vec<String>,
+    pub left: Instant,
+}
+
 #[derive(Debug, Default)]
 pub struct Machines {
     by_name: HashMap<String, Machine>,
+    departed: HashMap<String, Departed>,
     health: HashMap<String, Health>,
     /// Drained by an operator (by name, connected or not): they finish
     /// what they run and get nothing new.
@@ -80,6 +112,9 @@ pub enum Availability {
     Free,
     /// No connected machine supports the system and features.
     Unsupported,
+    /// Only machines that went away support it; it waits for them (until
+    /// `machine_memory_secs` after the last left).
+    Away { machines: Vec<String> },
     /// Every supporting machine is drained.
     Drained,
     /// Every supporting machine not drained is resting, until the earliest.
@@ -89,6 +124,13 @@ pub enum Availability {
     /// Every supporting machine's slots are taken.
     NoFreeSlot { machines: usize, slots: u32 },
 }
+
+/// Another builder process is connected under this machine name.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the machine name '{0}' is in use by another connected builder; give each builder a machine_name of its own (the default is the host name). If this builder restarted, the runner frees the name once it notices the old connection is gone (within ping_timeout_secs)"
+)]
+pub struct NameTaken(pub String);
 
 /// Why no machine took a step.
 #[derive(Debug, PartialEq, Eq)]
@@ -101,18 +143,73 @@ pub enum NoMachine {
 
 impl Machines {
     /// Adds a machine; returns the previous connection of the same name,
-    /// whose attempts are lost.
-    pub fn register(&mut self, machine: Machine) -> Option<Machine> {
-        self.by_name.insert(machine.name.clone(), machine)
+    /// whose attempts are lost. Refuses (returning it) a machine whose
+    /// name another builder process is connected under: two builders of
+    /// one name would take each other's connection and attempts.
+    pub fn register(&mut self, machine: Machine) -> Result<Option<Machine>, NameTaken> {
+        if let Some(old) = self.by_name.get(&machine.name)
+            && old.instance_id != machine.instance_id
+        {
+            return Err(NameTaken(machine.name));
+        }
+        self.departed.remove(&machine.name);
+        Ok(self.by_name.insert(machine.name.clone(), machine))
     }
 
-    /// Removes the machine if `connection` is still its connection.
-    pub fn unregister(&mut self, name: &str, connection: &str) -> Option<Machine> {
-        if self.by_name.get(name)?.connection == connection {
-            self.by_name.remove(name)
-        } else {
-            None
+    /// Removes the machine if `connection` is still its connection; what
+    /// it offered is remembered (see [`Departed`]).
+    pub fn unregister(&mut self, name: &str, connection: &str, now: Instant) -> Option<Machine> {
+        if self.by_name.get(name)?.connection != connection {
+            return None;
         }
+        let gone = self.by_name.remove(name)?;
+        self.departed.insert(
+            name.to_owned(),
+            Departed {
+                systems: gone.systems.clone(),
+                supported_features: gone.supported_features.clone(),
+                mandatory_features: gone.mandatory_features.clone(),
+                left: now,
+            },
+        );
+        Some(gone)
+    }
+
+    /// Forgets machines that left more than `memory` ago.
+    pub fn forget_departed(&mut self, now: Instant, memory: Duration) {
+        self.departed
+            .retain(|_, d| now.saturating_duration_since(d.left) < memory);
+    }
+
+    /// Machines that went away and are still remembered, by name.
+    pub fn departed(&self) -> impl Iterator<Item = (&String, &Departed)> {
+        self.departed.iter()
+    }
+
+    /// When the next remembered machine is forgotten (the dispatcher looks
+    /// again then: steps only it supported may be unsupported now).
+    pub fn next_forgotten(&self, memory: Duration) -> Option<Instant> {
+        self.departed.values().map(|d| d.left + memory).min()
+    }
+
+    /// Remembered machines that would support `system` with `required`.
+    fn away_supporting(&self, system: &str, required: &[String]) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .departed
+            .iter()
+            .filter(|(_, d)| {
+                supports(
+                    &d.systems,
+                    &d.supported_features,
+                    &d.mandatory_features,
+                    system,
+                    required,
+                )
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        names.sort();
+        names
     }
 
     /// The name of the machine whose current connection is `connection`.
@@ -187,9 +284,11 @@ impl Machines {
     }
 
     /// Whether any connected machine supports `system` with `required`
-    /// (busy, resting or drained ones too).
+    /// (busy, resting or drained ones too), or a remembered one that went
+    /// away (call [`Machines::forget_departed`] first).
     pub fn supports_any(&self, system: &str, required: &[String]) -> bool {
         self.by_name.values().any(|m| m.supports(system, required))
+            || !self.away_supporting(system, required).is_empty()
     }
 
     /// Drains (`true`) or undrains a machine by name.
@@ -224,6 +323,10 @@ impl Machines {
             .filter(|m| m.supports(system, required))
             .collect();
         if supporting.is_empty() {
+            let away = self.away_supporting(system, required);
+            if !away.is_empty() {
+                return Availability::Away { machines: away };
+            }
             return Availability::Unsupported;
         }
         let open: Vec<&&Machine> = supporting
@@ -320,6 +423,7 @@ mod tests {
         Machine {
             name: name.into(),
             connection: format!("{name}-conn"),
+            instance_id: format!("{name}-instance"),
             systems: s(systems),
             supported_features: s(features),
             mandatory_features: s(mandatory),
@@ -355,8 +459,8 @@ mod tests {
     #[test]
     fn the_fastest_free_machine_wins_and_full_ones_are_busy() {
         let mut ms = Machines::default();
-        ms.register(machine("slow", &["x86_64-linux"], &[], &[], 1.0, 1));
-        ms.register(machine("fast", &["x86_64-linux"], &[], &[], 4.0, 1));
+        ms.register_ok(machine("slow", &["x86_64-linux"], &[], &[], 1.0, 1));
+        ms.register_ok(machine("fast", &["x86_64-linux"], &[], &[], 4.0, 1));
         assert_eq!(
             ms.choose("x86_64-linux", &[], 0, Instant::now(), &[])
                 .unwrap()
@@ -390,8 +494,8 @@ mod tests {
         busy.load1 = 8.0;
         let mut idle = machine("idle", &["x86_64-linux"], &[], &[], 1.0, 2);
         idle.load1 = 0.5;
-        ms.register(busy);
-        ms.register(idle);
+        ms.register_ok(busy);
+        ms.register_ok(idle);
         assert_eq!(
             ms.choose("x86_64-linux", &[], 0, Instant::now(), &[])
                 .unwrap()
@@ -413,7 +517,7 @@ mod tests {
         let mut ms = Machines::default();
         let mut m = machine("m", &["x86_64-linux"], &[], &[], 1.0, 2);
         m.free_disk = Some(10);
-        ms.register(m);
+        ms.register_ok(m);
         assert_eq!(
             ms.choose("x86_64-linux", &[], 100, Instant::now(), &[])
                 .unwrap_err(),
@@ -425,22 +529,70 @@ mod tests {
         );
     }
 
+    impl Machines {
+        fn register_ok(&mut self, m: Machine) -> Option<Machine> {
+            self.register(m).expect("a name of its own")
+        }
+    }
+
     #[test]
     fn a_stale_connection_does_not_unregister_the_new_one() {
         let mut ms = Machines::default();
-        ms.register(machine("m", &["x86_64-linux"], &[], &[], 1.0, 1));
+        let now = Instant::now();
+        ms.register_ok(machine("m", &["x86_64-linux"], &[], &[], 1.0, 1));
         let mut again = machine("m", &["x86_64-linux"], &[], &[], 1.0, 1);
         again.connection = "second".into();
-        assert!(ms.register(again).is_some());
-        assert!(ms.unregister("m", "m-conn").is_none());
-        assert!(ms.unregister("m", "second").is_some());
+        assert!(ms.register_ok(again).is_some());
+        assert!(ms.unregister("m", "m-conn", now).is_none());
+        assert!(ms.unregister("m", "second", now).is_some());
+    }
+
+    #[test]
+    fn another_builder_cannot_take_a_connected_machines_name() {
+        let mut ms = Machines::default();
+        ms.register_ok(machine("m", &["x86_64-linux"], &[], &[], 1.0, 1));
+        let mut impostor = machine("m", &["x86_64-linux"], &[], &[], 1.0, 1);
+        impostor.instance_id = "another process".into();
+        impostor.connection = "second".into();
+        let refused = ms.register(impostor).unwrap_err();
+        assert_eq!(refused, NameTaken("m".into()));
+        assert_eq!(
+            ms.get("m").unwrap().connection,
+            "m-conn",
+            "the first keeps it"
+        );
+    }
+
+    #[test]
+    fn a_machine_that_went_away_still_counts_as_supporting_its_systems() {
+        let mut ms = Machines::default();
+        let now = Instant::now();
+        let day = Duration::from_secs(86400);
+        ms.register_ok(machine("arm", &["aarch64-linux"], &["big"], &[], 1.0, 1));
+        ms.register_ok(machine("x86", &["x86_64-linux"], &[], &[], 1.0, 1));
+        ms.unregister("arm", "arm-conn", now);
+        assert!(ms.supports_any("aarch64-linux", &f(&["big"])));
+        assert!(!ms.supports_any("riscv64-linux", &[]));
+        assert_eq!(
+            ms.availability("aarch64-linux", &[], 0, now),
+            Availability::Away {
+                machines: vec!["arm".into()]
+            }
+        );
+        assert_eq!(ms.next_forgotten(day), Some(now + day));
+        ms.forget_departed(now + day, day);
+        assert!(!ms.supports_any("aarch64-linux", &[]));
+        assert_eq!(
+            ms.availability("aarch64-linux", &[], 0, now),
+            Availability::Unsupported
+        );
     }
 
     #[test]
     fn a_retry_goes_to_another_machine_when_there_is_one() {
         let mut ms = Machines::default();
-        ms.register(machine("fast", &["x86_64-linux"], &[], &[], 4.0, 1));
-        ms.register(machine("slow", &["x86_64-linux"], &[], &[], 1.0, 1));
+        ms.register_ok(machine("fast", &["x86_64-linux"], &[], &[], 4.0, 1));
+        ms.register_ok(machine("slow", &["x86_64-linux"], &[], &[], 1.0, 1));
         let now = Instant::now();
         let avoid = vec!["fast".to_owned()];
         assert_eq!(
@@ -458,7 +610,7 @@ mod tests {
     #[test]
     fn a_machine_that_keeps_failing_rests_and_a_success_ends_it() {
         let mut ms = Machines::default();
-        ms.register(machine("flaky", &["x86_64-linux"], &[], &[], 1.0, 1));
+        ms.register_ok(machine("flaky", &["x86_64-linux"], &[], &[], 1.0, 1));
         let now = Instant::now();
         let rest = |n: u32| (n >= 2).then(|| Duration::from_secs(60 * n as u64));
         assert_eq!(ms.record_failure("flaky", now, rest), None);
@@ -482,7 +634,7 @@ mod tests {
     #[test]
     fn a_drained_machine_gets_nothing_new_and_says_so() {
         let mut ms = Machines::default();
-        ms.register(machine("m1", &["x86_64-linux"], &[], &[], 1.0, 1));
+        ms.register_ok(machine("m1", &["x86_64-linux"], &[], &[], 1.0, 1));
         let now = Instant::now();
         ms.set_drained("m1", true);
         assert_eq!(
@@ -509,7 +661,7 @@ mod tests {
             ms.availability("x86_64-linux", &[], 0, now),
             Availability::Unsupported
         );
-        ms.register(machine("m1", &["x86_64-linux"], &[], &[], 1.0, 1));
+        ms.register_ok(machine("m1", &["x86_64-linux"], &[], &[], 1.0, 1));
         ms.get_mut("m1").unwrap().running.insert(Uuid::new_v4());
         assert_eq!(
             ms.availability("x86_64-linux", &[], 0, now),

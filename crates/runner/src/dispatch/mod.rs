@@ -90,11 +90,20 @@ pub fn plan_round(shared: &Shared, now: Instant) -> Round {
     let shares = shared.shares.lock();
     let config = shared.config();
     let max_unsupported = Duration::from_secs(config.max_unsupported_secs);
+
     let aging = config.priority_aging_secs;
     let mut round = Round::default();
     let due = |t: Instant, round: &mut Round| {
         round.next_deadline = Some(round.next_deadline.map_or(t, |d| d.min(t)));
     };
+    // Machines that went away count as supporting what they offered for
+    // `machine_memory_secs`: a reboot of the only aarch64 builder must not
+    // fail every aarch64 step as unsupported.
+    let memory = Duration::from_secs(config.machine_memory_secs);
+    machines.forget_departed(now, memory);
+    if let Some(t) = machines.next_forgotten(memory) {
+        due(t, &mut round);
+    }
 
     // Steps no connected machine supports are set aside before sorting
     // (a queue full of them must not slow every round); which kinds of

@@ -29,7 +29,14 @@ pub async fn start_attempt(shared: &Shared, a: Assignment) -> Result<(), Fatal> 
             return Ok(());
         }
     };
-    let attempt = persist(shared, &a, &job.outputs).await?;
+    let Some(attempt) = persist(shared, &a, &job.outputs).await? else {
+        // The build that was to record the step was deleted meanwhile: the
+        // queue monitor is about to take it out of the graph. The step
+        // waits a moment and is planned again (for its other builds).
+        tracing::info!(drv = %a.drv_path, build = a.owner.id, "not started: the build is gone");
+        crate::completion::not_started(shared, &a, OWNER_GONE_PAUSE);
+        return Ok(());
+    };
     crate::failpoint::stop_at("dispatch-recorded", &a.drv_path);
     shared.logs.start(&a.drv_path)?;
     shared.attempts.lock().insert(attempt);
@@ -139,12 +146,17 @@ async fn prepare_job(
     })
 }
 
-/// Writes the busy step row and the attempt, in one transaction.
+/// How long a step whose owner build was deleted waits before it is
+/// planned again (the queue monitor drops the build meanwhile).
+const OWNER_GONE_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Writes the busy step row and the attempt, in one transaction. None
+/// when the owner build is gone.
 async fn persist(
     shared: &Shared,
     a: &Assignment,
     outputs: &[(String, Option<String>)],
-) -> Result<Attempt, Fatal> {
+) -> Result<Option<Attempt>, Fatal> {
     let start_time = record::now();
     let drv = shared.store.dir().display(&a.drv_path);
     let first_step = !shared.started_builds.lock().contains(&a.owner.id);
@@ -161,9 +173,13 @@ async fn persist(
                 error_msg: None,
                 propagated_from: None,
                 outputs,
+                resolved_drv_path: None,
             },
         )
         .await?;
+        let Some(stepnr) = stepnr else {
+            return Ok(None);
+        };
         let attempt = new_attempt(a, stepnr, start_time, outputs);
         attempts::persist(&mut tx, &attempt).await?;
         if first_step {
@@ -173,9 +189,11 @@ async fn persist(
             .drv(drv.as_str())
             .machine(a.machine.as_str());
         events::emit(&mut tx, &[started]).await?;
-        Ok(attempt)
+        Ok(Some(attempt))
     })?;
-    shared.started_builds.lock().insert(a.owner.id);
+    if attempt.is_some() {
+        shared.started_builds.lock().insert(a.owner.id);
+    }
     Ok(attempt)
 }
 

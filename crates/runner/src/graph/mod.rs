@@ -435,6 +435,26 @@ impl Graph {
         Ok(())
     }
 
+    /// An attempt that was never started: the step is runnable again,
+    /// not before `not_before`, with nothing counted against it.
+    pub fn unstart(
+        &mut self,
+        drv: &StorePath,
+        attempt: &Uuid,
+        now: Instant,
+        not_before: Option<Instant>,
+    ) -> Result<(), TransitionError> {
+        let Some(id) = self.step_id(drv) else {
+            return Ok(());
+        };
+        self.steps
+            .get_mut(&id)
+            .expect("step")
+            .not_started(attempt, now, not_before)?;
+        self.runnable.insert(id);
+        Ok(())
+    }
+
     /// The step that `attempt` runs, if it still does.
     pub fn step_of_attempt(&self, drv: &StorePath, attempt: &Uuid) -> Option<StepId> {
         let id = self.step_id(drv)?;

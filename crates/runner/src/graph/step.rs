@@ -244,6 +244,26 @@ impl Step {
         }
     }
 
+    /// Running -> Runnable: `attempt` never started (its build left before
+    /// it was recorded); nothing failed, so nothing is counted.
+    pub fn not_started(
+        &mut self,
+        attempt: &Uuid,
+        now: Instant,
+        not_before: Option<Instant>,
+    ) -> Result<(), TransitionError> {
+        match &self.state {
+            StepState::Running { attempt: a, .. } if a == attempt => {
+                self.state = StepState::Runnable {
+                    since: now,
+                    not_before,
+                };
+                Ok(())
+            }
+            _ => Err(self.refuse("be put back unstarted")),
+        }
+    }
+
     /// Running -> Finished: `attempt` built the step, or failed permanently.
     pub fn attempt_finished(&mut self, attempt: &Uuid) -> Result<(), TransitionError> {
         match &self.state {
@@ -342,6 +362,22 @@ mod tests {
         s.attempt_finished(&a).unwrap();
         assert_eq!(s.state, StepState::Finished);
         assert!(s.attempt_finished(&a).is_err());
+    }
+
+    #[test]
+    fn an_attempt_that_never_started_is_not_counted() {
+        let mut s = step();
+        s.inputs_built(Instant::now()).unwrap();
+        let a = Uuid::new_v4();
+        s.dispatched(a, "m1").unwrap();
+        assert!(
+            s.not_started(&Uuid::new_v4(), Instant::now(), None)
+                .is_err()
+        );
+        s.not_started(&a, Instant::now(), None).unwrap();
+        assert!(s.is_runnable());
+        assert_eq!(s.aborted_attempts, 0);
+        assert!(s.failed_on.is_empty());
     }
 
     #[test]

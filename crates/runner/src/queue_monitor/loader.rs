@@ -26,6 +26,9 @@ pub enum Planned {
     /// A step's outputs failed before (`FailedPaths`).
     CachedFailure {
         drv: StorePath,
+        /// Its platform and outputs, for the cached-failure step row.
+        system: String,
+        outputs: Vec<(String, Option<String>)>,
     },
     /// The build's `.drv` (or one it needs) is not in the store, or unreadable.
     Unloadable {
@@ -33,6 +36,9 @@ pub enum Planned {
     },
     Steps(LoadPlan),
 }
+
+/// A new step's platform and outputs (name -> path, if known).
+type StepRow = (String, Vec<(String, Option<String>)>);
 
 /// Walks the closure of `top` downwards, stopping at derivations whose
 /// outputs are valid and at steps already in the graph. A CA output counts
@@ -48,6 +54,8 @@ pub async fn plan(
     // Output path -> its new step, checked against FailedPaths at the end
     // in one query.
     let mut outputs_of: HashMap<String, StorePath> = HashMap::new();
+    // Platform and outputs of each new step, should one be a cached failure.
+    let mut rows_of: HashMap<StorePath, StepRow> = HashMap::new();
     let mut todo = vec![top.clone()];
     while let Some(path) = todo.pop() {
         if !seen.insert(path.clone()) {
@@ -72,7 +80,7 @@ pub async fn plan(
             .iter()
             .filter_map(|(n, p)| p.clone().map(|p| (n.clone(), p)))
             .collect();
-        let known: Vec<String> = paths.into_values().flatten().collect();
+        let known: Vec<String> = paths.values().flatten().cloned().collect();
         let all_known = known.len() == drv.outputs.len();
         if all_known
             && client
@@ -110,6 +118,10 @@ pub async fn plan(
             }
         };
         outputs_of.extend(known.into_iter().map(|o| (o, path.clone())));
+        rows_of.insert(
+            path.clone(),
+            (drv.platform.clone(), paths.into_iter().collect()),
+        );
         let required_features = drv
             .env
             .get("requiredSystemFeatures")
@@ -126,7 +138,12 @@ pub async fn plan(
         });
     }
     if let Some(drv) = failed_before(shared, &outputs_of, top).await? {
-        return Ok(Planned::CachedFailure { drv });
+        let (system, outputs) = rows_of.remove(&drv).unwrap_or_default();
+        return Ok(Planned::CachedFailure {
+            drv,
+            system,
+            outputs,
+        });
     }
     let needed: HashSet<&StorePath> = plan
         .new_steps

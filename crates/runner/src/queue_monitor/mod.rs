@@ -1,14 +1,19 @@
 //! The queue monitor: PostgreSQL's queue of builds -> the step graph.
 //!
 //! It loads unfinished builds on start, then incrementally: new builds are
-//! those with an id above the last one seen; restarts, cancels, deletes and
-//! bumps come from `hqr_build_changes` (filled by a trigger), so a
-//! notification never makes it re-read the whole queue.
+//! those with an id above the last one seen, plus ids it skipped because
+//! their transaction had not committed yet (ids are handed out at insert,
+//! not at commit: see [`cursor`]); restarts, cancels, deletes and bumps
+//! come from `hqr_build_changes` (filled by a trigger), read the same way,
+//! so a notification never makes it re-read the whole queue. A lost LISTEN
+//! connection, which loses the notifications sent meanwhile, is followed
+//! by a pass, and a pass also runs every [`SAFETY_PASS`] regardless.
 
+mod cursor;
 mod loader;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hydra_db::status::BuildStatus;
 use hydra_nix::StorePath;
@@ -20,6 +25,7 @@ use crate::events::{Kind, NewEvent};
 use crate::graph::{Build, BuildId, InsertError};
 use crate::record::{self, NewStepRow};
 use crate::{Fatal, Shared};
+use cursor::SeqCursor;
 use loader::Planned;
 
 const CHANNELS: [&str; 6] = [
@@ -31,35 +37,101 @@ const CHANNELS: [&str; 6] = [
     "jobset_shares_changed",
 ];
 
+/// A pass runs this often even without notifications: the safety net for
+/// a notification lost some way we did not foresee. It costs two index
+/// lookups when nothing changed.
+const SAFETY_PASS: Duration = Duration::from_secs(30);
+
+/// Where the monitor is in the two tables it follows.
+struct Cursors {
+    builds: SeqCursor,
+    changes: SeqCursor,
+}
+
 pub async fn run(shared: Arc<Shared>) -> Result<(), Fatal> {
     let mut listener = PgListener::connect_with(&shared.pool).await?;
     listener.listen_all(CHANNELS).await?;
-    // Changes before this point are covered by the full load below.
-    let mut cursor: i64 = sqlx::query_scalar("select coalesce(max(seq), 0) from hqr_build_changes")
-        .fetch_one(&shared.pool)
-        .await?;
+    // Changes committed before this point are covered by the full load
+    // below; ones that commit later, though numbered lower, are in the
+    // gap the cursor starts with.
+    let changes_high: i64 =
+        sqlx::query_scalar("select coalesce(max(seq), 0) from hqr_build_changes")
+            .fetch_one(&shared.pool)
+            .await?;
     sqlx::query("delete from hqr_build_changes where seq <= $1")
-        .bind(cursor)
+        .bind(changes_high)
         .execute(&shared.pool)
         .await?;
     load_shares(&shared).await?;
-    let mut last_id: BuildId = 0;
+    let now = Instant::now();
+    let mut cursors = Cursors {
+        builds: SeqCursor::new(0),
+        changes: SeqCursor::new(0),
+    };
+    cursors.changes.saw(&[changes_high], now);
     loop {
-        last_id = load_new_builds(&shared, last_id).await?;
-        cursor = apply_changes(&shared, cursor).await?;
+        pass(&shared, &mut cursors).await?;
+        let next_check = [
+            cursors.builds.next_check(Instant::now()),
+            cursors.changes.next_check(Instant::now()),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or_else(|| Instant::now() + SAFETY_PASS)
+        .min(Instant::now() + SAFETY_PASS);
         tracing::debug!("queue monitor waiting for notifications");
-        let note = listener.recv().await?;
+        let note = tokio::select! {
+            note = listener.try_recv() => note?,
+            _ = tokio::time::sleep_until(next_check.into()) => continue,
+        };
+        let Some(note) = note else {
+            // The LISTEN connection was lost (and is made again on the next
+            // call): what was notified meanwhile is found by the pass.
+            tracing::warn!(
+                "the queue monitor's LISTEN connection was lost; looking for what it missed"
+            );
+            continue;
+        };
         tracing::debug!(channel = note.channel(), "queue monitor woken");
-        if note.channel() == "jobset_shares_changed" {
-            load_shares(&shared).await?;
-        }
+        let mut shares_changed = note.channel() == "jobset_shares_changed";
         // Several notifications may be pending: one pass serves them all.
         while let Some(note) = listener.next_buffered() {
-            if note.channel() == "jobset_shares_changed" {
-                load_shares(&shared).await?;
-            }
+            shares_changed |= note.channel() == "jobset_shares_changed";
+        }
+        if shares_changed {
+            load_shares(&shared).await?;
         }
     }
+}
+
+/// One look at both tables: new builds, builds whose ids were skipped,
+/// new changes. Gaps are given up once no transaction that could fill
+/// them is left (see [`cursor`]).
+async fn pass(shared: &Shared, cursors: &mut Cursors) -> Result<(), Fatal> {
+    let (xmin, xmax): (String, String) = sqlx::query_as(
+        "select pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text from pg_current_snapshot() s",
+    )
+    .fetch_one(&shared.pool)
+    .await?;
+    let snapshot_at = Instant::now();
+    let (xmin, xmax) = (
+        xmin.parse::<u64>().unwrap_or(0),
+        xmax.parse::<u64>().unwrap_or(u64::MAX),
+    );
+    load_new_builds(shared, &mut cursors.builds).await?;
+    apply_changes(shared, &mut cursors.changes).await?;
+    for (what, c) in [
+        ("build ids", &mut cursors.builds),
+        ("change numbers", &mut cursors.changes),
+    ] {
+        c.set_horizons(snapshot_at, xmax);
+        let given_up = c.settle(xmin);
+        if given_up > 0 {
+            tracing::debug!("{given_up} skipped {what} never committed (rolled back or deleted)");
+        }
+    }
+    Ok(())
 }
 
 #[derive(sqlx::FromRow)]
@@ -89,15 +161,53 @@ const LOADERS: usize = 4;
 /// Progress is logged, and the dispatcher woken, every this many builds.
 const PROGRESS_EVERY: usize = 1000;
 
-/// Loads builds with an id above `last_id`; returns the highest id seen.
-async fn load_new_builds(shared: &Shared, last_id: BuildId) -> Result<BuildId, Fatal> {
-    let rows: Vec<QueuedBuild> = sqlx::query_as(&format!("{QUEUED} and b.id > $1 order by b.id"))
-        .bind(last_id)
+/// Loads the unfinished builds above the cursor and in its gaps (those
+/// already in the graph are skipped by their id first, so a large gap
+/// costs an index scan of ids, not a read of the queue).
+async fn load_new_builds(shared: &Shared, cursor: &mut SeqCursor) -> Result<(), Fatal> {
+    let mut rows: Vec<QueuedBuild> =
+        sqlx::query_as(&format!("{QUEUED} and b.id > $1 order by b.id"))
+            .bind(cursor.high() as i32)
+            .fetch_all(&shared.pool)
+            .await?;
+    let mut late = Vec::new();
+    for gap in cursor.gaps() {
+        let ids: Vec<i32> = sqlx::query_scalar(
+            "select id from Builds where finished = 0 and id between $1 and $2 order by id",
+        )
+        .bind(gap.lo as i32)
+        .bind(gap.hi.min(i32::MAX as i64) as i32)
         .fetch_all(&shared.pool)
         .await?;
-    let Some(max) = rows.last().map(|r| r.id) else {
-        return Ok(last_id);
-    };
+        let graph = shared.graph.lock();
+        late.extend(ids.into_iter().filter(|id| graph.build(*id).is_none()));
+    }
+    if !late.is_empty() {
+        tracing::info!(
+            "{} builds committed after builds with higher ids; loading them",
+            late.len()
+        );
+        let late_rows: Vec<QueuedBuild> =
+            sqlx::query_as(&format!("{QUEUED} and b.id = any($1) order by b.id"))
+                .bind(&late)
+                .fetch_all(&shared.pool)
+                .await?;
+        rows.extend(late_rows);
+    }
+    let seen: Vec<i64> = rows
+        .iter()
+        .map(|r| r.id as i64)
+        .chain(late.iter().map(|id| *id as i64))
+        .collect();
+    cursor.saw(&seen, Instant::now());
+    if rows.is_empty() {
+        return Ok(());
+    }
+    load_builds(shared, rows).await
+}
+
+/// Loads `rows` into the graph (or finishes them at once).
+async fn load_builds(shared: &Shared, rows: Vec<QueuedBuild>) -> Result<(), Fatal> {
     // Before loading: a cached build finishes during its load, and its
     // `completed` must come after its `queued`.
     let ids: Vec<BuildId> = rows.iter().map(|r| r.id).collect();
@@ -113,9 +223,17 @@ async fn load_new_builds(shared: &Shared, last_id: BuildId) -> Result<BuildId, F
             let Some(row) = queue.lock().next() else {
                 return Ok::<_, Fatal>(plans);
             };
-            let id = row.id;
-            if let Some(cached) = load_build(shared, &mut client, row).await? {
-                plans.push((id, cached));
+            let (id, drv) = (row.id, row.drvpath.clone());
+            match load_build(shared, &mut client, row).await {
+                Ok(Some(cached)) => plans.push((id, cached)),
+                Ok(None) => {}
+                Err(e) => match e.refused_data() {
+                    // What the build's outputs hold (a cached build's
+                    // `nix-support`) was refused: the build ends, the
+                    // runner goes on.
+                    Some(reason) => refuse_build(shared, id, &drv, &reason).await?,
+                    None => return Err(e),
+                },
             }
             let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             if n.is_multiple_of(PROGRESS_EVERY) {
@@ -136,7 +254,7 @@ async fn load_new_builds(shared: &Shared, last_id: BuildId) -> Result<BuildId, F
         "loaded {total} builds in {:.1?}; {steps} steps in the graph",
         started.elapsed()
     );
-    Ok(max)
+    Ok(())
 }
 
 /// How many derivations of each build's closure loading found built
@@ -210,8 +328,17 @@ async fn load_build(
                     .await
                     .map(|()| Some(1));
             }
-            Planned::CachedFailure { drv } => {
-                return fail_cached(shared, &build, &drv).await.map(|()| Some(0));
+            Planned::CachedFailure {
+                drv,
+                system,
+                outputs,
+            } => {
+                let step = CachedStep {
+                    drv: &drv,
+                    system: &system,
+                    outputs: &outputs,
+                };
+                return fail_cached(shared, &build, step).await.map(|()| Some(0));
             }
             Planned::Unloadable { reason } => {
                 return abort_build(shared, build.id, &row.drvpath, &reason)
@@ -308,34 +435,47 @@ async fn finish_cached_in_destination(
     Ok(())
 }
 
-/// A step's outputs are in FailedPaths: the build fails at once (Hydra's
-/// cached failure: 1 for the top level, 2 for a dependency; step status 8).
-async fn fail_cached(shared: &Shared, build: &Build, drv: &StorePath) -> Result<(), Fatal> {
+/// The step of a build whose outputs failed before.
+struct CachedStep<'a> {
+    drv: &'a StorePath,
+    system: &'a str,
+    outputs: &'a [(String, Option<String>)],
+}
+
+/// A step's outputs are in FailedPaths: the build fails at once, as
+/// Hydra's runner records it: a cached-failure step row (8, with the
+/// step's platform and outputs, propagated from the build whose step
+/// failed before when one can be found), then the build (1 for its own
+/// top level, 2 for a dependency), a cached build either way.
+async fn fail_cached(shared: &Shared, build: &Build, step: CachedStep<'_>) -> Result<(), Fatal> {
     let now = record::now();
     let dir = shared.store.dir();
-    let top = *drv == build.drv_path;
+    let drv = dir.display(step.drv);
+    let top = *step.drv == build.drv_path;
     let status = if top {
         BuildStatus::Failed
     } else {
         BuildStatus::DepFailed
     };
     in_transaction!(shared.pool, |tx| {
+        let propagated_from = record::earlier_failure(&mut tx, &drv, step.outputs).await?;
         record::create_build_step(
             &mut tx,
             &NewStepRow {
                 build: build.id,
-                drv_path: &dir.display(drv),
-                system: "",
+                drv_path: &drv,
+                system: step.system,
                 status: Some(BuildStatus::CachedFailure),
                 machine: "",
                 start_time: None,
                 error_msg: None,
-                propagated_from: None,
-                outputs: &[],
+                propagated_from,
+                outputs: step.outputs,
+                resolved_drv_path: None,
             },
         )
         .await?;
-        record::mark_failed_build(&mut tx, build.id, status, now, now, top).await?;
+        record::mark_failed_build(&mut tx, build.id, status, now, now, true).await?;
         record::notify_build_finished(&mut tx, build.id, &[]).await?;
         Ok(())
     })?;
@@ -366,6 +506,7 @@ async fn abort_build(
                 error_msg: Some(reason),
                 propagated_from: None,
                 outputs: &[],
+                resolved_drv_path: None,
             },
         )
         .await?;
@@ -376,17 +517,42 @@ async fn abort_build(
     Ok(())
 }
 
-/// Applies rows of `hqr_build_changes` after `cursor`; returns the new cursor.
-async fn apply_changes(shared: &Shared, cursor: i64) -> Result<i64, Fatal> {
-    let changes: Vec<(i64, i32, String)> = sqlx::query_as(
+/// A build whose loading the database refused: aborted with the reason,
+/// or, should even that be refused, left for the next start.
+async fn refuse_build(shared: &Shared, id: BuildId, drv: &str, reason: &str) -> Result<(), Fatal> {
+    match abort_build(shared, id, drv, reason).await {
+        Err(e) if e.refused_data().is_some() => {
+            tracing::error!(build = id, "cannot record that the build was refused: {e}");
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// Applies the rows of `hqr_build_changes` above the cursor and in its
+/// gaps, in order, then deletes them.
+async fn apply_changes(shared: &Shared, cursor: &mut SeqCursor) -> Result<(), Fatal> {
+    let mut changes: Vec<(i64, i32, String)> = sqlx::query_as(
         "select seq, build, kind from hqr_build_changes where seq > $1 order by seq",
     )
-    .bind(cursor)
+    .bind(cursor.high())
     .fetch_all(&shared.pool)
     .await?;
-    let Some(last) = changes.last().map(|c| c.0) else {
-        return Ok(cursor);
-    };
+    for gap in cursor.gaps() {
+        let late: Vec<(i64, i32, String)> = sqlx::query_as(
+            "select seq, build, kind from hqr_build_changes where seq between $1 and $2 order by seq",
+        )
+        .bind(gap.lo)
+        .bind(gap.hi)
+        .fetch_all(&shared.pool)
+        .await?;
+        changes.extend(late);
+    }
+    if changes.is_empty() {
+        return Ok(());
+    }
+    changes.sort_by_key(|c| c.0);
+    let seqs: Vec<i64> = changes.iter().map(|c| c.0).collect();
     let mut gone = Vec::new();
     let mut gone_soft = Vec::new();
     for (_, build, kind) in &changes {
@@ -449,11 +615,12 @@ async fn apply_changes(shared: &Shared, cursor: i64) -> Result<i64, Fatal> {
         );
         completion::drop_steps(shared, dropped).await?;
     }
-    sqlx::query("delete from hqr_build_changes where seq <= $1")
-        .bind(last)
+    sqlx::query("delete from hqr_build_changes where seq = any($1)")
+        .bind(&seqs)
         .execute(&shared.pool)
         .await?;
-    Ok(last)
+    cursor.saw(&seqs, Instant::now());
+    Ok(())
 }
 
 /// The `cancelled` event of a build, with the reason the API recorded (a

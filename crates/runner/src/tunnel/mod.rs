@@ -257,12 +257,9 @@ impl RunnerService for BuilderTunnel {
         }
         let (tx, rx) = mpsc::channel(256);
         if let Err(reason) = self.check_join(&join) {
-            tracing::warn!(machine = %join.machine_name, "refused a builder: {reason}");
-            let refused = RunnerMessage {
-                msg: Some(runner_message::Msg::Refused(Refused { reason })),
-            };
-            let _ = tx.send(Ok(refused)).await;
-            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+            let name = crate::outside::display_text(&join.machine_name, crate::outside::NAME_MAX);
+            tracing::warn!(machine = %name, "refused a builder: {reason}");
+            return Ok(refusal(tx, rx, reason, false).await);
         }
         let connection = uuid::Uuid::new_v4().to_string();
         let welcome = RunnerMessage {
@@ -272,13 +269,11 @@ impl RunnerService for BuilderTunnel {
                 ping_interval_secs: self.shared.config().ping_interval_secs,
             })),
         };
-        tx.send(Ok(welcome))
-            .await
-            .map_err(|_| Status::cancelled("builder left"))?;
         let machine = Machine {
             name: join.machine_name.clone(),
             connection: connection.clone(),
-            systems: join.systems,
+            instance_id: join.instance_id.clone(),
+            systems: join.systems.clone(),
             supported_features: join.supported_features,
             mandatory_features: join.mandatory_features,
             max_jobs: join.max_jobs.max(1),
@@ -291,10 +286,26 @@ impl RunnerService for BuilderTunnel {
             load1: 0.0,
             free_disk: None,
             substituter_timeouts: 0,
-            tx,
+            tx: tx.clone(),
         };
-        tracing::info!(machine = %machine.name, systems = ?machine.systems, max_jobs = machine.max_jobs, "builder joined");
-        let replaced = self.shared.machines.lock().register(machine);
+        let registered = {
+            let mut machines = self.shared.machines.lock();
+            let registered = machines.register(machine);
+            if registered.is_ok() {
+                // Under the lock: no job can be queued on the stream before
+                // the welcome (the channel is fresh, so this cannot fail).
+                let _ = tx.try_send(Ok(welcome));
+            }
+            registered
+        };
+        let replaced = match registered {
+            Ok(replaced) => replaced,
+            Err(taken) => {
+                tracing::warn!(machine = %taken.0, "refused a builder: {taken}");
+                return Ok(refusal(tx, rx, taken.to_string(), true).await);
+            }
+        };
+        tracing::info!(machine = %join.machine_name, systems = ?join.systems, max_jobs = join.max_jobs, "builder joined");
         let shared = self.shared.clone();
         tokio::spawn(async move {
             if let Some(old) = replaced {
@@ -390,6 +401,12 @@ impl RunnerService for BuilderTunnel {
             Err(ReportError::Ownership(e)) => {
                 Err(refused(&self.shared, &connection, &attempt_id, "report", e.into()).await)
             }
+            Err(ReportError::Malformed(e)) => {
+                let status = Status::invalid_argument(format!(
+                    "malformed report, the attempt was aborted: {e}"
+                ));
+                Err(refused(&self.shared, &connection, &attempt_id, "report", status).await)
+            }
             Err(ReportError::Fatal(e)) => {
                 self.shared.die(e);
                 Err(Status::unavailable("the runner is stopping"))
@@ -399,19 +416,32 @@ impl RunnerService for BuilderTunnel {
 }
 
 impl BuilderTunnel {
+    /// A join's fields, checked at the boundary: they become machine
+    /// names in BuildSteps and keys the dispatcher matches on.
     fn check_join(&self, join: &Join) -> Result<(), String> {
         let ours = self.shared.store.dir().as_str();
         if join.store_dir != ours {
             return Err(format!(
                 "store directory mismatch: the builder's store is {}, the runner's is {ours}; paths are not rewritten",
-                join.store_dir
+                crate::outside::display_text(&join.store_dir, crate::outside::NAME_MAX)
             ));
         }
-        if join.machine_name.is_empty() {
-            return Err("the builder sent no machine name".into());
-        }
+        let checked = || -> Result<(), crate::outside::OutsideError> {
+            crate::outside::name(&join.machine_name, "the machine name")?;
+            crate::outside::names(&join.systems, "a system")?;
+            crate::outside::names(&join.supported_features, "a supported feature")?;
+            crate::outside::names(&join.mandatory_features, "a mandatory feature")?;
+            Ok(())
+        };
+        checked().map_err(|e| e.to_string())?;
         if join.systems.is_empty() {
             return Err("the builder offers no systems".into());
+        }
+        if !join.speed_factor.is_finite() || join.speed_factor < 0.0 {
+            return Err(format!(
+                "the speed factor {} is not a positive number",
+                join.speed_factor
+            ));
         }
         Ok(())
     }
@@ -462,9 +492,15 @@ async fn control_loop(
                     let busy = busy_code(p.phase());
                     let progress =
                         crate::record::set_step_progress(&shared.pool, build, stepnr, busy, event);
-                    if let Err(e) = progress.await {
-                        shared.die(e.into());
-                        return "the runner is stopping".into();
+                    match progress.await.map_err(Fatal::from) {
+                        Ok(()) => {}
+                        Err(e) if e.refused_data().is_some() => {
+                            tracing::warn!(machine = name, "progress not recorded: {e}");
+                        }
+                        Err(e) => {
+                            shared.die(e);
+                            return "the runner is stopping".into();
+                        }
                     }
                 }
             }
@@ -473,6 +509,21 @@ async fn control_loop(
             }
         }
     }
+}
+
+/// Answers a join with a refusal and ends the stream.
+async fn refusal(
+    tx: mpsc::Sender<Result<RunnerMessage, Status>>,
+    rx: mpsc::Receiver<Result<RunnerMessage, Status>>,
+    reason: String,
+    retryable: bool,
+) -> Response<BoxStream<RunnerMessage>> {
+    let refused = RunnerMessage {
+        msg: Some(runner_message::Msg::Refused(Refused { reason, retryable })),
+    };
+    let _ = tx.send(Ok(refused)).await;
+    drop(tx);
+    Response::new(Box::pin(ReceiverStream::new(rx)))
 }
 
 /// The phase as events name it.
@@ -509,26 +560,37 @@ pub(crate) async fn refused(
     what: &str,
     status: Status,
 ) -> Status {
+    use crate::outside::{NAME_MAX, display_text};
     let machine = shared.machines.lock().name_of(connection);
+    // Every field here is the builder's (an attempt id may be anything).
+    let connection = display_text(connection, NAME_MAX);
+    let attempt_id = display_text(attempt_id, NAME_MAX);
+    let reason = display_text(status.message(), crate::outside::DISPLAY_MAX * 4);
     tracing::warn!(
         connection,
         machine,
         attempt = attempt_id,
-        "refused a {what}: {}",
-        status.message()
+        "refused a {what}: {reason}",
     );
     let recorded = crate::record::rejection(
         &shared.pool,
-        connection,
+        &connection,
         machine.as_deref(),
-        attempt_id,
+        &attempt_id,
         what,
-        status.message(),
+        &reason,
     )
-    .await;
-    if let Err(e) = recorded {
-        shared.die(e.into());
-        return Status::unavailable("the runner is stopping");
+    .await
+    .map_err(Fatal::from);
+    match recorded {
+        Ok(()) => {}
+        Err(e) if e.refused_data().is_some() => {
+            tracing::warn!("the refusal could not be recorded: {e}");
+        }
+        Err(e) => {
+            shared.die(e);
+            return Status::unavailable("the runner is stopping");
+        }
     }
     status
 }
@@ -536,7 +598,10 @@ pub(crate) async fn refused(
 /// A machine's connection ended: its attempts are aborted and retried.
 async fn machine_gone(shared: &Shared, name: &str, connection: &str, why: &str) {
     tracing::warn!(machine = name, "builder left: {why}");
-    shared.machines.lock().unregister(name, connection);
+    shared
+        .machines
+        .lock()
+        .unregister(name, connection, std::time::Instant::now());
     let lost = shared.attempts.lock().take_all_of(connection);
     for attempt in lost {
         let reason = format!("machine {name} disconnected ({why})");
