@@ -184,15 +184,7 @@ async fn explain_says_when_every_able_machine_is_resting() {
 
 /// The CLI against a runner: `hydra-queue-runner --url ... <command>`.
 async fn cli(farm: &Farm, args: &[&str]) -> (bool, String) {
-    let url = format!("http://{}", farm.runner().addr);
-    let mut all = vec!["--url", url.as_str()];
-    all.extend_from_slice(args);
-    let out = run_binary("hydra-queue-runner", &all).await;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        println!("{}", String::from_utf8_lossy(&out.stderr));
-    }
-    (out.status.success(), text)
+    farm.cli(args).await
 }
 
 fn json(text: &str) -> serde_json::Value {

@@ -107,7 +107,94 @@ fn base_name(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
+/// A `.narinfo` that cannot be read, with the line where it went wrong.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[error("narinfo line {line}: {message}")]
+pub struct NarInfoError {
+    /// 1-based; 0 when what is wrong is a missing field.
+    pub line: usize,
+    pub message: String,
+}
+
 impl NarInfo {
+    /// Reads a `.narinfo` a cache served (outside bytes: anything may be
+    /// in it). Store paths and references are checked against `store`;
+    /// unknown fields are ignored, as Nix does.
+    pub fn parse(text: &str, store: &crate::StoreDir) -> Result<NarInfo, NarInfoError> {
+        let err = |line: usize, message: String| NarInfoError { line, message };
+        let mut path = None;
+        let mut url = None;
+        let mut compression = None;
+        let mut file_hash = None;
+        let mut file_size = None;
+        let mut nar_hash = None;
+        let mut nar_size = None;
+        let mut references = Vec::new();
+        let mut deriver = None;
+        let mut ca = None;
+        let mut sigs = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let n = i + 1;
+            if line.is_empty() {
+                continue;
+            }
+            let (key, value) = line
+                .split_once(": ")
+                .ok_or_else(|| err(n, format!("{line:?} is not 'Key: value'")))?;
+            let in_store = |base: &str| {
+                let full = format!("{}/{base}", store.as_str());
+                store
+                    .parse_path(&full)
+                    .map(|_| full)
+                    .map_err(|e| err(n, format!("{key}: {e}")))
+            };
+            let number = |v: &str| {
+                v.parse::<u64>()
+                    .map_err(|e| err(n, format!("{key}: {v:?} is not a size: {e}")))
+            };
+            let hash = |v: &str| Hash::parse_prefixed(v).map_err(|e| err(n, format!("{key}: {e}")));
+            match key {
+                "StorePath" => {
+                    store
+                        .parse_path(value)
+                        .map_err(|e| err(n, format!("StorePath: {e}")))?;
+                    path = Some(value.to_owned());
+                }
+                "URL" => url = Some(value.to_owned()),
+                "Compression" => compression = Some(value.to_owned()),
+                "FileHash" => file_hash = Some(hash(value)?),
+                "FileSize" => file_size = Some(number(value)?),
+                "NarHash" => nar_hash = Some(hash(value)?),
+                "NarSize" => nar_size = Some(number(value)?),
+                "References" => {
+                    references = value
+                        .split_whitespace()
+                        .map(in_store)
+                        .collect::<Result<_, _>>()?;
+                }
+                "Deriver" if value != "unknown-deriver" => deriver = Some(in_store(value)?),
+                "CA" => ca = Some(value.to_owned()),
+                "Sig" => sigs.push(value.to_owned()),
+                _ => {}
+            }
+        }
+        let missing = |what: &str| err(0, format!("no {what} field"));
+        let nar_hash = nar_hash.ok_or_else(|| missing("NarHash"))?;
+        Ok(NarInfo {
+            path: path.ok_or_else(|| missing("StorePath"))?,
+            url: url.ok_or_else(|| missing("URL"))?,
+            compression: compression.unwrap_or_else(|| "bzip2".into()),
+            file_hash: file_hash.unwrap_or_else(|| nar_hash.clone()),
+            file_size: file_size.unwrap_or(0),
+            nar_size: nar_size.ok_or_else(|| missing("NarSize"))?,
+            nar_hash,
+            references,
+            deriver,
+            ca,
+            sigs,
+        })
+    }
+
     pub fn to_text(&self) -> String {
         let mut refs: Vec<&str> = self.references.iter().map(|r| base_name(r)).collect();
         refs.sort();
@@ -171,28 +258,14 @@ pub fn realisation_doi(id: &str, out_path_base: &str, key: Option<&SecretKey>) -
 
 /// The `.ls` listing of a NAR: its files, with sizes and targets.
 pub fn listing(nar: &[u8]) -> Result<String, crate::nar::NarError> {
-    let dec =
-        nix_nar::Decoder::new(nar).map_err(|e| crate::nar::NarError::Corrupt(e.to_string()))?;
+    use crate::nar::Entry;
     let mut root: Option<Value> = None;
     let mut dirs: Vec<(String, Map<String, Value>)> = Vec::new();
-    for entry in dec
-        .entries()
-        .map_err(|e| crate::nar::NarError::Corrupt(e.to_string()))?
-    {
-        let entry = entry.map_err(|e| crate::nar::NarError::Corrupt(e.to_string()))?;
-        let path = entry
-            .path
-            .as_ref()
-            .map(|p| p.to_string())
-            .unwrap_or_default();
-        let node = match entry.content {
-            nix_nar::Content::Directory => json!({"type": "directory", "entries": {}}),
-            nix_nar::Content::Symlink { target } => {
-                json!({"type": "symlink", "target": target.to_string()})
-            }
-            nix_nar::Content::File {
-                executable, size, ..
-            } => {
+    crate::nar::walk(nar, |path, entry, _| {
+        let node = match entry {
+            Entry::Directory => json!({"type": "directory", "entries": {}}),
+            Entry::Symlink { target } => json!({"type": "symlink", "target": target}),
+            Entry::File { executable, size } => {
                 let mut f = json!({"type": "regular", "size": size});
                 if executable {
                     f["executable"] = json!(true);
@@ -203,9 +276,13 @@ pub fn listing(nar: &[u8]) -> Result<String, crate::nar::NarError> {
         if path.is_empty() {
             root = Some(node);
         } else {
-            dirs.push((path, node.as_object().cloned().unwrap_or_default()));
+            dirs.push((
+                path.to_owned(),
+                node.as_object().cloned().unwrap_or_default(),
+            ));
         }
-    }
+        Ok(())
+    })?;
     let mut root = root.ok_or_else(|| crate::nar::NarError::Corrupt("empty NAR".into()))?;
     for (path, node) in dirs {
         let mut at = &mut root;
@@ -236,6 +313,39 @@ mod tests {
             SecretKey::parse("k:AAAA"),
             Err(KeyError::Length(3))
         ));
+    }
+
+    #[test]
+    fn a_narinfo_reads_back_and_a_bad_line_is_named() {
+        let store = crate::StoreDir::default();
+        let info = NarInfo {
+            path: "/nix/store/7rjj86a15146cq1d3qy068lml7n8ykzm-hello".into(),
+            url: "nar/x.nar.zst".into(),
+            compression: "zstd".into(),
+            file_hash: Hash::sha256(b"f"),
+            file_size: 3,
+            nar_hash: Hash::sha256(b"n"),
+            nar_size: 7,
+            references: vec!["/nix/store/7rjj86a15146cq1d3qy068lml7n8ykzm-hello".into()],
+            deriver: Some("/nix/store/7rjj86a15146cq1d3qy068lml7n8ykzm-hello.drv".into()),
+            ca: None,
+            sigs: vec!["k:sig".into()],
+        };
+        let back = NarInfo::parse(&info.to_text(), &store).unwrap();
+        assert_eq!(back.to_text(), info.to_text());
+        let bad = info.to_text().replace("NarSize: 7", "NarSize: seven");
+        let err = NarInfo::parse(&bad, &store).unwrap_err();
+        assert_eq!(err.line, 7, "{err}");
+        assert!(
+            err.to_string().starts_with("narinfo line 7: NarSize"),
+            "{err}"
+        );
+        let outside = info
+            .to_text()
+            .replace("References: ", "References: ../etc ");
+        assert!(NarInfo::parse(&outside, &store).is_err());
+        let err = NarInfo::parse("URL: x\n", &store).unwrap_err();
+        assert!(err.to_string().contains("no NarHash"), "{err}");
     }
 
     #[test]

@@ -108,7 +108,11 @@ impl Hash {
         } else if digest.len() == base32::encoded_len(size) {
             base32::decode(digest).map_err(|_| HashError::BadEncoding(digest.to_owned()))?
         } else if digest.len() == size.div_ceil(3) * 4 {
-            decode_base64(digest).ok_or_else(|| HashError::BadEncoding(digest.to_owned()))?
+            // Base64 of `size` bytes: the padding must be there, or the
+            // digits would decode to more bytes than the algorithm has.
+            decode_base64(digest)
+                .filter(|b| b.len() == size)
+                .ok_or_else(|| HashError::BadEncoding(digest.to_owned()))?
         } else {
             return Err(HashError::WrongLength {
                 algo,
@@ -191,6 +195,15 @@ mod tests {
         assert!(matches!(
             Hash::parse_prefixed("abc"),
             Err(HashError::MissingAlgo(_))
+        ));
+        // 44 base64 digits without padding are 33 bytes, not a SHA-256
+        // (the fuzzer found this one).
+        assert!(matches!(
+            Hash::parse_digest(
+                HashAlgo::Sha256,
+                "3b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+            ),
+            Err(HashError::BadEncoding(_))
         ));
     }
 }

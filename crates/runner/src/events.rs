@@ -169,7 +169,16 @@ pub async fn emit(tx: &mut PgConnection, events: &[NewEvent]) -> Result<(), sqlx
     let drvs: Vec<Option<&str>> = events.iter().map(|e| e.drv_path.as_deref()).collect();
     let machines: Vec<Option<&str>> = events.iter().map(|e| e.machine.as_deref()).collect();
     let statuses: Vec<Option<i32>> = events.iter().map(|e| e.status).collect();
-    let details: Vec<Option<&str>> = events.iter().map(|e| e.detail.as_deref()).collect();
+    // Details are often a builder's or Nix's text: cleaned at the boundary
+    // (crate::outside), as every text that reaches a column is.
+    let details: Vec<Option<String>> = events
+        .iter()
+        .map(|e| {
+            e.detail
+                .as_deref()
+                .map(|d| crate::outside::display_text(d, crate::outside::ERROR_MSG_MAX))
+        })
+        .collect();
     sqlx::query(
         "insert into hqr_events (kind, builds, drv_path, machine, status, detail)
          select e.kind, e.builds::integer[], e.drv, e.machine, e.status, e.detail

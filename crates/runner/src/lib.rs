@@ -164,8 +164,15 @@ impl Shared {
     }
 
     /// Stops the runner with `fault` (from a request handler, which cannot
-    /// return it to `main` itself).
+    /// return it to `main` itself). A refusal of the data written (see
+    /// [`Fatal::refused_data`]) ends the request only: a builder or client
+    /// that sends what the database refuses would otherwise stop the
+    /// runner again after every restart.
     pub fn die(&self, fault: Fatal) {
+        if let Some(reason) = fault.refused_data() {
+            tracing::error!("a request ended: {reason}");
+            return;
+        }
         tracing::error!("fatal: {fault}");
         let _ = self.fatal.send(fault);
     }
@@ -362,6 +369,19 @@ impl Runner {
             http_addr,
             tasks,
         })
+    }
+
+    /// Whether every task still runs: the error of one that ended (a
+    /// critical task that failed, or panicked), without waiting.
+    pub fn check_alive(&mut self) -> Result<(), Fatal> {
+        while let Some(done) = self.tasks.try_join_next() {
+            match done {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => return Err(e),
+                Err(e) => return Err(Fatal::Panic(e.to_string())),
+            }
+        }
+        Ok(())
     }
 
     /// Runs until a critical task fails; returns its error.

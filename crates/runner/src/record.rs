@@ -24,6 +24,13 @@ pub fn unix_seconds(t: std::time::Instant, now: std::time::Instant) -> i64 {
     self::now() + t.saturating_duration_since(now).as_secs() as i64
 }
 
+/// An error message as BuildSteps.errorMsg keeps it: many carry a
+/// builder's or Nix's text (a path from an upload header, the log's last
+/// lines), so every one is cleaned at the boundary, whoever made it.
+fn error_text(msg: &str) -> String {
+    crate::outside::display_text(msg, crate::outside::ERROR_MSG_MAX)
+}
+
 /// A BuildSteps row to create.
 pub struct NewStepRow<'a> {
     pub build: BuildId,
@@ -81,7 +88,7 @@ pub async fn create_build_step(
         .bind(row.system)
         .bind(row.status.map(|s| s.code()))
         .bind(row.propagated_from)
-        .bind(row.error_msg.filter(|m| !m.is_empty()))
+        .bind(row.error_msg.filter(|m| !m.is_empty()).map(error_text))
         .bind(if busy { None } else { row.start_time })
         .bind(row.machine)
         .bind(row.resolved_drv_path)
@@ -201,7 +208,7 @@ pub async fn finish_build_step(
     .bind(r.status.code())
     .bind(build)
     .bind(stepnr)
-    .bind(r.error_msg.filter(|m| !m.is_empty()))
+    .bind(r.error_msg.filter(|m| !m.is_empty()).map(error_text))
     .bind(r.start_time)
     .bind(r.stop_time)
     .bind(r.machine)

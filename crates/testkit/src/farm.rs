@@ -261,6 +261,23 @@ impl Farm {
         Ok(ApiClient::connect(format!("http://{}", self.runner().addr)).await?)
     }
 
+    /// The operator CLI against this farm's runner
+    /// (`hydra-queue-runner --url ... <args>`): whether it succeeded, and
+    /// its standard output (its standard error is printed on failure).
+    pub async fn cli(&self, args: &[&str]) -> (bool, String) {
+        let url = format!("http://{}", self.runner().addr);
+        let mut all = vec!["--url", url.as_str()];
+        all.extend_from_slice(args);
+        let out = crate::process::run_binary("hydra-queue-runner", &all).await;
+        if !out.status.success() {
+            println!("{}", String::from_utf8_lossy(&out.stderr));
+        }
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
     /// The runner's log of a step's derivation.
     pub fn log_of(&self, drv: &str) -> Result<Option<String>> {
         let base = drv.rsplit('/').next().unwrap_or(drv);

@@ -31,17 +31,17 @@ pub struct OutputScan {
     pub support: BTreeMap<String, Vec<u8>>,
 }
 
-/// Reads a NAR to its end and records what Hydra needs from it.
-pub fn scan_nar(reader: impl Read) -> Result<OutputScan, nix_nar::NarError> {
-    let dec = nix_nar::Decoder::new(reader)?;
+/// Reads a NAR to its end and records what Hydra needs from it. The NAR
+/// is a builder's: it is read by the checked reader, which bounds every
+/// length and streams file contents.
+pub fn scan_nar(reader: impl Read) -> Result<OutputScan, hydra_nix::nar::NarError> {
+    use hydra_nix::nar::Entry;
     let mut scan = OutputScan::default();
-    for entry in dec.entries()? {
-        let entry = entry?;
-        let path = entry.path.map(|p| p.to_string()).unwrap_or_default();
-        let kind = match entry.content {
-            nix_nar::Content::Directory => EntryKind::Directory,
-            nix_nar::Content::Symlink { .. } => EntryKind::Symlink,
-            nix_nar::Content::File { mut data, size, .. } => {
+    hydra_nix::nar::walk(reader, |path, entry, data| {
+        let kind = match entry {
+            Entry::Directory => EntryKind::Directory,
+            Entry::Symlink { .. } => EntryKind::Symlink,
+            Entry::File { size, .. } => {
                 let keep = path.starts_with("nix-support/")
                     && !path["nix-support/".len()..].contains('/')
                     && size <= MAX_SUPPORT_FILE;
@@ -68,8 +68,9 @@ pub fn scan_nar(reader: impl Read) -> Result<OutputScan, nix_nar::NarError> {
                 }
             }
         };
-        scan.entries.insert(path, kind);
-    }
+        scan.entries.insert(path.to_owned(), kind);
+        Ok(())
+    })?;
     Ok(scan)
 }
 

@@ -166,8 +166,10 @@ pub fn plan_round(shared: &Shared, now: Instant) -> Round {
             )
         };
         match chosen {
-            Err(NoMachine::Unsupported) => unreachable!("set aside before sorting"),
-            Err(NoMachine::Busy) => {
+            // No connected machine, but one that went away supports it
+            // (those nobody supports were set aside before sorting): it
+            // waits for that machine as for a busy one.
+            Err(NoMachine::Unsupported | NoMachine::Busy) => {
                 if step.unsupported_since.is_some() {
                     graph.set_unsupported_since(id, None);
                 }

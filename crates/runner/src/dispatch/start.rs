@@ -40,6 +40,27 @@ pub async fn start_attempt(shared: &Shared, a: Assignment) -> Result<(), Fatal> 
     crate::failpoint::stop_at("dispatch-recorded", &a.drv_path);
     shared.logs.start(&a.drv_path)?;
     shared.attempts.lock().insert(attempt);
+    // The machine may have left while the attempt was persisted: then its
+    // departure took its attempts before this one was there, and this one
+    // is aborted here (a send could still succeed into the stream of a
+    // connection whose builder is gone).
+    let still_connected = shared
+        .machines
+        .lock()
+        .get(&a.machine)
+        .is_some_and(|m| m.connection == a.connection);
+    if !still_connected {
+        let taken = shared.attempts.lock().take(&a.attempt);
+        if let Some(attempt) = taken {
+            crate::completion::abort_attempt(
+                shared,
+                attempt,
+                "the machine disconnected before the job was sent",
+            )
+            .await?;
+        }
+        return Ok(());
+    }
     tracing::info!(drv = %a.drv_path, machine = %a.machine, attempt = %a.attempt, "dispatched");
     let msg = RunnerMessage {
         msg: Some(runner_message::Msg::Build(job.job)),

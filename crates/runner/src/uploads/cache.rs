@@ -212,21 +212,23 @@ impl Cache {
         let Some(bytes) = self.get(&format!("{}.narinfo", hash_part(path))).await? else {
             return Ok(None);
         };
+        // What a cache serves is outside bytes: read with the checked
+        // parser; a narinfo that does not parse counts as missing.
         let text = String::from_utf8_lossy(&bytes);
-        let mut nar_size = None;
-        let mut references = Vec::new();
-        let dir = path.rsplit_once('/').map_or("", |(d, _)| d);
-        for line in text.lines() {
-            if let Some(v) = line.strip_prefix("NarSize: ") {
-                nar_size = v.trim().parse().ok();
-            } else if let Some(v) = line.strip_prefix("References: ") {
-                references = v.split_whitespace().map(|r| format!("{dir}/{r}")).collect();
+        match hydra_nix::binary_cache::NarInfo::parse(&text, &hydra_nix::StoreDir::default()) {
+            Ok(info) if info.path == path => Ok(Some(InCache {
+                nar_size: info.nar_size,
+                references: info.references,
+            })),
+            Ok(info) => {
+                tracing::warn!("the narinfo for {path} describes {}: ignored", info.path);
+                Ok(None)
+            }
+            Err(e) => {
+                tracing::warn!("the cache's narinfo for {path} is unreadable: {e}");
+                Ok(None)
             }
         }
-        Ok(nar_size.map(|nar_size| InCache {
-            nar_size,
-            references,
-        }))
     }
 }
 

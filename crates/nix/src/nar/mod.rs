@@ -10,6 +10,10 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+mod walk;
+
+pub use walk::{Entry, walk};
+
 use crate::hash::{Hash, HashAlgo};
 
 #[derive(Debug, Error)]
@@ -80,33 +84,26 @@ pub fn verify_nar(nar: &[u8], expected_hash: &Hash, expected_size: u64) -> Resul
 
 /// Walks every entry of `nar`, so a truncated or garbled archive is an error.
 pub fn check_structure(nar: &[u8]) -> Result<(), NarError> {
-    let dec = nix_nar::Decoder::new(nar).map_err(corrupt)?;
-    let entries = dec.entries().map_err(corrupt)?;
-    for entry in entries {
-        let entry = entry.map_err(corrupt)?;
-        if let nix_nar::Content::File { mut data, .. } = entry.content {
-            io::copy(&mut data, &mut io::sink()).map_err(corrupt)?;
-        }
-    }
-    Ok(())
+    walk(nar, |_, _, _| Ok(())).map(|_| ())
 }
 
 /// The contents of a NAR that holds one regular file (a `.drv`, a log).
 pub fn single_file_contents(nar: &[u8]) -> Result<Vec<u8>, NarError> {
-    let dec = nix_nar::Decoder::new(nar).map_err(corrupt)?;
-    let mut entries = dec.entries().map_err(corrupt)?;
-    let entry = entries
-        .next()
-        .ok_or_else(|| NarError::Corrupt("empty NAR".into()))?
-        .map_err(corrupt)?;
-    match entry.content {
-        nix_nar::Content::File { mut data, .. } if entry.path.is_none() => {
+    let mut contents = None;
+    walk(nar, |path, entry, data| {
+        if let (true, Entry::File { .. }) = (path.is_empty(), &entry) {
             let mut out = Vec::new();
-            data.read_to_end(&mut out).map_err(corrupt)?;
-            Ok(out)
+            data.read_to_end(&mut out)?;
+            contents = Some(out);
         }
-        _ => Err(NarError::Corrupt("NAR is not a single regular file".into())),
-    }
+        Ok(())
+    })?;
+    contents.ok_or_else(|| NarError::Corrupt("the NAR is not a single regular file".into()))
+}
+
+/// A corrupt NAR, with how far the decoder had read when it failed.
+pub fn corrupt_at(read: u64, e: &dyn std::fmt::Display) -> NarError {
+    NarError::Corrupt(format!("after byte {read}: {e}"))
 }
 
 /// The NAR of one regular, non-executable file holding `contents` (how a
@@ -136,12 +133,25 @@ pub fn single_file_nar(contents: &[u8]) -> Vec<u8> {
 
 /// Unpacks `nar` at `dest` (which must not exist).
 pub fn unpack(nar: &[u8], dest: &Path) -> Result<(), NarError> {
-    let dec = nix_nar::Decoder::new(nar).map_err(corrupt)?;
-    dec.unpack(dest).map_err(corrupt)
-}
-
-fn corrupt(e: impl std::fmt::Display) -> NarError {
-    NarError::Corrupt(e.to_string())
+    use std::os::unix::fs::PermissionsExt;
+    walk(nar, |path, entry, data| {
+        let at = if path.is_empty() {
+            dest.to_owned()
+        } else {
+            dest.join(path)
+        };
+        match entry {
+            Entry::Directory => std::fs::create_dir(&at),
+            Entry::Symlink { target } => std::os::unix::fs::symlink(target, &at),
+            Entry::File { executable, .. } => {
+                let mut f = std::fs::File::create(&at)?;
+                io::copy(data, &mut f)?;
+                let mode = if executable { 0o755 } else { 0o644 };
+                f.set_permissions(std::fs::Permissions::from_mode(mode))
+            }
+        }
+    })
+    .map(|_| ())
 }
 
 /// A reader that SHA-256-hashes and counts what passes through it.
