@@ -8,16 +8,26 @@
 # reload` re-reads the settings (SIGHUP). Two machines with this module on
 # one database form an active runner and a hot standby (they must reach the
 # same Nix store).
+#
+# Beside NixOS's own `services.hydra` (hydra-server, hydra-evaluator,
+# hydra-notify), with `replaceHydraQueueRunner` (on by default when
+# services.hydra is enabled): Hydra's queue runner unit is turned off, this
+# one runs as Hydra's `hydra-queue-runner` user on Hydra's database and
+# HYDRA_DATA (its logs go where hydra-web reads them), and hydra-web is
+# told where to ask for the queue runner's status.
 { config, lib, pkgs, ... }:
 
 let
   cfg = config.services.hydra-queue-runner-rs;
+  hydra = lib.attrByPath [ "services" "hydra" ] { enable = false; } config;
+  besideHydra = cfg.replaceHydraQueueRunner;
+  hydraData = if besideHydra then hydra.baseDir or "/var/lib/hydra" else cfg.hydraData;
   toml = pkgs.formats.toml { };
   optionalPath = name: value: lib.optionalAttrs (value != null) { ${name} = toString value; };
   settingsFile = toml.generate "queue-runner.toml" (
     {
       listen = cfg.listen;
-      data_dir = "/var/lib/hydra/queue-runner";
+      hydra_data = hydraData;
       store_socket = "/nix/var/nix/daemon-socket/socket";
       max_log_size = cfg.maxLogSize;
       max_output_size = cfg.maxOutputSize;
@@ -40,10 +50,36 @@ in
       description = "Package providing the hydra-queue-runner binary.";
     };
 
+    replaceHydraQueueRunner = lib.mkOption {
+      type = lib.types.bool;
+      default = hydra.enable or false;
+      description = ''
+        Run in place of the queue runner of NixOS's services.hydra: Hydra's
+        hydra-queue-runner unit is turned off, this runner uses Hydra's
+        database (as Hydra's database user), its HYDRA_DATA (services.hydra.baseDir)
+        and its hydra-queue-runner user, and hydra-web's queue_runner_endpoint
+        points at httpListen. On by default when services.hydra is enabled.
+      '';
+    };
+
+    hydraData = lib.mkOption {
+      type = lib.types.str;
+      default = "/var/lib/hydra";
+      description = "Hydra's data directory (HYDRA_DATA), whose build-logs hold the logs; services.hydra.baseDir beside Hydra.";
+    };
+
+    user = lib.mkOption {
+      type = lib.types.str;
+      default = "hydra-queue-runner";
+      description = "The user the runner runs as (Hydra's queue runner user beside Hydra). It is made a trusted user of the nix-daemon: it imports the outputs builders upload, which are not signed.";
+    };
+
     databaseUrl = lib.mkOption {
       type = lib.types.str;
-      default = "postgres:///hydra?host=/run/postgresql";
-      description = "PostgreSQL URL of the Hydra database (local socket by default).";
+      default = if besideHydra
+        then "postgres:///hydra?host=/run/postgresql&user=hydra"
+        else "postgres:///hydra?host=/run/postgresql";
+      description = "PostgreSQL URL of the Hydra database (local socket by default; beside services.hydra, as Hydra's database user, which its ident map allows).";
     };
 
     databaseUrlFile = lib.mkOption {
@@ -120,69 +156,92 @@ in
     };
   };
 
-  config = lib.mkIf cfg.enable {
-    users.users.hydra-queue-runner = {
-      isSystemUser = true;
-      group = "hydra";
-    };
-    users.groups.hydra = { };
+  config = lib.mkIf cfg.enable (lib.mkMerge [
+    {
+      # The runner imports the outputs builders upload into the local
+      # store; they are not signed, so its nix-daemon must trust it.
+      nix.settings.trusted-users = [ cfg.user ];
 
-    # The operator commands (`hydra-queue-runner status`, `watch`, ...) talk
-    # to this runner's client API.
-    environment.systemPackages = [ cfg.package ];
-    environment.variables.HYDRA_QUEUE_RUNNER_URL = "http://${cfg.listen}";
+      # The operator commands (`hydra-queue-runner status`, `watch`, ...) talk
+      # to this runner's client API.
+      environment.systemPackages = [ cfg.package ];
+      environment.variables.HYDRA_QUEUE_RUNNER_URL = "http://${cfg.listen}";
 
-    networking.firewall.allowedTCPPorts =
-      lib.optional cfg.openFirewall (lib.toInt (lib.last (lib.splitString ":" cfg.listen)));
+      networking.firewall.allowedTCPPorts =
+        lib.optional cfg.openFirewall (lib.toInt (lib.last (lib.splitString ":" cfg.listen)));
 
-    systemd.services.hydra-queue-runner-migrate = {
-      description = "Hydra queue runner: database schema";
-      wantedBy = [ "multi-user.target" ];
-      after = [ "postgresql.service" ];
-      environment.HYDRA_DATABASE_URL = cfg.databaseUrl;
-      serviceConfig = {
-        Type = "oneshot";
-        User = "hydra-queue-runner";
-        EnvironmentFile = lib.mkIf (cfg.databaseUrlFile != null) cfg.databaseUrlFile;
-        ExecStart = "${cfg.package}/bin/hydra-queue-runner migrate";
-        RemainAfterExit = true;
+      # Logs go where hydra-web reads them.
+      systemd.tmpfiles.rules = [ "d ${hydraData}/build-logs 0755 ${cfg.user} hydra -" ];
+
+      systemd.services.hydra-queue-runner-rs-migrate = {
+        description = "Hydra queue runner: database schema";
+        wantedBy = [ "multi-user.target" ];
+        after = [ "postgresql.service" ] ++ lib.optional besideHydra "hydra-init.service";
+        requires = lib.optional besideHydra "hydra-init.service";
+        environment.HYDRA_DATABASE_URL = cfg.databaseUrl;
+        serviceConfig = {
+          Type = "oneshot";
+          User = cfg.user;
+          EnvironmentFile = lib.mkIf (cfg.databaseUrlFile != null) cfg.databaseUrlFile;
+          ExecStart = "${cfg.package}/bin/hydra-queue-runner migrate";
+          RemainAfterExit = true;
+        };
       };
-    };
 
-    systemd.services.hydra-queue-runner = {
-      description = "Hydra queue runner";
-      wantedBy = [ "multi-user.target" ];
-      requires = [ "hydra-queue-runner-migrate.service" ];
-      after = [ "hydra-queue-runner-migrate.service" "nix-daemon.service" "network-online.target" ];
-      wants = [ "network-online.target" ];
-      environment.HYDRA_DATABASE_URL = cfg.databaseUrl;
-      reloadTriggers = [ settingsFile ];
-      serviceConfig = {
-        Type = "notify";
-        NotifyAccess = "main";
-        WatchdogSec = 60;
-        ExecStart = "${cfg.package}/bin/hydra-queue-runner serve --config ${settingsFile}";
-        ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
-        Restart = "always";
-        RestartSec = 5;
-        User = "hydra-queue-runner";
-        EnvironmentFile = lib.mkIf (cfg.databaseUrlFile != null) cfg.databaseUrlFile;
-        StateDirectory = "hydra/queue-runner";
-        # Hardening: the runner needs its state directory, the nix-daemon
-        # socket and the network, nothing else.
-        NoNewPrivileges = true;
-        ProtectSystem = "strict";
-        ProtectHome = true;
-        PrivateTmp = true;
-        PrivateDevices = true;
-        ProtectKernelTunables = true;
-        ProtectKernelModules = true;
-        ProtectControlGroups = true;
-        RestrictSUIDSGID = true;
-        LockPersonality = true;
-        RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" ];
-        SystemCallArchitectures = "native";
+      systemd.services.hydra-queue-runner-rs = {
+        description = "Hydra queue runner";
+        wantedBy = [ "multi-user.target" ];
+        requires = [ "hydra-queue-runner-rs-migrate.service" ];
+        after = [ "hydra-queue-runner-rs-migrate.service" "nix-daemon.service" "network-online.target" ];
+        wants = [ "network-online.target" ];
+        environment.HYDRA_DATABASE_URL = cfg.databaseUrl;
+        environment.HYDRA_DATA = hydraData;
+        reloadTriggers = [ settingsFile ];
+        serviceConfig = {
+          Type = "notify";
+          NotifyAccess = "main";
+          WatchdogSec = 60;
+          ExecStart = "${cfg.package}/bin/hydra-queue-runner serve --config ${settingsFile}";
+          ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+          Restart = "always";
+          RestartSec = 5;
+          User = cfg.user;
+          Group = "hydra";
+          EnvironmentFile = lib.mkIf (cfg.databaseUrlFile != null) cfg.databaseUrlFile;
+          ReadWritePaths = [ "${hydraData}/build-logs" ];
+          # Hardening: the runner needs the build-logs directory, the
+          # nix-daemon socket and the network, nothing else.
+          NoNewPrivileges = true;
+          ProtectSystem = "strict";
+          ProtectHome = true;
+          PrivateTmp = true;
+          PrivateDevices = true;
+          ProtectKernelTunables = true;
+          ProtectKernelModules = true;
+          ProtectControlGroups = true;
+          RestrictSUIDSGID = true;
+          LockPersonality = true;
+          RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" ];
+          SystemCallArchitectures = "native";
+        };
       };
-    };
-  };
+    }
+
+    (lib.mkIf (!besideHydra) {
+      users.users.${cfg.user} = {
+        isSystemUser = true;
+        group = "hydra";
+      };
+      users.groups.hydra = { };
+    })
+
+    (lib.mkIf besideHydra {
+      # Hydra's own queue runner gives way to this one; hydra-server,
+      # hydra-evaluator and hydra-notify stay.
+      systemd.services.hydra-queue-runner.enable = lib.mkForce false;
+      services.hydra.extraConfig = lib.mkIf (cfg.httpListen != null) ''
+        queue_runner_endpoint = http://${cfg.httpListen}
+      '';
+    })
+  ]);
 }

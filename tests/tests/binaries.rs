@@ -20,7 +20,7 @@ async fn the_runner_and_builder_binaries_build_a_queued_job() {
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:0\"\nstore_socket = \"{}\"\ndata_dir = \"{}\"\n",
+            "listen = \"127.0.0.1:0\"\nstore_socket = \"{}\"\nhydra_data = \"{}\"\n",
             runner_store.socket().display(),
             data.path().display()
         ),

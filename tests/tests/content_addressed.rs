@@ -223,6 +223,67 @@ async fn a_resolved_chain_records_status_13_then_the_resolved_steps_success() {
     );
 }
 
+/// (status, type) of the rows of `drv` in `build`.
+async fn terminal(farm: &Farm, build: i32, drv: &str) -> Vec<(i32, i32)> {
+    sqlx::query_as(
+        "select status, type from BuildSteps where build = $1 and drvPath = $2 order by stepnr",
+    )
+    .bind(build)
+    .bind(drv)
+    .fetch_all(&farm.db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn two_builds_resolving_alike_at_once_share_one_build_and_each_shows_it() {
+    let farm = farm().await;
+    let expr = r#"with prelude; rec {
+          up1 = mkCA { name = "up"; dummy = "1"; script = "echo same > $out"; };
+          up2 = mkCA { name = "up"; dummy = "2"; script = "echo same > $out"; };
+          down1 = mkCA { name = "down"; script = "cat ${up1} > $out"; };
+          down2 = mkCA { name = "down"; script = "cat ${up2} > $out"; };
+        }"#;
+    let ids = farm.submit(expr, &["down1", "down2"]).await.unwrap();
+    farm.wait_finished(ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    let statuses = farm.statuses(&ids).await.unwrap();
+    assert_eq!((statuses["down1"].0, statuses["down2"].0), (0, 0));
+    let mut terminals = Vec::new();
+    for job in ["down1", "down2"] {
+        let resolved: Vec<String> = step_rows(&farm, ids[job])
+            .await
+            .into_iter()
+            .filter_map(|r| r.3)
+            .collect();
+        assert_eq!(resolved.len(), 1, "{job}");
+        let resolved = format!("/nix/store/{}", resolved[0]);
+        let rows = terminal(&farm, ids[job], &resolved).await;
+        if rows.len() != 1 {
+            let all: Vec<(i32, i32, String, Option<i32>, i32)> = sqlx::query_as(
+                "select build, stepnr, drvPath, status, type from BuildSteps order by build, stepnr",
+            )
+            .fetch_all(&farm.db.pool)
+            .await
+            .unwrap();
+            panic!("{job}'s resolved step is not within {job}: {rows:?}; every row: {all:#?}");
+        }
+        assert_eq!(rows[0].0, 0);
+        terminals.push(rows[0].1);
+    }
+    terminals.sort();
+    // One built it (type 0); the other shows it (type 1: valid already).
+    assert_eq!(terminals, [0, 1], "{terminals:?}");
+    let attempts: i64 = sqlx::query_scalar(
+        "select count(*) from hqr_attempts where drv_path like '%-down.drv' and outcome = 0",
+    )
+    .fetch_one(&farm.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(attempts, 1, "built once");
+}
+
 #[tokio::test]
 async fn early_cutoff_builds_a_downstream_once_when_upstreams_agree() {
     let farm = farm().await;
@@ -258,13 +319,18 @@ async fn early_cutoff_builds_a_downstream_once_when_upstreams_agree() {
     assert_eq!(r1.len(), 1);
     assert_eq!(r1, r2, "both downstreams resolve to one derivation");
     let resolved = format!("/nix/store/{}", r1[0]);
-    let built: i64 =
-        sqlx::query_scalar("select count(*) from BuildSteps where drvPath = $1 and status = 0")
-            .bind(&resolved)
-            .fetch_one(&farm.db.pool)
-            .await
-            .unwrap();
-    assert_eq!(built, 1, "the resolved derivation is built once");
+    assert_eq!(
+        terminal(&farm, first["down1"], &resolved).await,
+        vec![(0, 0)],
+        "built in the first build"
+    );
+    // Hydra's web interface follows a resolved step to its terminal within
+    // the same build: the second build gets a row of its own, type 1
+    // (valid already: early cutoff), not a second build.
+    assert_eq!(
+        terminal(&farm, second["down2"], &resolved).await,
+        vec![(0, 1)]
+    );
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "down\n");
     assert_eq!(
         build_outputs(&farm, first["down1"]).await,

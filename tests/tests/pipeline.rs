@@ -335,8 +335,8 @@ async fn logs_of_successful_and_failed_steps_are_kept() {
         .unwrap()
         .expect("a log for the failed step");
     assert!(failed.contains("going to fail"), "{failed}");
-    // step_finished names the compressed log file.
-    let compressed = farm.data_dir.path().join("build-logs");
+    // Finished logs are compressed where hydra-web finds them.
+    let compressed = farm.hydra_data.path().join("build-logs");
     let count = walk(&compressed)
         .into_iter()
         .filter(|p| p.extension().is_some_and(|e| e == "zst"))

@@ -8,14 +8,14 @@ use sqlx::postgres::PgListener;
 async fn applies_to_an_empty_database_and_again_as_a_no_op() {
     let db = TestDb::empty().await;
     let first = migrate(&db.pool).await.unwrap();
-    assert_eq!(first.applied, vec![1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    assert_eq!(first.applied, vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
     let second = migrate(&db.pool).await.unwrap();
     assert!(
         second.applied.is_empty(),
         "second run applied {:?}",
         second.applied
     );
-    assert_eq!(second.current, 9);
+    assert_eq!(second.current, 10);
 }
 
 async fn columns(db: &TestDb, table: &str) -> Vec<(String, bool)> {
@@ -267,7 +267,7 @@ async fn applies_on_top_of_a_database_hydra_created_and_keeps_its_data() {
     .await
     .unwrap();
     let report = migrate(&db.pool).await.unwrap();
-    assert_eq!(report.applied, vec![1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    assert_eq!(report.applied, vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
     let (status, drv): (i32, String) =
         sqlx::query_as("select buildStatus, drvPath from Builds where id = 1")
             .fetch_one(&db.pool)

@@ -32,8 +32,15 @@ pub struct RunnerConfig {
     pub listen: SocketAddr,
     /// Where `/status` and `/metrics` are served over HTTP; off without it.
     pub http_listen: Option<SocketAddr>,
-    /// Logs and other state: `<data_dir>/build-logs/..`.
-    pub data_dir: PathBuf,
+    /// Hydra's data directory (`HYDRA_DATA`): build logs go to
+    /// `<hydra_data>/build-logs/..`, where Hydra's web interface reads
+    /// them. (`data_dir`, this key's earlier name, is still accepted.)
+    #[serde(alias = "data_dir")]
+    pub hydra_data: PathBuf,
+    /// What the runner does with a finished step's log: `zstd` compresses
+    /// it to `<log>.zst` (which hydra-web reads), `none` leaves the plain
+    /// file for hydra-notify's CompressLog to compress.
+    pub log_compression: LogCompression,
     /// The runner's own nix-daemon: inputs are served from it and outputs
     /// imported into it.
     pub store_socket: PathBuf,
@@ -96,6 +103,15 @@ pub struct RunnerConfig {
     pub advisory_lock_key: i64,
 }
 
+/// How a finished step's log is kept (see `log_compression`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogCompression {
+    #[default]
+    Zstd,
+    None,
+}
+
 /// Every key, with what it means and whether SIGHUP reloads it. The
 /// defaults come from [`RunnerConfig::default`]; `serve --help` and
 /// docs/configuration.md are made from this (a test keeps them in step).
@@ -117,8 +133,13 @@ pub const KEYS: &[(&str, &str, bool)] = &[
         false,
     ),
     (
-        "data_dir",
-        "state: build logs under <data_dir>/build-logs",
+        "hydra_data",
+        "Hydra's data directory (HYDRA_DATA): build logs under <hydra_data>/build-logs, where hydra-web reads them",
+        false,
+    ),
+    (
+        "log_compression",
+        "\"zstd\": compress a finished step's log to .zst; \"none\": leave the plain file (for hydra-notify's CompressLog)",
         false,
     ),
     ("store_socket", "the runner's own nix-daemon", false),
@@ -242,7 +263,10 @@ impl Default for RunnerConfig {
             database_connections: 16,
             listen: "127.0.0.1:7070".parse().expect("literal address"),
             http_listen: None,
-            data_dir: "/var/lib/hydra/queue-runner".into(),
+            hydra_data: std::env::var_os("HYDRA_DATA")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| "/var/lib/hydra".into()),
+            log_compression: LogCompression::Zstd,
             store_socket: "/nix/var/nix/daemon-socket/socket".into(),
             max_output_size: 2 << 30,
             max_log_size: 64 << 20,

@@ -294,7 +294,7 @@ impl Runner {
         let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             store: LocalStore::new(config.store_socket.clone()),
-            logs: LogStore::new(&config.data_dir),
+            logs: LogStore::new(&config.hydra_data, config.log_compression),
             config: parking_lot::RwLock::new(Arc::new(config)),
             pool,
             graph: Mutex::new(Graph::default()),

@@ -47,9 +47,14 @@ enum Command {
     LocalLog {
         /// The `.drv` path (or its base name).
         drv: String,
-        /// The runner's data directory.
-        #[arg(long, default_value = "/var/lib/hydra/queue-runner")]
-        data_dir: PathBuf,
+        /// Hydra's data directory (its build-logs hold the logs).
+        #[arg(
+            long,
+            visible_alias = "data-dir",
+            env = "HYDRA_DATA",
+            default_value = "/var/lib/hydra"
+        )]
+        hydra_data: PathBuf,
     },
     #[command(flatten)]
     Client(cli::ClientCommand),
@@ -81,9 +86,9 @@ struct ServeArgs {
     /// Socket of the runner's nix-daemon (overrides `store_socket`).
     #[arg(long)]
     store_socket: Option<PathBuf>,
-    /// Data directory for logs (overrides `data_dir`).
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
+    /// Hydra's data directory, where build logs go (overrides `hydra_data`).
+    #[arg(long, visible_alias = "data-dir")]
+    hydra_data: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -135,8 +140,8 @@ fn serve_config(args: &ServeArgs) -> anyhow::Result<RunnerConfig> {
     if let Some(s) = &args.store_socket {
         config.store_socket = s.clone();
     }
-    if let Some(d) = &args.data_dir {
-        config.data_dir = d.clone();
+    if let Some(d) = &args.hydra_data {
+        config.hydra_data = d.clone();
     }
     Ok(config)
 }
@@ -241,17 +246,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
             Ok(())
         }
-        Command::LocalLog { drv, data_dir } => {
+        Command::LocalLog { drv, hydra_data } => {
             let base = drv.rsplit('/').next().unwrap_or(&drv);
             let path = hydra_nix::StorePath::from_base_name(base)?;
-            let logs = hydra_queue_runner::logs::LogStore::new(&data_dir);
+            let logs = hydra_queue_runner::logs::LogStore::new(&hydra_data, Default::default());
             match logs.read(&path)? {
                 Some(bytes) => {
                     use std::io::Write;
                     std::io::stdout().write_all(&bytes)?;
                     Ok(())
                 }
-                None => anyhow::bail!("no log for {drv} under {}", data_dir.display()),
+                None => anyhow::bail!("no log for {drv} under {}", hydra_data.display()),
             }
         }
     }

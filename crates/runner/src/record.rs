@@ -157,6 +157,81 @@ pub async fn record_resolution(
     .await
 }
 
+/// How the terminal of a resolution came to be, for its copies.
+pub struct Terminal<'a> {
+    /// The resolved derivation (full path) and its base name.
+    pub drv_path: &'a str,
+    pub base_name: &'a str,
+    pub system: &'a str,
+    /// Where it was built ('' for an early cutoff).
+    pub machine: &'a str,
+    pub start_time: i64,
+    pub stop_time: i64,
+    pub outputs: &'a [(String, String)],
+    /// The build whose own row records the attempt.
+    pub except: Option<BuildId>,
+}
+
+/// Hydra's web interface follows a resolved step (status 13) to the step
+/// of its resolved derivation *within the same build*. Every build that
+/// holds a status-13 row resolved to `t` and has no successful row of its
+/// own for it gets one, of type 1 (for that build the outputs were there
+/// already: built by another build's attempt, or an early cutoff), so
+/// that a derivation is recorded as built (type 0) once. Returns those
+/// builds.
+pub async fn record_resolved_terminal(
+    tx: &mut PgConnection,
+    t: &Terminal<'_>,
+) -> Result<Vec<BuildId>, sqlx::Error> {
+    let builds: Vec<BuildId> = sqlx::query_scalar(
+        "select distinct s.build from BuildSteps s
+          where s.status = 13 and s.resolvedDrvPath = $1 and s.build is distinct from $3
+            and not exists (select 1 from BuildSteps t
+                             where t.build = s.build and t.drvPath = $2 and t.status = 0)
+          order by 1",
+    )
+    .bind(t.base_name)
+    .bind(t.drv_path)
+    .bind(t.except)
+    .fetch_all(&mut *tx)
+    .await?;
+    let outputs: Vec<(String, Option<String>)> = t
+        .outputs
+        .iter()
+        .map(|(n, p)| (n.clone(), Some(p.clone())))
+        .collect();
+    for build in &builds {
+        let Some(stepnr) = create_build_step(
+            tx,
+            &NewStepRow {
+                build: *build,
+                drv_path: t.drv_path,
+                system: t.system,
+                status: Some(BuildStatus::Success),
+                machine: t.machine,
+                start_time: Some(t.start_time),
+                error_msg: None,
+                propagated_from: None,
+                outputs: &outputs,
+                resolved_drv_path: None,
+            },
+        )
+        .await?
+        else {
+            continue;
+        };
+        sqlx::query(
+            "update BuildSteps set type = 1, stopTime = $3 where build = $1 and stepnr = $2",
+        )
+        .bind(build)
+        .bind(stepnr)
+        .bind(t.stop_time)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(builds)
+}
+
 /// Something a builder sent that was refused (`hqr_rejections`).
 pub async fn rejection(
     pool: &sqlx::PgPool,

@@ -73,12 +73,17 @@ async fn resolve_step(shared: &Shared, id: StepId) -> Result<(), Fatal> {
         .store
         .write_derivation(&mut client, &resolved)
         .await?;
-    let known = realisations::known_valid(shared, &mut client, &resolved_path, &resolved).await?;
     record_resolution(shared, &pending, &drv, &resolved_path).await?;
     failpoint::stop_at("resolution-recorded", &pending.drv_path);
+    // After the status-13 row is committed: a resolved step that succeeds
+    // from here on sees the row (and gives this build its terminal row);
+    // one that succeeded before has its outputs recorded (early cutoff).
+    let known = realisations::known_valid(shared, &mut client, &resolved_path, &resolved).await?;
     tracing::info!(drv = %pending.drv_path, resolved = %resolved_path, early_cutoff = known.is_some(), "resolved");
     match known {
-        Some(outputs) => completion::succeed_unbuilt(shared, id, outputs, pending.owner.id).await,
+        Some(outputs) => {
+            completion::succeed_unbuilt(shared, id, &resolved_path, outputs, pending.owner.id).await
+        }
         None => {
             let replaced = shared.graph.lock().replace_with_resolved(
                 id,

@@ -47,6 +47,8 @@ pub fn snapshot(shared: &Shared, started: Instant) -> Value {
                 "substituterTimeouts": m.substituter_timeouts,
                 "consecutiveFailures": health.consecutive_failures,
                 "disabledUntil": health.rested_until.filter(|t| *t > now).map_or(0, at_epoch),
+                "nrStepsDone": machines.done(&m.name).steps,
+                "avgStepTime": avg_secs(machines.done(&m.name)),
             }),
         );
     }
@@ -71,6 +73,50 @@ pub fn snapshot(shared: &Shared, started: Instant) -> Value {
         "nrActiveSteps": active,
         "machines": by_name,
     })
+}
+
+fn avg_secs(done: crate::dispatch::machines::Done) -> f64 {
+    if done.steps == 0 {
+        0.0
+    } else {
+        done.total_millis as f64 / done.steps as f64 / 1000.0
+    }
+}
+
+/// The machines as Hydra's web interface asks the queue runner for them
+/// (`<queue_runner_endpoint>/status/machines`, its machine status page):
+/// `{"machines": {<name>: {"systems", "maxJobs", "speedFactor",
+/// "supportedFeatures", "mandatoryFeatures", "hasCapacity", "stats":
+/// {"load1", "nrStepsDone", "avgStepBuildTimeMs", ...}}}}`.
+pub fn machines_for_hydra_web(shared: &Shared) -> Value {
+    let machines = shared.machines.lock();
+    let mut by_name = serde_json::Map::new();
+    for m in machines.connected() {
+        let done = machines.done(&m.name);
+        let has_capacity = m.free_slots() > 0 && !machines.is_drained(&m.name);
+        by_name.insert(
+            m.name.clone(),
+            json!({
+                "systems": m.systems,
+                "maxJobs": m.max_jobs,
+                "speedFactor": m.speed_factor,
+                "supportedFeatures": m.supported_features,
+                "mandatoryFeatures": m.mandatory_features,
+                "hasCapacity": has_capacity,
+                "hasStaticCapacity": has_capacity,
+                "hasDynamicCapacity": has_capacity,
+                "score": m.speed_factor,
+                "totalMem": 0,
+                "stats": {
+                    "currentJobs": m.running.len(),
+                    "load1": m.load1,
+                    "nrStepsDone": done.steps,
+                    "avgStepBuildTimeMs": avg_secs(done) * 1000.0,
+                },
+            }),
+        );
+    }
+    json!({ "machines": by_name })
 }
 
 /// Writes the status every `status_interval_secs`, for as long as the

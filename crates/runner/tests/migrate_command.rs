@@ -20,7 +20,7 @@ async fn migrate_applies_then_reports_current() {
     );
     assert!(
         String::from_utf8_lossy(&first.stdout)
-            .contains("applied migrations [1, 2, 3, 4, 5, 6, 7, 8, 9]")
+            .contains("applied migrations [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]")
     );
     let second = runner()
         .arg("migrate")
@@ -28,7 +28,7 @@ async fn migrate_applies_then_reports_current() {
         .output()
         .unwrap();
     assert!(second.status.success());
-    assert!(String::from_utf8_lossy(&second.stdout).contains("schema is current (migration 9)"));
+    assert!(String::from_utf8_lossy(&second.stdout).contains("schema is current (migration 10)"));
 }
 
 #[test]

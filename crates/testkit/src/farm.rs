@@ -110,7 +110,8 @@ pub struct Farm {
     pub runner_store: NixStore,
     pub builders: Vec<RunningBuilder>,
     pub runner: Option<Runner>,
-    pub data_dir: tempfile::TempDir,
+    /// Hydra's data directory of this farm (its build-logs).
+    pub hydra_data: tempfile::TempDir,
     pub jobset_id: i32,
     /// What the runner was started with (a restart uses it again).
     pub config: RunnerConfig,
@@ -133,11 +134,11 @@ impl Farm {
         // Hydra's own schema, with every constraint, under the project's
         // migrations: what the runner meets beside a real Hydra.
         let db = TestDb::hydra().await;
-        let data_dir = tempfile::tempdir()?;
+        let hydra_data = tempfile::tempdir()?;
         let mut config = RunnerConfig {
             listen: "127.0.0.1:0".parse()?,
             store_socket: runner_store.socket().to_owned(),
-            data_dir: data_dir.path().to_owned(),
+            hydra_data: hydra_data.path().to_owned(),
             retry_base_secs: 0.2,
             ..RunnerConfig::default()
         };
@@ -149,7 +150,7 @@ impl Farm {
             runner_store,
             builders: Vec::new(),
             runner: Some(runner),
-            data_dir,
+            hydra_data,
             jobset_id,
             config,
         })

@@ -14,11 +14,13 @@
 //! - [`tls`]: certificate authorities and certificates made per test.
 //! - [`load`]: a load-generator builder that speaks the real protocol and
 //!   completes every job at once (benchmarks of the runner alone).
+//! - [`evaluator`]: evaluations recorded as Hydra's `hydra-eval-jobset` does.
 //! - [`fuzz`]: mutated-seed inputs for the parsers' fuzz tests.
 //! - [`caches`]: Nix signing keys and the runner's upload queue, for
 //!   binary-cache tests.
 
 pub mod caches;
+pub mod evaluator;
 pub mod farm;
 pub mod fuzz;
 pub mod load;

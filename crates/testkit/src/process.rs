@@ -62,7 +62,7 @@ impl RunnerSetup {
         std::fs::write(
             &config,
             format!(
-                "listen = \"{address}\"\nstore_socket = \"{}\"\ndata_dir = \"{}\"\nretry_base_secs = 0.2\n{extra_config}\n",
+                "listen = \"{address}\"\nstore_socket = \"{}\"\nhydra_data = \"{}\"\nretry_base_secs = 0.2\n{extra_config}\n",
                 store.socket().display(),
                 dir.display()
             ),
@@ -397,6 +397,18 @@ pub fn count_lines(path: &Path) -> Result<std::collections::BTreeMap<String, usi
 
 /// A runner's `/metrics` at `http` (host:port), parsed as Prometheus
 /// parses them.
+/// `GET http://<http><path>` as JSON (with curl, like an outside client).
+pub async fn get_json(http: &str, path: &str) -> Result<serde_json::Value> {
+    let out = Command::new("curl")
+        .args(["-sf", &format!("http://{http}{path}")])
+        .output()
+        .await?;
+    if !out.status.success() {
+        bail!("GET http://{http}{path} failed");
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
 pub async fn scrape(http: &str) -> Result<prometheus_parse::Scrape> {
     let out = Command::new("curl")
         .args(["-sf", &format!("http://{http}/metrics")])

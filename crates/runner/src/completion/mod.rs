@@ -472,6 +472,7 @@ async fn write_failure(
             )
             .await?;
             attempts::close(tx, &a.id, f.status.code()).await?;
+            crate::uploads::enqueue_log(tx, &shared.config().destinations, &drv_full).await?;
             Some(a.build)
         }
         (None, Some(o)) => Some(o),
@@ -621,10 +622,10 @@ fn release(shared: &Shared, attempt: &Attempt) {
         .step_seconds
         .lock()
         .observe(attempt.dispatched_at.elapsed());
-    shared
-        .machines
-        .lock()
-        .release(&attempt.machine, &attempt.id);
+    let mut machines = shared.machines.lock();
+    machines.release(&attempt.machine, &attempt.id);
+    machines.count_done(&attempt.machine, attempt.dispatched_at.elapsed());
+    drop(machines);
     shared.wake();
 }
 

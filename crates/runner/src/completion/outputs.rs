@@ -156,6 +156,18 @@ pub async fn succeed(
     let paths = measured.paths();
     let success = measured.success(&paths, start_time, stop_time);
     let realised = done.realised(&attempt.drv_path, learnt);
+    let drv_full = shared.store.dir().display(&attempt.drv_path);
+    let base_name = attempt.drv_path.to_string();
+    let terminal = record::Terminal {
+        drv_path: &drv_full,
+        base_name: &base_name,
+        system: &done.system,
+        machine: &attempt.machine,
+        start_time,
+        stop_time,
+        outputs: &paths,
+        except: Some(attempt.build),
+    };
     let written = in_transaction!(shared.pool, |tx| {
         record::finish_build_step(
             &mut tx,
@@ -175,6 +187,8 @@ pub async fn succeed(
         )
         .await?;
         attempts::close(&mut tx, &attempt.id, BuildStatus::Success.code()).await?;
+        let drv = shared.store.dir().display(&attempt.drv_path);
+        crate::uploads::enqueue_log(&mut tx, &shared.config().destinations, &drv).await?;
         events::emit(
             &mut tx,
             &[events::step_finished(
@@ -187,6 +201,7 @@ pub async fn succeed(
         )
         .await?;
         record_realisations(shared, &mut tx, &realised, &paths, &measured.closure).await?;
+        record::record_resolved_terminal(&mut tx, &terminal).await?;
         write_success(&mut tx, &done.direct, attempt.build, &success).await?;
         Ok(())
     });
@@ -211,18 +226,28 @@ pub async fn succeed(
         shared.shares.lock().add_used(j, used, Instant::now());
     }
     shared.wake_uploads.notify_one();
-    apply_success(shared, &done, Some(&attempt.id), attempt.build, &success).await?;
+    apply_success(
+        shared,
+        &done,
+        Some(&attempt.id),
+        attempt.build,
+        &success,
+        &terminal,
+    )
+    .await?;
     shared.machines.lock().record_success(&attempt.machine);
     release(shared, &attempt);
     register_realisations(shared, &mut client, &realised, &paths).await
 }
 
-/// A resolving step whose resolved derivation's outputs are known and
-/// valid already (early cutoff): it succeeds without a build, with those
-/// outputs; `owner` holds its status-13 row.
+/// A resolving step whose resolved derivation (`resolved`) has outputs
+/// known and valid already (early cutoff): it succeeds without a build,
+/// with those outputs; `owner` holds its status-13 row, and gets a row of
+/// the resolved derivation beside it.
 pub async fn succeed_unbuilt(
     shared: &Shared,
     step: StepId,
+    resolved: &StorePath,
     outputs: Vec<(String, String)>,
     owner: i32,
 ) -> Result<(), Fatal> {
@@ -240,14 +265,27 @@ pub async fn succeed_unbuilt(
     let success = measured.success(&paths, now, now);
     // The resolving step is the original: its outputs are the resolved ones.
     let realised = done.realised(&drv_path, true);
+    let resolved_full = shared.store.dir().display(resolved);
+    let resolved_base = resolved.to_string();
+    let terminal = record::Terminal {
+        drv_path: &resolved_full,
+        base_name: &resolved_base,
+        system: &done.system,
+        machine: "",
+        start_time: now,
+        stop_time: now,
+        outputs: &paths,
+        except: None,
+    };
     in_transaction!(shared.pool, |tx| {
         record_realisations(shared, &mut tx, &realised, &paths, &measured.closure).await?;
+        record::record_resolved_terminal(&mut tx, &terminal).await?;
         write_success(&mut tx, &done.direct, owner, &success).await?;
         Ok(())
     })?;
     tracing::info!(drv = %drv_path, "outputs known already (early cutoff): nothing to build");
     shared.wake_uploads.notify_one();
-    apply_success(shared, &done, None, owner, &success).await?;
+    apply_success(shared, &done, None, owner, &success, &terminal).await?;
     shared.wake();
     register_realisations(shared, &mut client, &realised, &paths).await
 }
@@ -261,6 +299,7 @@ struct Finishing {
     resolved_from: Vec<StorePath>,
     /// Every build that needs it now (for its event).
     needed_by: Vec<crate::graph::BuildId>,
+    system: String,
 }
 
 impl Finishing {
@@ -288,17 +327,21 @@ fn finishing(shared: &Shared, drv_path: &StorePath, attempt: Option<&Uuid>) -> O
         direct: graph.top_level_builds(step),
         needed_by: graph.dependent_builds(step).iter().map(|b| b.id).collect(),
         resolved_from: graph.step(step)?.resolved_from.clone(),
+        system: graph.step(step)?.system.clone(),
     })
 }
 
 /// The graph side of a success, after its transaction: the step leaves,
-/// dependents move on, and builds that attached meanwhile are finished too.
+/// dependents move on, and what attached to it meanwhile is recorded too:
+/// builds (finished), and derivations that resolved to it (their
+/// realisations, and their builds' rows of the resolved step).
 async fn apply_success(
     shared: &Shared,
     done: &Finishing,
     attempt: Option<&Uuid>,
     owner: i32,
     success: &record::Success<'_>,
+    terminal: &record::Terminal<'_>,
 ) -> Result<(), Fatal> {
     let result = shared
         .graph
@@ -309,11 +352,28 @@ async fn apply_success(
     };
     super::forget_started(shared, &result.builds);
     let late = super::late_builds(result.builds, &done.direct);
-    if !late.is_empty() {
+    let late_resolved: Vec<StorePath> = result
+        .resolved_from
+        .into_iter()
+        .filter(|d| !done.resolved_from.contains(d))
+        .collect();
+    if !late.is_empty() || !late_resolved.is_empty() {
+        let paths = success.outputs;
         in_transaction!(shared.pool, |tx| {
             write_success(&mut tx, &late, owner, success).await?;
+            let destinations = &shared.config().destinations;
+            for drv in &late_resolved {
+                let drv = shared.store.dir().display(drv);
+                realisations::record(&mut tx, &drv, paths).await?;
+                crate::uploads::enqueue_realisations(&mut tx, destinations, &drv, paths).await?;
+            }
+            record::record_resolved_terminal(&mut tx, terminal).await?;
             Ok(())
         })?;
+        if !late_resolved.is_empty() {
+            let mut client = shared.store.client().await?;
+            register_realisations(shared, &mut client, &late_resolved, paths).await?;
+        }
     }
     Ok(())
 }

@@ -95,9 +95,18 @@ pub struct Departed {
     pub left: Instant,
 }
 
+/// What a machine has done since the runner started, by name (for the
+/// status Hydra's web interface shows).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Done {
+    pub steps: u64,
+    pub total_millis: u64,
+}
+
 #[derive(Debug, Default)]
 pub struct Machines {
     by_name: HashMap<String, Machine>,
+    done: HashMap<String, Done>,
     departed: HashMap<String, Departed>,
     health: HashMap<String, Health>,
     /// Drained by an operator (by name, connected or not): they finish
@@ -237,6 +246,19 @@ impl Machines {
         if let Some(m) = self.by_name.get_mut(name) {
             m.running.remove(attempt);
         }
+    }
+
+    /// An attempt on `name` ended after `took` (its slot is released
+    /// separately).
+    pub fn count_done(&mut self, name: &str, took: Duration) {
+        let done = self.done.entry(name.to_owned()).or_default();
+        done.steps += 1;
+        done.total_millis += took.as_millis() as u64;
+    }
+
+    /// What `name` has done since the runner started.
+    pub fn done(&self, name: &str) -> Done {
+        self.done.get(name).copied().unwrap_or_default()
     }
 
     /// An attempt on `name` aborted (a builder fault). Returns how long

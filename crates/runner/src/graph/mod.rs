@@ -106,6 +106,8 @@ pub struct Succeeded {
     pub builds: Vec<Build>,
     /// Dependents whose last input this was (runnable, or to resolve).
     pub unblocked: Vec<StepId>,
+    /// Derivations that had resolved to it, up to the moment it left.
+    pub resolved_from: Vec<StorePath>,
 }
 
 /// The effect of a step's permanent failure.
@@ -493,7 +495,11 @@ impl Graph {
                 unblocked.push(r);
             }
         }
-        Ok(Succeeded { builds, unblocked })
+        Ok(Succeeded {
+            builds,
+            unblocked,
+            resolved_from: step.resolved_from,
+        })
     }
 
     /// The step failed permanently (`attempt`, or before any attempt): it,

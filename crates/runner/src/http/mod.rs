@@ -30,6 +30,7 @@ pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) -> Re
     let router = Router::new()
         .route("/", get(page))
         .route("/status", get(status))
+        .route("/status/machines", get(machines))
         .route("/metrics", get(metrics))
         .with_state(app);
     axum::serve(listener, router)
@@ -43,6 +44,11 @@ async fn status(State(app): State<Arc<App>>) -> impl IntoResponse {
         doc["uploads"] = uploads;
     }
     Json(doc)
+}
+
+/// For hydra-web (`queue_runner_endpoint` in hydra.conf).
+async fn machines(State(app): State<Arc<App>>) -> impl IntoResponse {
+    Json(crate::status::machines_for_hydra_web(&app.shared))
 }
 
 async fn page(State(app): State<Arc<App>>) -> impl IntoResponse {

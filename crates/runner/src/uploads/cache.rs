@@ -32,6 +32,8 @@ pub enum UploadError {
     Nar(#[from] hydra_nix::nar::NarError),
     #[error("naming the realisation: {0}")]
     Realisation(String),
+    #[error("the build log: {0}")]
+    Log(String),
 }
 
 /// Why a destination URL cannot be used.
@@ -204,6 +206,24 @@ impl Cache {
         let id = hydra_nix::derivation::hashing::drv_output_id(hash, output);
         let doi = realisation_doi(&id, base_name(out_path), key);
         self.put(&format!("realisations/{id}.doi"), doi).await
+    }
+
+    /// The build log of `drv` (a full `.drv` path) as `log/<base name>`,
+    /// plain, where `nix log --store <cache>` reads it (a rebuilt step's
+    /// log replaces the earlier one).
+    pub async fn upload_log(&self, shared: &Shared, drv: &str) -> Result<(), UploadError> {
+        let path = shared
+            .store
+            .dir()
+            .parse_path(drv)
+            .map_err(|e| UploadError::Log(e.to_string()))?;
+        let logs = shared.logs.clone();
+        let bytes = tokio::task::spawn_blocking(move || logs.read(&path))
+            .await
+            .map_err(|e| UploadError::Log(e.to_string()))?
+            .map_err(|e| UploadError::Log(e.to_string()))?
+            .ok_or_else(|| UploadError::Log(format!("no log of {drv}")))?;
+        self.put(&format!("log/{}", base_name(drv)), bytes).await
     }
 
     /// The NAR size and references the cache's narinfo gives for `path`,

@@ -69,6 +69,27 @@ pub async fn enqueue_realisations(
     Ok(())
 }
 
+/// Queues the build log of `drv` (a full `.drv` path) for every
+/// destination, as `log/<drv base name>`.
+pub async fn enqueue_log(
+    tx: &mut PgConnection,
+    destinations: &[String],
+    drv: &str,
+) -> Result<(), sqlx::Error> {
+    for dest in destinations {
+        sqlx::query(
+            "insert into hqr_uploads (destination, kind, item) values ($1, 'log', $2)
+             on conflict (destination, kind, item) do update set done_at = null, attempts = 0,
+                 next_try = now(), last_error = null",
+        )
+        .bind(dest)
+        .bind(drv)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
 /// Reads the signing key (at start: a bad key stops the runner at once).
 pub fn load_key(shared_config: &crate::RunnerConfig) -> Result<Option<Arc<SecretKey>>, Fatal> {
     let Some(path) = &shared_config.signing_key_file else {
@@ -159,6 +180,7 @@ async fn work_once(
         };
         let result = match kind.as_str() {
             "path" => cache.upload_path(&mut client, item, key).await,
+            "log" => cache.upload_log(shared, item).await,
             _ => {
                 let out = out_path.as_deref().unwrap_or_default();
                 cache
