@@ -604,10 +604,8 @@ async fn a_hostile_builder_neither_kills_the_runner_nor_gets_a_refused_report_ap
                 let still = farm
                     .runner()
                     .shared
-                    .machines
-                    .lock()
-                    .get("hostile")
-                    .is_some();
+                    .state
+                    .read(|v| v.machines.get("hostile").is_some());
                 Ok((!still).then_some(()))
             })
             .await
@@ -635,14 +633,12 @@ async fn a_hostile_builder_neither_kills_the_runner_nor_gets_a_refused_report_ap
         .fetch_all(&farm.db.pool)
         .await
         .unwrap();
-        let running: Vec<String> = farm
-            .runner()
-            .shared
-            .attempts
-            .lock()
-            .iter()
-            .map(|a| format!("{} {} {}", a.id, a.machine, a.connection))
-            .collect();
+        let running: Vec<String> = farm.runner().shared.state.read(|v| {
+            v.attempts
+                .iter()
+                .map(|a| format!("{} {} {}", a.id, a.machine, a.connection))
+                .collect()
+        });
         panic!("{e}: busy rows {rows:?}; running attempts {running:?}");
     }
     let mut api = farm.api().await.unwrap();

@@ -316,7 +316,7 @@ async fn a_step_whose_only_machine_is_away_waits_for_it_rather_than_failing() {
     arm.systems = vec!["hydra-test-arch".into()];
     farm.add_builder(arm).await.unwrap();
     eventually(LIMIT, || async {
-        let machines = farm.runner().shared.machines.lock().connected().count();
+        let machines = farm.runner().shared.state.queue_counts().machines;
         Ok((machines == 2).then_some(()))
     })
     .await
@@ -324,7 +324,7 @@ async fn a_step_whose_only_machine_is_away_waits_for_it_rather_than_failing() {
     // The only machine for the system reboots.
     farm.builders[1].stop();
     eventually(LIMIT, || async {
-        let machines = farm.runner().shared.machines.lock().connected().count();
+        let machines = farm.runner().shared.state.queue_counts().machines;
         Ok((machines == 1).then_some(()))
     })
     .await
@@ -450,7 +450,7 @@ async fn a_second_builder_with_a_taken_name_is_refused_and_the_first_keeps_its_w
         vec![(Some(0), "twin".to_owned())],
         "one attempt, never aborted"
     );
-    let connected = farm.runner().shared.machines.lock().connected().count();
+    let connected = farm.runner().shared.state.queue_counts().machines;
     assert_eq!(connected, 1);
     // A name of one's own is welcome.
     let answer = join_as(&farm, "third", "yet another").await;
@@ -516,7 +516,7 @@ async fn a_jobset_deleted_while_its_steps_run_leaves_the_runner_up_and_nothing_b
         let busy: i64 = sqlx::query_scalar("select count(*) from BuildSteps where busy != 0")
             .fetch_one(&farm.db.pool)
             .await?;
-        let running = farm.runner().shared.attempts.lock().len();
+        let running = farm.runner().shared.state.queue_counts().running;
         Ok((busy == 0 && running == 0).then_some(()))
     })
     .await

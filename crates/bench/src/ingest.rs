@@ -112,7 +112,7 @@ pub async fn all_loaded(farm: &Farm, steps: usize) -> Result<f64> {
     let shared = farm.runner().shared.clone();
     hydra_testkit::eventually(Duration::from_secs(3600), || {
         let shared = shared.clone();
-        async move { Ok((shared.graph.lock().step_count() >= steps).then_some(())) }
+        async move { Ok((shared.state.queue_counts().steps >= steps).then_some(())) }
     })
     .await?;
     Ok(since.elapsed().as_secs_f64())

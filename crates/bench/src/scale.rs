@@ -54,7 +54,7 @@ pub async fn run(builders: usize, steps: usize, window: Duration) -> Result<Valu
         let h = shared.metrics.round_seconds.lock();
         (h.count() - rounds_before, h.mean())
     };
-    let connected = shared.machines.lock().connected().count();
+    let connected = shared.state.queue_counts().machines;
     let rate = dispatched as f64 / elapsed;
     table(
         &format!(

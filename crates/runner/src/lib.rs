@@ -43,7 +43,6 @@ macro_rules! in_transaction {
 pub mod api;
 pub mod attempts;
 pub mod auth;
-pub mod cli;
 pub mod completion;
 pub mod config;
 pub mod dispatch;
@@ -58,7 +57,8 @@ pub mod queue_monitor;
 pub mod realisations;
 pub mod record;
 pub mod resolver;
-pub mod status;
+pub mod state;
+pub mod status_document;
 pub mod store;
 pub mod systemd;
 pub mod tunnel;
@@ -76,34 +76,25 @@ use tokio::task::JoinSet;
 
 pub use config::RunnerConfig;
 
-use attempts::Attempts;
-use dispatch::machines::Machines;
-use dispatch::order::Shares;
-use graph::Graph;
 use logs::LogStore;
+use state::State;
 use store::LocalStore;
 
-/// State shared by the runner's tasks.
-///
-/// Locks are plain mutexes, never held across an await. When more than one
-/// is taken, the order is graph, then machines, then attempts.
+/// What the runner's tasks share: the configuration, the connections to
+/// PostgreSQL and the local store, the logs, and the in-memory state
+/// behind its handle ([`state::State`], the only owner of the graph, the
+/// machines and the attempts).
 pub struct Shared {
     /// Swapped whole on SIGHUP: take it once per decision, via `config()`.
     config: parking_lot::RwLock<Arc<RunnerConfig>>,
     pub pool: PgPool,
     pub store: LocalStore,
     pub logs: LogStore,
-    pub graph: Mutex<Graph>,
-    pub machines: Mutex<Machines>,
-    pub attempts: Mutex<Attempts>,
-    pub shares: Mutex<Shares>,
-    /// Wakes the dispatcher: a step became runnable or a slot came free.
-    pub wake_dispatcher: Notify,
-    /// Wakes the resolver: a step's CA inputs are built.
-    pub wake_resolver: Notify,
+    pub state: State,
     /// Wakes the uploader: outputs were queued for the destination stores.
     pub wake_uploads: Notify,
-    /// `hashDerivationModulo` of input derivations, to name realisations.
+    /// `hashDerivationModulo` of input derivations, to name realisations
+    /// (a cache of the `realisations` module's).
     pub drv_hashes: Mutex<hydra_nix::derivation::hashing::DrvHashes>,
     /// The builder tokens, re-read on reload.
     pub tokens: parking_lot::RwLock<auth::Tokens>,
@@ -113,39 +104,11 @@ pub struct Shared {
     pub metrics: metrics::Metrics,
     /// Ticks when events were committed (client watchers wait on it).
     pub event_tick: tokio::sync::watch::Sender<u64>,
-    /// Builds that had a step started in this process (for `build_started`).
-    pub started_builds: Mutex<std::collections::HashSet<graph::BuildId>>,
     /// Where request handlers report a fault that must stop the runner.
     fatal: tokio::sync::mpsc::UnboundedSender<Fatal>,
 }
 
-/// How much is queued and running, for the status, metrics and systemd.
-#[derive(Debug, Clone, Copy)]
-pub struct QueueCounts {
-    pub builds: usize,
-    pub steps: usize,
-    pub runnable: usize,
-    pub running: usize,
-}
-
 impl Shared {
-    pub fn queue_counts(&self) -> QueueCounts {
-        let (builds, steps, runnable) = {
-            let graph = self.graph.lock();
-            (
-                graph.build_count(),
-                graph.step_count(),
-                graph.runnable().count(),
-            )
-        };
-        QueueCounts {
-            builds,
-            steps,
-            runnable,
-            running: self.attempts.lock().len(),
-        }
-    }
-
     /// The configuration now (a reload may replace it between two calls).
     pub fn config(&self) -> Arc<RunnerConfig> {
         self.config.read().clone()
@@ -154,13 +117,6 @@ impl Shared {
     /// Installs a reloaded configuration.
     pub fn set_config(&self, config: RunnerConfig) {
         *self.config.write() = Arc::new(config);
-    }
-
-    /// The graph changed (steps became runnable or resolvable, a slot
-    /// came free): the dispatcher and the resolver look again.
-    pub fn wake(&self) {
-        self.wake_dispatcher.notify_one();
-        self.wake_resolver.notify_one();
     }
 
     /// Stops the runner with `fault` (from a request handler, which cannot
@@ -297,15 +253,9 @@ impl Runner {
             logs: LogStore::new(&config.hydra_data, config.log_compression),
             config: parking_lot::RwLock::new(Arc::new(config)),
             pool,
-            graph: Mutex::new(Graph::default()),
-            machines: Mutex::new(Machines::default()),
-            attempts: Mutex::new(Attempts::default()),
-            shares: Mutex::new(Shares::default()),
-            wake_dispatcher: Notify::new(),
-            wake_resolver: Notify::new(),
+            state: State::default(),
             wake_uploads: Notify::new(),
             drv_hashes: Mutex::new(Default::default()),
-            started_builds: Mutex::new(Default::default()),
             tokens: parking_lot::RwLock::new(tokens),
             client_tokens: parking_lot::RwLock::new(client_tokens),
             event_tick: tokio::sync::watch::Sender::new(0),
@@ -348,7 +298,7 @@ impl Runner {
         // Not critical: they log and retry; the uploader ends at once when
         // there is no destination.
         tasks.spawn(async {
-            status::run(status_shared).await;
+            status_document::run(status_shared).await;
             Ok(())
         });
         tasks.spawn(api::follow::listen(shared.clone()).map(Ok));
@@ -411,9 +361,9 @@ impl Runner {
         let ping = merged.ping_interval_secs;
         self.shared.set_config(merged);
         if ping_changed {
-            tunnel::push_settings(&self.shared, ping).await;
+            tunnel::push_settings(&self.shared, ping);
         }
-        self.shared.wake();
+        self.shared.state.settings_changed();
         Ok(report)
     }
 

@@ -6,7 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use hydra_queue_runner::{Runner, RunnerConfig, cli, systemd};
+use hydra_queue_runner::{Runner, RunnerConfig, systemd};
+
+/// The operator commands, over the client API (not part of the server).
+mod cli;
 
 #[derive(Parser)]
 #[command(

@@ -20,47 +20,23 @@ use hydra_nix::daemon::DaemonClient;
 use hydra_nix::{Derivation, StorePath};
 
 use crate::events::{self, Kind, NewEvent};
-use crate::graph::{Build, NewStep, StepId};
+use crate::graph::{NewStep, StepId};
 use crate::realisations;
 use crate::record;
+use crate::state::Resolving;
 use crate::{Fatal, Shared, completion, failpoint};
 
 pub async fn run(shared: Arc<Shared>) -> Result<(), Fatal> {
     loop {
-        let next = shared.graph.lock().next_to_resolve();
-        match next {
-            Some(id) => resolve_step(&shared, id).await?,
-            None => shared.wake_resolver.notified().await,
+        match shared.state.next_to_resolve() {
+            Some((id, Some(pending))) => resolve_step(&shared, id, pending).await?,
+            Some((_, None)) => {} // dropped meanwhile
+            None => shared.state.resolver_woken().await,
         }
     }
 }
 
-/// A step taken for resolution, as the graph had it.
-struct Pending {
-    drv_path: StorePath,
-    system: String,
-    required_features: Vec<String>,
-    /// The build whose BuildSteps rows record the step.
-    owner: Build,
-    /// Every live build that needs it (for the `resolved` event).
-    builds: Vec<crate::graph::BuildId>,
-}
-
-async fn resolve_step(shared: &Shared, id: StepId) -> Result<(), Fatal> {
-    let pending = {
-        let graph = shared.graph.lock();
-        let step = graph.step(id).filter(|s| s.is_resolving());
-        match (step, graph.owner_and_dependents(id)) {
-            (Some(s), Some((owner, builds))) => Pending {
-                drv_path: s.drv_path.clone(),
-                system: s.system.clone(),
-                required_features: s.required_features.clone(),
-                owner,
-                builds,
-            },
-            _ => return Ok(()), // dropped meanwhile
-        }
-    };
+async fn resolve_step(shared: &Shared, id: StepId, pending: Resolving) -> Result<(), Fatal> {
     let mut client = shared.store.client().await?;
     let (drv, resolved) = match resolve(shared, &mut client, &pending.drv_path).await? {
         Ok(pair) => pair,
@@ -85,20 +61,14 @@ async fn resolve_step(shared: &Shared, id: StepId) -> Result<(), Fatal> {
             completion::succeed_unbuilt(shared, id, &resolved_path, outputs, pending.owner.id).await
         }
         None => {
-            let replaced = shared.graph.lock().replace_with_resolved(
-                id,
-                NewStep {
-                    drv_path: resolved_path,
-                    system: pending.system,
-                    required_features: pending.required_features,
-                    inputs: Vec::new(),
-                    needs_resolution: false,
-                },
-                Instant::now(),
-            );
-            if replaced.is_ok() {
-                shared.wake();
-            }
+            let resolved = NewStep {
+                drv_path: resolved_path,
+                system: pending.system,
+                required_features: pending.required_features,
+                inputs: Vec::new(),
+                needs_resolution: false,
+            };
+            let _ = shared.state.step_resolved(id, resolved, Instant::now());
             Ok(())
         }
     }
@@ -129,7 +99,7 @@ async fn resolve(
 /// The status-13 row of the step, in the owner build.
 async fn record_resolution(
     shared: &Shared,
-    pending: &Pending,
+    pending: &Resolving,
     drv: &Derivation,
     resolved: &StorePath,
 ) -> Result<(), Fatal> {

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
-use crate::{QueueCounts, Shared};
+use crate::Shared;
+use crate::state::QueueCounts;
 
 fn send(states: &[NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(false, states) {
@@ -66,8 +67,8 @@ fn describe(shared: &Shared) -> String {
         steps,
         runnable,
         running,
-    } = shared.queue_counts();
-    let machines = shared.machines.lock().connected().count();
+        machines,
+    } = shared.state.queue_counts();
     format!(
         "active: {builds} builds queued, {steps} steps ({runnable} runnable, {running} running), {machines} machines"
     )

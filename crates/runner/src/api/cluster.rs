@@ -12,9 +12,10 @@ use crate::dispatch::machines::Availability;
 use crate::graph::{Step, StepState};
 
 pub async fn status(shared: &Shared) -> Result<ClusterStatusResponse, ApiError> {
-    let counts = shared.queue_counts();
-    let per_system = shared.graph.lock().steps_per_system();
-    let systems = per_system
+    let counts = shared.state.queue_counts();
+    let systems = shared
+        .state
+        .steps_per_system()
         .into_iter()
         .map(|(system, s)| SystemQueue {
             system,
@@ -23,7 +24,6 @@ pub async fn status(shared: &Shared) -> Result<ClusterStatusResponse, ApiError> 
             waiting: s.waiting,
         })
         .collect();
-    let machines = shared.machines.lock().connected().count() as u32;
     let last_event_seq = crate::events::last_seq(&shared.pool).await? as u64;
     Ok(ClusterStatusResponse {
         queued_builds: counts.builds as u32,
@@ -31,56 +31,35 @@ pub async fn status(shared: &Shared) -> Result<ClusterStatusResponse, ApiError> 
         runnable: counts.runnable as u32,
         running: counts.running as u32,
         systems,
-        machines,
+        machines: counts.machines as u32,
         last_event_seq,
     })
 }
 
 pub fn machines(shared: &Shared) -> MachinesResponse {
-    let now = Instant::now();
-    let mut current: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for a in shared.attempts.lock().iter() {
-        current
-            .entry(a.machine.clone())
-            .or_default()
-            .push(shared.store.dir().display(&a.drv_path));
-    }
-    let machines = shared.machines.lock();
-    let mut out: Vec<MachineInfo> = machines
-        .connected()
-        .map(|m| {
-            let health = machines.health(&m.name);
-            MachineInfo {
-                name: m.name.clone(),
-                systems: m.systems.clone(),
-                supported_features: m.supported_features.clone(),
-                mandatory_features: m.mandatory_features.clone(),
-                max_jobs: m.max_jobs,
-                running: m.running.len() as u32,
-                load1: m.load1,
-                speed_factor: m.speed_factor,
-                current_steps: current.remove(&m.name).unwrap_or_default(),
-                drained: machines.is_drained(&m.name),
-                rested_for_secs: health
-                    .rested_until
-                    .map_or(0, |t| t.saturating_duration_since(now).as_secs()),
-                consecutive_failures: health.consecutive_failures,
-                connected: true,
-            }
+    let dir = shared.store.dir();
+    let machines = shared
+        .state
+        .machine_views(Instant::now())
+        .into_iter()
+        .filter(|m| m.connected || m.drained)
+        .map(|m| MachineInfo {
+            running: m.running,
+            current_steps: m.current_steps.iter().map(|p| dir.display(p)).collect(),
+            rested_for_secs: m.rested_for.map_or(0, |d| d.as_secs()),
+            name: m.name,
+            systems: m.systems,
+            supported_features: m.supported_features,
+            mandatory_features: m.mandatory_features,
+            max_jobs: m.max_jobs,
+            load1: m.load1,
+            speed_factor: m.speed_factor,
+            drained: m.drained,
+            consecutive_failures: m.consecutive_failures,
+            connected: m.connected,
         })
         .collect();
-    // Drained machines that are not connected are still worth showing.
-    for name in machines.drained_names() {
-        if machines.get(name).is_none() {
-            out.push(MachineInfo {
-                name: name.clone(),
-                drained: true,
-                ..Default::default()
-            });
-        }
-    }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    MachinesResponse { machines: out }
+    MachinesResponse { machines }
 }
 
 /// Drains or undrains `name` (persisted, so a restart keeps it).
@@ -103,13 +82,12 @@ pub async fn set_drained(
             .execute(&shared.pool)
             .await?;
     }
-    shared.machines.lock().set_drained(name, drained);
+    shared.state.machine_drained(name, drained);
     tracing::info!(
         machine = name,
         "{}",
         if drained { "drained" } else { "undrained" }
     );
-    shared.wake();
     Ok(DrainResponse { drained })
 }
 
@@ -118,40 +96,34 @@ pub async fn load_drained(shared: &Shared) -> Result<(), sqlx::Error> {
     let names: Vec<String> = sqlx::query_scalar("select name from hqr_drained_machines")
         .fetch_all(&shared.pool)
         .await?;
-    let mut machines = shared.machines.lock();
     for n in names {
-        machines.set_drained(&n, true);
+        shared.state.machine_drained(&n, true);
     }
     Ok(())
 }
 
 pub async fn explain(shared: &Shared, req: ExplainRequest) -> Result<ExplainResponse, ApiError> {
     let id = build_id(req.build_id)?;
-    let steps = {
-        let graph = shared.graph.lock();
-        if graph.build(id).is_none() {
-            None
-        } else {
-            let machines = shared.machines.lock();
-            let config = shared.config();
-            let now = Instant::now();
-            let explained: Vec<StepExplanation> = graph
-                .steps_of_build(id)
-                .into_iter()
-                .filter_map(|s| graph.step(s))
-                .filter(|s| {
-                    req.drv_path.is_empty()
-                        || shared.store.dir().display(&s.drv_path) == req.drv_path
-                })
-                .map(|s| {
-                    let mut e = explain_step(s, &machines, config.min_free_disk, now);
-                    e.drv_path = shared.store.dir().display(&s.drv_path);
-                    e
-                })
-                .collect();
-            Some(explained)
-        }
-    };
+    let config = shared.config();
+    let now = Instant::now();
+    let steps = shared.state.read(|v| {
+        v.graph.build(id)?;
+        let explained: Vec<StepExplanation> = v
+            .graph
+            .steps_of_build(id)
+            .into_iter()
+            .filter_map(|s| v.graph.step(s))
+            .filter(|s| {
+                req.drv_path.is_empty() || shared.store.dir().display(&s.drv_path) == req.drv_path
+            })
+            .map(|s| {
+                let mut e = explain_step(s, v.machines, config.min_free_disk, now);
+                e.drv_path = shared.store.dir().display(&s.drv_path);
+                e
+            })
+            .collect();
+        Some(explained)
+    });
     let Some(steps) = steps else {
         return explain_absent(shared, id).await;
     };

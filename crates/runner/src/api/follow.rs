@@ -147,16 +147,15 @@ impl LiveLogs {
     }
 
     fn poll(&mut self, shared: &Shared) -> Result<Vec<Event>, ApiError> {
-        let running: Vec<StorePath> = {
-            let graph = shared.graph.lock();
-            graph
+        let running: Vec<StorePath> = shared.state.read(|v| {
+            v.graph
                 .steps_of_build(self.build)
                 .into_iter()
-                .filter_map(|id| graph.step(id))
+                .filter_map(|id| v.graph.step(id))
                 .filter(|s| matches!(s.state, StepState::Running { .. }))
                 .map(|s| s.drv_path.clone())
                 .collect()
-        };
+        });
         for drv in &running {
             self.following
                 .entry(drv.clone())
@@ -328,11 +327,12 @@ async fn pump_log(
 
 /// Whether the step of `drv` is still to finish (so its log may grow).
 fn step_pending(shared: &Shared, drv: &StorePath) -> bool {
-    let graph = shared.graph.lock();
-    graph
-        .step_id(drv)
-        .and_then(|id| graph.step(id))
-        .is_some_and(|s| s.state != StepState::Finished)
+    shared.state.read(|v| {
+        v.graph
+            .step_id(drv)
+            .and_then(|id| v.graph.step(id))
+            .is_some_and(|s| s.state != StepState::Finished)
+    })
 }
 
 /// Splits a growing log into numbered lines, skipping those before the

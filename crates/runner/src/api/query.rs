@@ -172,13 +172,12 @@ pub fn status_name(finished: bool, status: Option<i32>, running: bool) -> &'stat
 
 /// The per-step counters of `build`.
 pub async fn counters(shared: &Shared, build: i32) -> Result<StepCounters, ApiError> {
-    let (queued, running, in_graph) = {
-        let graph = shared.graph.lock();
+    let (queued, running, in_graph) = shared.state.read(|v| {
         let mut queued = 0;
         let mut running = 0;
         let mut paths = Vec::new();
-        for id in graph.steps_of_build(build) {
-            let step = graph.step(id).expect("a step of the build");
+        for id in v.graph.steps_of_build(build) {
+            let step = v.graph.step(id).expect("a step of the build");
             match step.state {
                 StepState::Running { .. } => running += 1,
                 StepState::Finished => {}
@@ -187,7 +186,7 @@ pub async fn counters(shared: &Shared, build: i32) -> Result<StepCounters, ApiEr
             paths.push(shared.store.dir().display(&step.drv_path));
         }
         (queued, running, paths)
-    };
+    });
     let (succeeded, failed) = finished_steps(&shared.pool, build, &in_graph).await?;
     let cached: Option<i32> =
         sqlx::query_scalar("select cached from hqr_build_plans where build = $1")

@@ -8,12 +8,13 @@ use hydra_nix::daemon::DaemonClient;
 use uuid::Uuid;
 
 use super::nix_support::{BuildOutputInfo, OutputScan, scan_nar};
-use super::{CheckedReport, abort_attempt, release, write_success};
+use super::{CheckedReport, abort_attempt, ended, write_success};
 use crate::attempts::{self, Attempt};
 use crate::events;
-use crate::graph::{Build, StepId};
+use crate::graph::StepId;
 use crate::realisations;
 use crate::record::{self, StepResult, Success};
+use crate::state::{AttemptEnd, Finishing};
 use crate::store::StoreError;
 use crate::{Fatal, Shared};
 
@@ -147,7 +148,7 @@ pub async fn succeed(
         uploads.get(p).map(|u| (u.nar_size, u.scan.clone()))
     })
     .await?;
-    let Some(done) = finishing(shared, &attempt.drv_path, Some(&attempt.id)) else {
+    let Some(done) = shared.state.finishing(&attempt.drv_path, Some(&attempt.id)) else {
         return super::close_dropped(shared, &attempt).await;
     };
     let log_file = shared.logs.finish(&attempt.drv_path)?.display().to_string();
@@ -155,7 +156,7 @@ pub async fn succeed(
     let stop_time = report.stop_time.map_or_else(record::now, i64::from);
     let paths = measured.paths();
     let success = measured.success(&paths, start_time, stop_time);
-    let realised = done.realised(&attempt.drv_path, learnt);
+    let realised = realised(&done, &attempt.drv_path, learnt);
     let drv_full = shared.store.dir().display(&attempt.drv_path);
     let base_name = attempt.drv_path.to_string();
     let terminal = record::Terminal {
@@ -216,15 +217,8 @@ pub async fn succeed(
     written?;
     tracing::info!(drv = %attempt.drv_path, machine = %attempt.machine, "step succeeded");
 
-    let jobset = shared
-        .graph
-        .lock()
-        .build(attempt.build)
-        .map(|b| b.jobset_id);
-    if let Some(j) = jobset {
-        let used = (stop_time - start_time).max(0) as f64;
-        shared.shares.lock().add_used(j, used, Instant::now());
-    }
+    let used = (stop_time - start_time).max(0) as f64;
+    shared.state.time_used(attempt.build, used, Instant::now());
     shared.wake_uploads.notify_one();
     apply_success(
         shared,
@@ -235,8 +229,7 @@ pub async fn succeed(
         &terminal,
     )
     .await?;
-    shared.machines.lock().record_success(&attempt.machine);
-    release(shared, &attempt);
+    ended(shared, &attempt, AttemptEnd::Completed);
     register_realisations(shared, &mut client, &realised, &paths).await
 }
 
@@ -253,18 +246,20 @@ pub async fn succeed_unbuilt(
 ) -> Result<(), Fatal> {
     let mut client = shared.store.client().await?;
     let measured = measure(&mut client, outputs, |_| None).await?;
-    let drv_path = match shared.graph.lock().step(step) {
-        Some(s) => s.drv_path.clone(),
-        None => return Ok(()),
+    let Some(drv_path) = shared
+        .state
+        .read(|v| v.graph.step(step).map(|s| s.drv_path.clone()))
+    else {
+        return Ok(());
     };
-    let Some(done) = finishing(shared, &drv_path, None) else {
+    let Some(done) = shared.state.finishing(&drv_path, None) else {
         return Ok(());
     };
     let now = record::now();
     let paths = measured.paths();
     let success = measured.success(&paths, now, now);
     // The resolving step is the original: its outputs are the resolved ones.
-    let realised = done.realised(&drv_path, true);
+    let realised = realised(&done, &drv_path, true);
     let resolved_full = shared.store.dir().display(resolved);
     let resolved_base = resolved.to_string();
     let terminal = record::Terminal {
@@ -286,49 +281,17 @@ pub async fn succeed_unbuilt(
     tracing::info!(drv = %drv_path, "outputs known already (early cutoff): nothing to build");
     shared.wake_uploads.notify_one();
     apply_success(shared, &done, None, owner, &success, &terminal).await?;
-    shared.wake();
     register_realisations(shared, &mut client, &realised, &paths).await
 }
 
-/// A step about to succeed, as the graph had it before the transaction.
-struct Finishing {
-    step: StepId,
-    /// Builds whose top-level step it is.
-    direct: Vec<Build>,
-    /// Derivations that resolved to it.
-    resolved_from: Vec<StorePath>,
-    /// Every build that needs it now (for its event).
-    needed_by: Vec<crate::graph::BuildId>,
-    system: String,
-}
-
-impl Finishing {
-    /// The derivations whose outputs the step's outputs are, and that need
-    /// them recorded: itself when its outputs were `learnt` from the build
-    /// (not fixed by the `.drv`), and every derivation resolved to it.
-    fn realised(&self, drv_path: &StorePath, learnt: bool) -> Vec<StorePath> {
-        let own = learnt.then(|| drv_path.clone());
-        own.into_iter()
-            .chain(self.resolved_from.iter().cloned())
-            .collect()
-    }
-}
-
-/// The step of `drv_path` if `attempt` still runs it (or, with no
-/// attempt, if it is still in the graph).
-fn finishing(shared: &Shared, drv_path: &StorePath, attempt: Option<&Uuid>) -> Option<Finishing> {
-    let graph = shared.graph.lock();
-    let step = match attempt {
-        Some(a) => graph.step_of_attempt(drv_path, a)?,
-        None => graph.step_id(drv_path)?,
-    };
-    Some(Finishing {
-        step,
-        direct: graph.top_level_builds(step),
-        needed_by: graph.dependent_builds(step).iter().map(|b| b.id).collect(),
-        resolved_from: graph.step(step)?.resolved_from.clone(),
-        system: graph.step(step)?.system.clone(),
-    })
+/// The derivations whose outputs the step's outputs are, and that need
+/// them recorded: the step's own when its outputs were `learnt` from the
+/// build (not fixed by the `.drv`), and every derivation resolved to it.
+fn realised(done: &Finishing, drv_path: &StorePath, learnt: bool) -> Vec<StorePath> {
+    let own = learnt.then(|| drv_path.clone());
+    own.into_iter()
+        .chain(done.resolved_from.iter().cloned())
+        .collect()
 }
 
 /// The graph side of a success, after its transaction: the step leaves,
@@ -343,15 +306,13 @@ async fn apply_success(
     success: &record::Success<'_>,
     terminal: &record::Terminal<'_>,
 ) -> Result<(), Fatal> {
-    let result = shared
-        .graph
-        .lock()
-        .step_succeeded(done.step, attempt, Instant::now());
-    let Ok(result) = result else {
+    let Ok(result) = shared
+        .state
+        .step_succeeded(done.step, attempt, Instant::now())
+    else {
         return Ok(()); // another completion won the step
     };
-    super::forget_started(shared, &result.builds);
-    let late = super::late_builds(result.builds, &done.direct);
+    let late = super::failure::late_builds(result.builds, &done.direct);
     let late_resolved: Vec<StorePath> = result
         .resolved_from
         .into_iter()

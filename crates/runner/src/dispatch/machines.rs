@@ -3,12 +3,9 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use hydra_proto::v1::RunnerMessage;
-use tokio::sync::mpsc;
 use uuid::Uuid;
 
-/// The sending half of a builder's control stream.
-pub type ControlTx = mpsc::Sender<Result<RunnerMessage, tonic::Status>>;
+use crate::tunnel::BuilderLink;
 
 #[derive(Debug)]
 pub struct Machine {
@@ -30,7 +27,8 @@ pub struct Machine {
     pub free_disk: Option<u64>,
     /// Substitutions from binary caches that timed out on the machine.
     pub substituter_timeouts: u64,
-    pub tx: ControlTx,
+    /// Where jobs, aborts and settings go.
+    pub link: BuilderLink,
 }
 
 /// System and features, as Hydra matches them: the system is one of the
@@ -67,10 +65,6 @@ impl Machine {
 
     pub fn has_disk(&self, min_free: u64) -> bool {
         self.free_disk.is_none_or(|free| free >= min_free)
-    }
-
-    fn load(&self) -> f32 {
-        self.running.len() as f32 / self.max_jobs.max(1) as f32
     }
 }
 
@@ -401,6 +395,20 @@ impl Machines {
         now: Instant,
         avoid: &[String],
     ) -> Result<&Machine, NoMachine> {
+        self.choose_with(system, required, min_free_disk, now, avoid, &HashMap::new())
+    }
+
+    /// [`Machines::choose`], with `planned` slots of some machines already
+    /// promised (to steps earlier in the same round).
+    pub fn choose_with(
+        &self,
+        system: &str,
+        required: &[String],
+        min_free_disk: u64,
+        now: Instant,
+        avoid: &[String],
+        planned: &HashMap<String, u32>,
+    ) -> Result<&Machine, NoMachine> {
         let mut supporting = self
             .by_name
             .values()
@@ -409,9 +417,12 @@ impl Machines {
         if supporting.peek().is_none() {
             return Err(NoMachine::Unsupported);
         }
+        let taken = |m: &Machine| planned.get(&m.name).copied().unwrap_or(0);
+        let load =
+            |m: &Machine| (m.running.len() as u32 + taken(m)) as f32 / m.max_jobs.max(1) as f32;
         supporting
             .filter(|m| {
-                m.free_slots() > 0
+                m.free_slots() > taken(m)
                     && m.has_disk(min_free_disk)
                     && !self.is_rested(&m.name, now)
                     && !self.drained.contains(&m.name)
@@ -421,7 +432,7 @@ impl Machines {
                 fresh(a)
                     .cmp(&fresh(b))
                     .then(a.speed_factor.total_cmp(&b.speed_factor))
-                    .then(b.load().total_cmp(&a.load()))
+                    .then(load(b).total_cmp(&load(a)))
                     .then(b.load1.total_cmp(&a.load1))
                     .then(b.name.cmp(&a.name))
             })
@@ -455,7 +466,7 @@ mod tests {
             load1: 0.0,
             free_disk: None,
             substituter_timeouts: 0,
-            tx: mpsc::channel(1).0,
+            link: BuilderLink::detached(),
         }
     }
 

@@ -1,7 +1,6 @@
 //! Starting an attempt: persist it, then send the job.
 
 use hydra_nix::daemon::DaemonClient;
-use hydra_proto::v1::{BuildJob, Limits, RunnerMessage, runner_message};
 
 use super::Assignment;
 use crate::attempts::{self, Attempt};
@@ -9,6 +8,7 @@ use crate::events::{self, Kind, NewEvent};
 use crate::realisations::{self, RealisationError};
 use crate::record::{self, NewStepRow};
 use crate::store::StoreError;
+use crate::tunnel::Job;
 use crate::{Fatal, Shared};
 
 /// Persists the attempt (busy BuildSteps row, `hqr_attempts`) and only
@@ -34,59 +34,35 @@ pub async fn start_attempt(shared: &Shared, a: Assignment) -> Result<(), Fatal> 
         // queue monitor is about to take it out of the graph. The step
         // waits a moment and is planned again (for its other builds).
         tracing::info!(drv = %a.drv_path, build = a.owner.id, "not started: the build is gone");
-        crate::completion::not_started(shared, &a, OWNER_GONE_PAUSE);
+        shared.state.attempt_not_started(&a, OWNER_GONE_PAUSE);
         return Ok(());
     };
     crate::failpoint::stop_at("dispatch-recorded", &a.drv_path);
     shared.logs.start(&a.drv_path)?;
-    shared.attempts.lock().insert(attempt);
     // The machine may have left while the attempt was persisted: then its
-    // departure took its attempts before this one was there, and this one
-    // is aborted here (a send could still succeed into the stream of a
-    // connection whose builder is gone).
-    let still_connected = shared
-        .machines
-        .lock()
-        .get(&a.machine)
-        .is_some_and(|m| m.connection == a.connection);
-    if !still_connected {
-        let taken = shared.attempts.lock().take(&a.attempt);
-        if let Some(attempt) = taken {
-            crate::completion::abort_attempt(
-                shared,
-                attempt,
-                "the machine disconnected before the job was sent",
-            )
-            .await?;
-        }
-        return Ok(());
+    // departure took its attempts before this one was there.
+    if let Err(attempt) = shared.state.attempt_started(attempt) {
+        let reason = "the machine disconnected before the job was sent";
+        return crate::completion::abort_attempt(shared, *attempt, reason).await;
     }
     tracing::info!(drv = %a.drv_path, machine = %a.machine, attempt = %a.attempt, "dispatched");
-    let msg = RunnerMessage {
-        msg: Some(runner_message::Msg::Build(job.job)),
-    };
-    let sent = a.tx.send(Ok(msg)).await;
+    let sent = a.link.send_job(job.job);
     shared
         .metrics
         .dispatch_seconds
         .lock()
         .observe(a.runnable_since.elapsed());
-    if sent.is_err() {
-        let taken = shared.attempts.lock().take(&a.attempt);
-        if let Some(attempt) = taken {
-            crate::completion::abort_attempt(
-                shared,
-                attempt,
-                "the machine disconnected before the job was sent",
-            )
-            .await?;
-        }
+    if let Err(e) = sent
+        && let Some(attempt) = shared.state.take_attempt_by_id(&a.attempt)
+    {
+        let reason = format!("the job was not sent: {e}");
+        crate::completion::abort_attempt(shared, attempt, &reason).await?;
     }
     Ok(())
 }
 
 struct PreparedJob {
-    job: BuildJob,
+    job: Job,
     /// Output name -> path where known (for BuildStepOutputs).
     outputs: Vec<(String, Option<String>)>,
 }
@@ -151,17 +127,15 @@ async fn prepare_job(
         .collect();
     let config = shared.config();
     Ok(PreparedJob {
-        job: BuildJob {
+        job: Job {
             attempt_id: a.attempt.to_string(),
             drv_path: dir.display(&a.drv_path),
             drv: basic.to_aterm(dir).into_bytes(),
             input_paths: closure.into_keys().collect(),
-            limits: Some(Limits {
-                max_silent_secs: a.facts.max_silent_secs as u64,
-                timeout_secs: a.facts.timeout_secs as u64,
-                max_log_bytes: config.max_log_size,
-                max_output_bytes: config.max_output_size,
-            }),
+            max_silent_secs: a.facts.max_silent_secs as u64,
+            timeout_secs: a.facts.timeout_secs as u64,
+            max_log_bytes: config.max_log_size,
+            max_output_bytes: config.max_output_size,
         },
         outputs,
     })
@@ -180,7 +154,7 @@ async fn persist(
 ) -> Result<Option<Attempt>, Fatal> {
     let start_time = record::now();
     let drv = shared.store.dir().display(&a.drv_path);
-    let first_step = !shared.started_builds.lock().contains(&a.owner.id);
+    let first_step = !shared.state.build_started_before(a.owner.id);
     let attempt = in_transaction!(shared.pool, |tx| {
         let stepnr = record::create_build_step(
             &mut tx,
@@ -212,9 +186,6 @@ async fn persist(
         events::emit(&mut tx, &[started]).await?;
         Ok(Some(attempt))
     })?;
-    if attempt.is_some() {
-        shared.started_builds.lock().insert(a.owner.id);
-    }
     Ok(attempt)
 }
 

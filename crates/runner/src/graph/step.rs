@@ -168,6 +168,15 @@ impl Step {
         }
     }
 
+    /// Since when the step waits for a machine (after a backoff, from its
+    /// end): the start of its dispatch latency.
+    pub fn runnable_since(&self, now: Instant) -> Instant {
+        match self.state {
+            StepState::Runnable { since, not_before } => not_before.map_or(since, |t| t.max(since)),
+            _ => now,
+        }
+    }
+
     pub fn is_resolving(&self) -> bool {
         self.state == StepState::Resolving
     }

@@ -15,7 +15,8 @@ use axum::http::header;
 use axum::response::{IntoResponse, Json};
 use axum::routing::get;
 
-use crate::{Fatal, QueueCounts, Shared};
+use crate::state::QueueCounts;
+use crate::{Fatal, Shared};
 
 struct App {
     shared: Arc<Shared>,
@@ -39,8 +40,8 @@ pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) -> Re
 }
 
 async fn status(State(app): State<Arc<App>>) -> impl IntoResponse {
-    let mut doc = crate::status::snapshot(&app.shared, app.started);
-    if let Ok(uploads) = crate::status::upload_queue(&app.shared.pool).await {
+    let mut doc = crate::status_document::snapshot(&app.shared, app.started);
+    if let Ok(uploads) = crate::status_document::upload_queue(&app.shared.pool).await {
         doc["uploads"] = uploads;
     }
     Json(doc)
@@ -48,7 +49,7 @@ async fn status(State(app): State<Arc<App>>) -> impl IntoResponse {
 
 /// For hydra-web (`queue_runner_endpoint` in hydra.conf).
 async fn machines(State(app): State<Arc<App>>) -> impl IntoResponse {
-    Json(crate::status::machines_for_hydra_web(&app.shared))
+    Json(crate::status_document::machines_for_hydra_web(&app.shared))
 }
 
 async fn page(State(app): State<Arc<App>>) -> impl IntoResponse {
@@ -85,7 +86,8 @@ async fn render(shared: &Shared) -> String {
         steps,
         runnable,
         running,
-    } = shared.queue_counts();
+        ..
+    } = shared.state.queue_counts();
     let one = |v: usize| vec![(String::new(), v as f64)];
     family(
         &mut out,
@@ -115,7 +117,7 @@ async fn render(shared: &Shared) -> String {
         "Attempts running on machines.",
         &one(running),
     );
-    let per_system = shared.graph.lock().steps_per_system();
+    let per_system = shared.state.steps_per_system();
     let by_system = |pick: fn(&crate::graph::SystemSteps) -> u32| -> Vec<(String, f64)> {
         per_system
             .iter()
@@ -147,18 +149,15 @@ async fn render(shared: &Shared) -> String {
     let mut busy = Vec::new();
     let mut failures = Vec::new();
     let mut timeouts = Vec::new();
-    {
-        let machines = shared.machines.lock();
-        for m in machines.connected() {
-            let l = label("machine", &m.name);
-            slots.push((l.clone(), m.max_jobs as f64));
-            busy.push((l.clone(), m.running.len() as f64));
-            failures.push((
-                l.clone(),
-                machines.health(&m.name).consecutive_failures as f64,
-            ));
-            timeouts.push((l, m.substituter_timeouts as f64));
+    for m in shared.state.machine_views(Instant::now()) {
+        if !m.connected {
+            continue;
         }
+        let l = label("machine", &m.name);
+        slots.push((l.clone(), m.max_jobs as f64));
+        busy.push((l.clone(), m.running as f64));
+        failures.push((l.clone(), m.consecutive_failures as f64));
+        timeouts.push((l, m.substituter_timeouts as f64));
     }
     family(
         &mut out,
@@ -188,7 +187,9 @@ async fn render(shared: &Shared) -> String {
         "Binary-cache substitutions that timed out on the machine.",
         &timeouts,
     );
-    if let Ok(serde_json::Value::Object(queue)) = crate::status::upload_queue(&shared.pool).await {
+    if let Ok(serde_json::Value::Object(queue)) =
+        crate::status_document::upload_queue(&shared.pool).await
+    {
         let pick = |field: &str| -> Vec<(String, f64)> {
             queue
                 .iter()

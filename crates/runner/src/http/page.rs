@@ -8,7 +8,7 @@ use std::time::Instant;
 use crate::Shared;
 
 pub fn render(shared: &Shared, started: Instant) -> String {
-    let counts = shared.queue_counts();
+    let counts = shared.state.queue_counts();
     let mut out = String::from(
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta http-equiv=\"refresh\" content=\"5\">\
@@ -39,19 +39,14 @@ fn machines(shared: &Shared, out: &mut String) {
         "<h2>Machines</h2><table id=\"machines\"><tr><th>Machine</th><th>Systems</th>\
          <th>Slots</th><th>Load</th><th>State</th></tr>",
     );
-    let now = Instant::now();
-    let machines = shared.machines.lock();
-    let mut list: Vec<_> = machines.connected().collect();
-    list.sort_by(|a, b| a.name.cmp(&b.name));
-    for m in list {
-        let health = machines.health(&m.name);
-        let state = if machines.is_drained(&m.name) {
+    for m in shared.state.machine_views(Instant::now()) {
+        if !m.connected {
+            continue;
+        }
+        let state = if m.drained {
             "<span class=\"drained\">drained</span>".to_owned()
-        } else if let Some(t) = health.rested_until.filter(|t| *t > now) {
-            format!(
-                "<span class=\"resting\">resting {}s</span>",
-                t.duration_since(now).as_secs()
-            )
+        } else if let Some(d) = m.rested_for {
+            format!("<span class=\"resting\">resting {}s</span>", d.as_secs())
         } else {
             "up".to_owned()
         };
@@ -60,7 +55,7 @@ fn machines(shared: &Shared, out: &mut String) {
             "<tr><td class=\"machine\">{}</td><td>{}</td><td>{}/{}</td><td>{:.2}</td><td>{}</td></tr>",
             escape(&m.name),
             escape(&m.systems.join(", ")),
-            m.running.len(),
+            m.running,
             m.max_jobs,
             m.load1,
             state
@@ -75,16 +70,10 @@ fn running(shared: &Shared, out: &mut String) {
          <th>For</th></tr>",
     );
     let mut rows: Vec<(String, String, u64)> = shared
-        .attempts
-        .lock()
-        .iter()
-        .map(|a| {
-            (
-                a.drv_path.to_string(),
-                a.machine.clone(),
-                a.dispatched_at.elapsed().as_secs(),
-            )
-        })
+        .state
+        .running_attempts()
+        .into_iter()
+        .map(|(drv, machine, took)| (drv.to_string(), machine, took.as_secs()))
         .collect();
     rows.sort();
     for (drv, machine, secs) in rows {
@@ -103,7 +92,7 @@ fn queues(shared: &Shared, out: &mut String) {
         "<h2>Queue per system</h2><table id=\"queues\"><tr><th>System</th><th>Runnable</th>\
          <th>Running</th><th>Waiting</th></tr>",
     );
-    let per_system = shared.graph.lock().steps_per_system();
+    let per_system = shared.state.steps_per_system();
     for (system, s) in per_system {
         let _ = write!(
             out,

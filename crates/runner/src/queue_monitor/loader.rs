@@ -61,7 +61,7 @@ pub async fn plan(
         if !seen.insert(path.clone()) {
             continue;
         }
-        if shared.graph.lock().step_id(&path).is_some() {
+        if shared.state.has_step(&path) {
             plan.existing.insert(path);
             continue;
         }

@@ -179,8 +179,7 @@ async fn load_new_builds(shared: &Shared, cursor: &mut SeqCursor) -> Result<(), 
         .bind(gap.hi.min(i32::MAX as i64) as i32)
         .fetch_all(&shared.pool)
         .await?;
-        let graph = shared.graph.lock();
-        late.extend(ids.into_iter().filter(|id| graph.build(*id).is_none()));
+        late.extend(ids.into_iter().filter(|id| !shared.state.has_build(*id)));
     }
     if !late.is_empty() {
         tracing::info!(
@@ -239,7 +238,7 @@ async fn load_builds(shared: &Shared, rows: Vec<QueuedBuild>) -> Result<(), Fata
             if n.is_multiple_of(PROGRESS_EVERY) {
                 tracing::info!("loaded {n} of {total} queued builds");
                 // What is loaded can start while the rest loads.
-                shared.wake();
+                shared.state.batch_loaded();
             }
         }
     };
@@ -247,9 +246,9 @@ async fn load_builds(shared: &Shared, rows: Vec<QueuedBuild>) -> Result<(), Fata
     let loaded = futures::future::try_join_all((0..loaders).map(|_| loader())).await?;
     let plans: Vec<(BuildId, u32)> = loaded.into_iter().flatten().collect();
     // Dispatch first: the counters can wait a moment.
-    shared.wake();
+    shared.state.batch_loaded();
     record_plans(shared, &plans).await?;
-    let steps = shared.graph.lock().step_count();
+    let steps = shared.state.queue_counts().steps;
     tracing::info!(
         "loaded {total} builds in {:.1?}; {steps} steps in the graph",
         started.elapsed()
@@ -285,7 +284,7 @@ async fn load_build(
     client: &mut DaemonClient,
     row: QueuedBuild,
 ) -> Result<Option<u32>, Fatal> {
-    if shared.graph.lock().build(row.id).is_some() {
+    if shared.state.has_build(row.id) {
         return Ok(None);
     }
     let drv_path = match shared.store.dir().parse_path(&row.drvpath) {
@@ -347,11 +346,9 @@ async fn load_build(
             }
             Planned::Steps(plan) => {
                 let cached = plan.cached;
-                let inserted =
-                    shared
-                        .graph
-                        .lock()
-                        .insert_build(build.clone(), plan, Instant::now());
+                let inserted = shared
+                    .state
+                    .build_loaded(build.clone(), plan, Instant::now());
                 match inserted {
                     // The dispatcher is woken once the whole batch is in.
                     Ok(_runnable) => return Ok(Some(cached)),
@@ -577,7 +574,7 @@ async fn apply_changes(shared: &Shared, cursor: &mut SeqCursor) -> Result<(), Fa
                     if let Some(cached) = load_build(shared, &mut client, row).await? {
                         record_plans(shared, &[(*build, cached)]).await?;
                     }
-                    shared.wake();
+                    shared.state.batch_loaded();
                 }
             }
             "bumped" => {
@@ -587,18 +584,14 @@ async fn apply_changes(shared: &Shared, cursor: &mut SeqCursor) -> Result<(), Fa
                         .fetch_optional(&shared.pool)
                         .await?;
                 if let Some(p) = prio {
-                    shared.graph.lock().bump_build(*build, p);
-                    shared.wake();
+                    shared.state.build_bumped(*build, p);
                 }
             }
             _ => {}
         }
     }
     if !gone_soft.is_empty() {
-        let dropped = shared
-            .graph
-            .lock()
-            .remove_builds_keeping_running(&gone_soft);
+        let dropped = shared.state.builds_removed(&gone_soft, true);
         tracing::info!(
             "{} builds were superseded, their running steps may finish; {} steps dropped",
             gone_soft.len(),
@@ -607,7 +600,7 @@ async fn apply_changes(shared: &Shared, cursor: &mut SeqCursor) -> Result<(), Fa
         completion::drop_steps(shared, dropped).await?;
     }
     if !gone.is_empty() {
-        let dropped = shared.graph.lock().remove_builds(&gone);
+        let dropped = shared.state.builds_removed(&gone, false);
         tracing::info!(
             "{} builds left the queue; {} steps dropped",
             gone.len(),
@@ -649,10 +642,9 @@ async fn load_shares(shared: &Shared) -> Result<(), Fatal> {
     )
     .fetch_all(&shared.pool)
     .await?;
-    let mut shares = shared.shares.lock();
-    for (id, n, used) in rows {
-        shares.set_shares(id, n.max(1) as u32);
-        shares.set_used(id, used.unwrap_or(0) as f64);
-    }
+    shared.state.shares_loaded(
+        rows.into_iter()
+            .map(|(id, n, used)| (id, n.max(1) as u32, used.unwrap_or(0) as f64)),
+    );
     Ok(())
 }

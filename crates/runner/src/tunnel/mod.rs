@@ -6,7 +6,10 @@
 //! retried elsewhere). Logs, NARs and reports have their own calls, and
 //! each is checked against the attempt's owner before anything is used.
 
+mod link;
 mod transfer;
+
+pub use link::{BuilderLink, Job, LinkError};
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -205,20 +208,9 @@ pub(crate) fn bearer<T>(request: &Request<T>) -> Option<&str> {
 }
 
 /// Tells every connected builder the settings a reload changed.
-pub async fn push_settings(shared: &Shared, ping_interval_secs: u32) {
-    let senders: Vec<_> = shared
-        .machines
-        .lock()
-        .connected()
-        .map(|m| m.tx.clone())
-        .collect();
-    let msg = RunnerMessage {
-        msg: Some(runner_message::Msg::Settings(Settings {
-            ping_interval_secs,
-        })),
-    };
-    for tx in senders {
-        let _ = tx.send(Ok(msg.clone())).await;
+pub fn push_settings(shared: &Shared, ping_interval_secs: u32) {
+    for link in shared.state.links() {
+        let _ = link.push_settings(ping_interval_secs);
     }
 }
 
@@ -255,7 +247,7 @@ impl RunnerService for BuilderTunnel {
             tracing::warn!(machine = %join.machine_name, "refused a builder: {}", status.message());
             return Err(status);
         }
-        let (tx, rx) = mpsc::channel(256);
+        let (tx, rx) = mpsc::channel(link::BUFFER);
         if let Err(reason) = self.check_join(&join) {
             let name = crate::outside::display_text(&join.machine_name, crate::outside::NAME_MAX);
             tracing::warn!(machine = %name, "refused a builder: {reason}");
@@ -269,13 +261,14 @@ impl RunnerService for BuilderTunnel {
                 ping_interval_secs: self.shared.config().ping_interval_secs,
             })),
         };
+        let (link, hang_up) = BuilderLink::new(tx.clone());
         let machine = Machine {
             name: join.machine_name.clone(),
             connection: connection.clone(),
             instance_id: join.instance_id.clone(),
             systems: join.systems.clone(),
-            supported_features: join.supported_features,
-            mandatory_features: join.mandatory_features,
+            supported_features: join.supported_features.clone(),
+            mandatory_features: join.mandatory_features.clone(),
             max_jobs: join.max_jobs.max(1),
             speed_factor: if join.speed_factor > 0.0 {
                 join.speed_factor
@@ -286,20 +279,16 @@ impl RunnerService for BuilderTunnel {
             load1: 0.0,
             free_disk: None,
             substituter_timeouts: 0,
-            tx: tx.clone(),
+            link,
         };
-        let registered = {
-            let mut machines = self.shared.machines.lock();
-            let registered = machines.register(machine);
-            if registered.is_ok() {
-                // Under the lock: no job can be queued on the stream before
-                // the welcome (the channel is fresh, so this cannot fail).
-                let _ = tx.try_send(Ok(welcome));
-            }
-            registered
-        };
-        let replaced = match registered {
-            Ok(replaced) => replaced,
+        // The welcome is queued before any job can be (the channel is
+        // fresh, so this cannot fail).
+        let joined = self
+            .shared
+            .state
+            .machine_joined(machine, || drop(tx.try_send(Ok(welcome))));
+        let lost = match joined {
+            Ok(lost) => lost,
             Err(taken) => {
                 tracing::warn!(machine = %taken.0, "refused a builder: {taken}");
                 return Ok(refusal(tx, rx, taken.to_string(), true).await);
@@ -308,17 +297,17 @@ impl RunnerService for BuilderTunnel {
         tracing::info!(machine = %join.machine_name, systems = ?join.systems, max_jobs = join.max_jobs, "builder joined");
         let shared = self.shared.clone();
         tokio::spawn(async move {
-            if let Some(old) = replaced {
-                machine_gone(
-                    &shared,
-                    &old.name,
-                    &old.connection,
-                    "the machine reconnected",
-                )
-                .await;
+            for attempt in lost {
+                let reason = format!("machine {} reconnected", join.machine_name);
+                if let Err(e) = completion::abort_attempt(&shared, attempt, &reason).await {
+                    shared.die(e);
+                    return;
+                }
             }
-            shared.wake();
-            let end = control_loop(&shared, &join.machine_name, &connection, &mut inbound).await;
+            let end = tokio::select! {
+                end = control_loop(&shared, &join.machine_name, &connection, &mut inbound) => end,
+                _ = hang_up.notified() => "the builder stopped reading its control stream".to_owned(),
+            };
             machine_gone(&shared, &join.machine_name, &connection, &end).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -331,18 +320,16 @@ impl RunnerService for BuilderTunnel {
         let mut chunks = request.into_inner();
         let mut received = 0u64;
         while let Some(chunk) = chunks.message().await? {
-            let owned = {
-                let mut attempts = self.shared.attempts.lock();
-                attempts
-                    .owned(&chunk.attempt_id, &chunk.machine_id)
-                    .map(|attempt| {
+            let limit = self.shared.config().max_log_size.saturating_mul(2);
+            let owned =
+                self.shared
+                    .state
+                    .with_attempt(&chunk.attempt_id, &chunk.machine_id, |attempt| {
                         attempt.log_bytes += chunk.data.len() as u64;
                         // The builder enforces the log limit; this only
                         // bounds the damage of one that does not.
-                        (attempt.log_bytes <= self.shared.config().max_log_size.saturating_mul(2))
-                            .then(|| attempt.drv_path.clone())
-                    })
-            };
+                        (attempt.log_bytes <= limit).then(|| attempt.drv_path.clone())
+                    });
             let drv = match owned {
                 Ok(Some(drv)) => drv,
                 Ok(None) => continue,
@@ -369,10 +356,8 @@ impl RunnerService for BuilderTunnel {
         let req = request.into_inner();
         let owned = self
             .shared
-            .attempts
-            .lock()
-            .owned(&req.attempt_id, &req.machine_id)
-            .map(|_| ());
+            .state
+            .with_attempt(&req.attempt_id, &req.machine_id, |_| ());
         if let Err(e) = owned {
             let (conn, id) = (&req.machine_id, &req.attempt_id);
             return Err(refused(&self.shared, conn, id, "inputs", e.into()).await);
@@ -468,19 +453,16 @@ async fn control_loop(
         };
         match msg.msg {
             Some(builder_message::Msg::Ping(p)) => {
-                if let Some(m) = shared.machines.lock().get_mut(name) {
-                    m.load1 = p.load1;
-                    // 0 means the builder could not tell.
-                    m.free_disk = (p.free_disk_bytes > 0).then_some(p.free_disk_bytes);
-                    m.substituter_timeouts = p.substituter_timeouts;
-                }
+                // A free disk of 0 means the builder could not tell.
+                let disk = (p.free_disk_bytes > 0).then_some(p.free_disk_bytes);
+                shared
+                    .state
+                    .machine_pinged(name, p.load1, disk, p.substituter_timeouts);
             }
             Some(builder_message::Msg::Progress(p)) => {
                 let row = shared
-                    .attempts
-                    .lock()
-                    .owned(&p.attempt_id, connection)
-                    .map(|a| {
+                    .state
+                    .with_attempt(&p.attempt_id, connection, |a| {
                         let event = NewEvent::new(Kind::StepProgress, a.builds.clone())
                             .drv(shared.store.dir().display(&a.drv_path))
                             .machine(a.machine.as_str())
@@ -561,7 +543,7 @@ pub(crate) async fn refused(
     status: Status,
 ) -> Status {
     use crate::outside::{NAME_MAX, display_text};
-    let machine = shared.machines.lock().name_of(connection);
+    let machine = shared.state.machine_of_connection(connection);
     // Every field here is the builder's (an attempt id may be anything).
     let connection = display_text(connection, NAME_MAX);
     let attempt_id = display_text(attempt_id, NAME_MAX);
@@ -598,11 +580,9 @@ pub(crate) async fn refused(
 /// A machine's connection ended: its attempts are aborted and retried.
 async fn machine_gone(shared: &Shared, name: &str, connection: &str, why: &str) {
     tracing::warn!(machine = name, "builder left: {why}");
-    shared
-        .machines
-        .lock()
-        .unregister(name, connection, std::time::Instant::now());
-    let lost = shared.attempts.lock().take_all_of(connection);
+    let lost = shared
+        .state
+        .machine_left(name, connection, std::time::Instant::now());
     for attempt in lost {
         let reason = format!("machine {name} disconnected ({why})");
         if let Err(e) = completion::abort_attempt(shared, attempt, &reason).await {
@@ -610,5 +590,4 @@ async fn machine_gone(shared: &Shared, name: &str, connection: &str, why: &str) 
             return;
         }
     }
-    shared.wake();
 }

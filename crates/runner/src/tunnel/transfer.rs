@@ -86,10 +86,10 @@ pub async fn receive_output(
         }
     };
     let asked = shared
-        .attempts
-        .lock()
-        .owned(&header.attempt_id, &header.machine_id)
-        .map(|a| a.may_output(shared.store.dir(), &header.store_path));
+        .state
+        .with_attempt(&header.attempt_id, &header.machine_id, |a| {
+            a.may_output(shared.store.dir(), &header.store_path)
+        });
     let asked = match asked {
         Ok(asked) => asked,
         Err(e) => {
@@ -107,15 +107,15 @@ pub async fn receive_output(
     };
     match import(shared, &info, &mut stream).await {
         Ok(scan) => {
-            let mut attempts = shared.attempts.lock();
-            let attempt = attempts.owned(&header.attempt_id, &header.machine_id)?;
-            attempt.uploads.insert(
-                info.path.clone(),
-                Upload {
-                    nar_size: info.nar_size,
-                    scan,
-                },
-            );
+            let upload = Upload {
+                nar_size: info.nar_size,
+                scan,
+            };
+            shared
+                .state
+                .with_attempt(&header.attempt_id, &header.machine_id, |attempt| {
+                    attempt.uploads.insert(info.path.clone(), upload)
+                })?;
             Ok(info.path)
         }
         Err(ImportError::Fatal(e)) => {
@@ -130,9 +130,8 @@ pub async fn receive_output(
 async fn reject(shared: &Shared, header: &NarHeader, reason: String) -> Status {
     let msg = format!("output {} rejected: {reason}", header.store_path);
     let taken = shared
-        .attempts
-        .lock()
-        .take_owned(&header.attempt_id, &header.machine_id);
+        .state
+        .take_attempt(&header.attempt_id, &header.machine_id);
     if let Ok(attempt) = taken
         && let Err(e) = crate::completion::abort_attempt(shared, attempt, &msg).await
     {

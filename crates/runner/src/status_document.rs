@@ -9,58 +9,53 @@
 //! failed write is logged and tried again next time. Each write is followed
 //! by a `queue_runner_status` notification.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::{QueueCounts, Shared};
+use crate::Shared;
+use crate::state::{MachineView, QueueCounts};
 
 /// The status document now.
 pub fn snapshot(shared: &Shared, started: Instant) -> Value {
     let now = Instant::now();
     let epoch = crate::record::now();
-    let at_epoch = |t: Instant| crate::record::unix_seconds(t, now);
     let QueueCounts {
         builds: queued,
         steps,
         runnable,
         running: active,
-    } = shared.queue_counts();
-    let machines = shared.machines.lock();
-    let mut by_name: BTreeMap<String, Value> = BTreeMap::new();
-    for m in machines.connected() {
-        let health = machines.health(&m.name);
-        by_name.insert(
-            m.name.clone(),
+        ..
+    } = shared.state.queue_counts();
+    let mut machines = serde_json::Map::new();
+    for m in shared.state.machine_views(now) {
+        let doc = if m.connected {
             json!({
-                "enabled": !machines.is_drained(&m.name),
+                "enabled": !m.drained,
                 "connected": true,
                 "systemTypes": m.systems,
                 "supportedFeatures": m.supported_features,
                 "mandatoryFeatures": m.mandatory_features,
                 "maxJobs": m.max_jobs,
-                "currentJobs": m.running.len(),
+                "currentJobs": m.running,
                 "speedFactor": m.speed_factor,
                 "load1": m.load1,
                 "substituterTimeouts": m.substituter_timeouts,
-                "consecutiveFailures": health.consecutive_failures,
-                "disabledUntil": health.rested_until.filter(|t| *t > now).map_or(0, at_epoch),
-                "nrStepsDone": machines.done(&m.name).steps,
-                "avgStepTime": avg_secs(machines.done(&m.name)),
-            }),
-        );
-    }
-    for (name, health) in machines.all_health() {
-        by_name.entry(name.clone()).or_insert_with(|| {
-            json!({
-                "enabled": true,
-                "connected": false,
-                "consecutiveFailures": health.consecutive_failures,
-                "disabledUntil": health.rested_until.filter(|t| *t > now).map_or(0, at_epoch),
+                "consecutiveFailures": m.consecutive_failures,
+                "disabledUntil": disabled_until(&m, epoch),
+                "nrStepsDone": m.steps_done,
+                "avgStepTime": m.avg_step.as_secs_f64(),
             })
-        });
+        } else {
+            json!({
+                "enabled": !m.drained,
+                "connected": false,
+                "consecutiveFailures": m.consecutive_failures,
+                "disabledUntil": disabled_until(&m, epoch),
+            })
+        };
+        machines.insert(m.name, doc);
     }
     json!({
         "status": "up",
@@ -71,16 +66,13 @@ pub fn snapshot(shared: &Shared, started: Instant) -> Value {
         "nrUnfinishedSteps": steps,
         "nrRunnableSteps": runnable,
         "nrActiveSteps": active,
-        "machines": by_name,
+        "machines": machines,
     })
 }
 
-fn avg_secs(done: crate::dispatch::machines::Done) -> f64 {
-    if done.steps == 0 {
-        0.0
-    } else {
-        done.total_millis as f64 / done.steps as f64 / 1000.0
-    }
+/// Unix seconds until which the machine rests; 0 when it does not.
+fn disabled_until(m: &MachineView, epoch: i64) -> i64 {
+    m.rested_for.map_or(0, |d| epoch + d.as_secs() as i64)
 }
 
 /// The machines as Hydra's web interface asks the queue runner for them
@@ -89,11 +81,12 @@ fn avg_secs(done: crate::dispatch::machines::Done) -> f64 {
 /// "supportedFeatures", "mandatoryFeatures", "hasCapacity", "stats":
 /// {"load1", "nrStepsDone", "avgStepBuildTimeMs", ...}}}}`.
 pub fn machines_for_hydra_web(shared: &Shared) -> Value {
-    let machines = shared.machines.lock();
     let mut by_name = serde_json::Map::new();
-    for m in machines.connected() {
-        let done = machines.done(&m.name);
-        let has_capacity = m.free_slots() > 0 && !machines.is_drained(&m.name);
+    for m in shared.state.machine_views(Instant::now()) {
+        if !m.connected {
+            continue;
+        }
+        let capacity = m.has_capacity();
         by_name.insert(
             m.name.clone(),
             json!({
@@ -102,16 +95,16 @@ pub fn machines_for_hydra_web(shared: &Shared) -> Value {
                 "speedFactor": m.speed_factor,
                 "supportedFeatures": m.supported_features,
                 "mandatoryFeatures": m.mandatory_features,
-                "hasCapacity": has_capacity,
-                "hasStaticCapacity": has_capacity,
-                "hasDynamicCapacity": has_capacity,
+                "hasCapacity": capacity,
+                "hasStaticCapacity": capacity,
+                "hasDynamicCapacity": capacity,
                 "score": m.speed_factor,
                 "totalMem": 0,
                 "stats": {
-                    "currentJobs": m.running.len(),
+                    "currentJobs": m.running,
                     "load1": m.load1,
-                    "nrStepsDone": done.steps,
-                    "avgStepBuildTimeMs": avg_secs(done) * 1000.0,
+                    "nrStepsDone": m.steps_done,
+                    "avgStepBuildTimeMs": m.avg_step.as_millis() as u64,
                 },
             }),
         );

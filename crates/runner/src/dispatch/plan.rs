@@ -1,0 +1,415 @@
+//! Dispatch planning: which runnable steps go to which machines, as a
+//! pure function of the graph, the machines, the shares and the policy.
+//! [`crate::state::State::plan_round`] applies what it decides.
+//!
+//! The brief's rules: steps in the order of [`super::order::OrderKey`]
+//! (global priority with aging, jobset fair share, critical path, local
+//! priority, lowest build id); each to the fastest, least loaded machine
+//! that supports its system and features, is neither resting nor drained,
+//! has disk, and preferably has not failed it before. A step no machine
+//! supports (connected, or away for less than `machine_memory_secs`) is
+//! set aside before sorting, and fails as unsupported after
+//! `max_unsupported_secs`, unless no machine is connected at all (an
+//! outage fails nothing).
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use hydra_nix::StorePath;
+use uuid::Uuid;
+
+use super::machines::{Machines, NoMachine};
+use super::order::{OrderKey, Shares, aging_bonus};
+use crate::config::RunnerConfig;
+use crate::graph::{Build, Graph, SchedFacts, StepId, StepState};
+use crate::tunnel::BuilderLink;
+
+/// The settings planning depends on.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub max_unsupported: Duration,
+    pub priority_aging_secs: u64,
+    pub min_free_disk: u64,
+}
+
+impl Policy {
+    pub fn of(config: &RunnerConfig) -> Policy {
+        Policy {
+            max_unsupported: Duration::from_secs(config.max_unsupported_secs),
+            priority_aging_secs: config.priority_aging_secs,
+            min_free_disk: config.min_free_disk,
+        }
+    }
+}
+
+/// What planning decided.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Decided {
+    /// Steps and the machine each goes to, in dispatch order.
+    pub assignments: Vec<(StepId, String)>,
+    /// Runnable steps no machine supported for too long: they fail.
+    pub unsupported: Vec<StepId>,
+    /// Steps found unsupported now (the time is noted on them).
+    pub newly_unsupported: Vec<StepId>,
+    /// Steps that had been unsupported and are supported again.
+    pub supported_again: Vec<StepId>,
+    /// When to plan again without a wake-up (a backoff ends, a rest ends,
+    /// a step has been unsupported long enough).
+    pub next_deadline: Option<Instant>,
+}
+
+/// A step given to a machine, before it is persisted and sent.
+#[derive(Debug)]
+pub struct Assignment {
+    pub step: StepId,
+    pub drv_path: StorePath,
+    pub system: String,
+    pub attempt: Uuid,
+    pub machine: String,
+    pub connection: String,
+    pub link: BuilderLink,
+    /// The build whose BuildSteps records the attempt.
+    pub owner: Build,
+    /// When the step became runnable (for the dispatch latency).
+    pub runnable_since: Instant,
+    /// Every live build that needs the step (for its events).
+    pub builds: Vec<crate::graph::BuildId>,
+    pub facts: SchedFacts,
+}
+
+/// What one round does.
+#[derive(Debug, Default)]
+pub struct Round {
+    pub assignments: Vec<Assignment>,
+    /// Runnable steps no machine supported for too long.
+    pub unsupported: Vec<StepId>,
+    /// When the next round is due without a wake-up.
+    pub next_deadline: Option<Instant>,
+}
+
+impl Round {
+    /// The next round is due at `t` at the latest.
+    pub fn due(&mut self, t: Instant) {
+        self.next_deadline = Some(self.next_deadline.map_or(t, |d| d.min(t)));
+    }
+}
+
+impl Decided {
+    fn due(&mut self, t: Instant) {
+        self.next_deadline = Some(self.next_deadline.map_or(t, |d| d.min(t)));
+    }
+}
+
+/// A kind of step, as machines see it: its system and required features.
+type Kind<'a> = (&'a str, &'a [String]);
+
+/// Decides which runnable steps go where (see the module's head).
+pub fn plan(
+    graph: &Graph,
+    machines: &Machines,
+    shares: &Shares,
+    policy: &Policy,
+    now: Instant,
+) -> Decided {
+    let mut out = Decided::default();
+    // Steps no machine supports are set aside before sorting (a queue full
+    // of them must not slow every round); which kinds of step have no free
+    // machine is remembered for the rest of the round.
+    let outage = machines.is_empty();
+    let mut supported: HashMap<Kind<'_>, bool> = HashMap::new();
+    let mut queue: Vec<(OrderKey, StepId)> = Vec::new();
+    for (id, step) in graph.runnable() {
+        let kind = (step.system.as_str(), step.required_features.as_slice());
+        let any = *supported
+            .entry(kind)
+            .or_insert_with(|| machines.supports_any(&step.system, &step.required_features));
+        match step.state {
+            StepState::Runnable {
+                not_before: Some(t),
+                ..
+            } if t > now => out.due(t),
+            _ if !any => {
+                if outage {
+                    continue;
+                }
+                let since = step.unsupported_since.unwrap_or(now);
+                if step.unsupported_since.is_none() {
+                    out.newly_unsupported.push(id);
+                }
+                if now.duration_since(since) >= policy.max_unsupported {
+                    out.unsupported.push(id);
+                } else {
+                    out.due(since + policy.max_unsupported);
+                }
+            }
+            StepState::Runnable { since, .. } => {
+                let waited = now.saturating_duration_since(since);
+                let bonus = aging_bonus(waited, policy.priority_aging_secs);
+                queue.push((OrderKey::new(&step.sched, shares, bonus), id));
+            }
+            _ => queue.push((OrderKey::new(&step.sched, shares, 0), id)),
+        }
+    }
+    queue.sort_by(|a, b| a.0.dispatch_order(&b.0));
+
+    let mut full: HashSet<Kind<'_>> = HashSet::new();
+    let mut planned: HashMap<String, u32> = HashMap::new();
+    for (_, id) in queue {
+        let step = graph.step(id).expect("runnable step");
+        let kind = (step.system.as_str(), step.required_features.as_slice());
+        let chosen = if full.contains(&kind) {
+            Err(NoMachine::Busy)
+        } else {
+            machines.choose_with(
+                &step.system,
+                &step.required_features,
+                policy.min_free_disk,
+                now,
+                &step.failed_on,
+                &planned,
+            )
+        };
+        match chosen {
+            // No connected machine, but one that went away supports it
+            // (those nobody supports were set aside before sorting): it
+            // waits for that machine as for a busy one.
+            Err(NoMachine::Unsupported | NoMachine::Busy) => {
+                if step.unsupported_since.is_some() {
+                    out.supported_again.push(id);
+                }
+                if full.insert(kind)
+                    && let Some(t) = machines.next_rest_end(now)
+                {
+                    out.due(t);
+                }
+            }
+            Ok(machine) => {
+                if step.unsupported_since.is_some() {
+                    out.supported_again.push(id);
+                }
+                *planned.entry(machine.name.clone()).or_default() += 1;
+                out.assignments.push((id, machine.name.clone()));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::machines::Machine;
+    use crate::graph::{LoadPlan, NewStep};
+
+    fn path(name: &str) -> StorePath {
+        StorePath::from_base_name(&format!("7rjj86a15146cq1d3qy068lml7n8ykzm-{name}.drv")).unwrap()
+    }
+
+    fn machine(name: &str, systems: &[&str], features: &[&str], speed: f32, jobs: u32) -> Machine {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect();
+        Machine {
+            name: name.into(),
+            connection: format!("{name}-conn"),
+            instance_id: name.into(),
+            systems: s(systems),
+            supported_features: s(features),
+            mandatory_features: vec![],
+            max_jobs: jobs,
+            speed_factor: speed,
+            running: Default::default(),
+            load1: 0.0,
+            free_disk: None,
+            substituter_timeouts: 0,
+            link: BuilderLink::detached(),
+        }
+    }
+
+    /// A build of one step `name` on `system`, with priorities.
+    fn add(g: &mut Graph, id: i32, name: &str, system: &str, global: i32, local: i32) -> StepId {
+        let build = Build {
+            id,
+            drv_path: path(name),
+            jobset_id: 1,
+            project: "p".into(),
+            jobset: "j".into(),
+            job: name.into(),
+            timestamp: 0,
+            local_priority: local,
+            global_priority: global,
+            max_silent_secs: 60,
+            timeout_secs: 60,
+        };
+        let plan = LoadPlan {
+            new_steps: vec![NewStep {
+                drv_path: path(name),
+                system: system.into(),
+                required_features: vec![],
+                inputs: vec![],
+                needs_resolution: false,
+            }],
+            ..LoadPlan::default()
+        };
+        g.insert_build(build, plan, Instant::now()).unwrap();
+        g.step_id(&path(name)).unwrap()
+    }
+
+    fn policy() -> Policy {
+        Policy {
+            max_unsupported: Duration::from_secs(60),
+            priority_aging_secs: 0,
+            min_free_disk: 0,
+        }
+    }
+
+    fn names(g: &Graph, d: &Decided) -> Vec<(String, String)> {
+        d.assignments
+            .iter()
+            .map(|(id, m)| (g.step(*id).unwrap().drv_path.name().to_owned(), m.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn the_highest_priority_steps_take_the_free_slots_fastest_machine_first() {
+        let mut g = Graph::default();
+        add(&mut g, 1, "low", "x86_64-linux", 0, 0);
+        add(&mut g, 2, "bumped", "x86_64-linux", 10, 0);
+        add(&mut g, 3, "local", "x86_64-linux", 0, 5);
+        let mut ms = Machines::default();
+        ms.register(machine("slow", &["x86_64-linux"], &[], 1.0, 1))
+            .unwrap();
+        ms.register(machine("fast", &["x86_64-linux"], &[], 4.0, 1))
+            .unwrap();
+        let d = plan(&g, &ms, &Shares::default(), &policy(), Instant::now());
+        assert_eq!(
+            names(&g, &d),
+            [
+                ("bumped.drv".into(), "fast".into()),
+                ("local.drv".into(), "slow".into()),
+            ],
+            "two slots: global priority first, then local; the fastest machine first"
+        );
+    }
+
+    #[test]
+    fn planned_slots_count_within_a_round() {
+        let mut g = Graph::default();
+        for i in 0..5 {
+            add(&mut g, i, &format!("s{i}"), "x86_64-linux", 0, 0);
+        }
+        let mut ms = Machines::default();
+        ms.register(machine("m", &["x86_64-linux"], &[], 1.0, 3))
+            .unwrap();
+        let d = plan(&g, &ms, &Shares::default(), &policy(), Instant::now());
+        assert_eq!(d.assignments.len(), 3, "three slots, three steps");
+    }
+
+    #[test]
+    fn a_fairer_jobset_goes_first_at_equal_priority() {
+        let mut g = Graph::default();
+        let busy = add(&mut g, 1, "busy-jobset", "x86_64-linux", 0, 0);
+        let _ = busy;
+        let mut idle_build = g.build(1).unwrap().clone();
+        idle_build.id = 2;
+        idle_build.jobset_id = 2;
+        idle_build.drv_path = path("idle-jobset");
+        let plan_idle = LoadPlan {
+            new_steps: vec![NewStep {
+                drv_path: path("idle-jobset"),
+                system: "x86_64-linux".into(),
+                required_features: vec![],
+                inputs: vec![],
+                needs_resolution: false,
+            }],
+            ..LoadPlan::default()
+        };
+        g.insert_build(idle_build, plan_idle, Instant::now())
+            .unwrap();
+        let mut shares = Shares::default();
+        shares.set_used(1, 10_000.0);
+        let mut ms = Machines::default();
+        ms.register(machine("m", &["x86_64-linux"], &[], 1.0, 1))
+            .unwrap();
+        let d = plan(&g, &ms, &shares, &policy(), Instant::now());
+        assert_eq!(names(&g, &d)[0].0, "idle-jobset.drv");
+    }
+
+    #[test]
+    fn an_unsupported_step_waits_then_fails_and_an_outage_fails_nothing() {
+        let mut g = Graph::default();
+        let arm = add(&mut g, 1, "arm", "aarch64-linux", 0, 0);
+        let mut ms = Machines::default();
+        let now = Instant::now();
+        let outage = plan(&g, &ms, &Shares::default(), &policy(), now);
+        assert!(outage.newly_unsupported.is_empty() && outage.unsupported.is_empty());
+        ms.register(machine("x86", &["x86_64-linux"], &[], 1.0, 1))
+            .unwrap();
+        let first = plan(&g, &ms, &Shares::default(), &policy(), now);
+        assert_eq!(first.newly_unsupported, vec![arm]);
+        assert!(first.unsupported.is_empty());
+        assert_eq!(first.next_deadline, Some(now + Duration::from_secs(60)));
+        g.set_unsupported_since(arm, Some(now));
+        let later = plan(
+            &g,
+            &ms,
+            &Shares::default(),
+            &policy(),
+            now + Duration::from_secs(61),
+        );
+        assert_eq!(later.unsupported, vec![arm]);
+    }
+
+    #[test]
+    fn a_step_backing_off_is_not_planned_before_its_time() {
+        let mut g = Graph::default();
+        let id = add(&mut g, 1, "flaky", "x86_64-linux", 0, 0);
+        let now = Instant::now();
+        let a = Uuid::new_v4();
+        g.mark_dispatched(id, a, "m").unwrap();
+        let t = now + Duration::from_secs(30);
+        g.requeue(&path("flaky"), &a, now, Some(t)).unwrap();
+        let mut ms = Machines::default();
+        ms.register(machine("m", &["x86_64-linux"], &[], 1.0, 1))
+            .unwrap();
+        let d = plan(&g, &ms, &Shares::default(), &policy(), now);
+        assert!(d.assignments.is_empty());
+        assert_eq!(d.next_deadline, Some(t));
+        let d = plan(&g, &ms, &Shares::default(), &policy(), t);
+        assert_eq!(d.assignments.len(), 1);
+    }
+
+    #[test]
+    fn a_required_feature_goes_only_to_a_machine_that_offers_it() {
+        let mut g = Graph::default();
+        let build = Build {
+            id: 1,
+            drv_path: path("kvm"),
+            jobset_id: 1,
+            project: "p".into(),
+            jobset: "j".into(),
+            job: "kvm".into(),
+            timestamp: 0,
+            local_priority: 0,
+            global_priority: 0,
+            max_silent_secs: 60,
+            timeout_secs: 60,
+        };
+        let plan_kvm = LoadPlan {
+            new_steps: vec![NewStep {
+                drv_path: path("kvm"),
+                system: "x86_64-linux".into(),
+                required_features: vec!["kvm".into()],
+                inputs: vec![],
+                needs_resolution: false,
+            }],
+            ..LoadPlan::default()
+        };
+        g.insert_build(build, plan_kvm, Instant::now()).unwrap();
+        let mut ms = Machines::default();
+        ms.register(machine("plain", &["x86_64-linux"], &[], 9.0, 1))
+            .unwrap();
+        ms.register(machine("kvm-box", &["x86_64-linux"], &["kvm"], 1.0, 1))
+            .unwrap();
+        let d = plan(&g, &ms, &Shares::default(), &policy(), Instant::now());
+        assert_eq!(names(&g, &d)[0].1, "kvm-box");
+    }
+}

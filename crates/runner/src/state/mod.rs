@@ -1,0 +1,716 @@
+//! The runner's in-memory state, behind one handle: the step graph, the
+//! machines, the running attempts and the jobsets' shares.
+//!
+//! It is the only owner of those facts. Its methods are named after what
+//! happened (a build was loaded, an attempt started, a machine left, a
+//! step succeeded); each keeps every record of a fact consistent (that a
+//! step runs is known to the step's state, to its machine's slots and to
+//! the attempts, and only these methods change any of them) and wakes the
+//! dispatcher or the resolver when the event gives them work. Callers never
+//! lock anything: one mutex, taken inside each method, never held across an
+//! await, so there is no lock order to keep. Read-only questions that need
+//! several facts at once go through [`State::read`].
+//!
+//! [`State::check`] states the invariants; a property test drives random
+//! sequences of events through the handle and checks them after each.
+
+mod views;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use hydra_nix::StorePath;
+use parking_lot::{Mutex, MutexGuard};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::attempts::{Attempt, Attempts, OwnershipError};
+use crate::config::RunnerConfig;
+use crate::dispatch::machines::{Machine, Machines, NameTaken};
+use crate::dispatch::order::Shares;
+use crate::dispatch::plan::{self, Assignment, Round};
+use crate::graph::{
+    Build, BuildId, Dropped, Failed, Graph, InsertError, LoadPlan, NewStep, StepId, Succeeded,
+    SystemSteps, TransitionError,
+};
+use crate::tunnel::BuilderLink;
+
+pub use views::{MachineView, QueueCounts};
+
+/// Everything the handle owns.
+#[derive(Default)]
+struct Inner {
+    graph: Graph,
+    machines: Machines,
+    attempts: Attempts,
+    shares: Shares,
+    /// Builds that had a step started in this process (for `build_started`).
+    started_builds: HashSet<BuildId>,
+}
+
+/// Read-only access to the state, for questions that need several facts
+/// at once (status pages, Explain). Nothing in it can change anything.
+pub struct View<'a> {
+    pub graph: &'a Graph,
+    pub machines: &'a Machines,
+    pub attempts: &'a Attempts,
+}
+
+#[derive(Default)]
+pub struct State {
+    inner: Mutex<Inner>,
+    dispatcher: Notify,
+    resolver: Notify,
+}
+
+/// How an attempt ended, for its machine's record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptEnd {
+    /// The build ran to a result (success or a failure of the build): the
+    /// machine works.
+    Completed,
+    /// A fault of the machine or the transfer: it counts towards a rest.
+    Aborted,
+    /// Not the machine's doing (a transient failure of the build, a
+    /// cancel): nothing is counted.
+    Neutral,
+}
+
+/// What became of a step whose attempt was aborted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Requeued {
+    /// Back in its queue, after the backoff.
+    Queued,
+    /// Nobody needs it any more, or it is not this attempt's step.
+    Gone,
+    /// It was tried `tries` times: it fails now.
+    GiveUp { step: StepId, tries: u32 },
+}
+
+/// A step about to succeed, as the state had it before the transaction.
+#[derive(Debug, Clone)]
+pub struct Finishing {
+    pub step: StepId,
+    /// Builds whose top-level step it is.
+    pub direct: Vec<Build>,
+    /// Derivations that resolved to it.
+    pub resolved_from: Vec<StorePath>,
+    /// Every build that needs it now (for its event).
+    pub needed_by: Vec<BuildId>,
+    pub system: String,
+}
+
+/// A step about to fail, as the graph had it.
+#[derive(Debug, Clone)]
+pub struct Failing {
+    pub drv: StorePath,
+    pub system: String,
+    /// Derivations resolved to it: a build of one of them failed itself,
+    /// it is not a dependency failure.
+    pub resolved_from: Vec<StorePath>,
+    /// Every build that needs it.
+    pub builds: Vec<Build>,
+}
+
+impl Failing {
+    pub fn is_top_level_of(&self, build: &Build) -> bool {
+        build.drv_path == self.drv || self.resolved_from.contains(&build.drv_path)
+    }
+}
+
+/// A step taken for resolution, as the graph had it.
+#[derive(Debug, Clone)]
+pub struct Resolving {
+    pub drv_path: StorePath,
+    pub system: String,
+    pub required_features: Vec<String>,
+    /// The build whose BuildSteps rows record the step.
+    pub owner: Build,
+    /// Every live build that needs it.
+    pub builds: Vec<BuildId>,
+}
+
+impl State {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock()
+    }
+
+    fn wake(&self) {
+        self.dispatcher.notify_one();
+        self.resolver.notify_one();
+    }
+
+    /// Waits until something may have given the dispatcher work.
+    pub async fn dispatcher_woken(&self) {
+        self.dispatcher.notified().await
+    }
+
+    /// Waits until something may have given the resolver work.
+    pub async fn resolver_woken(&self) {
+        self.resolver.notified().await
+    }
+
+    /// The configuration changed (limits, drains): everybody looks again.
+    pub fn settings_changed(&self) {
+        self.wake();
+    }
+
+    /// Answers a question that needs several facts at once.
+    pub fn read<R>(&self, f: impl FnOnce(&View<'_>) -> R) -> R {
+        let inner = self.lock();
+        f(&View {
+            graph: &inner.graph,
+            machines: &inner.machines,
+            attempts: &inner.attempts,
+        })
+    }
+
+    // Builds, from the queue monitor.
+
+    pub fn has_build(&self, id: BuildId) -> bool {
+        self.lock().graph.build(id).is_some()
+    }
+
+    pub fn has_step(&self, drv: &StorePath) -> bool {
+        self.lock().graph.step_id(drv).is_some()
+    }
+
+    /// A build was read from the queue, with the steps it needs. The
+    /// dispatcher is not woken for each (a batch of thousands would make
+    /// a round of each): [`State::batch_loaded`] wakes it.
+    pub fn build_loaded(
+        &self,
+        build: Build,
+        plan: LoadPlan,
+        now: Instant,
+    ) -> Result<Vec<StepId>, InsertError> {
+        self.lock().graph.insert_build(build, plan, now)
+    }
+
+    /// A batch of builds was loaded (or some of one, to start early).
+    pub fn batch_loaded(&self) {
+        self.wake();
+    }
+
+    /// Builds left the queue (cancelled, deleted, superseded): they leave
+    /// the graph with the steps only they needed. With `keep_running`, a
+    /// running step only they needed finishes first (a soft supersede).
+    pub fn builds_removed(&self, ids: &[BuildId], keep_running: bool) -> Dropped {
+        let dropped = {
+            let mut inner = self.lock();
+            for id in ids {
+                inner.started_builds.remove(id);
+            }
+            if keep_running {
+                inner.graph.remove_builds_keeping_running(ids)
+            } else {
+                inner.graph.remove_builds(ids)
+            }
+        };
+        self.wake();
+        dropped
+    }
+
+    /// An admin bumped a build's priority.
+    pub fn build_bumped(&self, id: BuildId, global_priority: i32) {
+        self.lock().graph.bump_build(id, global_priority);
+        self.wake();
+    }
+
+    /// The jobsets' scheduling shares and recent build time were read:
+    /// (jobset, shares, seconds used in the last 24 h).
+    pub fn shares_loaded(&self, rows: impl IntoIterator<Item = (i32, u32, f64)>) {
+        let mut inner = self.lock();
+        for (jobset, shares, used) in rows {
+            inner.shares.set_shares(jobset, shares);
+            inner.shares.set_used(jobset, used);
+        }
+    }
+
+    /// `build`'s jobset used `secs` of build time.
+    pub fn time_used(&self, build: BuildId, secs: f64, now: Instant) {
+        let mut inner = self.lock();
+        if let Some(jobset) = inner.graph.build(build).map(|b| b.jobset_id) {
+            inner.shares.add_used(jobset, secs, now);
+        }
+    }
+
+    // Dispatch.
+
+    /// Plans a dispatch round (a pure decision, [`plan::plan`]) and applies
+    /// it: every assigned step runs on its machine from now on (its slot
+    /// taken), and what no machine supports is marked so.
+    pub fn plan_round(&self, config: &RunnerConfig, now: Instant) -> Round {
+        let mut inner = self.lock();
+        let Inner {
+            graph,
+            machines,
+            shares,
+            ..
+        } = &mut *inner;
+        let memory = Duration::from_secs(config.machine_memory_secs);
+        machines.forget_departed(now, memory);
+        let policy = plan::Policy::of(config);
+        let decided = plan::plan(graph, machines, shares, &policy, now);
+        for id in &decided.newly_unsupported {
+            graph.set_unsupported_since(*id, Some(now));
+        }
+        for id in &decided.supported_again {
+            graph.set_unsupported_since(*id, None);
+        }
+        let mut round = Round {
+            unsupported: decided.unsupported,
+            next_deadline: decided.next_deadline,
+            ..Round::default()
+        };
+        if let Some(t) = machines.next_forgotten(memory) {
+            round.due(t);
+        }
+        for (id, machine) in decided.assignments {
+            let step = graph.step(id).expect("a planned step is in the graph");
+            let (owner, builds) = graph
+                .owner_and_dependents(id)
+                .expect("a step in the graph has a build");
+            let m = machines.get(&machine).expect("a planned machine");
+            let assignment = Assignment {
+                step: id,
+                drv_path: step.drv_path.clone(),
+                system: step.system.clone(),
+                attempt: Uuid::new_v4(),
+                machine: machine.clone(),
+                connection: m.connection.clone(),
+                link: m.link.clone(),
+                owner,
+                builds,
+                runnable_since: step.runnable_since(now),
+                facts: step.sched.clone(),
+            };
+            graph
+                .mark_dispatched(id, assignment.attempt, &machine)
+                .expect("a planned step is runnable");
+            machines
+                .get_mut(&machine)
+                .expect("a planned machine")
+                .running
+                .insert(assignment.attempt);
+            round.assignments.push(assignment);
+        }
+        round
+    }
+
+    /// Whether a step of `build` was started before in this process.
+    pub fn build_started_before(&self, build: BuildId) -> bool {
+        self.lock().started_builds.contains(&build)
+    }
+
+    /// The attempt was persisted: it runs from now on, unless its machine
+    /// left meanwhile (then it is handed back, for the caller to abort: the
+    /// machine's departure took its attempts before this one was there).
+    pub fn attempt_started(&self, attempt: Attempt) -> Result<(), Box<Attempt>> {
+        let mut inner = self.lock();
+        let connected = inner
+            .machines
+            .get(&attempt.machine)
+            .is_some_and(|m| m.connection == attempt.connection);
+        if !connected {
+            return Err(Box::new(attempt));
+        }
+        inner.started_builds.insert(attempt.build);
+        inner.attempts.insert(attempt);
+        Ok(())
+    }
+
+    /// An assignment was never persisted (its owner build was deleted
+    /// meanwhile): the slot is freed and the step planned again after
+    /// `pause`, with nothing counted against step or machine.
+    pub fn attempt_not_started(&self, a: &Assignment, pause: Duration) {
+        {
+            let mut inner = self.lock();
+            inner.machines.release(&a.machine, &a.attempt);
+            let now = Instant::now();
+            let _ = inner
+                .graph
+                .unstart(&a.drv_path, &a.attempt, now, Some(now + pause));
+        }
+        self.wake();
+    }
+
+    /// A step whose job could not even be prepared leaves its machine (its
+    /// slot freed); the caller fails it.
+    pub fn attempt_unprepared(&self, a: &Assignment) -> bool {
+        let mut inner = self.lock();
+        inner.machines.release(&a.machine, &a.attempt);
+        inner
+            .graph
+            .requeue(&a.drv_path, &a.attempt, Instant::now(), None)
+            .is_ok()
+    }
+
+    // Attempts, from builders' calls.
+
+    /// `f` on the running attempt `id`, if `connection` owns it.
+    pub fn with_attempt<R>(
+        &self,
+        id: &str,
+        connection: &str,
+        f: impl FnOnce(&mut Attempt) -> R,
+    ) -> Result<R, OwnershipError> {
+        let mut inner = self.lock();
+        inner.attempts.owned(id, connection).map(f)
+    }
+
+    /// Takes attempt `id` out of the running set, if `connection` owns it:
+    /// whoever takes it is the only one to finish it.
+    pub fn take_attempt(&self, id: &str, connection: &str) -> Result<Attempt, OwnershipError> {
+        self.lock().attempts.take_owned(id, connection)
+    }
+
+    /// Takes attempt `id` out of the running set, whoever owns it.
+    pub fn take_attempt_by_id(&self, id: &Uuid) -> Option<Attempt> {
+        self.lock().attempts.take(id)
+    }
+
+    /// An attempt (taken out of the running set) ended: its slot is free,
+    /// and its machine's record counts how. Returns the rest the machine
+    /// now takes, when this abort makes it rest.
+    pub fn attempt_ended(
+        &self,
+        attempt: &Attempt,
+        how: AttemptEnd,
+        config: &RunnerConfig,
+        now: Instant,
+    ) -> Option<Duration> {
+        let rest = {
+            let mut inner = self.lock();
+            inner.machines.release(&attempt.machine, &attempt.id);
+            inner
+                .machines
+                .count_done(&attempt.machine, attempt.dispatched_at.elapsed());
+            match how {
+                AttemptEnd::Completed => {
+                    inner.machines.record_success(&attempt.machine);
+                    None
+                }
+                AttemptEnd::Aborted => inner
+                    .machines
+                    .record_failure(&attempt.machine, now, |n| config.machine_rest(n)),
+                AttemptEnd::Neutral => None,
+            }
+        };
+        self.wake();
+        rest
+    }
+
+    /// The ended `attempt`'s step goes back to its queue after `wait`; or
+    /// gives up after `max_tries`; or is dropped when only a superseded
+    /// build wanted it.
+    pub fn attempt_requeued(&self, attempt: &Attempt, wait: Duration, max_tries: u32) -> Requeued {
+        let outcome = {
+            let mut inner = self.lock();
+            let graph = &mut inner.graph;
+            match graph.step_id(&attempt.drv_path) {
+                None => Requeued::Gone,
+                Some(id) => {
+                    let tries = graph.step(id).map_or(0, |s| s.aborted_attempts) + 1;
+                    let now = Instant::now();
+                    if graph
+                        .requeue(&attempt.drv_path, &attempt.id, now, Some(now + wait))
+                        .is_err()
+                        || graph.drop_if_unneeded(id)
+                    {
+                        Requeued::Gone
+                    } else if tries >= max_tries {
+                        Requeued::GiveUp { step: id, tries }
+                    } else {
+                        Requeued::Queued
+                    }
+                }
+            }
+        };
+        self.wake();
+        outcome
+    }
+
+    // Machines, from the tunnel.
+
+    /// A builder joined. Refused (with the reason) when another builder
+    /// process is connected under its name; otherwise it replaces a
+    /// previous connection of the same process, whose attempts are handed
+    /// back for the caller to abort. `on_joined` runs while no job can be
+    /// queued for it yet (the welcome goes first).
+    pub fn machine_joined(
+        &self,
+        machine: Machine,
+        on_joined: impl FnOnce(),
+    ) -> Result<Vec<Attempt>, NameTaken> {
+        let lost = {
+            let mut inner = self.lock();
+            let replaced = inner.machines.register(machine)?;
+            on_joined();
+            match replaced {
+                Some(old) => inner.attempts.take_all_of(&old.connection),
+                None => Vec::new(),
+            }
+        };
+        self.wake();
+        Ok(lost)
+    }
+
+    /// The machine's connection ended: it leaves (remembered for
+    /// `machine_memory_secs`), and its running attempts are handed to the
+    /// caller to abort. One step: no attempt can start on it after this.
+    pub fn machine_left(&self, name: &str, connection: &str, now: Instant) -> Vec<Attempt> {
+        let lost = {
+            let mut inner = self.lock();
+            inner.machines.unregister(name, connection, now);
+            inner.attempts.take_all_of(connection)
+        };
+        self.wake();
+        lost
+    }
+
+    /// A ping: the machine's load, free disk and substituter timeouts.
+    pub fn machine_pinged(&self, name: &str, load1: f32, free_disk: Option<u64>, timeouts: u64) {
+        if let Some(m) = self.lock().machines.get_mut(name) {
+            m.load1 = load1;
+            m.free_disk = free_disk;
+            m.substituter_timeouts = timeouts;
+        }
+    }
+
+    /// An operator drained (or undrained) a machine, connected or not.
+    pub fn machine_drained(&self, name: &str, drained: bool) {
+        self.lock().machines.set_drained(name, drained);
+        self.wake();
+    }
+
+    /// The name of the machine whose current connection is `connection`.
+    pub fn machine_of_connection(&self, connection: &str) -> Option<String> {
+        self.lock().machines.name_of(connection)
+    }
+
+    /// The link to every connected builder.
+    pub fn links(&self) -> Vec<BuilderLink> {
+        self.lock()
+            .machines
+            .connected()
+            .map(|m| m.link.clone())
+            .collect()
+    }
+
+    /// The link to `machine`, if it is connected.
+    pub fn link_of(&self, machine: &str) -> Option<BuilderLink> {
+        self.lock().machines.get(machine).map(|m| m.link.clone())
+    }
+
+    // Steps, from completion and the resolver.
+
+    /// The step that `attempt` runs, if it still does.
+    pub fn step_of_attempt(&self, drv: &StorePath, attempt: &Uuid) -> Option<StepId> {
+        self.lock().graph.step_of_attempt(drv, attempt)
+    }
+
+    /// The step of `drv_path` about to succeed, if `attempt` still runs it
+    /// (or, with no attempt, if it is still in the graph).
+    pub fn finishing(&self, drv_path: &StorePath, attempt: Option<&Uuid>) -> Option<Finishing> {
+        let inner = self.lock();
+        let graph = &inner.graph;
+        let step = match attempt {
+            Some(a) => graph.step_of_attempt(drv_path, a)?,
+            None => graph.step_id(drv_path)?,
+        };
+        let s = graph.step(step)?;
+        Some(Finishing {
+            step,
+            direct: graph.top_level_builds(step),
+            needed_by: graph.dependent_builds(step).iter().map(|b| b.id).collect(),
+            resolved_from: s.resolved_from.clone(),
+            system: s.system.clone(),
+        })
+    }
+
+    /// A step and every build that needs it, for a failure's rows.
+    pub fn failing(&self, step: StepId) -> Option<Failing> {
+        let inner = self.lock();
+        let s = inner.graph.step(step)?;
+        Some(Failing {
+            drv: s.drv_path.clone(),
+            system: s.system.clone(),
+            resolved_from: s.resolved_from.clone(),
+            builds: inner.graph.dependent_builds(step),
+        })
+    }
+
+    /// The step succeeded (by `attempt`, or without one): it leaves the
+    /// graph with the builds it was the top level of; its dependents run.
+    pub fn step_succeeded(
+        &self,
+        step: StepId,
+        attempt: Option<&Uuid>,
+        now: Instant,
+    ) -> Result<Succeeded, TransitionError> {
+        let result = {
+            let mut inner = self.lock();
+            let result = inner.graph.step_succeeded(step, attempt, now)?;
+            for b in &result.builds {
+                inner.started_builds.remove(&b.id);
+            }
+            result
+        };
+        self.wake();
+        Ok(result)
+    }
+
+    /// The step failed permanently: it, the builds that need it and what
+    /// only they needed leave the graph.
+    pub fn step_failed(
+        &self,
+        step: StepId,
+        attempt: Option<&Uuid>,
+    ) -> Result<Failed, TransitionError> {
+        let result = {
+            let mut inner = self.lock();
+            let result = inner.graph.step_failed(step, attempt)?;
+            for b in &result.builds {
+                inner.started_builds.remove(&b.id);
+            }
+            result
+        };
+        self.wake();
+        Ok(result)
+    }
+
+    /// A step waiting for the resolver, taken out of its queue, with what
+    /// resolving it needs to know.
+    pub fn next_to_resolve(&self) -> Option<(StepId, Option<Resolving>)> {
+        let mut inner = self.lock();
+        let id = inner.graph.next_to_resolve()?;
+        let graph = &inner.graph;
+        let pending = match (
+            graph.step(id).filter(|s| s.is_resolving()),
+            graph.owner_and_dependents(id),
+        ) {
+            (Some(s), Some((owner, builds))) => Some(Resolving {
+                drv_path: s.drv_path.clone(),
+                system: s.system.clone(),
+                required_features: s.required_features.clone(),
+                owner,
+                builds,
+            }),
+            _ => None,
+        };
+        Some((id, pending))
+    }
+
+    /// The step was resolved to `resolved`, whose step takes over its
+    /// builds and dependents.
+    pub fn step_resolved(
+        &self,
+        id: StepId,
+        resolved: NewStep,
+        now: Instant,
+    ) -> Result<StepId, TransitionError> {
+        let result = self.lock().graph.replace_with_resolved(id, resolved, now);
+        if result.is_ok() {
+            self.wake();
+        }
+        result
+    }
+
+    /// The system and features of a step (for a message about them).
+    pub fn step_kind(&self, step: StepId) -> Option<(String, Vec<String>)> {
+        let inner = self.lock();
+        let s = inner.graph.step(step)?;
+        Some((s.system.clone(), s.required_features.clone()))
+    }
+
+    // Views.
+
+    /// How much is queued and running.
+    pub fn queue_counts(&self) -> QueueCounts {
+        let inner = self.lock();
+        QueueCounts {
+            builds: inner.graph.build_count(),
+            steps: inner.graph.step_count(),
+            runnable: inner.graph.runnable().count(),
+            running: inner.attempts.len(),
+            machines: inner.machines.connected().count(),
+        }
+    }
+
+    /// Steps of each system by where they are.
+    pub fn steps_per_system(&self) -> BTreeMap<String, SystemSteps> {
+        self.lock().graph.steps_per_system()
+    }
+
+    /// Every machine the runner knows (connected, drained, or failing
+    /// lately), as the status document, `/metrics`, the page and the
+    /// client API show them.
+    pub fn machine_views(&self, now: Instant) -> Vec<MachineView> {
+        let inner = self.lock();
+        views::machines(&inner.machines, &inner.attempts, now)
+    }
+
+    /// The running attempts: (drv, machine, running for).
+    pub fn running_attempts(&self) -> Vec<(StorePath, String, Duration)> {
+        self.lock()
+            .attempts
+            .iter()
+            .map(|a| {
+                (
+                    a.drv_path.clone(),
+                    a.machine.clone(),
+                    a.dispatched_at.elapsed(),
+                )
+            })
+            .collect()
+    }
+
+    /// The invariants that make "this step runs" one fact, though three
+    /// records hold it (the step's state, its machine's slot, the attempt):
+    ///
+    /// 1. every running attempt's step runs that attempt (or has left the
+    ///    graph, when no build needs it and its end is being recorded);
+    /// 2. a connected machine's slots hold only attempts of steps that run
+    ///    on it;
+    /// 3. a step that runs on a connected machine holds one of its slots.
+    pub fn check(&self) -> Result<(), String> {
+        let inner = self.lock();
+        for a in inner.attempts.iter() {
+            if let Some(id) = inner.graph.step_id(&a.drv_path)
+                && inner.graph.step_of_attempt(&a.drv_path, &a.id) != Some(id)
+            {
+                return Err(format!(
+                    "attempt {} runs a step that runs something else",
+                    a.id
+                ));
+            }
+        }
+        for m in inner.machines.connected() {
+            for slot in &m.running {
+                let runs_here = inner.graph.steps().any(|(_, s)| {
+                    s.running_attempt()
+                        .is_some_and(|(a, machine)| a == slot && machine == m.name)
+                });
+                if !runs_here {
+                    return Err(format!(
+                        "machine {} holds a slot for {slot}, which no step runs",
+                        m.name
+                    ));
+                }
+            }
+        }
+        for (_, s) in inner.graph.steps() {
+            if let Some((a, machine)) = s.running_attempt()
+                && let Some(m) = inner.machines.get(machine)
+                && !m.running.contains(a)
+            {
+                return Err(format!("{} runs on {machine} without a slot", s.drv_path));
+            }
+        }
+        Ok(())
+    }
+}
