@@ -10,8 +10,8 @@ use sqlx::PgConnection;
 use thiserror::Error;
 use uuid::Uuid;
 
-use crate::completion::nix_support::OutputScan;
 use crate::graph::BuildId;
+use crate::nix_support::OutputScan;
 
 /// An output NAR received from the builder, verified and imported.
 #[derive(Debug, Clone)]
@@ -173,6 +173,16 @@ pub async fn close(tx: &mut PgConnection, id: &Uuid, outcome: i32) -> Result<(),
         .execute(tx)
         .await
         .map(|_| ())
+}
+
+/// Records every attempt still open as aborted (3).
+pub async fn close_all_open(tx: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "update hqr_attempts set finished_at = now(), outcome = 3 where finished_at is null",
+    )
+    .execute(tx)
+    .await
+    .map(|_| ())
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! Builder authentication by bearer token (mutual TLS, the other way, is
-//! the transport's: see `tunnel::serve`).
+//! the transport's: see [`crate::server`]).
 //!
 //! Tokens live in files on the runner, in `builder_tokens_dir`: a file
 //! `<machine>.token` admits the builder of that name only, `shared.token`
@@ -132,6 +132,14 @@ impl Tokens {
             .map(Some)
             .ok_or_else(|| Status::unauthenticated("unknown builder token"))
     }
+}
+
+/// The `authorization` header of a call, if any.
+pub fn bearer<T>(request: &tonic::Request<T>) -> Option<&str> {
+    request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
 }
 
 #[cfg(test)]

@@ -43,7 +43,6 @@ macro_rules! in_transaction {
 pub mod api;
 pub mod attempts;
 pub mod auth;
-pub mod completion;
 pub mod config;
 pub mod dispatch;
 pub mod events;
@@ -52,11 +51,14 @@ pub mod graph;
 pub mod http;
 pub mod logs;
 pub mod metrics;
+pub mod nix_support;
+pub mod outcome;
 pub mod outside;
 pub mod queue_monitor;
 pub mod realisations;
 pub mod record;
 pub mod resolver;
+pub mod server;
 pub mod state;
 pub mod status_document;
 pub mod store;
@@ -226,7 +228,7 @@ impl Runner {
     ) -> Result<Runner, Fatal> {
         let tokens = auth::Tokens::from_setting(config.builder_tokens_dir.as_deref())?;
         let client_tokens = auth::Tokens::from_setting(config.client_tokens_dir.as_deref())?;
-        let tls = tunnel::TlsFiles::read(&config)?;
+        let tls = server::TlsFiles::read(&config)?;
         let signing_key = uploads::load_key(&config)?;
         let lock = ActiveLock::acquire(&pool, config.advisory_lock_key, on_standby).await?;
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -265,7 +267,7 @@ impl Runner {
         // Check the store before anything depends on it.
         shared.store.client().await?;
         api::cluster::load_drained(&shared).await?;
-        completion::close_open_attempts(
+        outcome::close_open_attempts(
             &shared,
             "aborted: the queue runner stopped while the step ran",
         )
@@ -274,7 +276,7 @@ impl Runner {
         let status_shared = shared.clone();
         tasks.spawn(critical(
             "builder service",
-            tunnel::serve(shared.clone(), listener, tls),
+            server::serve(shared.clone(), listener, tls),
         ));
         tasks.spawn(critical(
             "queue monitor",
@@ -372,7 +374,7 @@ impl Runner {
     /// aborted (3), so that nothing looks running that is not.
     pub async fn shutdown(mut self) -> Result<(), Fatal> {
         self.tasks.shutdown().await;
-        completion::close_open_attempts(&self.shared, "aborted: the queue runner was stopped").await
+        outcome::close_open_attempts(&self.shared, "aborted: the queue runner was stopped").await
     }
 }
 

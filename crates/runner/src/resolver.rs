@@ -24,7 +24,7 @@ use crate::graph::{NewStep, StepId};
 use crate::realisations;
 use crate::record;
 use crate::state::Resolving;
-use crate::{Fatal, Shared, completion, failpoint};
+use crate::{Fatal, Shared, failpoint, outcome};
 
 pub async fn run(shared: Arc<Shared>) -> Result<(), Fatal> {
     loop {
@@ -42,7 +42,7 @@ async fn resolve_step(shared: &Shared, id: StepId, pending: Resolving) -> Result
         Ok(pair) => pair,
         Err(reason) => {
             tracing::error!(drv = %pending.drv_path, "cannot resolve: {reason}");
-            return completion::fail_unresolvable(shared, id, &reason).await;
+            return outcome::fail_unresolvable(shared, id, &reason).await;
         }
     };
     let resolved_path = shared
@@ -58,7 +58,7 @@ async fn resolve_step(shared: &Shared, id: StepId, pending: Resolving) -> Result
     tracing::info!(drv = %pending.drv_path, resolved = %resolved_path, early_cutoff = known.is_some(), "resolved");
     match known {
         Some(outputs) => {
-            completion::succeed_unbuilt(shared, id, &resolved_path, outputs, pending.owner.id).await
+            outcome::succeed_unbuilt(shared, id, &resolved_path, outputs, pending.owner.id).await
         }
         None => {
             let resolved = NewStep {

@@ -155,15 +155,6 @@ pub async fn upload_queue(pool: &sqlx::PgPool) -> Result<Value, sqlx::Error> {
 
 async fn write(pool: &sqlx::PgPool, doc: &Value) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
-    sqlx::query(
-        "insert into SystemStatus (what, status) values ('queue-runner', $1)
-         on conflict (what) do update set status = excluded.status",
-    )
-    .bind(doc)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("notify queue_runner_status")
-        .execute(&mut *tx)
-        .await?;
+    crate::record::write_status(&mut tx, doc).await?;
     tx.commit().await
 }

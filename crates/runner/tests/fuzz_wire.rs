@@ -9,8 +9,8 @@
 
 use hydra_nix::StoreDir;
 use hydra_proto::v1::*;
-use hydra_queue_runner::completion::CheckedReport;
-use hydra_queue_runner::completion::nix_support::scan_nar;
+use hydra_queue_runner::nix_support::scan_nar;
+use hydra_queue_runner::outcome::CheckedReport;
 use hydra_testkit::fuzz::{config, input};
 use proptest::prelude::*;
 use prost::Message;

@@ -1,23 +1,15 @@
-//! The client API's writes. Each is one transaction on Hydra's tables
-//! plus Hydra's notification, so the queue monitor applies it as it
-//! applies Hydra's own front end's: a cancel drops the build's interest in
-//! its steps (steps another build needs keep running), a restart reloads
-//! the build, a bump re-orders its steps.
+//! The client API's requests that change the queue: checked here, then
+//! written as one transaction each by [`crate::record`].
 
 use hydra_nix::StorePath;
 use hydra_nix::daemon::DaemonClient;
 use hydra_proto::client::*;
-use sqlx::PgConnection;
 
 use super::priority::PriorityClass;
 use super::{ApiError, build_ids};
 use crate::Shared;
-use crate::events::{self, Kind, NewEvent};
 use crate::record;
 use crate::store::StoreError;
-
-/// The user that owns projects the API creates.
-const API_USER: &str = "hydra-queue-runner";
 
 /// One derivation to queue, read from the runner's store.
 struct Queued {
@@ -53,67 +45,30 @@ pub async fn submit(shared: &Shared, req: SubmitRequest) -> Result<SubmitRespons
         queued.push(read_queued(shared, &mut client, path, &req.job).await?);
     }
     let class = PriorityClass::from_wire(req.priority());
-    let soft = req.supersede_mode() == SupersedeMode::Soft;
-    let key = Some(req.supersede_key.as_str()).filter(|k| !k.is_empty());
+    let nonzero = |v: u32| (v > 0).then_some(v as i32);
 
-    let mut tx = shared.pool.begin().await?;
-    let jobset = record::ensure_jobset(&mut tx, API_USER, &req.tenant, queue).await?;
-    let older: Vec<i32> = match key {
-        Some(k) => {
-            sqlx::query_scalar(
-                "select b.id from hqr_client_builds c join Builds b on b.id = c.build
-              where c.tenant = $1 and c.supersede_key = $2 and b.finished = 0
-              order by b.id for update of b",
-            )
-            .bind(&req.tenant)
-            .bind(k)
-            .fetch_all(&mut *tx)
-            .await?
-        }
-        None => Vec::new(),
-    };
-    let mut ids = Vec::new();
-    for q in &queued {
-        let nonzero = |v: u32| (v > 0).then_some(v as i32);
-        let id = record::insert_build(
-            &mut tx,
-            &record::NewBuild {
-                jobset,
+    let submission = record::Submission {
+        tenant: &req.tenant,
+        queue,
+        class: class.as_str(),
+        local_priority: class.local_priority(),
+        global_priority: class.global_priority(),
+        max_silent: nonzero(req.max_silent_secs),
+        timeout: nonzero(req.timeout_secs),
+        supersede_key: Some(req.supersede_key.as_str()).filter(|k| !k.is_empty()),
+        soft: req.supersede_mode() == SupersedeMode::Soft,
+        builds: queued
+            .iter()
+            .map(|q| record::QueuedDrv {
                 job: &q.job,
                 drv_path: &q.drv,
                 system: &q.system,
-                max_silent: nonzero(req.max_silent_secs),
-                timeout: nonzero(req.timeout_secs),
-                local_priority: class.local_priority(),
-                global_priority: class.global_priority(),
                 outputs: &q.outputs,
-            },
-        )
-        .await?;
-        sqlx::query(
-            "insert into hqr_client_builds (build, tenant, priority_class, supersede_key)
-             values ($1, $2, $3, $4)",
-        )
-        .bind(id)
-        .bind(&req.tenant)
-        .bind(class.as_str())
-        .bind(key)
-        .execute(&mut *tx)
-        .await?;
-        ids.push(id);
-    }
-    let superseded = if older.is_empty() {
-        Vec::new()
-    } else {
-        let reason = format!("superseded by build {}", ids[0]);
-        cancel_in(&mut tx, &older, &reason, soft).await?
+            })
+            .collect(),
     };
-    let queued_events: Vec<NewEvent> = ids
-        .iter()
-        .map(|id| NewEvent::new(Kind::Queued, vec![*id]).detail(class.as_str()))
-        .collect();
-    events::emit(&mut tx, &queued_events).await?;
-    sqlx::query("notify builds_added").execute(&mut *tx).await?;
+    let mut tx = shared.pool.begin().await?;
+    let record::Submitted { ids, superseded } = record::submit_builds(&mut tx, &submission).await?;
     tx.commit().await?;
     tracing::info!(
         tenant = req.tenant,
@@ -140,50 +95,12 @@ pub async fn cancel(shared: &Shared, req: CancelRequest) -> Result<CancelRespons
         crate::outside::display_text(req.reason.trim(), crate::outside::DISPLAY_MAX)
     };
     let mut tx = shared.pool.begin().await?;
-    let cancelled = cancel_in(&mut tx, &ids, &reason, false).await?;
+    let cancelled = record::cancel_builds(&mut tx, &ids, &reason, false).await?;
     tx.commit().await?;
     tracing::info!("cancelled builds {cancelled:?}: {reason}");
     Ok(CancelResponse {
         cancelled: cancelled.iter().map(|i| *i as u64).collect(),
     })
-}
-
-/// Finishes the unfinished builds among `ids` as cancelled (4) with
-/// `reason`; returns them. `keep_running` lets their running steps finish.
-async fn cancel_in(
-    tx: &mut PgConnection,
-    ids: &[i32],
-    reason: &str,
-    keep_running: bool,
-) -> Result<Vec<i32>, sqlx::Error> {
-    // One transaction: the queue monitor, woken by the trigger's change row
-    // after the commit, finds the reason beside the cancelled build.
-    let mut cancelled: Vec<i32> = sqlx::query_scalar(
-        "update Builds set finished = 1, buildStatus = 4, isCachedBuild = 0,
-                startTime = coalesce(nullif(startTime, 0), $2), stopTime = $2
-          where id = any($1) and finished = 0
-         returning id",
-    )
-    .bind(ids)
-    .bind(crate::record::now())
-    .fetch_all(&mut *tx)
-    .await?;
-    cancelled.sort_unstable();
-    sqlx::query(
-        "insert into hqr_cancellations (build, reason, keep_running)
-         select b, $2, $3 from unnest($1::integer[]) b
-         on conflict (build) do update set reason = excluded.reason,
-             keep_running = excluded.keep_running, at = now()",
-    )
-    .bind(&cancelled)
-    .bind(reason)
-    .bind(keep_running)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("notify builds_cancelled")
-        .execute(&mut *tx)
-        .await?;
-    Ok(cancelled)
 }
 
 /// Hydra's restart: finished builds (by id, or every one of a jobset, or
@@ -196,44 +113,17 @@ pub async fn restart(shared: &Shared, req: RestartRequest) -> Result<RestartResp
             "give build ids, or a tenant and a queue".into(),
         ));
     }
+    let choice = if ids.is_empty() {
+        record::RestartChoice::Jobset {
+            tenant: &req.tenant,
+            queue: &req.queue,
+            only_failed: req.only_failed,
+        }
+    } else {
+        record::RestartChoice::Builds(&ids)
+    };
     let mut tx = shared.pool.begin().await?;
-    let chosen: Vec<i32> = sqlx::query_scalar(
-        "select b.id from Builds b join Jobsets j on j.id = b.jobset_id
-          where b.finished = 1
-            and (cardinality($1::integer[]) = 0 or b.id = any($1))
-            and (cardinality($1::integer[]) > 0 or (j.project = $2 and j.name = $3))
-            and (not $4 or b.buildStatus != 0)
-          order by b.id for update of b",
-    )
-    .bind(&ids)
-    .bind(&req.tenant)
-    .bind(&req.queue)
-    .bind(req.only_failed)
-    .fetch_all(&mut *tx)
-    .await?;
-    sqlx::query(
-        "delete from FailedPaths where path in (
-            select path from BuildStepOutputs where build = any($1) and path is not null
-            union select path from BuildOutputs where build = any($1) and path is not null)",
-    )
-    .bind(&chosen)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("delete from hqr_cancellations where build = any($1)")
-        .bind(&chosen)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query(
-        "update Builds set finished = 0, buildStatus = null, startTime = null, stopTime = null,
-                isCachedBuild = 0, size = null, closureSize = null
-          where id = any($1)",
-    )
-    .bind(&chosen)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("notify builds_restarted")
-        .execute(&mut *tx)
-        .await?;
+    let chosen = record::restart_builds(&mut tx, choice).await?;
     tx.commit().await?;
     tracing::info!("restarted builds {chosen:?}");
     Ok(RestartResponse {
@@ -244,16 +134,7 @@ pub async fn restart(shared: &Shared, req: RestartRequest) -> Result<RestartResp
 pub async fn bump(shared: &Shared, req: BumpRequest) -> Result<BumpResponse, ApiError> {
     let ids = build_ids(&req.build_ids)?;
     let mut tx = shared.pool.begin().await?;
-    let bumped: Vec<i32> = sqlx::query_scalar(
-        "update Builds set globalPriority = $2 where id = any($1) and finished = 0 returning id",
-    )
-    .bind(&ids)
-    .bind(req.global_priority)
-    .fetch_all(&mut *tx)
-    .await?;
-    sqlx::query("notify builds_bumped")
-        .execute(&mut *tx)
-        .await?;
+    let bumped = record::bump_builds(&mut tx, &ids, req.global_priority).await?;
     tx.commit().await?;
     Ok(BumpResponse {
         bumped: bumped.iter().map(|i| *i as u64).collect(),

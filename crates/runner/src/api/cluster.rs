@@ -8,8 +8,8 @@ use hydra_proto::client::*;
 
 use super::{ApiError, build_id};
 use crate::Shared;
-use crate::dispatch::machines::Availability;
 use crate::graph::{Step, StepState};
+use crate::state::machines::Availability;
 
 pub async fn status(shared: &Shared) -> Result<ClusterStatusResponse, ApiError> {
     let counts = shared.state.queue_counts();
@@ -71,17 +71,8 @@ pub async fn set_drained(
     if name.is_empty() {
         return Err(ApiError::Invalid("which machine?".into()));
     }
-    if drained {
-        sqlx::query("insert into hqr_drained_machines (name) values ($1) on conflict do nothing")
-            .bind(name)
-            .execute(&shared.pool)
-            .await?;
-    } else {
-        sqlx::query("delete from hqr_drained_machines where name = $1")
-            .bind(name)
-            .execute(&shared.pool)
-            .await?;
-    }
+    let mut db = shared.pool.acquire().await?;
+    crate::record::set_machine_drained(&mut db, name, drained).await?;
     shared.state.machine_drained(name, drained);
     tracing::info!(
         machine = name,
@@ -93,10 +84,8 @@ pub async fn set_drained(
 
 /// Reads the drained machines into the dispatcher's view (at start).
 pub async fn load_drained(shared: &Shared) -> Result<(), sqlx::Error> {
-    let names: Vec<String> = sqlx::query_scalar("select name from hqr_drained_machines")
-        .fetch_all(&shared.pool)
-        .await?;
-    for n in names {
+    let mut db = shared.pool.acquire().await?;
+    for n in crate::record::drained_machines(&mut db).await? {
         shared.state.machine_drained(&n, true);
     }
     Ok(())
@@ -164,7 +153,7 @@ async fn explain_absent(shared: &Shared, id: i32) -> Result<ExplainResponse, Api
 
 fn explain_step(
     step: &Step,
-    machines: &crate::dispatch::machines::Machines,
+    machines: &crate::state::machines::Machines,
     min_free_disk: u64,
     now: Instant,
 ) -> StepExplanation {

@@ -91,7 +91,7 @@ pub fn service(
     let tokens = shared.clone();
     let server = ClientServiceServer::new(ClientApi { shared }).max_decoding_message_size(64 << 20);
     tonic::service::interceptor::InterceptedService::new(server, move |request: Request<()>| {
-        let token = crate::tunnel::bearer(&request);
+        let token = crate::auth::bearer(&request);
         tokens
             .client_tokens
             .read()

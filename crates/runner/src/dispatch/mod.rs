@@ -6,7 +6,6 @@
 //! decided by [`plan::plan`], a pure function; [`start::start_attempt`]
 //! persists each attempt and sends its job.
 
-pub mod machines;
 pub mod order;
 pub mod plan;
 mod start;
@@ -29,7 +28,7 @@ pub async fn run(shared: Arc<Shared>) -> Result<(), Fatal> {
         let round = shared.state.plan_round(&shared.config(), began);
         shared.metrics.round_seconds.lock().observe(began.elapsed());
         for step in round.unsupported {
-            crate::completion::fail_unsupported(&shared, step).await?;
+            crate::outcome::fail_unsupported(&shared, step).await?;
         }
         // Each start reads the `.drv`, writes a transaction and sends the
         // job: mostly waiting, so many go at once.

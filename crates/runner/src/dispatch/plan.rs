@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 use hydra_nix::StorePath;
 use uuid::Uuid;
 
-use super::machines::{Machines, NoMachine};
 use super::order::{OrderKey, Shares, aging_bonus};
 use crate::config::RunnerConfig;
 use crate::graph::{Build, Graph, SchedFacts, StepId, StepState};
+use crate::state::machines::{Machines, NoMachine};
 use crate::tunnel::BuilderLink;
 
 /// The settings planning depends on.
@@ -198,8 +198,8 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dispatch::machines::Machine;
     use crate::graph::{LoadPlan, NewStep};
+    use crate::state::machines::Machine;
 
     fn path(name: &str) -> StorePath {
         StorePath::from_base_name(&format!("7rjj86a15146cq1d3qy068lml7n8ykzm-{name}.drv")).unwrap()

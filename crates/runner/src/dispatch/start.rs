@@ -25,7 +25,9 @@ pub async fn start_attempt(shared: &Shared, a: Assignment) -> Result<(), Fatal> 
         Err(e) => {
             let reason = e.into_reason()?;
             tracing::error!(drv = %a.drv_path, "cannot prepare step: {reason}");
-            crate::completion::fail_before_start(shared, &a, &reason).await?;
+            if shared.state.attempt_unprepared(&a) {
+                crate::outcome::fail_unpreparable(shared, a.step, &reason).await?;
+            }
             return Ok(());
         }
     };
@@ -43,7 +45,7 @@ pub async fn start_attempt(shared: &Shared, a: Assignment) -> Result<(), Fatal> 
     // departure took its attempts before this one was there.
     if let Err(attempt) = shared.state.attempt_started(attempt) {
         let reason = "the machine disconnected before the job was sent";
-        return crate::completion::abort_attempt(shared, *attempt, reason).await;
+        return crate::outcome::abort_attempt(shared, *attempt, reason).await;
     }
     tracing::info!(drv = %a.drv_path, machine = %a.machine, attempt = %a.attempt, "dispatched");
     let sent = a.link.send_job(job.job);
@@ -56,7 +58,7 @@ pub async fn start_attempt(shared: &Shared, a: Assignment) -> Result<(), Fatal> 
         && let Some(attempt) = shared.state.take_attempt_by_id(&a.attempt)
     {
         let reason = format!("the job was not sent: {e}");
-        crate::completion::abort_attempt(shared, attempt, &reason).await?;
+        crate::outcome::abort_attempt(shared, attempt, &reason).await?;
     }
     Ok(())
 }

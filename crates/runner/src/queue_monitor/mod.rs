@@ -20,9 +20,9 @@ use hydra_nix::StorePath;
 use hydra_nix::daemon::DaemonClient;
 use sqlx::postgres::PgListener;
 
-use crate::completion;
 use crate::events::{Kind, NewEvent};
 use crate::graph::{Build, BuildId, InsertError};
+use crate::outcome;
 use crate::record::{self, NewStepRow};
 use crate::{Fatal, Shared};
 use cursor::SeqCursor;
@@ -387,7 +387,7 @@ async fn finish_cached(
             .into_iter()
             .filter_map(|(n, p)| p.map(|p| (n, p)))
             .collect();
-    let measured = completion::measure_valid(client, outputs).await?;
+    let measured = outcome::measure_valid(client, outputs).await?;
     let now = record::now();
     let paths = measured.paths();
     let success = measured.success(&paths, now, now);
@@ -411,7 +411,7 @@ async fn finish_cached_in_destination(
     closure_size: u64,
 ) -> Result<(), Fatal> {
     let now = record::now();
-    let info = completion::nix_support::BuildOutputInfo::default();
+    let info = crate::nix_support::BuildOutputInfo::default();
     let success = record::Success {
         info: &info,
         outputs,
@@ -597,7 +597,7 @@ async fn apply_changes(shared: &Shared, cursor: &mut SeqCursor) -> Result<(), Fa
             gone_soft.len(),
             dropped.steps.len()
         );
-        completion::drop_steps(shared, dropped).await?;
+        outcome::drop_steps(shared, dropped).await?;
     }
     if !gone.is_empty() {
         let dropped = shared.state.builds_removed(&gone, false);
@@ -606,7 +606,7 @@ async fn apply_changes(shared: &Shared, cursor: &mut SeqCursor) -> Result<(), Fa
             gone.len(),
             dropped.steps.len()
         );
-        completion::drop_steps(shared, dropped).await?;
+        outcome::drop_steps(shared, dropped).await?;
     }
     sqlx::query("delete from hqr_build_changes where seq = any($1)")
         .bind(&seqs)

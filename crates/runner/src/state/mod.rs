@@ -14,6 +14,7 @@
 //! [`State::check`] states the invariants; a property test drives random
 //! sequences of events through the handle and checks them after each.
 
+pub mod machines;
 mod views;
 
 #[cfg(test)]
@@ -29,7 +30,6 @@ use uuid::Uuid;
 
 use crate::attempts::{Attempt, Attempts, OwnershipError};
 use crate::config::RunnerConfig;
-use crate::dispatch::machines::{Machine, Machines, NameTaken};
 use crate::dispatch::order::Shares;
 use crate::dispatch::plan::{self, Assignment, Round};
 use crate::graph::{
@@ -37,6 +37,7 @@ use crate::graph::{
     SystemSteps, TransitionError,
 };
 use crate::tunnel::BuilderLink;
+use machines::{Machine, Machines, NameTaken};
 
 pub use views::{MachineView, QueueCounts};
 

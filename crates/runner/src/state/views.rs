@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use hydra_nix::StorePath;
 
 use crate::attempts::Attempts;
-use crate::dispatch::machines::Machines;
+use crate::state::machines::Machines;
 
 /// How much is queued and running.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

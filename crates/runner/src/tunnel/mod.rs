@@ -16,196 +16,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hydra_db::status::StepProgress;
-use hydra_proto::v1::runner_service_server::{RunnerService, RunnerServiceServer};
+use hydra_proto::v1::runner_service_server::RunnerService;
 use hydra_proto::v1::*;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::completion::{self, ReportError};
-use crate::dispatch::machines::Machine;
+use crate::auth::bearer;
 use crate::events::{Kind, NewEvent};
+use crate::outcome::{self, ReportError};
+use crate::state::machines::Machine;
 use crate::{Fatal, Shared};
-
-/// TLS of the builder service, from the files read once at start (a bad
-/// file stops the runner at once, with its path). The handshake is done
-/// here rather than inside tonic, so that a refused builder (no client
-/// certificate, one of another CA) is logged with the reason.
-pub struct TlsFiles {
-    acceptor: Option<tokio_rustls::TlsAcceptor>,
-}
-
-impl TlsFiles {
-    pub fn read(config: &crate::RunnerConfig) -> Result<TlsFiles, Fatal> {
-        use rustls_pki_types::pem::PemObject;
-        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-        use tokio_rustls::rustls;
-        let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
-            return Ok(TlsFiles { acceptor: None });
-        };
-        let bad = |path: &std::path::Path, e: &dyn std::fmt::Display| Fatal::TlsFile {
-            path: path.to_owned(),
-            source: std::io::Error::other(e.to_string()),
-        };
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-            .and_then(|i| i.collect())
-            .map_err(|e| bad(cert, &e))?;
-        let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, &e))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| bad(cert, &e))?;
-        let builder = match &config.tls_client_ca {
-            Some(ca) => {
-                let mut roots = rustls::RootCertStore::empty();
-                for c in CertificateDer::pem_file_iter(ca).map_err(|e| bad(ca, &e))? {
-                    roots
-                        .add(c.map_err(|e| bad(ca, &e))?)
-                        .map_err(|e| bad(ca, &e))?;
-                }
-                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                    roots.into(),
-                    provider,
-                )
-                .build()
-                .map_err(|e| bad(ca, &e))?;
-                builder.with_client_cert_verifier(verifier)
-            }
-            None => builder.with_no_client_auth(),
-        };
-        let mut server = builder
-            .with_single_cert(certs, key_der)
-            .map_err(|e| bad(key, &e))?;
-        server.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(TlsFiles {
-            acceptor: Some(tokio_rustls::TlsAcceptor::from(Arc::new(server))),
-        })
-    }
-}
-
-pub async fn serve(
-    shared: Arc<Shared>,
-    listener: tokio::net::TcpListener,
-    tls: TlsFiles,
-) -> Result<(), Fatal> {
-    let config = shared.config();
-    let interval = Duration::from_secs(config.ping_interval_secs.into());
-    let timeout = Duration::from_secs(config.ping_timeout_secs.into());
-    let tokens = shared.clone();
-    let service = RunnerServiceServer::new(BuilderTunnel {
-        shared: shared.clone(),
-    })
-    .max_decoding_message_size(64 << 20);
-    let service = tonic::service::interceptor::InterceptedService::new(
-        service,
-        move |request: Request<()>| {
-            if let Err(status) = tokens.tokens.read().check(bearer(&request)) {
-                let from = request.remote_addr();
-                tracing::warn!(?from, "refused a builder call: {}", status.message());
-                return Err(status);
-            }
-            Ok(request)
-        },
-    );
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<RunnerServiceServer<BuilderTunnel>>()
-        .await;
-    health
-        .set_serving::<hydra_proto::client::client_service_server::ClientServiceServer<crate::api::ClientApi>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(hydra_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("the compiled descriptors are valid");
-    let server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(interval))
-        .http2_keepalive_timeout(Some(timeout))
-        .add_service(service)
-        .add_service(crate::api::service(shared.clone()))
-        .add_service(health_service)
-        .add_service(reflection);
-    match tls.acceptor {
-        None => {
-            server
-                .serve_with_incoming(no_delay(TcpListenerStream::new(listener)))
-                .await?
-        }
-        Some(acceptor) => {
-            server
-                .serve_with_incoming(tls_handshakes(listener, acceptor))
-                .await?
-        }
-    }
-    Ok(())
-}
-
-/// Connections with Nagle's algorithm off: the control stream's small
-/// messages (a job, an abort) must leave at once, not wait for the
-/// builder's delayed ACK (which cost about 40 ms per step).
-fn no_delay(
-    incoming: TcpListenerStream,
-) -> impl Stream<Item = Result<tokio::net::TcpStream, std::io::Error>> {
-    use tokio_stream::StreamExt;
-    incoming.map(|conn| {
-        let conn = conn?;
-        conn.set_nodelay(true)?;
-        Ok(conn)
-    })
-}
-
-type TlsConnection = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-
-/// Accepted connections after their TLS handshake; a failed handshake is
-/// logged with its reason and the connection dropped.
-fn tls_handshakes(
-    listener: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-) -> ReceiverStream<Result<TlsConnection, std::io::Error>> {
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, from) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    if tx.send(Err(e)).await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::warn!(%from, "cannot set TCP_NODELAY: {e}");
-            }
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                let handshake = tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp));
-                match handshake.await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(%from, "refused a builder connection: TLS handshake failed: {e}");
-                    }
-                    Err(_) => {
-                        tracing::warn!(%from, "refused a builder connection: TLS handshake timed out")
-                    }
-                }
-            });
-        }
-    });
-    ReceiverStream::new(rx)
-}
-
-/// The `authorization` header of a call, if any.
-pub(crate) fn bearer<T>(request: &Request<T>) -> Option<&str> {
-    request
-        .metadata()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-}
 
 /// Tells every connected builder the settings a reload changed.
 pub fn push_settings(shared: &Shared, ping_interval_secs: u32) {
@@ -214,8 +36,15 @@ pub fn push_settings(shared: &Shared, ping_interval_secs: u32) {
     }
 }
 
+/// The builder service ([`RunnerService`]), served by [`crate::server`].
 pub struct BuilderTunnel {
     shared: Arc<Shared>,
+}
+
+impl BuilderTunnel {
+    pub fn new(shared: Arc<Shared>) -> BuilderTunnel {
+        BuilderTunnel { shared }
+    }
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -299,7 +128,7 @@ impl RunnerService for BuilderTunnel {
         tokio::spawn(async move {
             for attempt in lost {
                 let reason = format!("machine {} reconnected", join.machine_name);
-                if let Err(e) = completion::abort_attempt(&shared, attempt, &reason).await {
+                if let Err(e) = outcome::abort_attempt(&shared, attempt, &reason).await {
                     shared.die(e);
                     return;
                 }
@@ -381,7 +210,7 @@ impl RunnerService for BuilderTunnel {
         let report = request.into_inner();
         let connection = report.machine_id.clone();
         let attempt_id = report.attempt_id.clone();
-        match completion::on_report(&self.shared, &connection, report).await {
+        match outcome::on_report(&self.shared, &connection, report).await {
             Ok(()) => Ok(Response::new(CompletionAck {})),
             Err(ReportError::Ownership(e)) => {
                 Err(refused(&self.shared, &connection, &attempt_id, "report", e.into()).await)
@@ -585,7 +414,7 @@ async fn machine_gone(shared: &Shared, name: &str, connection: &str, why: &str) 
         .machine_left(name, connection, std::time::Instant::now());
     for attempt in lost {
         let reason = format!("machine {name} disconnected ({why})");
-        if let Err(e) = completion::abort_attempt(shared, attempt, &reason).await {
+        if let Err(e) = outcome::abort_attempt(shared, attempt, &reason).await {
             shared.die(e);
             return;
         }

@@ -18,7 +18,7 @@ use tonic::{Status, Streaming};
 
 use super::BoxStream;
 use crate::attempts::Upload;
-use crate::completion::nix_support::{OutputScan, scan_nar};
+use crate::nix_support::{OutputScan, scan_nar};
 use crate::{Fatal, Shared};
 
 /// Streams the NARs of `paths` (references first), each as a header and
@@ -133,7 +133,7 @@ async fn reject(shared: &Shared, header: &NarHeader, reason: String) -> Status {
         .state
         .take_attempt(&header.attempt_id, &header.machine_id);
     if let Ok(attempt) = taken
-        && let Err(e) = crate::completion::abort_attempt(shared, attempt, &msg).await
+        && let Err(e) = crate::outcome::abort_attempt(shared, attempt, &msg).await
     {
         shared.die(e);
     }

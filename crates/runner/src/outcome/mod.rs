@@ -1,5 +1,7 @@
-//! Completion: a finished attempt (or a step that cannot run) recorded in
-//! PostgreSQL first, in one transaction, and then applied to the graph.
+//! How a step ends: a builder's completion report, an aborted attempt, or
+//! a failure the runner decides (no machine supports the step, it cannot
+//! be resolved or prepared). Each is recorded in PostgreSQL first, in one
+//! transaction, and then applied to the graph.
 //!
 //! - success: the step row, the builds it was the top level of (with
 //!   outputs, products, metrics), and its dependents become runnable;
@@ -12,11 +14,10 @@
 
 mod abort;
 mod failure;
-pub mod nix_support;
 mod outputs;
 
 pub use abort::{abort_attempt, drop_steps};
-pub use failure::{fail_before_start, fail_unresolvable, fail_unsupported};
+pub use failure::{fail_unpreparable, fail_unresolvable, fail_unsupported};
 
 use std::time::Instant;
 
@@ -25,7 +26,6 @@ use hydra_proto::v1::{CompletionReport, Outcome};
 use thiserror::Error;
 
 use crate::attempts::{self, Attempt, OwnershipError};
-use crate::dispatch::Assignment;
 use crate::events;
 use crate::graph::Build;
 use crate::outside::{self, OutsideError};
@@ -91,27 +91,11 @@ impl CheckedReport {
 /// nothing looks running that is not (on start, the steps are recomputed
 /// from the queue and dispatched again).
 pub async fn close_open_attempts(shared: &Shared, reason: &str) -> Result<(), Fatal> {
-    let now = record::now();
     let mut tx = shared.pool.begin().await?;
-    let closed = sqlx::query(
-        "update BuildSteps set busy = 0, status = 3, stopTime = $1, errorMsg = coalesce(errorMsg, $2)
-         where busy != 0",
-    )
-    .bind(now)
-    .bind(reason)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "update hqr_attempts set finished_at = now(), outcome = 3 where finished_at is null",
-    )
-    .execute(&mut *tx)
-    .await?;
+    let closed = record::close_busy_steps(&mut tx, reason).await?;
     tx.commit().await?;
-    if closed.rows_affected() > 0 {
-        tracing::info!(
-            "closed {} busy step rows as aborted ({reason})",
-            closed.rows_affected()
-        );
+    if closed > 0 {
+        tracing::info!("closed {closed} busy step rows as aborted ({reason})");
     }
     Ok(())
 }

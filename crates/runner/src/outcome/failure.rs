@@ -6,7 +6,6 @@
 
 use hydra_db::status::BuildStatus;
 
-use super::Assignment;
 use crate::attempts::{self, Attempt};
 use crate::events::{self, Kind, NewEvent};
 use crate::graph::{Build, StepId};
@@ -93,15 +92,13 @@ pub async fn fail_unresolvable(shared: &Shared, step: StepId, reason: &str) -> R
 }
 
 /// The step could not even be prepared (its `.drv` or inputs are gone from
-/// the runner's store): it fails as aborted, with the reason.
-pub async fn fail_before_start(shared: &Shared, a: &Assignment, reason: &str) -> Result<(), Fatal> {
-    if !shared.state.attempt_unprepared(a) {
-        return Ok(());
-    }
+/// the runner's store): it fails as aborted, with the reason. The caller
+/// has taken the unstarted attempt back from the state.
+pub async fn fail_unpreparable(shared: &Shared, step: StepId, reason: &str) -> Result<(), Fatal> {
     let msg = format!("cannot build: {reason}");
     fail_step(
         shared,
-        a.step,
+        step,
         None,
         &Failure::unbuilt(BuildStatus::Aborted, &msg),
     )

@@ -7,11 +7,11 @@ use hydra_nix::StorePath;
 use hydra_nix::daemon::DaemonClient;
 use uuid::Uuid;
 
-use super::nix_support::{BuildOutputInfo, OutputScan, scan_nar};
 use super::{CheckedReport, abort_attempt, ended, write_success};
 use crate::attempts::{self, Attempt};
 use crate::events;
 use crate::graph::StepId;
+use crate::nix_support::{BuildOutputInfo, OutputScan, scan_nar};
 use crate::realisations;
 use crate::record::{self, StepResult, Success};
 use crate::state::{AttemptEnd, Finishing};

@@ -1,0 +1,310 @@
+//! BuildSteps and BuildStepOutputs: a step's row from creation (busy) to
+//! its result, resolutions (status 13) and their terminals, and the
+//! runner's record of refused reports.
+
+use hydra_db::status::BuildStatus;
+use sqlx::PgConnection;
+
+use super::{error_text, notify, now};
+use crate::graph::BuildId;
+
+/// A BuildSteps row to create.
+pub struct NewStepRow<'a> {
+    pub build: BuildId,
+    pub drv_path: &'a str,
+    pub system: &'a str,
+    /// None: busy (running). Some: finished with this status.
+    pub status: Option<BuildStatus>,
+    pub machine: &'a str,
+    pub start_time: Option<i64>,
+    pub error_msg: Option<&'a str>,
+    pub propagated_from: Option<BuildId>,
+    /// Output name -> path (None while a CA output is unknown).
+    pub outputs: &'a [(String, Option<String>)],
+    /// The resolved derivation's base name, for a status-13 row: Hydra's
+    /// check `(status = 13) = (resolvedDrvPath is not null)` holds for
+    /// every row, so both are written by the one insert.
+    pub resolved_drv_path: Option<&'a str>,
+}
+
+/// Creates a BuildSteps row with the next free step number of its build
+/// and its BuildStepOutputs; notifies `step_started` for a busy row.
+/// Returns None when the build is gone (deleted, with its jobset or
+/// project, while its steps ran, as Hydra's web interface can): the row
+/// is not written. The build's row is locked against deletion until the
+/// transaction ends, so the insert cannot break its foreign key.
+pub async fn create_build_step(
+    tx: &mut PgConnection,
+    row: &NewStepRow<'_>,
+) -> Result<Option<i32>, sqlx::Error> {
+    let exists: Option<i32> =
+        sqlx::query_scalar("select id from Builds where id = $1 for key share")
+            .bind(row.build)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if exists.is_none() {
+        return Ok(None);
+    }
+    loop {
+        let stepnr: i32 = sqlx::query_scalar(
+            "select coalesce(max(stepnr), 0) + 1 from BuildSteps where build = $1",
+        )
+        .bind(row.build)
+        .fetch_one(&mut *tx)
+        .await?;
+        let busy = row.status.is_none();
+        let inserted = sqlx::query(
+            "insert into BuildSteps (build, stepnr, type, drvPath, busy, startTime, system, status, propagatedFrom, errorMsg, stopTime, machine, resolvedDrvPath)
+             values ($1, $2, 0, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) on conflict do nothing",
+        )
+        .bind(row.build)
+        .bind(stepnr)
+        .bind(row.drv_path)
+        .bind(if busy { 1 } else { 0 })
+        .bind(row.start_time)
+        .bind(row.system)
+        .bind(row.status.map(|s| s.code()))
+        .bind(row.propagated_from)
+        .bind(row.error_msg.filter(|m| !m.is_empty()).map(error_text))
+        .bind(if busy { None } else { row.start_time })
+        .bind(row.machine)
+        .bind(row.resolved_drv_path)
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            continue; // another writer took this number
+        }
+        for (name, path) in row.outputs {
+            sqlx::query(
+                "insert into BuildStepOutputs (build, stepnr, name, path) values ($1, $2, $3, $4)",
+            )
+            .bind(row.build)
+            .bind(stepnr)
+            .bind(name)
+            .bind(path)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if busy {
+            notify(tx, "step_started", &format!("{}\t{stepnr}", row.build)).await?;
+        }
+        return Ok(Some(stepnr));
+    }
+}
+
+/// Hydra's row for a resolved CA step: status 13, with the resolved
+/// `.drv`'s base name in `resolvedDrvPath`. Written once per build and
+/// derivation: a runner that resolves again after a restart reuses it.
+/// None when the build is gone.
+pub async fn record_resolution(
+    tx: &mut PgConnection,
+    build: BuildId,
+    drv_path: &str,
+    system: &str,
+    resolved_base_name: &str,
+    outputs: &[(String, Option<String>)],
+) -> Result<Option<i32>, sqlx::Error> {
+    let existing: Option<i32> = sqlx::query_scalar(
+        "select stepnr from BuildSteps where build = $1 and drvPath = $2 and status = $3",
+    )
+    .bind(build)
+    .bind(drv_path)
+    .bind(BuildStatus::Resolved.code())
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(stepnr) = existing {
+        return Ok(Some(stepnr));
+    }
+    let now = now();
+    create_build_step(
+        tx,
+        &NewStepRow {
+            build,
+            drv_path,
+            system,
+            status: Some(BuildStatus::Resolved),
+            machine: "",
+            start_time: Some(now),
+            error_msg: None,
+            propagated_from: None,
+            outputs,
+            resolved_drv_path: Some(resolved_base_name),
+        },
+    )
+    .await
+}
+
+/// How the terminal of a resolution came to be, for its copies.
+pub struct Terminal<'a> {
+    /// The resolved derivation (full path) and its base name.
+    pub drv_path: &'a str,
+    pub base_name: &'a str,
+    pub system: &'a str,
+    /// Where it was built ('' for an early cutoff).
+    pub machine: &'a str,
+    pub start_time: i64,
+    pub stop_time: i64,
+    pub outputs: &'a [(String, String)],
+    /// The build whose own row records the attempt.
+    pub except: Option<BuildId>,
+}
+
+/// Hydra's web interface follows a resolved step (status 13) to the step
+/// of its resolved derivation *within the same build*. Every build that
+/// holds a status-13 row resolved to `t` and has no successful row of its
+/// own for it gets one, of type 1 (for that build the outputs were there
+/// already: built by another build's attempt, or an early cutoff), so
+/// that a derivation is recorded as built (type 0) once. Returns those
+/// builds.
+pub async fn record_resolved_terminal(
+    tx: &mut PgConnection,
+    t: &Terminal<'_>,
+) -> Result<Vec<BuildId>, sqlx::Error> {
+    let builds: Vec<BuildId> = sqlx::query_scalar(
+        "select distinct s.build from BuildSteps s
+          where s.status = 13 and s.resolvedDrvPath = $1 and s.build is distinct from $3
+            and not exists (select 1 from BuildSteps t
+                             where t.build = s.build and t.drvPath = $2 and t.status = 0)
+          order by 1",
+    )
+    .bind(t.base_name)
+    .bind(t.drv_path)
+    .bind(t.except)
+    .fetch_all(&mut *tx)
+    .await?;
+    let outputs: Vec<(String, Option<String>)> = t
+        .outputs
+        .iter()
+        .map(|(n, p)| (n.clone(), Some(p.clone())))
+        .collect();
+    for build in &builds {
+        let Some(stepnr) = create_build_step(
+            tx,
+            &NewStepRow {
+                build: *build,
+                drv_path: t.drv_path,
+                system: t.system,
+                status: Some(BuildStatus::Success),
+                machine: t.machine,
+                start_time: Some(t.start_time),
+                error_msg: None,
+                propagated_from: None,
+                outputs: &outputs,
+                resolved_drv_path: None,
+            },
+        )
+        .await?
+        else {
+            continue;
+        };
+        sqlx::query(
+            "update BuildSteps set type = 1, stopTime = $3 where build = $1 and stepnr = $2",
+        )
+        .bind(build)
+        .bind(stepnr)
+        .bind(t.stop_time)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(builds)
+}
+
+/// Something a builder sent that was refused (`hqr_rejections`).
+pub async fn rejection(
+    pool: &sqlx::PgPool,
+    connection: &str,
+    machine: Option<&str>,
+    attempt_id: &str,
+    what: &str,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "insert into hqr_rejections (connection, machine, attempt_id, what, reason) values ($1, $2, $3, $4, $5)",
+    )
+    .bind(connection)
+    .bind(machine)
+    .bind(attempt_id)
+    .bind(what)
+    .bind(reason)
+    .execute(pool)
+    .await
+    .map(|_| ())
+}
+
+/// The result of a finished step, for its BuildSteps row.
+pub struct StepResult<'a> {
+    pub status: BuildStatus,
+    pub error_msg: Option<&'a str>,
+    pub start_time: i64,
+    pub stop_time: i64,
+    pub machine: &'a str,
+    pub times_built: Option<i32>,
+    pub is_non_deterministic: Option<bool>,
+    pub log_file: &'a str,
+    /// Known output paths (CA outputs learnt from the build).
+    pub outputs: &'a [(String, String)],
+}
+
+/// Closes a busy step row; notifies `step_finished`.
+pub async fn finish_build_step(
+    tx: &mut PgConnection,
+    build: BuildId,
+    stepnr: i32,
+    r: &StepResult<'_>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "update BuildSteps set busy = 0, status = $1, errorMsg = $4, startTime = $5, stopTime = $6, machine = $7,
+                timesBuilt = $8, isNonDeterministic = $9
+         where build = $2 and stepnr = $3",
+    )
+    .bind(r.status.code())
+    .bind(build)
+    .bind(stepnr)
+    .bind(r.error_msg.filter(|m| !m.is_empty()).map(error_text))
+    .bind(r.start_time)
+    .bind(r.stop_time)
+    .bind(r.machine)
+    .bind(r.times_built)
+    .bind(r.is_non_deterministic)
+    .execute(&mut *tx)
+    .await?;
+    for (name, path) in r.outputs {
+        sqlx::query(
+            "update BuildStepOutputs set path = $4 where build = $1 and stepnr = $2 and name = $3",
+        )
+        .bind(build)
+        .bind(stepnr)
+        .bind(name)
+        .bind(path)
+        .execute(&mut *tx)
+        .await?;
+    }
+    notify(
+        tx,
+        "step_finished",
+        &format!("{build}\t{stepnr}\t{}", r.log_file),
+    )
+    .await
+}
+
+/// Sets the progress (`busy`) code of a running step, with its event.
+pub async fn set_step_progress(
+    pool: &sqlx::PgPool,
+    build: BuildId,
+    stepnr: i32,
+    busy: i32,
+    event: crate::events::NewEvent,
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let changed =
+        sqlx::query("update BuildSteps set busy = $3 where build = $1 and stepnr = $2 and busy != 0 and busy != $3")
+            .bind(build)
+            .bind(stepnr)
+            .bind(busy)
+            .execute(&mut *tx)
+            .await?;
+    if changed.rows_affected() > 0 {
+        crate::events::emit(&mut tx, &[event]).await?;
+    }
+    tx.commit().await
+}
