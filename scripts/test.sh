@@ -7,6 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/setup.sh
 
+# A fresh clone builds once: incremental state would only take disk space.
+export CARGO_INCREMENTAL=0
+
 ensure_all
 ensure_moto
 ensure_chromium
