@@ -234,8 +234,17 @@ impl Graph {
                 created.push(id);
             }
         }
+        // Only the steps this plan created take their inputs from it. A step
+        // that another build's load created meanwhile keeps the inputs its
+        // creator found (its plan is the newer one): linking it here could
+        // give a running step an input, and an input of a finished step
+        // would dangle.
+        let fresh: HashSet<StepId> = created.iter().copied().collect();
         for ns in &plan.new_steps {
             let id = self.by_path[&ns.drv_path];
+            if !fresh.contains(&id) {
+                continue;
+            }
             for input in &ns.inputs {
                 if let Some(&dep) = self.by_path.get(input) {
                     self.link(id, dep);
@@ -252,9 +261,17 @@ impl Graph {
             self.push_facts(top, &build);
         }
         self.builds.insert(build.id, build);
+        // A created step that only an existing step would have needed is
+        // not needed after all.
+        let orphans: Vec<StepId> = created
+            .iter()
+            .copied()
+            .filter(|id| Some(*id) != top && self.steps[id].rdeps.is_empty())
+            .collect();
+        self.drop_unneeded(orphans, false);
         let mut unblocked = Vec::new();
         for id in created {
-            if self.steps[&id].deps.is_empty() {
+            if self.steps.get(&id).is_some_and(|s| s.deps.is_empty()) {
                 self.unblock(id, now).expect("a new step waits");
                 unblocked.push(id);
             }
@@ -327,6 +344,40 @@ impl Graph {
         Ok(target)
     }
 
+    /// The links are whole: every input and dependent named is a step of
+    /// the graph, each link is known at both ends, and a running step
+    /// waits for no input.
+    pub fn check_links(&self) -> Result<(), String> {
+        for (id, s) in &self.steps {
+            for d in &s.deps {
+                let Some(dep) = self.steps.get(d) else {
+                    return Err(format!("{} has a removed input {d}", s.drv_path));
+                };
+                if !dep.rdeps.contains(id) {
+                    return Err(format!(
+                        "{} needs {}, which does not know it",
+                        s.drv_path, dep.drv_path
+                    ));
+                }
+            }
+            for r in &s.rdeps {
+                let Some(rdep) = self.steps.get(r) else {
+                    return Err(format!("{} has a removed dependent {r}", s.drv_path));
+                };
+                if !rdep.deps.contains(id) {
+                    return Err(format!(
+                        "{} lists {} as dependent, which does not need it",
+                        s.drv_path, rdep.drv_path
+                    ));
+                }
+            }
+            if s.running_attempt().is_some() && !s.deps.is_empty() {
+                return Err(format!("{} runs while it waits for inputs", s.drv_path));
+            }
+        }
+        Ok(())
+    }
+
     fn link(&mut self, step: StepId, dep: StepId) {
         self.steps.get_mut(&step).expect("step").deps.insert(dep);
         self.steps.get_mut(&dep).expect("dep").rdeps.insert(step);
@@ -375,7 +426,9 @@ impl Graph {
             if !seen.insert(id) {
                 continue;
             }
-            let s = &self.steps[&id];
+            let Some(s) = self.steps.get(&id) else {
+                continue; // `check_links` says this never happens
+            };
             builds.extend(
                 s.toplevel_of
                     .iter()
@@ -481,6 +534,11 @@ impl Graph {
             None => step.finished_unbuilt()?,
         }
         let step = self.remove_step(id);
+        for d in &step.deps {
+            if let Some(dep) = self.steps.get_mut(d) {
+                dep.rdeps.remove(&id);
+            }
+        }
         let builds = step
             .toplevel_of
             .iter()

@@ -400,3 +400,28 @@ fn a_step_that_is_not_resolving_is_not_replaced() {
     assert!(g.replace_with_resolved(app, resolved("x"), now).is_err());
     assert_eq!(runnable_names(&g), ["app.drv"]);
 }
+
+#[test]
+fn a_step_another_load_created_meanwhile_keeps_its_own_inputs() {
+    let mut g = Graph::default();
+    let now = Instant::now();
+    // Build 1's load found `lib` built: `app` needs nothing, and runs.
+    g.insert_build(build(1, "app"), plan(&[("app", &[])]), now)
+        .unwrap();
+    let app = g.step_id(&path("app")).unwrap();
+    let attempt = Uuid::new_v4();
+    g.mark_dispatched(app, attempt, "m").unwrap();
+    // Build 2's plan, made before, still had `lib` to build under `app`.
+    g.insert_build(
+        build(2, "app"),
+        plan(&[("app", &["lib"]), ("lib", &[])]),
+        now,
+    )
+    .unwrap();
+    g.check_links().unwrap();
+    assert!(g.step_id(&path("lib")).is_none(), "only app needed lib");
+    let done = g.step_succeeded(app, Some(&attempt), now).unwrap();
+    assert_eq!(done.builds.len(), 2, "both builds end with app");
+    g.check_links().unwrap();
+    assert_eq!(g.step_count(), 0);
+}
