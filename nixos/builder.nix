@@ -18,6 +18,8 @@ let
       max_jobs = cfg.maxJobs;
       speed_factor = cfg.speedFactor;
       nix_daemon_socket = cfg.nixDaemonSocket;
+      state_dir = "/var/lib/hydra-builder";
+      orphan_grace_secs = cfg.orphanGraceSecs;
     }
     // optionalPath "token_file" cfg.tokenFile
     // optionalPath "tls_ca" cfg.tls.caFile
@@ -84,6 +86,16 @@ in
       description = "The nix-daemon to build with.";
     };
 
+    orphanGraceSecs = lib.mkOption {
+      type = lib.types.ints.unsigned;
+      default = 600;
+      description = ''
+        How long builds keep running (and finished results are kept) while no
+        runner holds them: a runner restart, crash or failover within it
+        loses nothing. Jobs are kept in /var/lib/hydra-builder.
+      '';
+    };
+
     tokenFile = lib.mkOption {
       type = lib.types.nullOr lib.types.path;
       default = null;
@@ -137,6 +149,9 @@ in
         Restart = "always";
         RestartSec = 30;
         User = "hydra-builder";
+        # Job records, logs and GC roots of finished outputs, kept across
+        # restarts of the builder.
+        StateDirectory = "hydra-builder";
         NoNewPrivileges = true;
         ProtectSystem = "strict";
         ProtectHome = true;

@@ -381,10 +381,14 @@ impl Hostile {
                 let (machine_id, attempt_id) = self.ids(machine, attempt);
                 let chunks: Vec<LogChunk> = chunks
                     .iter()
-                    .map(|data| LogChunk {
+                    .enumerate()
+                    .map(|(i, data)| LogChunk {
                         machine_id: machine_id.clone(),
                         attempt_id: attempt_id.clone(),
                         data: data.clone(),
+                        // Offsets anywhere: behind, at and past the copy.
+                        offset: (i % 3 != 0)
+                            .then(|| (data.len() as u64).wrapping_mul(i as u64 * 7919)),
                     })
                     .collect();
                 self.client

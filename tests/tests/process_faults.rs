@@ -1,26 +1,28 @@
 //! Faults injected into real processes: the runner and builders are the
 //! shipped binaries, PostgreSQL a cluster of the test's own where the test
 //! stops it, every builder a store of its own. Who dies and who retries is
-//! as the brief says: builder faults only requeue (the attempt shows as 3);
+//! as the brief says: builder faults only requeue (the attempt shows as 3,
+//! once the builder stayed away past `reconnect_grace_secs`);
 //! the runner dies on a database fault and finishes the run after a restart.
 
 use std::time::{Duration, Instant};
 
-use hydra_testkit::process::{BuilderProcess, RunnerProcess, RunnerSetup, StartSignal};
+use hydra_testkit::process::{BuilderProcess, Gate, RunnerProcess, RunnerSetup, StartSignal};
 use hydra_testkit::{NixStore, PgCluster, TestDb, create_jobset, queue_builds, wait_finished};
 use sqlx::PgPool;
 
 const LIMIT: Duration = Duration::from_secs(90);
 
 /// A derivation whose first build announces itself on `signal` and then
-/// hangs (so the test can hurt whoever runs it); a retry is instant.
-fn slow_job(dir: &std::path::Path, signal: &StartSignal) -> String {
+/// runs `hold` (waits for a gate, so the test can hurt whoever runs it and
+/// say when it ends); a retry is instant.
+fn held_job(dir: &std::path::Path, signal: &StartSignal, hold: &str) -> String {
     let marker = dir.join("first-attempt");
     format!(
         r#"with prelude; {{
           slow = mkDrv {{
             name = "slow";
-            script = "if [ ! -e {marker} ]; then touch {marker}; echo started > {signal}; sleep 60; fi; echo done > $out";
+            script = "if [ ! -e {marker} ]; then touch {marker}; echo started > {signal}; {hold}; fi; echo done > $out";
           }};
         }}"#,
         marker = marker.display(),
@@ -62,6 +64,8 @@ struct SlowJobSite {
     _dir: tempfile::TempDir,
     runner: RunnerProcess,
     builders: Vec<BuilderProcess>,
+    /// Holds the first build until opened.
+    gate: Gate,
     build: i32,
 }
 
@@ -77,9 +81,11 @@ impl SlowJobSite {
             .map(|name| BuilderProcess::start(name, &setup.address, dir.path()).unwrap())
             .collect();
         let signal = StartSignal::new(dir.path(), "started").unwrap();
+        let gate = Gate::new(dir.path(), "gate").unwrap();
+        let hold = format!("read x < {}", gate.path().display());
         let jobset = create_jobset(&db.pool).await.unwrap();
         let drvs = store
-            .instantiate(&slow_job(dir.path(), &signal), &["slow"])
+            .instantiate(&held_job(dir.path(), &signal, &hold), &["slow"])
             .await
             .unwrap();
         let ids = queue_builds(&db.pool, &store, jobset, &drvs, |_| Default::default())
@@ -92,6 +98,7 @@ impl SlowJobSite {
             _dir: dir,
             runner,
             builders,
+            gate,
             build: ids["slow"],
         }
     }
@@ -112,7 +119,7 @@ impl SlowJobSite {
 
 #[tokio::test]
 async fn a_builder_killed_mid_build_has_its_step_retried_on_the_other() {
-    let mut site = SlowJobSite::start("", &["one", "two"]).await;
+    let mut site = SlowJobSite::start("reconnect_grace_secs = 1", &["one", "two"]).await;
     let victim = site.running_it().await;
     let name = victim.name.clone();
     victim.kill().await.unwrap();
@@ -121,7 +128,11 @@ async fn a_builder_killed_mid_build_has_its_step_retried_on_the_other() {
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert_eq!((rows[0].0.as_str(), rows[0].1), (name.as_str(), Some(3)));
     assert!(
-        rows[0].2.as_deref().unwrap_or("").contains("disconnected"),
+        rows[0]
+            .2
+            .as_deref()
+            .unwrap_or("")
+            .contains("did not come back"),
         "{rows:?}"
     );
     assert_ne!(rows[1].0, name, "retried on the other machine");
@@ -131,7 +142,7 @@ async fn a_builder_killed_mid_build_has_its_step_retried_on_the_other() {
 #[tokio::test]
 async fn a_frozen_builder_is_found_silent_and_its_step_retried_elsewhere() {
     let mut site = SlowJobSite::start(
-        "ping_interval_secs = 1\nping_timeout_secs = 3",
+        "ping_interval_secs = 1\nping_timeout_secs = 3\nreconnect_grace_secs = 1",
         &["one", "two"],
     )
     .await;
@@ -159,11 +170,18 @@ async fn a_frozen_builder_is_found_silent_and_its_step_retried_elsewhere() {
         "the runner waited for the ping timeout ({noticed:?})"
     );
 
-    // Thawed, it finds its runner gone, drops the stale job and joins anew.
-    let frozen = site.builders.iter().find(|b| b.name == victim).unwrap();
+    // Its build goes on in its nix-daemon meanwhile and ends. Thawed, the
+    // builder joins anew declaring the finished job; the grace is over, so
+    // the runner tells it to drop the job and its late report is refused.
+    site.gate.open(LIMIT).await.unwrap();
+    let frozen = site.builders.iter_mut().find(|b| b.name == victim).unwrap();
     frozen.thaw().unwrap();
     site.runner
-        .wait_for_line(&format!("builder joined machine={victim}"), LIMIT)
+        .wait_for_line(&format!("1 to drop, 0 lost machine={victim}"), LIMIT)
+        .await
+        .unwrap();
+    frozen
+        .wait_for_line("dropping the job", LIMIT)
         .await
         .unwrap();
     let after = steps(&site.db.pool, site.build).await;
@@ -184,10 +202,13 @@ async fn losing_postgres_stops_the_runner_and_a_restart_finishes_the_run() {
         BuilderProcess::start("two", &setup.address, dir.path()).unwrap(),
     ];
     let signal = StartSignal::new(dir.path(), "started").unwrap();
+    // Held until the second runner runs: the builder keeps the job across
+    // the outage, and the second runner re-adopts it.
+    let gate = Gate::new(dir.path(), "gate").unwrap();
     let jobset = create_jobset(&pool).await.unwrap();
     let expr = format!(
         "let slow = ({}).slow; in with prelude; {{ inherit slow; {} }}",
-        slow_job(dir.path(), &signal),
+        held_job(dir.path(), &signal, &format!("read x < {}", gate.path().display())),
         (0..6)
             .map(|i| format!(
                 r#"quick{i} = mkDrv {{ name = "quick{i}"; script = "cat ${{slow}} > $out; echo {i} >> $out"; }};"#
@@ -218,7 +239,12 @@ async fn losing_postgres_stops_the_runner_and_a_restart_finishes_the_run() {
 
     cluster.start_again().unwrap();
     let pool = hydra_db::connect(&url, 4).await.unwrap();
-    let _runner = setup.start(&[]).await.unwrap();
+    let mut runner = setup.start(&[]).await.unwrap();
+    runner
+        .wait_for_line("re-adopted attempt", LIMIT)
+        .await
+        .unwrap();
+    gate.open(LIMIT).await.unwrap();
     wait_finished(&pool, ids.values().copied(), LIMIT)
         .await
         .unwrap();
@@ -232,30 +258,12 @@ async fn losing_postgres_stops_the_runner_and_a_restart_finishes_the_run() {
         .await
         .unwrap();
     assert_eq!(busy, 0);
+    let slow_rows = steps(&pool, ids["slow"]).await;
+    assert_eq!(slow_rows.len(), 1, "re-adopted, not retried: {slow_rows:?}");
     assert!(
         took < Duration::from_secs(20),
         "the runner stopped {took:?} after the database"
     );
-}
-
-#[tokio::test]
-async fn a_stopped_runner_closes_its_running_steps_as_aborted() {
-    let site = SlowJobSite::start("", &["one"]).await;
-    site.runner.terminate().unwrap();
-    let exit = site.runner.exit(Duration::from_secs(30)).await.unwrap();
-    assert!(exit.status.success(), "{}", exit.output);
-    let rows = steps(&site.db.pool, site.build).await;
-    assert_eq!(rows.len(), 1);
-    assert_eq!(rows[0].1, Some(3));
-    assert!(
-        rows[0].2.as_deref().unwrap().contains("was stopped"),
-        "{rows:?}"
-    );
-    let busy: i64 = sqlx::query_scalar("select count(*) from BuildSteps where busy != 0")
-        .fetch_one(&site.db.pool)
-        .await
-        .unwrap();
-    assert_eq!(busy, 0);
 }
 
 #[tokio::test]

@@ -62,6 +62,12 @@ pub struct BuilderConfig {
     pub trusted_public_keys: Vec<String>,
     /// How long one cache may take; a slower one is demoted for a while.
     pub substituter_timeout_secs: f64,
+    /// Where jobs are kept across connections and restarts: their records,
+    /// logs and GC roots of finished outputs.
+    pub state_dir: PathBuf,
+    /// How long a job no runner holds (the runner went away) keeps
+    /// running, or keeps its result, before it is dropped.
+    pub orphan_grace_secs: u64,
 }
 
 /// Every key with what it means; defaults come from
@@ -124,6 +130,14 @@ pub const KEYS: &[(&str, &str)] = &[
         "substituter_timeout_secs",
         "how long one cache may take before it is demoted for a while",
     ),
+    (
+        "state_dir",
+        "where jobs are kept across connections and restarts (records, logs, GC roots)",
+    ),
+    (
+        "orphan_grace_secs",
+        "how long a job keeps running, or keeps its result, with no runner",
+    ),
 ];
 
 impl Default for BuilderConfig {
@@ -149,6 +163,8 @@ impl Default for BuilderConfig {
             substituters: Vec::new(),
             trusted_public_keys: Vec::new(),
             substituter_timeout_secs: 10.0,
+            state_dir: "/var/lib/hydra-builder".into(),
+            orphan_grace_secs: 600,
         }
     }
 }

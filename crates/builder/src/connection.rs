@@ -1,8 +1,8 @@
-//! The control stream: join, ping, receive jobs and aborts; reconnect with
-//! jittered backoff when the runner goes away (running builds are aborted
-//! then: the runner has requeued them).
+//! The control stream: join (declaring the jobs held), ping, receive
+//! jobs, adoptions and aborts; reconnect with jittered backoff when the
+//! runner goes away. Jobs keep running meanwhile ([`crate::jobs`]).
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hydra_proto::v1::runner_service_client::RunnerServiceClient;
@@ -10,127 +10,15 @@ use hydra_proto::v1::*;
 use rand::Rng;
 use thiserror::Error;
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Endpoint;
 
+use crate::BuilderError;
+use crate::client::{self, Auth, chain};
 use crate::config::BuilderConfig;
 use crate::job::{self, JobContext};
-
-/// Errors that end the builder: reconnecting would not help.
-#[derive(Debug, Error)]
-pub enum BuilderError {
-    #[error("invalid runner URL '{url}': {source}")]
-    BadUrl {
-        url: String,
-        source: tonic::transport::Error,
-    },
-    #[error(transparent)]
-    Refused(#[from] hydra_proto::HandshakeError),
-    #[error("cannot read {path}: {source}")]
-    File {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    #[error("the builder token is not usable in a header: {0}")]
-    BadToken(String),
-    #[error("TLS settings for {url}: {source}")]
-    Tls {
-        url: String,
-        source: tonic::transport::Error,
-    },
-}
-
-/// The client of the runner's service, every call carrying the token.
-pub type Client = RunnerServiceClient<InterceptedService<Channel, Auth>>;
-
-/// Adds `authorization: Bearer <token>` to every call, when there is a token.
-#[derive(Clone)]
-pub struct Auth(Option<MetadataValue<Ascii>>);
-
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
-
-impl Auth {
-    /// The token from `HYDRA_BUILDER_TOKEN`, else from `token_file`.
-    fn from_config(config: &BuilderConfig) -> Result<Auth, BuilderError> {
-        let token = match std::env::var("HYDRA_BUILDER_TOKEN") {
-            Ok(t) => Some(t),
-            Err(_) => match &config.token_file {
-                Some(path) => Some(read(path).map(|b| String::from_utf8_lossy(&b).into_owned())?),
-                None => None,
-            },
-        };
-        let value = token
-            .map(|t| {
-                format!("Bearer {}", t.trim())
-                    .parse()
-                    .map_err(|_| BuilderError::BadToken("not ASCII".into()))
-            })
-            .transpose()?;
-        Ok(Auth(value))
-    }
-}
-
-fn read(path: &std::path::Path) -> Result<Vec<u8>, BuilderError> {
-    std::fs::read(path).map_err(|source| BuilderError::File {
-        path: path.to_owned(),
-        source,
-    })
-}
-
-/// One endpoint per runner URL, with TLS when the URL is https. Bad URLs
-/// and unreadable TLS files end the builder at once.
-fn endpoints(config: &BuilderConfig) -> Result<Vec<Endpoint>, BuilderError> {
-    let mut tls = ClientTlsConfig::new();
-    if let Some(ca) = &config.tls_ca {
-        tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
-    }
-    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
-        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
-    }
-    config
-        .urls()
-        .into_iter()
-        .map(|url| {
-            let mut endpoint = Endpoint::from_shared(url.clone())
-                .map_err(|source| BuilderError::BadUrl {
-                    url: url.clone(),
-                    source,
-                })?
-                .connect_timeout(Duration::from_secs(10))
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(20));
-            if url.starts_with("https://") {
-                endpoint = endpoint
-                    .tls_config(tls.clone())
-                    .map_err(|source| BuilderError::Tls { url, source })?;
-            }
-            Ok(endpoint)
-        })
-        .collect()
-}
-
-/// An error with its causes, for a log line that says what went wrong
-/// (a TLS handshake failure sits several sources deep).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
+use crate::jobs::{Jobs, Owner, Session};
+use crate::records::{self, Records};
 
 /// Why one session with the runner ended.
 #[derive(Debug, Error)]
@@ -139,38 +27,99 @@ enum SessionEnd {
     Fatal(#[from] BuilderError),
     #[error("{0}")]
     Lost(String),
+    /// The runner said it is stopping on purpose (and will be back).
+    #[error("{0}")]
+    Leaving(String),
 }
 
 /// Runs the builder until a fatal error. With several runner URLs, a lost
 /// or refused connection moves on to the next (a standby that became
-/// active).
+/// active). Jobs outlive connections ([`Jobs`]): kept ones from an earlier
+/// process are picked up first.
 pub async fn run(config: BuilderConfig) -> Result<(), BuilderError> {
-    let endpoints = endpoints(&config)?;
+    let endpoints = client::endpoints(&config)?;
     let auth = Auth::from_config(&config)?;
-    let substituters =
-        crate::substitute::Substituters::from_config(&config).map(std::sync::Arc::new);
+    let substituters = crate::substitute::Substituters::from_config(&config).map(Arc::new);
+    let records = Records::open(&config.state_dir)?;
+    let jobs = Arc::new(Jobs::new(
+        records,
+        Duration::from_secs(config.orphan_grace_secs),
+    ));
+    let ctx = Arc::new(JobContext {
+        daemon_socket: config.nix_daemon_socket.clone(),
+        daemon: hydra_nix::daemon::Spares::new(&config.nix_daemon_socket, 2),
+        substituters,
+        jobs,
+    });
+    recover(&ctx).await;
     let urls = config.urls();
     // One per process: a reconnect of this builder is told from another
     // builder that uses the same machine name.
     let instance_id = uuid::Uuid::new_v4().to_string();
     let mut failures = 0u32;
     let mut next = 0usize;
+    let mut generation = 0u64;
     loop {
         let i = next % endpoints.len();
         let target = Target {
             url: &urls[i],
             endpoint: &endpoints[i],
             auth: &auth,
-            substituters: substituters.clone(),
         };
-        match session(&config, &instance_id, target, &mut failures).await {
+        generation += 1;
+        let ended = session(
+            &config,
+            &instance_id,
+            target,
+            &mut failures,
+            &ctx,
+            generation,
+        )
+        .await;
+        ctx.jobs.session_ended(generation);
+        let held = ctx.jobs.len();
+        match ended {
             Err(SessionEnd::Fatal(e)) => return Err(e),
             Err(SessionEnd::Lost(why)) | Ok(why) => {
                 failures += 1;
                 next += 1;
                 let wait = backoff(&config, failures);
-                tracing::warn!("lost the runner ({why}); reconnecting in {wait:.1?}");
+                tracing::warn!(
+                    "lost the runner ({why}); reconnecting in {wait:.1?}, holding {held} jobs"
+                );
                 tokio::time::sleep(wait).await;
+            }
+            Err(SessionEnd::Leaving(why)) => {
+                // Back soon, or a standby takes over: no backoff to build up.
+                failures = 0;
+                next += 1;
+                let wait = backoff(&config, 1);
+                tracing::info!(
+                    "the runner is stopping ({why}); holding {held} jobs, reconnecting in {wait:.1?}"
+                );
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// Jobs kept on disk by an earlier process of this builder: finished ones
+/// (and running ones whose outputs Nix finished) are delivered to the
+/// next runner that adopts them; the others were lost with the process.
+async fn recover(ctx: &Arc<JobContext>) {
+    for (record, drv) in ctx.jobs.records.all() {
+        let id = record.attempt_id.clone();
+        match job::recovered(ctx, record, &drv).await {
+            Some(kept) => {
+                tracing::info!(attempt = %id, drv = %kept.drv_path, "holding a finished job from before this builder restarted");
+                let (c, drv_path) = (ctx.clone(), kept.drv_path.clone());
+                ctx.jobs.start(&id, &drv_path, true, None, move |tie| {
+                    job::resume(c, kept, tie)
+                });
+            }
+            None => {
+                tracing::info!(attempt = %id, "a job was running when this builder stopped and did not finish: dropped (the runner retries it)");
+                ctx.jobs.records.forget(&id);
             }
         }
     }
@@ -182,28 +131,27 @@ fn backoff(config: &BuilderConfig, failures: u32) -> Duration {
     Duration::from_secs_f64(rand::rng().random_range(base / 2.0..=base.max(0.001)))
 }
 
-type ControlTx = mpsc::Sender<BuilderMessage>;
-
-/// One connection: join, then serve jobs until the stream ends.
-/// Where one session goes, and what it takes along.
+/// Where one session goes.
 struct Target<'a> {
     url: &'a str,
     endpoint: &'a Endpoint,
     auth: &'a Auth,
-    substituters: Option<std::sync::Arc<crate::substitute::Substituters>>,
 }
 
+/// One connection: join (declaring the jobs held), then serve jobs until
+/// the stream ends.
 async fn session(
     config: &BuilderConfig,
     instance_id: &str,
     target: Target<'_>,
     failures: &mut u32,
+    ctx: &Arc<JobContext>,
+    generation: u64,
 ) -> Result<String, SessionEnd> {
     let Target {
         url,
         endpoint,
         auth,
-        substituters,
     } = target;
     let channel = endpoint
         .connect()
@@ -212,7 +160,9 @@ async fn session(
     let mut client = RunnerServiceClient::with_interceptor(channel.clone(), auth.clone())
         .max_decoding_message_size(64 << 20);
     let (tx, rx) = mpsc::channel(256);
-    tx.send(join_message(config, instance_id))
+    let held = ctx.jobs.declared();
+    let declared = held.len();
+    tx.send(join_message(config, instance_id, held))
         .await
         .expect("fresh channel");
     let mut inbound = client
@@ -234,20 +184,16 @@ async fn session(
         Err(e) => return Err(BuilderError::from(e).into()),
     };
     *failures = 0;
-    tracing::info!(runner = %url, "joined as {} ({})", config.machine_name, welcome.machine_id);
-    let ctx = JobContext {
+    tracing::info!(runner = %url, "joined as {} ({}), declaring {declared} held jobs", config.machine_name, welcome.machine_id);
+    let session = Arc::new(Session {
+        generation,
         client: RunnerServiceClient::with_interceptor(channel, auth.clone())
             .max_decoding_message_size(64 << 20),
         machine_id: welcome.machine_id.clone(),
-        daemon_socket: config.nix_daemon_socket.clone(),
-        daemon: hydra_nix::daemon::Spares::new(&config.nix_daemon_socket, 2),
         control: tx.clone(),
-        substituters: substituters.clone(),
-    };
+    });
     let ping_every = Duration::from_secs(welcome.ping_interval_secs.max(1) as u64);
     let mut pings = tokio::time::interval(ping_every);
-    let mut jobs: JoinSet<String> = JoinSet::new();
-    let mut running: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
     loop {
         tokio::select! {
             msg = inbound.message() => {
@@ -257,39 +203,81 @@ async fn session(
                     Err(s) => return Ok(format!("control stream failed: {}", s.message())),
                 };
                 match msg.msg {
-                    Some(runner_message::Msg::Build(job)) => {
-                        let id = job.attempt_id.clone();
-                        tracing::info!(attempt = %id, drv = %job.drv_path, "job received");
-                        let handle = jobs.spawn(job::run(ctx.clone(), job));
-                        running.insert(id, handle);
+                    Some(runner_message::Msg::Build(job)) => received(ctx, &session, job),
+                    Some(runner_message::Msg::Adopted(a)) => adopted(ctx, &session, a),
+                    Some(runner_message::Msg::Abort(a)) => {
+                        if ctx.jobs.abort(&a.attempt_id, &a.reason) {
+                            tracing::info!(attempt = %a.attempt_id, "dropping the job: {}", a.reason);
+                        }
+                    }
+                    Some(runner_message::Msg::Leaving(l)) => {
+                        return Err(SessionEnd::Leaving(l.reason));
                     }
                     Some(runner_message::Msg::Settings(settings)) => {
                         let every = Duration::from_secs(settings.ping_interval_secs.max(1).into());
                         tracing::info!("the runner asks for a ping every {every:?}");
                         pings = tokio::time::interval(every);
                     }
-                    Some(runner_message::Msg::Abort(a)) => {
-                        if let Some(h) = running.remove(&a.attempt_id) {
-                            tracing::info!(attempt = %a.attempt_id, "aborting: {}", a.reason);
-                            h.abort();
-                        }
-                    }
                     _ => tracing::warn!("unexpected message on the control stream"),
                 }
             }
-            Some(done) = jobs.join_next() => {
-                if let Ok(id) = done {
-                    running.remove(&id);
-                }
-            }
             _ = pings.tick() => {
-                let timeouts = substituters
+                let timeouts = ctx.substituters
                     .as_ref()
                     .map_or(0, |s| s.timeouts.load(std::sync::atomic::Ordering::Relaxed));
-                let _ = tx.send(ping(config, running.len(), timeouts)).await;
+                let _ = tx.send(ping(config, ctx.jobs.len(), timeouts)).await;
             }
         }
     }
+}
+
+/// A new job from the runner: it runs, held by this connection.
+fn received(ctx: &Arc<JobContext>, session: &Arc<Session>, job: BuildJob) {
+    let id = job.attempt_id.clone();
+    if !records::usable_id(&id) {
+        tracing::warn!("a job with the attempt id {id:?}, which is not a UUID: ignored");
+        return;
+    }
+    tracing::info!(attempt = %id, drv = %job.drv_path, "job received");
+    let owner = Owner {
+        session: session.clone(),
+        log_offset: 0,
+    };
+    let (c, drv_path) = (ctx.clone(), job.drv_path.clone());
+    if !ctx
+        .jobs
+        .start(&id, &drv_path, false, Some(owner), move |tie| {
+            job::run(c, job, tie)
+        })
+    {
+        tracing::warn!(attempt = %id, "a second job under an attempt id already held: ignored");
+    }
+}
+
+/// The runner takes over a job this builder declared. One it does not
+/// hold (any more) is reported as lost, so the runner retries it now.
+fn adopted(ctx: &Arc<JobContext>, session: &Arc<Session>, a: Adopted) {
+    let owner = Owner {
+        session: session.clone(),
+        log_offset: a.log_offset,
+    };
+    if ctx.jobs.adopted(&a.attempt_id, owner) {
+        tracing::info!(attempt = %a.attempt_id, "the runner re-adopted the job (it has {} bytes of its log)", a.log_offset);
+        return;
+    }
+    tracing::warn!(attempt = %a.attempt_id, "the runner re-adopted a job this builder does not hold: reporting it lost");
+    let report = CompletionReport {
+        machine_id: session.machine_id.clone(),
+        attempt_id: a.attempt_id,
+        outcome: Outcome::InfrastructureFailure as i32,
+        error_msg: "the builder no longer holds this job (it was lost in a restart or dropped)"
+            .into(),
+        ..Default::default()
+    };
+    let mut client = session.client.clone();
+    tokio::spawn(async move {
+        let _ = client.complete(report).await;
+    });
 }
 
 /// A failure before the runner welcomed us. Over TLS, a runner that
@@ -316,7 +304,11 @@ fn lost_or_refused(s: &tonic::Status) -> SessionEnd {
     }
 }
 
-fn join_message(config: &BuilderConfig, instance_id: &str) -> BuilderMessage {
+fn join_message(
+    config: &BuilderConfig,
+    instance_id: &str,
+    held: Vec<HeldAttempt>,
+) -> BuilderMessage {
     BuilderMessage {
         msg: Some(builder_message::Msg::Join(Join {
             protocol_version: hydra_proto::PROTOCOL_VERSION,
@@ -329,6 +321,7 @@ fn join_message(config: &BuilderConfig, instance_id: &str) -> BuilderMessage {
             speed_factor: config.speed_factor,
             store_dir: config.store_dir.clone(),
             instance_id: instance_id.to_owned(),
+            held,
         })),
     }
 }
@@ -362,9 +355,4 @@ fn free_disk(path: &std::path::Path) -> u64 {
         }
         st.f_bavail as u64 * st.f_frsize as u64
     }
-}
-
-/// Sends a control message, ignoring a stream that already ended.
-pub(crate) async fn send(control: &ControlTx, msg: BuilderMessage) {
-    let _ = control.send(msg).await;
 }

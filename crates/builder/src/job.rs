@@ -1,9 +1,16 @@
-//! One job: fetch missing inputs, build, stream the log, upload the
-//! outputs, report. Inputs and outputs are held as temporary roots on a
-//! daemon connection kept open for the whole job, so a garbage collection
-//! cannot take them mid-build.
+//! One job: fetch missing inputs, build while the log goes to disk and on
+//! to the runner, keep the result, deliver it (the rest of the log, the
+//! outputs, the report) to whichever runner holds the job then.
+//!
+//! Inputs and outputs are held as temporary roots on a daemon connection
+//! kept open for the whole job, and finished outputs also as indirect
+//! roots under `state_dir`, so no garbage collection takes them before a
+//! runner has them. A job outlives the connection that sent it: a call
+//! that fails because the runner went away waits for the job to be
+//! adopted again ([`Tie::owner`]) and is made again.
 
-use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use hydra_nix::daemon::{
     BuildMode, BuildStatus, ClientSettings, DaemonClient, DaemonError, LogLine, PathInfo,
@@ -14,21 +21,27 @@ use hydra_proto::nar::{CHUNK, SendNarError};
 use hydra_proto::v1::*;
 use thiserror::Error;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::ReceiverStream;
 
-use crate::connection::send;
+use crate::jobs::{Dropped, Jobs, Owner, Tie};
+use crate::records::{self, JobRecord, StoredReport};
+use crate::spool::Spool;
 
-#[derive(Clone)]
+/// What every job shares.
 pub struct JobContext {
-    pub client: crate::connection::Client,
-    pub machine_id: String,
-    pub daemon_socket: PathBuf,
+    pub daemon_socket: std::path::PathBuf,
     /// Fresh connections to it, made ahead of the next job.
-    pub daemon: std::sync::Arc<hydra_nix::daemon::Spares>,
-    pub control: mpsc::Sender<BuilderMessage>,
+    pub daemon: Arc<hydra_nix::daemon::Spares>,
     /// Binary caches tried before the runner for missing inputs.
-    pub substituters: Option<std::sync::Arc<crate::substitute::Substituters>>,
+    pub substituters: Option<Arc<crate::substitute::Substituters>>,
+    pub jobs: Arc<Jobs>,
 }
+
+/// How long a failed call waits for the job to move to another
+/// connection before it is made again on the same one.
+const RETRY_PATIENCE: Duration = Duration::from_secs(5);
+/// Failed calls on one connection before the job gives up on it.
+const RETRIES_PER_CONNECTION: u32 = 3;
 
 /// A fault of this machine or of the transfer, not of the build: the
 /// runner retries the step, elsewhere if it can.
@@ -44,39 +57,117 @@ enum JobError {
     Upload(#[from] SendNarError),
     #[error("the runner sent a bad NAR header: {0}")]
     BadHeader(String),
+    #[error("the build log cannot be kept in the state directory: {0}")]
+    Spool(std::io::Error),
+    #[error(transparent)]
+    Dropped(#[from] Dropped),
 }
 
-/// Runs one job to its report; returns the attempt id.
-pub async fn run(ctx: JobContext, job: BuildJob) -> String {
-    let attempt = job.attempt_id.clone();
-    let report = match execute(&ctx, &job).await {
-        Ok(report) => report,
-        Err(e) => {
-            tracing::warn!(attempt = %attempt, "job failed on this machine: {e}");
-            CompletionReport {
-                outcome: Outcome::InfrastructureFailure as i32,
-                error_msg: e.to_string(),
-                ..Default::default()
+/// Whether a failed call may work on another try or another connection
+/// (the runner went away, restarted, or failed over), rather than being
+/// the runner's answer.
+fn is_transport(s: &tonic::Status) -> bool {
+    !matches!(
+        s.code(),
+        tonic::Code::FailedPrecondition
+            | tonic::Code::InvalidArgument
+            | tonic::Code::PermissionDenied
+            | tonic::Code::Unauthenticated
+            | tonic::Code::NotFound
+            | tonic::Code::OutOfRange
+    )
+}
+
+/// Runs a new job to its delivery (or until it is dropped).
+pub async fn run(ctx: Arc<JobContext>, job: BuildJob, mut tie: Tie) {
+    let id = job.attempt_id.clone();
+    match work(&ctx, &job, &mut tie).await {
+        Ok(()) => tracing::info!(attempt = %id, "job delivered"),
+        Err(Dropped(why)) => tracing::warn!(attempt = %id, "job dropped: {why}"),
+    }
+    ctx.jobs.done(&id);
+}
+
+async fn work(ctx: &JobContext, job: &BuildJob, tie: &mut Tie) -> Result<(), Dropped> {
+    let id = &job.attempt_id;
+    let mut record = JobRecord {
+        attempt_id: id.clone(),
+        drv_path: job.drv_path.clone(),
+        started_at: records::now(),
+        report: None,
+    };
+    if let Err(e) = ctx.jobs.records.started(&record, &job.drv) {
+        tracing::warn!(attempt = %id, "cannot keep the job's record ({e}): it will not survive a restart of this builder");
+    }
+    let mut roots = None;
+    let (report, shipped) = match Spool::create(&ctx.jobs.records.log_path(id)) {
+        Err(e) => (infrastructure(&JobError::Spool(e)), None),
+        Ok(spool) => {
+            let spool = Arc::new(spool);
+            match execute(ctx, job, tie, &spool, &mut roots).await {
+                Ok((report, shipped)) => (report, shipped),
+                Err(JobError::Dropped(d)) => return Err(d),
+                Err(e) => {
+                    tracing::warn!(attempt = %id, "job failed on this machine: {e}");
+                    spool.close();
+                    (infrastructure(&e), None)
+                }
             }
         }
     };
-    let report = CompletionReport {
-        machine_id: ctx.machine_id.clone(),
-        attempt_id: attempt.clone(),
-        ..report
-    };
-    if let Err(s) = ctx.client.clone().complete(report).await {
-        tracing::warn!(attempt = %attempt, "the runner did not accept the report: {}", s.message());
+    let stored = StoredReport::of(&report);
+    record.report = Some(stored.clone());
+    if let Err(e) = ctx.jobs.records.finished(&record) {
+        tracing::warn!(attempt = %id, "cannot keep the job's report ({e}): it will not survive a restart of this builder");
     }
-    attempt
+    ctx.jobs.finished(id);
+    let spool = Spool::finished(&ctx.jobs.records.log_path(id))
+        .ok()
+        .map(Arc::new);
+    deliver(ctx, id, tie, spool.as_deref(), stored, shipped, roots).await
 }
 
-async fn execute(ctx: &JobContext, job: &BuildJob) -> Result<CompletionReport, JobError> {
+/// Delivers a job that this builder had finished before it restarted.
+pub async fn resume(ctx: Arc<JobContext>, record: JobRecord, mut tie: Tie) {
+    let id = record.attempt_id.clone();
+    let Some(report) = record.report else {
+        ctx.jobs.done(&id);
+        return;
+    };
+    let spool = Spool::finished(&ctx.jobs.records.log_path(&id))
+        .ok()
+        .map(Arc::new);
+    match deliver(&ctx, &id, &mut tie, spool.as_deref(), report, None, None).await {
+        Ok(()) => tracing::info!(attempt = %id, "job kept across a restart delivered"),
+        Err(Dropped(why)) => {
+            tracing::warn!(attempt = %id, "job kept across a restart dropped: {why}")
+        }
+    }
+    ctx.jobs.done(&id);
+}
+
+fn infrastructure(e: &JobError) -> CompletionReport {
+    CompletionReport {
+        outcome: Outcome::InfrastructureFailure as i32,
+        error_msg: e.to_string(),
+        ..Default::default()
+    }
+}
+
+/// Prepares and builds; returns the report and, when the whole log reached
+/// a runner during the build, which connection has it and how much.
+async fn execute(
+    ctx: &JobContext,
+    job: &BuildJob,
+    tie: &mut Tie,
+    spool: &Arc<Spool>,
+    roots_out: &mut Option<DaemonClient>,
+) -> Result<(CompletionReport, Option<(u64, u64)>), JobError> {
     let dir = StoreDir::default();
     let drv = Derivation::parse(&dir, &job.drv).map_err(|e| JobError::BadJob(e.to_string()))?;
     let limits = job.limits.unwrap_or_default();
-    progress(ctx, job, Phase::Preparing).await;
-    let mut roots = ctx.daemon.take().await?;
+    progress(tie, Phase::Preparing);
+    let roots = roots_out.insert(ctx.daemon.take().await?);
     for p in &job.input_paths {
         roots.add_temp_root(p).await?;
     }
@@ -89,16 +180,16 @@ async fn execute(ctx: &JobContext, job: &BuildJob) -> Result<CompletionReport, J
         .cloned()
         .collect();
     if !missing.is_empty() {
-        progress(ctx, job, Phase::SendingInputs).await;
+        progress(tie, Phase::SendingInputs);
         let missing = match &ctx.substituters {
             Some(caches) => caches.substitute(&ctx.daemon_socket, missing).await,
             None => missing,
         };
         if !missing.is_empty() {
-            fetch_inputs(ctx, job, &mut daemon, missing).await?;
+            fetch_inputs_across(tie, job, &mut daemon, missing).await?;
         }
     }
-    progress(ctx, job, Phase::Building).await;
+    progress(tie, Phase::Building);
     let mut settings = ClientSettings {
         max_silent_time: limits.max_silent_secs,
         ..ClientSettings::default()
@@ -111,7 +202,22 @@ async fn execute(ctx: &JobContext, job: &BuildJob) -> Result<CompletionReport, J
         limits.max_log_bytes.to_string(),
     );
     daemon.set_options(&settings).await?;
-    let result = build_with_log(ctx, job, &mut daemon, &drv).await?;
+    let shipper = tokio::spawn(ship_live(tie.clone(), spool.clone()));
+    let log_to = spool.clone();
+    let mut on_log = move |line: LogLine| {
+        if let LogLine::Build(mut bytes) = line {
+            bytes.push(b'\n');
+            log_to.append(&bytes);
+        }
+    };
+    let built = daemon
+        .build_derivation(&job.drv_path, &drv, BuildMode::Normal, &mut on_log)
+        .await;
+    spool.close();
+    // The shipper ends once the whole log is with a runner, or when no
+    // runner holds the job (delivery sends the rest then).
+    let shipped = shipper.await.unwrap_or(None);
+    let result = built?;
     let base = CompletionReport {
         start_time: result.start_time,
         stop_time: result.stop_time,
@@ -128,11 +234,12 @@ async fn execute(ctx: &JobContext, job: &BuildJob) -> Result<CompletionReport, J
             ),
             _ => result.error_msg,
         };
-        return Ok(CompletionReport {
+        let report = CompletionReport {
             outcome: outcome as i32,
             error_msg,
             ..base
-        });
+        };
+        return Ok((report, shipped));
     }
     let mut outputs = Vec::new();
     for (name, out) in &drv.outputs {
@@ -148,26 +255,23 @@ async fn execute(ctx: &JobContext, job: &BuildJob) -> Result<CompletionReport, J
             },
         };
         roots.add_temp_root(&path).await?;
+        hold_output(ctx, roots, &job.attempt_id, name, &path).await;
         let info = daemon.require_path_info(&path).await?;
         outputs.push((name.clone(), info));
     }
     let total: u64 = outputs.iter().map(|(_, i)| i.nar_size).sum();
     if limits.max_output_bytes > 0 && total > limits.max_output_bytes {
-        return Ok(CompletionReport {
+        let report = CompletionReport {
             outcome: Outcome::OutputLimitExceeded as i32,
             error_msg: format!(
                 "outputs total {total} bytes, over the limit of {} bytes",
                 limits.max_output_bytes
             ),
             ..base
-        });
+        };
+        return Ok((report, shipped));
     }
-    progress(ctx, job, Phase::ReceivingOutputs).await;
-    for info in references_first(outputs.iter().map(|(_, i)| i.clone())) {
-        upload(ctx, job, &mut daemon, &info).await?;
-    }
-    progress(ctx, job, Phase::PostProcessing).await;
-    Ok(CompletionReport {
+    let report = CompletionReport {
         outcome: Outcome::Succeeded as i32,
         outputs: outputs
             .iter()
@@ -179,7 +283,26 @@ async fn execute(ctx: &JobContext, job: &BuildJob) -> Result<CompletionReport, J
             })
             .collect(),
         ..base
-    })
+    };
+    Ok((report, shipped))
+}
+
+/// Makes a finished output an indirect root (a symlink under
+/// `state_dir/gcroots`), so it outlives this process until a runner has
+/// it. Best effort: the temporary root holds it while the process lives.
+async fn hold_output(ctx: &JobContext, roots: &mut DaemonClient, id: &str, name: &str, path: &str) {
+    let link = ctx.jobs.records.root_link(id, name);
+    let _ = std::fs::remove_file(&link);
+    let made = match std::os::unix::fs::symlink(path, &link) {
+        Ok(()) => roots
+            .add_indirect_root(&link)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = made {
+        tracing::warn!(attempt = %id, "cannot root {path} at {}: {e}", link.display());
+    }
 }
 
 /// Nix's result, as Hydra's runner reads it: a permanent failure of the
@@ -205,66 +328,151 @@ fn outcome_of(status: BuildStatus) -> Outcome {
     }
 }
 
-async fn progress(ctx: &JobContext, job: &BuildJob, phase: Phase) {
-    let msg = BuilderMessage {
-        msg: Some(builder_message::Msg::Progress(Progress {
-            attempt_id: job.attempt_id.clone(),
-            phase: phase as i32,
-        })),
-    };
-    send(&ctx.control, msg).await;
+/// Tells the runner that holds the job what it is doing, if one does (it
+/// is not worth waiting for).
+fn progress(tie: &Tie, phase: Phase) {
+    if let Some(owner) = tie.current() {
+        let msg = BuilderMessage {
+            msg: Some(builder_message::Msg::Progress(Progress {
+                attempt_id: tie.attempt_id.clone(),
+                phase: phase as i32,
+            })),
+        };
+        let _ = owner.session.control.try_send(msg);
+    }
 }
 
-/// Builds while the log streams to the runner, line by line as Nix prints.
-async fn build_with_log(
-    ctx: &JobContext,
-    job: &BuildJob,
-    daemon: &mut DaemonClient,
-    drv: &Derivation,
-) -> Result<hydra_nix::daemon::BuildResult, JobError> {
-    let (log_tx, log_rx) = mpsc::unbounded_channel();
-    let mut client = ctx.client.clone();
-    let log_upload = tokio::spawn(async move {
-        client
-            .stream_log(UnboundedReceiverStream::new(log_rx))
-            .await
-    });
-    let (machine_id, attempt_id) = (ctx.machine_id.clone(), job.attempt_id.clone());
-    let mut on_log = move |line: LogLine| {
-        if let LogLine::Build(mut bytes) = line {
-            bytes.push(b'\n');
-            let _ = log_tx.send(LogChunk {
-                machine_id: machine_id.clone(),
-                attempt_id: attempt_id.clone(),
-                data: bytes,
-            });
+/// Streams the log to whichever runner holds the job, as it grows, from
+/// what that runner has; returns (connection, length) once the whole log
+/// is with one, or None when the build ended with no runner holding it.
+async fn ship_live(mut tie: Tie, spool: Arc<Spool>) -> Option<(u64, u64)> {
+    loop {
+        let owner = match tie.current() {
+            Some(o) => o,
+            None if spool.is_closed() => return None,
+            None => {
+                tokio::select! {
+                    held = tie.owner() => { held.ok()?; }
+                    _ = wait_closed(&spool) => {}
+                }
+                continue;
+            }
+        };
+        let generation = owner.session.generation;
+        match stream_log(&owner, &tie.attempt_id, &spool, owner.log_offset, true).await {
+            Ok(length) => return Some((generation, length)),
+            Err(s) if !is_transport(&s) => {
+                tracing::warn!(attempt = %tie.attempt_id, "the runner refused the log: {}", s.message());
+                return None;
+            }
+            Err(_) if spool.is_closed() => return None,
+            Err(_) => tie.moved_on(generation, RETRY_PATIENCE).await.ok()?,
+        }
+    }
+}
+
+async fn wait_closed(spool: &Spool) {
+    while !spool.is_closed() {
+        spool.wait_beyond(spool.len()).await;
+    }
+}
+
+/// One StreamLog call: the log from `from`, each chunk with its offset;
+/// with `follow`, until the log is complete. Returns the runner's length.
+async fn stream_log(
+    owner: &Owner,
+    attempt_id: &str,
+    spool: &Spool,
+    from: u64,
+    follow: bool,
+) -> Result<u64, tonic::Status> {
+    let (tx, rx) = mpsc::channel::<LogChunk>(8);
+    let mut client = owner.session.client.clone();
+    let call = client.stream_log(ReceiverStream::new(rx));
+    let feed = async move {
+        let mut at = from;
+        loop {
+            let data = spool
+                .read_at(at)
+                .map_err(|e| tonic::Status::internal(format!("reading the log: {e}")))?;
+            if data.is_empty() {
+                if !follow || spool.is_closed() {
+                    return Ok::<(), tonic::Status>(());
+                }
+                spool.wait_beyond(at).await;
+                continue;
+            }
+            let chunk = LogChunk {
+                machine_id: owner.session.machine_id.clone(),
+                attempt_id: attempt_id.to_owned(),
+                offset: Some(at),
+                data,
+            };
+            at += chunk.data.len() as u64;
+            if tx.send(chunk).await.is_err() {
+                return Ok(()); // the call ended; its answer says why
+            }
         }
     };
-    let result = daemon
-        .build_derivation(&job.drv_path, drv, BuildMode::Normal, &mut on_log)
-        .await;
-    drop(on_log);
-    // The log is best effort: a failed log upload does not fail the build.
-    if let Ok(Err(s)) = log_upload.await {
-        tracing::warn!(attempt = %job.attempt_id, "log upload failed: {}", s.message());
+    // A call that ends first (the runner went away) stops the feed, which
+    // may be waiting for a silent build's next line.
+    tokio::pin!(call);
+    tokio::select! {
+        answered = &mut call => return Ok(answered?.into_inner().log_length),
+        fed = feed => fed?,
     }
-    Ok(result?)
+    Ok(call.await?.into_inner().log_length)
+}
+
+/// Fetches missing inputs from the runner that holds the job, again on
+/// the next connection when the runner goes away meanwhile.
+async fn fetch_inputs_across(
+    tie: &mut Tie,
+    job: &BuildJob,
+    daemon: &mut DaemonClient,
+    missing: Vec<String>,
+) -> Result<(), JobError> {
+    let mut tries = 0;
+    loop {
+        let owner = tie.owner().await?;
+        let still: Vec<String> = {
+            let valid = daemon.query_valid_paths(&missing).await?;
+            missing
+                .iter()
+                .filter(|p| !valid.contains(*p))
+                .cloned()
+                .collect()
+        };
+        if still.is_empty() {
+            return Ok(());
+        }
+        match fetch_inputs(&owner, job, daemon, still).await {
+            Err(JobError::Transfer(s)) if is_transport(&s) && tries < RETRIES_PER_CONNECTION => {
+                tries += 1;
+                tracing::warn!(attempt = %job.attempt_id, "fetching inputs failed ({}); trying again", s.message());
+                tie.moved_on(owner.session.generation, RETRY_PATIENCE)
+                    .await?;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Fetches `paths` from the runner and imports them, references first (the
 /// runner sends them in that order).
 async fn fetch_inputs(
-    ctx: &JobContext,
+    owner: &Owner,
     job: &BuildJob,
     daemon: &mut DaemonClient,
     paths: Vec<String>,
 ) -> Result<(), JobError> {
     let req = FetchInputsRequest {
-        machine_id: ctx.machine_id.clone(),
+        machine_id: owner.session.machine_id.clone(),
         attempt_id: job.attempt_id.clone(),
         paths,
     };
-    let mut stream = ctx.client.clone().fetch_inputs(req).await?.into_inner();
+    let mut client = owner.session.client.clone();
+    let mut stream = client.fetch_inputs(req).await?.into_inner();
     let mut next = stream.message().await?;
     while let Some(chunk) = next {
         let Some(nar_chunk::Part::Header(h)) = chunk.part else {
@@ -309,21 +517,159 @@ async fn fetch_inputs(
     Ok(())
 }
 
+/// Why one delivery try did not end the job.
+enum Undelivered {
+    /// The runner went away, or the call failed: try again when the job is
+    /// held again.
+    Retry(String),
+    /// The runner's answer: the job ends here.
+    Refused(String),
+    /// The outputs cannot be sent from this machine: report that instead.
+    Local(String),
+}
+
+/// Delivers a finished job: the rest of its log, its outputs (for a
+/// success) and its report, to whichever runner holds it, until one takes
+/// the report or the job is dropped. The report is accepted once per
+/// attempt; a runner that had it already says so.
+async fn deliver(
+    ctx: &JobContext,
+    id: &str,
+    tie: &mut Tie,
+    spool: Option<&Spool>,
+    mut report: StoredReport,
+    mut shipped: Option<(u64, u64)>,
+    roots: Option<DaemonClient>,
+) -> Result<(), Dropped> {
+    // Held for the whole delivery: the outputs stay rooted on it.
+    let mut roots = match roots {
+        Some(r) => Some(r),
+        None => root_outputs(ctx, &report).await,
+    };
+    let _ = &mut roots;
+    let mut tries = 0u32;
+    loop {
+        let owner = tie.owner().await?;
+        let generation = owner.session.generation;
+        match deliver_once(ctx, id, &owner, spool, &report, &mut shipped).await {
+            Ok(()) => return Ok(()),
+            Err(Undelivered::Refused(why)) => {
+                return Err(Dropped(format!("the runner refused the report: {why}")));
+            }
+            Err(Undelivered::Local(why)) => {
+                tracing::warn!(attempt = %id, "cannot send the outputs: {why}");
+                report = StoredReport::of(&CompletionReport {
+                    outcome: Outcome::InfrastructureFailure as i32,
+                    error_msg: format!("the builder cannot send the outputs: {why}"),
+                    ..Default::default()
+                });
+            }
+            Err(Undelivered::Retry(why)) => {
+                tries += 1;
+                tracing::warn!(attempt = %id, "delivery failed ({why}); trying again when a runner holds the job");
+                if tries > RETRIES_PER_CONNECTION {
+                    tries = 0;
+                    tie.moved_on(generation, Duration::from_secs(3600)).await?;
+                } else {
+                    tie.moved_on(generation, RETRY_PATIENCE).await?;
+                }
+            }
+        }
+    }
+}
+
+async fn deliver_once(
+    ctx: &JobContext,
+    id: &str,
+    owner: &Owner,
+    spool: Option<&Spool>,
+    report: &StoredReport,
+    shipped: &mut Option<(u64, u64)>,
+) -> Result<(), Undelivered> {
+    let status = |s: tonic::Status| {
+        if is_transport(&s) {
+            Undelivered::Retry(s.message().to_owned())
+        } else {
+            Undelivered::Refused(s.message().to_owned())
+        }
+    };
+    let generation = owner.session.generation;
+    if let Some(spool) = spool {
+        let from = match *shipped {
+            Some((g, length)) if g == generation => length,
+            _ => owner.log_offset,
+        };
+        if from < spool.len() || shipped.is_none_or(|(g, _)| g != generation) {
+            let length = stream_log(owner, id, spool, from, false)
+                .await
+                .map_err(status)?;
+            *shipped = Some((generation, length));
+        }
+    }
+    if report.outcome == Outcome::Succeeded as i32 {
+        send_progress(owner, id, Phase::ReceivingOutputs);
+        let mut daemon = ctx
+            .daemon
+            .take()
+            .await
+            .map_err(|e| Undelivered::Local(e.to_string()))?;
+        let mut infos = Vec::new();
+        for (_, path, _, _) in &report.outputs {
+            infos.push(
+                daemon
+                    .require_path_info(path)
+                    .await
+                    .map_err(|e| Undelivered::Local(e.to_string()))?,
+            );
+        }
+        for info in references_first(infos) {
+            upload(owner, id, &mut daemon, &info).await?;
+        }
+        send_progress(owner, id, Phase::PostProcessing);
+    }
+    let mut client = owner.session.client.clone();
+    client
+        .complete(report.to_report(&owner.session.machine_id, id))
+        .await
+        .map_err(status)?;
+    Ok(())
+}
+
+fn send_progress(owner: &Owner, id: &str, phase: Phase) {
+    let msg = BuilderMessage {
+        msg: Some(builder_message::Msg::Progress(Progress {
+            attempt_id: id.to_owned(),
+            phase: phase as i32,
+        })),
+    };
+    let _ = owner.session.control.try_send(msg);
+}
+
+/// Temporary roots for the outputs of a job recovered from disk (its
+/// indirect roots held them while no process did).
+async fn root_outputs(ctx: &JobContext, report: &StoredReport) -> Option<DaemonClient> {
+    let mut roots = ctx.daemon.take().await.ok()?;
+    for (_, path, _, _) in &report.outputs {
+        let _ = roots.add_temp_root(path).await;
+    }
+    Some(roots)
+}
+
 /// Uploads one output's NAR, announced with the hash and size the local
 /// store recorded when it registered the output.
 async fn upload(
-    ctx: &JobContext,
-    job: &BuildJob,
+    owner: &Owner,
+    id: &str,
     daemon: &mut DaemonClient,
     info: &PathInfo,
-) -> Result<(), JobError> {
+) -> Result<(), Undelivered> {
     let (tx, rx) = mpsc::channel(16);
     let header = NarHeader {
-        machine_id: ctx.machine_id.clone(),
-        attempt_id: job.attempt_id.clone(),
+        machine_id: owner.session.machine_id.clone(),
+        attempt_id: id.to_owned(),
         ..NarHeader::describing(info)
     };
-    let mut client = ctx.client.clone();
+    let mut client = owner.session.client.clone();
     let call = client.upload_output(ReceiverStream::new(rx));
     let produce = async move {
         match hydra_proto::nar::send_nar(daemon, info, header, &tx, |c| c).await {
@@ -333,7 +679,57 @@ async fn upload(
         }
     };
     let (produced, answered) = tokio::join!(produce, call);
-    answered?;
-    produced?;
-    Ok(())
+    if let Err(s) = answered {
+        return Err(if is_transport(&s) {
+            Undelivered::Retry(s.message().to_owned())
+        } else {
+            Undelivered::Refused(s.message().to_owned())
+        });
+    }
+    produced.map_err(|e| Undelivered::Local(e.to_string()))
+}
+
+/// A job recorded as running when this builder last stopped: built after
+/// all if its outputs are valid in the store (Nix finished it before the
+/// builder died), else lost (the runner retries it). Returns the record
+/// with a report when there is something to deliver.
+pub async fn recovered(ctx: &JobContext, mut record: JobRecord, drv: &[u8]) -> Option<JobRecord> {
+    if record.report.is_some() {
+        return Some(record);
+    }
+    let dir = StoreDir::default();
+    let parsed = Derivation::parse(&dir, drv).ok()?;
+    let mut daemon = ctx.daemon.take().await.ok()?;
+    let mut outputs = Vec::new();
+    for (name, out) in &parsed.outputs {
+        // An output known only after the build cannot be found again.
+        let path = dir.display(out.path()?);
+        let info = daemon.query_path_info(&path).await.ok()??;
+        outputs.push((name.clone(), info));
+    }
+    tracing::info!(attempt = %record.attempt_id, "a job that was running when this builder stopped had finished: its outputs are valid");
+    let stopped = std::fs::metadata(ctx.jobs.records.log_path(&record.attempt_id))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or_else(records::now, |d| d.as_secs());
+    let report = CompletionReport {
+        outcome: Outcome::Succeeded as i32,
+        start_time: record.started_at,
+        stop_time: stopped.max(record.started_at),
+        times_built: 1,
+        outputs: outputs
+            .iter()
+            .map(|(name, i)| BuiltOutput {
+                name: name.clone(),
+                path: i.path.clone(),
+                nar_hash: i.nar_hash.to_prefixed_base32(),
+                nar_size: i.nar_size,
+            })
+            .collect(),
+        ..Default::default()
+    };
+    record.report = Some(StoredReport::of(&report));
+    ctx.jobs.records.finished(&record).ok()?;
+    Some(record)
 }

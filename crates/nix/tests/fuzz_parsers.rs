@@ -6,7 +6,7 @@
 //! wrong.
 //!
 //! `HQ_FUZZ_CASES` sets the cases per parser (2,000 in the suite; the
-//! README's fuzz command runs 250,000 per parser, over 1,000,000 in all).
+//! README's fuzz command runs 120,000 per parser, 1,080,000 in all).
 
 use hydra_nix::binary_cache::NarInfo;
 use hydra_nix::daemon::{BuildMode, DaemonClient};

@@ -2,6 +2,12 @@
 //! (`hqr_attempts`, with its busy BuildSteps row) before its job is sent,
 //! and every report from a builder names one; a report is applied only by
 //! the connection that owns the attempt.
+//!
+//! Attempts outlive connections: when a builder's connection ends, its
+//! attempts are *away* for `reconnect_grace_secs` and the builder may
+//! re-adopt them when it joins again; when the runner starts, the attempts
+//! left open by the runner before it ([`OpenAttempt`]) wait as long for
+//! their builders.
 
 use std::collections::HashMap;
 
@@ -42,7 +48,19 @@ pub struct Attempt {
     pub outputs: Vec<(String, Option<String>)>,
     /// Output path -> what was uploaded for it.
     pub uploads: HashMap<String, Upload>,
+    /// How long the runner's copy of the log is.
     pub log_bytes: u64,
+    /// Its builder went away: the attempt waits for it to come back and
+    /// re-adopt it until then, and is aborted after.
+    pub away: Option<Away>,
+}
+
+/// Why and until when an attempt's builder is away.
+#[derive(Debug, Clone)]
+pub struct Away {
+    pub until: std::time::Instant,
+    /// How its connection ended, for the abort's message.
+    pub why: String,
 }
 
 impl Attempt {
@@ -125,7 +143,54 @@ impl Attempts {
         self.running.remove(id)
     }
 
-    /// Attempts owned by `connection` (a machine that went away).
+    pub fn get_mut(&mut self, id: &Uuid) -> Option<&mut Attempt> {
+        self.running.get_mut(id)
+    }
+
+    /// The connection `connection` ended (`why`): its attempts are away
+    /// until `until`.
+    pub fn set_away(&mut self, connection: &str, until: std::time::Instant, why: &str) {
+        for a in self.running.values_mut() {
+            if a.connection == connection {
+                a.away = Some(Away {
+                    until,
+                    why: why.to_owned(),
+                });
+            }
+        }
+    }
+
+    /// The attempts of the machine `name`, whichever connection owns them.
+    pub fn of_machine(&self, name: &str) -> Vec<Uuid> {
+        self.running
+            .values()
+            .filter(|a| a.machine == name)
+            .map(|a| a.id)
+            .collect()
+    }
+
+    /// Takes the away attempts whose builder did not come back by `now`.
+    pub fn take_expired(&mut self, now: std::time::Instant) -> Vec<Attempt> {
+        let ids: Vec<Uuid> = self
+            .running
+            .values()
+            .filter(|a| a.away.as_ref().is_some_and(|w| w.until <= now))
+            .map(|a| a.id)
+            .collect();
+        ids.iter()
+            .filter_map(|id| self.running.remove(id))
+            .collect()
+    }
+
+    /// When the next away attempt expires.
+    pub fn next_expiry(&self) -> Option<std::time::Instant> {
+        self.running
+            .values()
+            .filter_map(|a| a.away.as_ref().map(|w| w.until))
+            .min()
+    }
+
+    /// Attempts owned by `connection`.
     pub fn take_all_of(&mut self, connection: &str) -> Vec<Attempt> {
         let ids: Vec<Uuid> = self
             .running
@@ -175,14 +240,106 @@ pub async fn close(tx: &mut PgConnection, id: &Uuid, outcome: i32) -> Result<(),
         .map(|_| ())
 }
 
-/// Records every attempt still open as aborted (3).
-pub async fn close_all_open(tx: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "update hqr_attempts set finished_at = now(), outcome = 3 where finished_at is null",
+/// An attempt a runner before this one left open (it was stopped or
+/// died while the step ran), with what its BuildSteps row says.
+#[derive(Debug, Clone)]
+pub struct OpenAttempt {
+    pub id: Uuid,
+    pub build: BuildId,
+    pub stepnr: i32,
+    pub drv_path: StorePath,
+    pub machine: String,
+    pub start_time: i64,
+    /// Output name -> path (None for a CA output), from BuildStepOutputs.
+    pub outputs: Vec<(String, Option<String>)>,
+    /// How long the runner's copy of its log is.
+    pub log_bytes: u64,
+    /// Waits for its builder until then.
+    pub deadline: std::time::Instant,
+    /// The connection of the builder that declared it, when one did
+    /// before its step was loaded.
+    pub claimed_by: Option<String>,
+}
+
+/// The attempts left open whose step row is still busy, oldest first,
+/// each waiting for its builder until `deadline`; `log_len` says how much
+/// of each one's log the runner has.
+pub async fn load_open(
+    db: &mut PgConnection,
+    dir: &hydra_nix::StoreDir,
+    deadline: std::time::Instant,
+    log_len: impl Fn(&StorePath) -> u64,
+) -> Result<Vec<OpenAttempt>, sqlx::Error> {
+    type Row = (Uuid, BuildId, i32, String, String, Option<i32>);
+    let rows: Vec<Row> = sqlx::query_as(
+        "select a.id, a.build, a.stepnr, a.drv_path, a.machine, s.startTime
+           from hqr_attempts a
+           join BuildSteps s on s.build = a.build and s.stepnr = a.stepnr
+          where a.finished_at is null and s.busy != 0
+          order by a.started_at",
     )
-    .execute(tx)
+    .fetch_all(&mut *db)
+    .await?;
+    let mut open = Vec::new();
+    for (id, build, stepnr, drv, machine, start) in rows {
+        // Written as a base name; a full path is taken too.
+        let parsed = StorePath::from_base_name(&drv).or_else(|_| dir.parse_path(&drv));
+        let Ok(drv_path) = parsed else {
+            tracing::warn!(attempt = %id, "an open attempt names {drv:?}, not a derivation of this store: closed as aborted");
+            close_unreadable(db, id, build, stepnr).await?;
+            continue;
+        };
+        let outputs: Vec<(String, Option<String>)> = sqlx::query_as(
+            "select name, path from BuildStepOutputs where build = $1 and stepnr = $2 order by name",
+        )
+        .bind(build)
+        .bind(stepnr)
+        .fetch_all(&mut *db)
+        .await?;
+        open.push(OpenAttempt {
+            id,
+            build,
+            stepnr,
+            log_bytes: log_len(&drv_path),
+            drv_path,
+            machine,
+            start_time: start.unwrap_or(0).into(),
+            outputs,
+            deadline,
+            claimed_by: None,
+        });
+    }
+    Ok(open)
+}
+
+/// Closes an open attempt whose row cannot be taken over, and its step row.
+async fn close_unreadable(
+    db: &mut PgConnection,
+    id: Uuid,
+    build: BuildId,
+    stepnr: i32,
+) -> Result<(), sqlx::Error> {
+    close(db, &id, 3).await?;
+    crate::record::abort_step_row(
+        db,
+        build,
+        stepnr,
+        "aborted: the queue runner stopped while the step ran",
+    )
     .await
-    .map(|_| ())
+}
+
+/// How attempt `id` was recorded as ending (a BuildSteps status code), if
+/// it was: a report sent again after its first was recorded is answered
+/// from this.
+pub async fn recorded_outcome(db: &sqlx::PgPool, id: &Uuid) -> Result<Option<i32>, sqlx::Error> {
+    let row: Option<Option<i32>> = sqlx::query_scalar(
+        "select outcome from hqr_attempts where id = $1 and finished_at is not null",
+    )
+    .bind(id)
+    .fetch_optional(db)
+    .await?;
+    Ok(row.flatten())
 }
 
 #[cfg(test)]
@@ -204,6 +361,7 @@ mod tests {
             outputs: vec![("out".into(), None)],
             uploads: HashMap::new(),
             log_bytes: 0,
+            away: None,
         }
     }
 

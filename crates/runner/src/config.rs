@@ -59,8 +59,14 @@ pub struct RunnerConfig {
     /// How often builders ping (also the HTTP/2 keepalive interval).
     pub ping_interval_secs: u32,
     /// A builder silent this long (no ping, no progress) is gone, even
-    /// when its TCP connection stays open: its attempts are requeued.
+    /// when its TCP connection stays open.
     pub ping_timeout_secs: u32,
+    /// How long the attempts of a builder that went away wait for it to
+    /// come back and re-adopt them (and, on start, how long the attempts a
+    /// stopped or crashed runner left wait for their builders) before they
+    /// are aborted and retried. A bit more than the builders' longest
+    /// reconnect backoff.
+    pub reconnect_grace_secs: u64,
     /// Aborted attempts (infrastructure faults) before a step fails as aborted.
     pub max_tries: u32,
     /// Backoff before retrying an aborted step: base * factor^(tries-1),
@@ -174,6 +180,11 @@ pub const KEYS: &[(&str, &str, bool)] = &[
         true,
     ),
     (
+        "reconnect_grace_secs",
+        "how long attempts wait for their builder to come back (after it left, or after a runner restart) before they are retried",
+        true,
+    ),
+    (
         "max_tries",
         "aborted attempts before a step fails as aborted (3)",
         true,
@@ -274,6 +285,7 @@ impl Default for RunnerConfig {
             machine_memory_secs: 86400,
             ping_interval_secs: 10,
             ping_timeout_secs: 30,
+            reconnect_grace_secs: 90,
             max_tries: 5,
             retry_base_secs: 10.0,
             retry_factor: 3.0,

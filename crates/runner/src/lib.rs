@@ -267,11 +267,12 @@ impl Runner {
         // Check the store before anything depends on it.
         shared.store.client().await?;
         api::cluster::load_drained(&shared).await?;
-        outcome::close_open_attempts(
+        outcome::close_rows_without_attempt(
             &shared,
             "aborted: the queue runner stopped while the step ran",
         )
         .await?;
+        inherit_open_attempts(&shared).await?;
         let mut tasks = JoinSet::new();
         let status_shared = shared.clone();
         tasks.spawn(critical(
@@ -369,13 +370,48 @@ impl Runner {
         Ok(report)
     }
 
-    /// Stops every task (the builder connections drop with the server, and
-    /// builders abort what they run) and closes the step rows left busy as
-    /// aborted (3), so that nothing looks running that is not.
+    /// Stops on purpose: builders are told the runner will be back (they
+    /// keep building, and the next runner, or a standby, re-adopts their
+    /// attempts), then every task stops. Nothing is written after: the busy
+    /// rows stay for whoever is active next, and the advisory lock goes
+    /// with the last task, so a standby that takes over finds its rows
+    /// untouched.
     pub async fn shutdown(mut self) -> Result<(), Fatal> {
+        let links = self.shared.state.links();
+        for link in &links {
+            let _ = link.leaving("the queue runner is stopping and will be back");
+        }
+        let flushed = async {
+            while !links.iter().all(|l| l.is_flushed()) {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), flushed).await;
         self.tasks.shutdown().await;
-        outcome::close_open_attempts(&self.shared, "aborted: the queue runner was stopped").await
+        Ok(())
     }
+}
+
+/// Takes over the attempts the runner before this one left open: each
+/// waits `reconnect_grace_secs` for its builder to come back and declare
+/// it.
+async fn inherit_open_attempts(shared: &Shared) -> Result<(), Fatal> {
+    let grace = std::time::Duration::from_secs(shared.config().reconnect_grace_secs);
+    let deadline = std::time::Instant::now() + grace;
+    let mut db = shared.pool.acquire().await?;
+    let open = attempts::load_open(&mut db, shared.store.dir(), deadline, |drv| {
+        shared.logs.length(drv)
+    })
+    .await?;
+    if !open.is_empty() {
+        tracing::info!(
+            "{} attempts from before this start wait up to {} s for their builders to re-adopt them",
+            open.len(),
+            grace.as_secs()
+        );
+    }
+    shared.state.attempts_inherited(open);
+    Ok(())
 }
 
 /// How often, and how patiently, the watchdog checks the database.

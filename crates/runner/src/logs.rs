@@ -71,6 +71,12 @@ impl LogStore {
         Ok(())
     }
 
+    /// How long the running (plain) log of `drv` is: what a builder that
+    /// re-adopts the attempt sends on from.
+    pub fn length(&self, drv: &StorePath) -> u64 {
+        std::fs::metadata(self.path(drv)).map_or(0, |m| m.len())
+    }
+
     /// Appends a chunk to the running log of `drv`; returns its new size.
     pub fn append(&self, drv: &StorePath, data: &[u8]) -> Result<u64, LogError> {
         let path = self.path(drv);
@@ -78,11 +84,23 @@ impl LogStore {
             path: path.clone(),
             source,
         };
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&path)
-            .map_err(io)?;
+        let open = || {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&path)
+        };
+        // A runner that re-adopts an attempt may have no log for it yet (a
+        // standby keeps its logs elsewhere): it starts one.
+        let mut f = match open() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(path.parent().expect("log path has a parent"))
+                    .map_err(io)?;
+                open()
+            }
+            other => other,
+        }
+        .map_err(io)?;
         f.write_all(data).map_err(io)?;
         Ok(f.metadata().map_err(io)?.len())
     }

@@ -221,7 +221,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let result = serve(&mut runner, &args).await;
             heartbeat.abort();
             if result.is_ok() {
-                tracing::info!("asked to stop; closing running steps as aborted");
+                tracing::info!("asked to stop; builders keep their jobs for the next runner");
                 systemd::stopping();
                 runner.shutdown().await.context("stopping")?;
             }

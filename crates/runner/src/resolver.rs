@@ -54,7 +54,15 @@ async fn resolve_step(shared: &Shared, id: StepId, pending: Resolving) -> Result
     // After the status-13 row is committed: a resolved step that succeeds
     // from here on sees the row (and gives this build its terminal row);
     // one that succeeded before has its outputs recorded (early cutoff).
-    let known = realisations::known_valid(shared, &mut client, &resolved_path, &resolved).await?;
+    // Outputs valid but an attempt inherited for them: the runner before
+    // this one imported them and died before recording the success; the
+    // attempt's report is recorded instead of a cutoff (its row stays
+    // busy otherwise).
+    let known = if shared.state.has_inherited(&resolved_path) {
+        None
+    } else {
+        realisations::known_valid(shared, &mut client, &resolved_path, &resolved).await?
+    };
     tracing::info!(drv = %pending.drv_path, resolved = %resolved_path, early_cutoff = known.is_some(), "resolved");
     match known {
         Some(outputs) => {
@@ -68,7 +76,11 @@ async fn resolve_step(shared: &Shared, id: StepId, pending: Resolving) -> Result
                 inputs: Vec::new(),
                 needs_resolution: false,
             };
-            let _ = shared.state.step_resolved(id, resolved, Instant::now());
+            if let Ok((_, Some(adoption))) =
+                shared.state.step_resolved(id, resolved, Instant::now())
+            {
+                crate::tunnel::send_adoptions(&[adoption]);
+            }
             Ok(())
         }
     }

@@ -82,6 +82,8 @@ pub struct RunningBuilder {
     pub spec: BuilderSpec,
     pub store: NixStore,
     task: JoinHandle<()>,
+    /// Its `state_dir`.
+    _state: tempfile::TempDir,
 }
 
 impl RunningBuilder {
@@ -140,6 +142,10 @@ impl Farm {
             store_socket: runner_store.socket().to_owned(),
             hydra_data: hydra_data.path().to_owned(),
             retry_base_secs: 0.2,
+            // A farm's builders do not come back unless a test brings them
+            // back: their attempts are aborted soon after they leave (the
+            // restart tests, with processes, keep the default).
+            reconnect_grace_secs: 1,
             ..RunnerConfig::default()
         };
         tune(&mut config);
@@ -174,7 +180,9 @@ impl Farm {
     /// Starts a builder with a store of its own.
     pub async fn add_builder(&mut self, spec: BuilderSpec) -> Result<()> {
         let store = NixStore::start()?;
+        let state = tempfile::tempdir()?;
         let config = BuilderConfig {
+            state_dir: state.path().to_owned(),
             runner_url: format!("http://{}", self.runner().addr),
             machine_name: spec.name.clone(),
             systems: spec.systems.clone(),
@@ -193,7 +201,12 @@ impl Farm {
                 tracing::error!("builder {name} stopped: {e}");
             }
         });
-        self.builders.push(RunningBuilder { spec, store, task });
+        self.builders.push(RunningBuilder {
+            spec,
+            store,
+            task,
+            _state: state,
+        });
         Ok(())
     }
 

@@ -5,7 +5,7 @@
 use proptest::prelude::*;
 
 /// Cases per fuzzed parser: `HQ_FUZZ_CASES`, 2,000 by default (the
-/// suite); the README's fuzz command runs 250,000.
+/// suite); the README's fuzz command runs 120,000.
 pub fn cases() -> u32 {
     std::env::var("HQ_FUZZ_CASES")
         .ok()

@@ -128,6 +128,28 @@ impl RunnerProcess {
         Ok(())
     }
 
+    /// [`RunnerProcess::kill`], returning every line it printed that no
+    /// `wait_for_line` consumed.
+    pub async fn kill_and_collect(mut self) -> Result<Vec<String>> {
+        self.child.kill().await?;
+        let mut out = Vec::new();
+        while let Ok(Some(line)) =
+            tokio::time::timeout(Duration::from_secs(5), self.lines.recv()).await
+        {
+            out.push(line);
+        }
+        Ok(out)
+    }
+
+    /// The lines printed so far that no `wait_for_line` consumed.
+    pub fn printed(&mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(line) = self.lines.try_recv() {
+            out.push(line);
+        }
+        out
+    }
+
     /// SIGTERM, as systemd stops a service.
     pub fn terminate(&self) -> Result<()> {
         self.signal(libc::SIGTERM)
@@ -163,6 +185,10 @@ pub struct BuilderProcess {
     pub store: NixStore,
     child: Child,
     lines: mpsc::UnboundedReceiver<String>,
+    /// How to start it again (same configuration, store and state).
+    config: PathBuf,
+    urls: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl BuilderProcess {
@@ -193,14 +219,40 @@ impl BuilderProcess {
     ) -> Result<BuilderProcess> {
         let store = NixStore::start()?;
         let config = dir.join(format!("{name}.toml"));
+        let state = dir.join(format!("{name}-state"));
         std::fs::write(
             &config,
             format!(
-                "reconnect_min_secs = 0.1\nreconnect_max_secs = 0.5\nmax_jobs = 2\n{extra_config}\n"
+                "reconnect_min_secs = 0.1\nreconnect_max_secs = 0.5\nmax_jobs = 2\nstate_dir = {:?}\n{extra_config}\n",
+                state.display().to_string()
             ),
         )?;
+        let urls: Vec<String> = urls.to_vec();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let (child, lines) = Self::spawn(name, &store, &config, &urls, &env)?;
+        Ok(BuilderProcess {
+            name: name.to_owned(),
+            store,
+            child,
+            lines,
+            config,
+            urls,
+            env,
+        })
+    }
+
+    fn spawn(
+        name: &str,
+        store: &NixStore,
+        config: &Path,
+        urls: &[String],
+        env: &[(String, String)],
+    ) -> Result<(Child, mpsc::UnboundedReceiver<String>)> {
         let mut command = Command::new(binary("hydra-builder"));
-        command.arg("--config").arg(&config);
+        command.arg("--config").arg(config);
         for url in urls {
             command.args(["--runner-url", url]);
         }
@@ -209,18 +261,24 @@ impl BuilderProcess {
             .arg("--nix-daemon-socket")
             .arg(store.socket())
             .env("RUST_LOG", "info,h2=warn,tower=warn")
-            .envs(env.iter().copied())
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .context("starting hydra-builder")?;
         let lines = forward_lines(&mut child, name);
-        Ok(BuilderProcess {
-            name: name.to_owned(),
-            store,
-            child,
-            lines,
-        })
+        Ok((child, lines))
+    }
+
+    /// SIGKILL, then the same builder again: the same configuration, store
+    /// and state directory (what it kept of its jobs).
+    pub async fn restart(&mut self) -> Result<()> {
+        self.child.kill().await?;
+        let (child, lines) =
+            Self::spawn(&self.name, &self.store, &self.config, &self.urls, &self.env)?;
+        self.child = child;
+        self.lines = lines;
+        Ok(())
     }
 
     /// Waits until the builder prints a line containing `needle`.

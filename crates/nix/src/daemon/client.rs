@@ -40,6 +40,7 @@ enum Op {
     IsValidPath = 1,
     BuildPaths = 9,
     AddTempRoot = 11,
+    AddIndirectRoot = 12,
     SetOptions = 19,
     QueryPathInfo = 26,
     QueryValidPaths = 31,
@@ -454,6 +455,19 @@ impl DaemonClient {
         self.check_path(path)?;
         self.op(Op::AddTempRoot).await?;
         write_bytes(&mut self.w, path.as_bytes()).await?;
+        self.process_stderr(&mut |_| {}).await?;
+        read_u64(&mut self.r).await?;
+        Ok(())
+    }
+
+    /// Makes `link` (an absolute path outside the store, a symlink to a
+    /// store path) a garbage-collector root until the link is removed: the
+    /// daemon records it in `gcroots/auto`. Unlike a temporary root it
+    /// outlives this connection and this process.
+    pub async fn add_indirect_root(&mut self, link: &Path) -> Result<(), DaemonError> {
+        use std::os::unix::ffi::OsStrExt;
+        self.op(Op::AddIndirectRoot).await?;
+        write_bytes(&mut self.w, link.as_os_str().as_bytes()).await?;
         self.process_stderr(&mut |_| {}).await?;
         read_u64(&mut self.r).await?;
         Ok(())

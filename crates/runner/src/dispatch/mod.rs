@@ -25,6 +25,7 @@ pub async fn run(shared: Arc<Shared>) -> Result<(), Fatal> {
     use futures::TryStreamExt;
     loop {
         let began = Instant::now();
+        expire_adoptions(&shared, began).await?;
         let round = shared.state.plan_round(&shared.config(), began);
         shared.metrics.round_seconds.lock().observe(began.elapsed());
         for step in round.unsupported {
@@ -45,4 +46,30 @@ pub async fn run(shared: Arc<Shared>) -> Result<(), Fatal> {
             None => shared.state.dispatcher_woken().await,
         }
     }
+}
+
+/// Attempts whose builder did not come back within `reconnect_grace_secs`
+/// are aborted and retried; inherited ones whose step never loaded are
+/// closed (and a builder that declared one is told to drop it).
+async fn expire_adoptions(shared: &Shared, now: Instant) -> Result<(), Fatal> {
+    let expired = shared.state.adoption_expired(now);
+    if expired.is_empty() {
+        return Ok(());
+    }
+    let grace = shared.config().reconnect_grace_secs;
+    for attempt in expired.attempts {
+        let why = attempt.away.as_ref().map_or("", |w| w.why.as_str());
+        let reason = format!(
+            "the builder left ({why}) and did not come back within reconnect_grace_secs ({grace} s)"
+        );
+        crate::outcome::abort_attempt(shared, attempt, &reason).await?;
+    }
+    for (open, link) in expired.inherited {
+        if let Some(link) = link {
+            let _ = link.abort(&open.id.to_string(), "the runner no longer needs this step");
+        }
+        let why = "its builder did not come back in time, or its build left the queue";
+        crate::outcome::abandon_inherited(shared, &open, why).await?;
+    }
+    Ok(())
 }

@@ -210,5 +210,6 @@ fn new_attempt(
         outputs: outputs.to_vec(),
         uploads: Default::default(),
         log_bytes: 0,
+        away: None,
     }
 }

@@ -87,16 +87,47 @@ impl CheckedReport {
     }
 }
 
-/// On start and on a clean stop: busy rows are closed as aborted, so that
-/// nothing looks running that is not (on start, the steps are recomputed
-/// from the queue and dispatched again).
-pub async fn close_open_attempts(shared: &Shared, reason: &str) -> Result<(), Fatal> {
+/// On start: busy rows no open attempt stands behind are closed as
+/// aborted (the steps are recomputed from the queue and dispatched again);
+/// the rows of open attempts stay busy for their builders to re-adopt.
+pub async fn close_rows_without_attempt(shared: &Shared, reason: &str) -> Result<(), Fatal> {
     let mut tx = shared.pool.begin().await?;
-    let closed = record::close_busy_steps(&mut tx, reason).await?;
+    let closed = record::close_rows_without_attempt(&mut tx, reason).await?;
     tx.commit().await?;
     if closed > 0 {
         tracing::info!("closed {closed} busy step rows as aborted ({reason})");
     }
+    Ok(())
+}
+
+/// An attempt inherited from a runner before this one that no builder
+/// took up in time (or whose builder came back without it), and whose
+/// step was never loaded (its build finished or left the queue, or it is
+/// still loading): its rows are closed as aborted (3). A step loaded later
+/// is dispatched afresh.
+pub async fn abandon_inherited(
+    shared: &Shared,
+    open: &crate::attempts::OpenAttempt,
+    reason: &str,
+) -> Result<(), Fatal> {
+    tracing::warn!(drv = %open.drv_path, machine = %open.machine, attempt = %open.id, "attempt from before the restart abandoned: {reason}");
+    let log_file = shared.logs.finish(&open.drv_path)?;
+    let result = StepResult {
+        status: BuildStatus::Aborted,
+        error_msg: Some(reason),
+        start_time: open.start_time,
+        stop_time: record::now(),
+        machine: &open.machine,
+        times_built: None,
+        is_non_deterministic: None,
+        log_file: &log_file.display().to_string(),
+        outputs: &[],
+    };
+    in_transaction!(shared.pool, |tx| {
+        record::finish_build_step(&mut tx, open.build, open.stepnr, &result).await?;
+        attempts::close(&mut tx, &open.id, BuildStatus::Aborted.code()).await?;
+        Ok(())
+    })?;
     Ok(())
 }
 

@@ -41,7 +41,8 @@ pub enum Planned {
 type StepRow = (String, Vec<(String, Option<String>)>);
 
 /// Walks the closure of `top` downwards, stopping at derivations whose
-/// outputs are valid and at steps already in the graph. A CA output counts
+/// outputs are valid (unless an inherited attempt runs them) and at steps
+/// already in the graph. A CA output counts
 /// as built when the runner recorded its realisation and the path is valid.
 pub async fn plan(
     shared: &Shared,
@@ -83,6 +84,7 @@ pub async fn plan(
         let known: Vec<String> = paths.values().flatten().cloned().collect();
         let all_known = known.len() == drv.outputs.len();
         if all_known
+            && !shared.state.has_inherited(&path)
             && client
                 .query_valid_paths(&known)
                 .await

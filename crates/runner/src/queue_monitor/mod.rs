@@ -351,7 +351,10 @@ async fn load_build(
                     .build_loaded(build.clone(), plan, Instant::now());
                 match inserted {
                     // The dispatcher is woken once the whole batch is in.
-                    Ok(_runnable) => return Ok(Some(cached)),
+                    Ok(adoptions) => {
+                        crate::tunnel::send_adoptions(&adoptions);
+                        return Ok(Some(cached));
+                    }
                     Err(InsertError::Vanished(step)) => {
                         tracing::debug!(
                             build = build.id,

@@ -94,17 +94,23 @@ fn attempt_of(a: &Assignment) -> Attempt {
         outputs: vec![],
         uploads: Default::default(),
         log_bytes: 0,
+        away: None,
     }
 }
 
 #[derive(Debug, Clone)]
 enum Event {
-    Round { persist: Vec<bool> },
+    Round {
+        persist: Vec<bool>,
+    },
     Abort(usize),
     Succeed(usize),
     Fail(usize),
     MachineLeft(usize),
-    MachineRejoined(usize),
+    /// The machine joins again, declaring the attempts picked by the mask.
+    MachineRejoined(usize, u8),
+    /// The reconnect grace of every away attempt runs out.
+    GraceOver,
     BuildRemoved(i32, bool),
 }
 
@@ -116,10 +122,13 @@ fn event() -> impl Strategy<Value = Event> {
         3 => any::<usize>().prop_map(Event::Succeed),
         1 => any::<usize>().prop_map(Event::Fail),
         1 => (0..2usize).prop_map(Event::MachineLeft),
-        1 => (0..2usize).prop_map(Event::MachineRejoined),
+        1 => (0..2usize, any::<u8>()).prop_map(|(m, mask)| Event::MachineRejoined(m, mask)),
+        1 => Just(Event::GraceOver),
         1 => (1..=4i32, any::<bool>()).prop_map(|(b, soft)| Event::BuildRemoved(b, soft)),
     ]
 }
+
+const GRACE: Duration = Duration::from_secs(90);
 
 /// What the runner does around the handle, without PostgreSQL.
 struct Runner {
@@ -208,18 +217,34 @@ impl Runner {
                     .state
                     .read(|v| v.machines.get(name).map(|m| m.connection.clone()));
                 if let Some(connection) = connection {
-                    for a in self.state.machine_left(name, &connection, Instant::now()) {
-                        self.abort(a);
-                    }
+                    self.state
+                        .machine_left(name, &connection, "gone", Instant::now(), GRACE);
                 }
             }
-            Event::MachineRejoined(m) => {
+            Event::MachineRejoined(m, mask) => {
                 let name = self.names[*m];
-                let lost = self
+                let mut held: Vec<String> = self.state.read(|v| {
+                    v.attempts
+                        .iter()
+                        .filter(|a| a.machine == name)
+                        .enumerate()
+                        .filter(|(i, _)| mask & (1 << (i % 8)) != 0)
+                        .map(|(_, a)| a.id.to_string())
+                        .collect()
+                });
+                held.push(Uuid::new_v4().to_string()); // one the runner never had
+                let joined = self
                     .state
-                    .machine_joined(machine(name, name), || {})
+                    .machine_joined(machine(name, name), &held, || {})
                     .unwrap();
-                for a in lost {
+                assert_eq!(joined.unknown.len(), 1, "only the made-up one is unknown");
+                for a in joined.lost {
+                    self.abort(a);
+                }
+            }
+            Event::GraceOver => {
+                let expired = self.state.adoption_expired(Instant::now() + GRACE);
+                for a in expired.attempts {
                     self.abort(a);
                 }
             }
@@ -242,7 +267,7 @@ proptest! {
             names: ["m1", "m2"],
         };
         for name in runner.names {
-            runner.state.machine_joined(machine(name, name), || {}).unwrap();
+            runner.state.machine_joined(machine(name, name), &[], || {}).unwrap();
         }
         for (n, e) in events.iter().enumerate() {
             runner.apply(e);
@@ -253,26 +278,177 @@ proptest! {
     }
 }
 
+/// Starts every attempt a round plans on one machine `m`; returns them.
+fn started_on_m(state: &State) -> Vec<Uuid> {
+    let round = state.plan_round(&RunnerConfig::default(), Instant::now());
+    assert!(!round.assignments.is_empty());
+    for a in &round.assignments {
+        state.attempt_started(attempt_of(a)).unwrap();
+    }
+    round.assignments.iter().map(|a| a.attempt).collect()
+}
+
 #[test]
 fn a_machine_that_left_gets_no_attempt_started_on_it() {
     let state = loaded(1);
-    state.machine_joined(machine("m", "m"), || {}).unwrap();
+    state.machine_joined(machine("m", "m"), &[], || {}).unwrap();
     let round = state.plan_round(&RunnerConfig::default(), Instant::now());
     assert!(!round.assignments.is_empty());
     let a = &round.assignments[0];
     let connection = a.connection.clone();
-    let lost = state.machine_left("m", &connection, Instant::now());
-    assert!(lost.is_empty(), "the attempt was not started yet");
+    state.machine_left("m", &connection, "gone", Instant::now(), GRACE);
     let back = state.attempt_started(attempt_of(a)).unwrap_err();
     assert_eq!(back.id, a.attempt, "handed back for the caller to abort");
 }
 
 #[test]
+fn a_builder_that_comes_back_carries_on_with_what_it_declared_and_loses_the_rest() {
+    let state = loaded(2);
+    let first = machine("m", "one");
+    let connection = first.connection.clone();
+    state.machine_joined(first, &[], || {}).unwrap();
+    let running = started_on_m(&state);
+    assert_eq!(running.len(), 2, "two slots, two steps");
+    state.machine_left("m", &connection, "gone", Instant::now(), GRACE);
+    assert_eq!(state.queue_counts().running, 2, "away, not aborted");
+    state.check().unwrap();
+
+    // Another process (it restarted) that kept only the first attempt.
+    let again = machine("m", "two");
+    let new_connection = again.connection.clone();
+    let held = vec![running[0].to_string(), Uuid::new_v4().to_string()];
+    let joined = state.machine_joined(again, &held, || {}).unwrap();
+    assert_eq!(
+        joined.adopted.iter().map(|a| a.attempt).collect::<Vec<_>>(),
+        vec![running[0]]
+    );
+    assert_eq!(joined.unknown, vec![held[1].clone()]);
+    assert_eq!(
+        joined.lost.iter().map(|a| a.id).collect::<Vec<_>>(),
+        vec![running[1]]
+    );
+    state.check().unwrap();
+    // The re-adopted attempt answers to the new connection only.
+    let id = running[0].to_string();
+    assert!(state.with_attempt(&id, &new_connection, |_| ()).is_ok());
+    assert!(state.with_attempt(&id, &connection, |_| ()).is_err());
+}
+
+#[test]
+fn an_attempt_whose_builder_stays_away_past_the_grace_expires() {
+    let state = loaded(1);
+    let m = machine("m", "one");
+    let connection = m.connection.clone();
+    state.machine_joined(m, &[], || {}).unwrap();
+    let mut running = started_on_m(&state);
+    running.sort();
+    let left = Instant::now();
+    state.machine_left("m", &connection, "gone", left, GRACE);
+    assert!(state.adoption_expired(left + GRACE / 2).is_empty());
+    let round = state.plan_round(&RunnerConfig::default(), left);
+    assert!(
+        round.next_deadline.is_some_and(|t| t <= left + GRACE),
+        "the dispatcher looks again when the grace ends"
+    );
+    let expired = state.adoption_expired(left + GRACE);
+    let mut ids: Vec<Uuid> = expired.attempts.iter().map(|a| a.id).collect();
+    ids.sort();
+    assert_eq!(ids, running);
+    assert_eq!(state.queue_counts().running, 0);
+}
+
+fn open_attempt(drv: &str, machine: &str, deadline: Instant) -> OpenAttempt {
+    OpenAttempt {
+        id: Uuid::new_v4(),
+        build: 1,
+        stepnr: 1,
+        drv_path: path(drv),
+        machine: machine.into(),
+        start_time: 0,
+        outputs: vec![],
+        log_bytes: 17,
+        deadline,
+        claimed_by: None,
+    }
+}
+
+#[test]
+fn an_attempt_from_before_a_restart_runs_its_step_once_it_loads() {
+    let state = State::default();
+    let deadline = Instant::now() + GRACE;
+    let declared = open_attempt("b1-dep", "m", deadline);
+    let undeclared = open_attempt("shared", "gone", deadline);
+    state.attempts_inherited(vec![declared.clone(), undeclared.clone()]);
+    // The builder comes back before the build is loaded, declaring it.
+    let m = machine("m", "one");
+    let joined = state
+        .machine_joined(m, &[declared.id.to_string()], || {})
+        .unwrap();
+    assert!(joined.adopted.is_empty() && joined.unknown.is_empty());
+
+    let loaded = {
+        let top = path("b1-top");
+        let step = |p: &StorePath, inputs: Vec<StorePath>| NewStep {
+            drv_path: p.clone(),
+            system: "x86_64-linux".into(),
+            required_features: vec![],
+            inputs,
+            needs_resolution: false,
+        };
+        let plan = LoadPlan {
+            new_steps: vec![
+                step(&top, vec![path("b1-dep"), path("shared")]),
+                step(&path("b1-dep"), vec![]),
+                step(&path("shared"), vec![]),
+            ],
+            ..LoadPlan::default()
+        };
+        let build = Build {
+            id: 1,
+            drv_path: top,
+            jobset_id: 1,
+            project: "p".into(),
+            jobset: "j".into(),
+            job: "b1".into(),
+            timestamp: 0,
+            local_priority: 0,
+            global_priority: 0,
+            max_silent_secs: 60,
+            timeout_secs: 60,
+        };
+        state.build_loaded(build, plan, Instant::now()).unwrap()
+    };
+    assert_eq!(loaded.len(), 1, "the declared one is adopted as it loads");
+    assert_eq!(loaded[0].attempt, declared.id);
+    assert_eq!(
+        loaded[0].log_offset, 17,
+        "the builder sends the log on from there"
+    );
+    assert_eq!(state.queue_counts().running, 2, "both run; one is away");
+    state.check().unwrap();
+    // Neither is dispatched again.
+    let round = state.plan_round(&RunnerConfig::default(), Instant::now());
+    assert!(
+        round.assignments.is_empty(),
+        "{:?}",
+        round.assignments.len()
+    );
+    // The undeclared one's builder never comes back.
+    let expired = state.adoption_expired(deadline);
+    assert_eq!(
+        expired.attempts.iter().map(|a| a.id).collect::<Vec<_>>(),
+        vec![undeclared.id]
+    );
+}
+
+#[test]
 fn another_process_cannot_take_a_connected_machines_name() {
     let state = loaded(1);
-    state.machine_joined(machine("m", "one"), || {}).unwrap();
+    state
+        .machine_joined(machine("m", "one"), &[], || {})
+        .unwrap();
     let mut joined = false;
-    let refused = state.machine_joined(machine("m", "two"), || joined = true);
+    let refused = state.machine_joined(machine("m", "two"), &[], || joined = true);
     assert!(refused.is_err());
     assert!(!joined, "nothing is queued for a refused builder");
 }

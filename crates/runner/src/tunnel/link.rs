@@ -9,7 +9,9 @@
 
 use std::sync::Arc;
 
-use hydra_proto::v1::{AbortJob, BuildJob, Limits, RunnerMessage, Settings, runner_message};
+use hydra_proto::v1::{
+    AbortJob, Adopted, BuildJob, Leaving, Limits, RunnerMessage, Settings, runner_message,
+};
 use thiserror::Error;
 use tokio::sync::{Notify, mpsc};
 
@@ -102,6 +104,26 @@ impl BuilderLink {
             attempt_id: attempt_id.to_owned(),
             reason: reason.to_owned(),
         }))
+    }
+
+    /// Tells the builder to carry on with an attempt it declared.
+    pub fn adopt(&self, attempt_id: &str, log_offset: u64) -> Result<(), LinkError> {
+        self.send(runner_message::Msg::Adopted(Adopted {
+            attempt_id: attempt_id.to_owned(),
+            log_offset,
+        }))
+    }
+
+    /// Tells the builder the runner stops on purpose and will be back.
+    pub fn leaving(&self, reason: &str) -> Result<(), LinkError> {
+        self.send(runner_message::Msg::Leaving(Leaving {
+            reason: reason.to_owned(),
+        }))
+    }
+
+    /// Whether every message sent has been taken by the stream.
+    pub fn is_flushed(&self) -> bool {
+        self.tx.capacity() == self.tx.max_capacity()
     }
 
     /// Settings a reload changed.

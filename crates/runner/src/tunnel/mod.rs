@@ -23,11 +23,28 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::attempts::OwnershipError;
 use crate::auth::bearer;
 use crate::events::{Kind, NewEvent};
 use crate::outcome::{self, ReportError};
 use crate::state::machines::Machine;
 use crate::{Fatal, Shared};
+
+/// What of a log chunk extends the runner's copy (`have` bytes): how many
+/// of its bytes to skip (the builder sent them before a reconnect) and the
+/// copy's length after it. A chunk without an offset is appended whole; one
+/// past the end (which a builder should not send) is appended as if it
+/// followed on.
+fn log_extension(have: u64, offset: Option<u64>, len: usize) -> (usize, u64) {
+    match offset {
+        None => (0, have + len as u64),
+        Some(at) if at >= have => (0, have + len as u64),
+        Some(at) => {
+            let skip = ((have - at) as usize).min(len);
+            (skip, have + (len - skip) as u64)
+        }
+    }
+}
 
 /// Tells every connected builder the settings a reload changed.
 pub fn push_settings(shared: &Shared, ping_interval_secs: u32) {
@@ -35,6 +52,9 @@ pub fn push_settings(shared: &Shared, ping_interval_secs: u32) {
         let _ = link.push_settings(ping_interval_secs);
     }
 }
+
+/// Held attempts a join may declare.
+const MAX_HELD: usize = 4096;
 
 /// The builder service ([`RunnerService`]), served by [`crate::server`].
 pub struct BuilderTunnel {
@@ -91,6 +111,7 @@ impl RunnerService for BuilderTunnel {
             })),
         };
         let (link, hang_up) = BuilderLink::new(tx.clone());
+        let own_link = link.clone();
         let machine = Machine {
             name: join.machine_name.clone(),
             connection: connection.clone(),
@@ -112,23 +133,45 @@ impl RunnerService for BuilderTunnel {
         };
         // The welcome is queued before any job can be (the channel is
         // fresh, so this cannot fail).
+        let held: Vec<String> = join.held.iter().map(|h| h.attempt_id.clone()).collect();
         let joined = self
             .shared
             .state
-            .machine_joined(machine, || drop(tx.try_send(Ok(welcome))));
-        let lost = match joined {
-            Ok(lost) => lost,
+            .machine_joined(machine, &held, || drop(tx.try_send(Ok(welcome))));
+        let joined = match joined {
+            Ok(joined) => joined,
             Err(taken) => {
                 tracing::warn!(machine = %taken.0, "refused a builder: {taken}");
                 return Ok(refusal(tx, rx, taken.to_string(), true).await);
             }
         };
-        tracing::info!(machine = %join.machine_name, systems = ?join.systems, max_jobs = join.max_jobs, "builder joined");
+        tracing::info!(
+            machine = %join.machine_name, systems = ?join.systems, max_jobs = join.max_jobs,
+            "builder joined, declaring {} held attempts: {} re-adopted, {} to drop, {} lost",
+            held.len(), joined.adopted.len(), joined.unknown.len(),
+            joined.lost.len() + joined.lost_inherited.len()
+        );
+        send_adoptions(&joined.adopted);
+        for id in &joined.unknown {
+            let _ = own_link.abort(
+                id,
+                "the runner holds no such attempt: it finished, or was aborted or cancelled while the builder was away",
+            );
+        }
         let shared = self.shared.clone();
         tokio::spawn(async move {
-            for attempt in lost {
-                let reason = format!("machine {} reconnected", join.machine_name);
+            let reason = format!(
+                "machine {} came back without the attempt (the builder restarted)",
+                join.machine_name
+            );
+            for attempt in joined.lost {
                 if let Err(e) = outcome::abort_attempt(&shared, attempt, &reason).await {
+                    shared.die(e);
+                    return;
+                }
+            }
+            for open in &joined.lost_inherited {
+                if let Err(e) = outcome::abandon_inherited(&shared, open, &reason).await {
                     shared.die(e);
                     return;
                 }
@@ -148,33 +191,46 @@ impl RunnerService for BuilderTunnel {
     ) -> Result<Response<LogAck>, Status> {
         let mut chunks = request.into_inner();
         let mut received = 0u64;
+        let mut length = 0u64;
         while let Some(chunk) = chunks.message().await? {
             let limit = self.shared.config().max_log_size.saturating_mul(2);
             let owned =
                 self.shared
                     .state
                     .with_attempt(&chunk.attempt_id, &chunk.machine_id, |attempt| {
-                        attempt.log_bytes += chunk.data.len() as u64;
+                        let (skip, end) =
+                            log_extension(attempt.log_bytes, chunk.offset, chunk.data.len());
                         // The builder enforces the log limit; this only
                         // bounds the damage of one that does not.
-                        (attempt.log_bytes <= limit).then(|| attempt.drv_path.clone())
+                        if end > limit || skip == chunk.data.len() {
+                            return (None, attempt.log_bytes);
+                        }
+                        attempt.log_bytes = end;
+                        (Some((attempt.drv_path.clone(), skip)), end)
                     });
-            let drv = match owned {
-                Ok(Some(drv)) => drv,
-                Ok(None) => continue,
+            let (drv, skip) = match owned {
+                Ok((Some(write), end)) => {
+                    length = end;
+                    write
+                }
+                Ok((None, end)) => {
+                    length = end;
+                    continue;
+                }
                 Err(e) => {
                     let (conn, id) = (&chunk.machine_id, &chunk.attempt_id);
                     return Err(refused(&self.shared, conn, id, "log", e.into()).await);
                 }
             };
-            received += chunk.data.len() as u64;
-            if let Err(e) = self.shared.logs.append(&drv, &chunk.data) {
+            received += (chunk.data.len() - skip) as u64;
+            if let Err(e) = self.shared.logs.append(&drv, &chunk.data[skip..]) {
                 self.shared.die(e.into());
                 return Err(Status::unavailable("the runner cannot write logs"));
             }
         }
         Ok(Response::new(LogAck {
             bytes_received: received,
+            log_length: length,
         }))
     }
 
@@ -212,6 +268,12 @@ impl RunnerService for BuilderTunnel {
         let attempt_id = report.attempt_id.clone();
         match outcome::on_report(&self.shared, &connection, report).await {
             Ok(()) => Ok(Response::new(CompletionAck {})),
+            Err(ReportError::Ownership(OwnershipError::Unknown(id)))
+                if self.already_recorded(&id).await =>
+            {
+                tracing::info!(attempt = %id, "a report sent again for an attempt recorded already: acknowledged");
+                Ok(Response::new(CompletionAck {}))
+            }
             Err(ReportError::Ownership(e)) => {
                 Err(refused(&self.shared, &connection, &attempt_id, "report", e.into()).await)
             }
@@ -230,6 +292,19 @@ impl RunnerService for BuilderTunnel {
 }
 
 impl BuilderTunnel {
+    /// Whether attempt `id` ended with a report recorded (not aborted or
+    /// cancelled by the runner): a builder that did not hear the answer to
+    /// its report sends it again, and is told it arrived. A database error
+    /// counts as no (the report is refused; the builder tries again).
+    async fn already_recorded(&self, id: &uuid::Uuid) -> bool {
+        let aborted = hydra_db::status::BuildStatus::Aborted.code();
+        let cancelled = hydra_db::status::BuildStatus::Cancelled.code();
+        matches!(
+            crate::attempts::recorded_outcome(&self.shared.pool, id).await,
+            Ok(Some(outcome)) if outcome != aborted && outcome != cancelled
+        )
+    }
+
     /// A join's fields, checked at the boundary: they become machine
     /// names in BuildSteps and keys the dispatcher matches on.
     fn check_join(&self, join: &Join) -> Result<(), String> {
@@ -250,6 +325,22 @@ impl BuilderTunnel {
         checked().map_err(|e| e.to_string())?;
         if join.systems.is_empty() {
             return Err("the builder offers no systems".into());
+        }
+        if join.held.len() > MAX_HELD {
+            return Err(format!(
+                "the builder declares {} held attempts, more than the {MAX_HELD} any builder may hold",
+                join.held.len()
+            ));
+        }
+        if let Some(bad) = join
+            .held
+            .iter()
+            .find(|h| uuid::Uuid::parse_str(&h.attempt_id).is_err())
+        {
+            return Err(format!(
+                "a held attempt's id {:?} is not an attempt id",
+                crate::outside::display_text(&bad.attempt_id, crate::outside::NAME_MAX)
+            ));
         }
         if !join.speed_factor.is_finite() || join.speed_factor < 0.0 {
             return Err(format!(
@@ -406,17 +497,24 @@ pub(crate) async fn refused(
     status
 }
 
-/// A machine's connection ended: its attempts are aborted and retried.
+/// A machine's connection ended: its attempts wait `reconnect_grace_secs`
+/// for it to come back (the dispatcher aborts them after).
 async fn machine_gone(shared: &Shared, name: &str, connection: &str, why: &str) {
-    tracing::warn!(machine = name, "builder left: {why}");
-    let lost = shared
+    let grace = Duration::from_secs(shared.config().reconnect_grace_secs);
+    tracing::warn!(
+        machine = name,
+        "builder left: {why}; its attempts wait {} s for it to come back",
+        grace.as_secs()
+    );
+    shared
         .state
-        .machine_left(name, connection, std::time::Instant::now());
-    for attempt in lost {
-        let reason = format!("machine {name} disconnected ({why})");
-        if let Err(e) = outcome::abort_attempt(shared, attempt, &reason).await {
-            shared.die(e);
-            return;
-        }
+        .machine_left(name, connection, why, std::time::Instant::now(), grace);
+}
+
+/// Tells builders to carry on with attempts re-adopted.
+pub fn send_adoptions(adoptions: &[crate::state::Adoption]) {
+    for a in adoptions {
+        tracing::info!(attempt = %a.attempt, "re-adopted attempt (the runner has {} bytes of its log)", a.log_offset);
+        let _ = a.link.adopt(&a.attempt.to_string(), a.log_offset);
     }
 }
