@@ -11,6 +11,8 @@ use hydra_nix::StorePath;
 use proptest::prelude::*;
 use uuid::Uuid;
 
+use super::machines::Machine;
+
 use super::*;
 use crate::dispatch::plan::Assignment;
 use crate::graph::{LoadPlan, NewStep};
