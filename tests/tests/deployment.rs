@@ -261,6 +261,31 @@ async fn builders_without_the_right_token_are_refused_and_the_right_one_builds()
         .await
         .unwrap();
     assert_eq!(status_of(&db, ids["hello"]).await, Some(0));
+
+    // A reload that finds an unusable token file (empty) is refused: the
+    // runner stays up with the tokens it has, and alpha still builds.
+    std::fs::write(tokens.join("gamma.token"), "").unwrap();
+    runner.hangup().unwrap();
+    let line = runner.wait_for_line("reload refused", LIMIT).await.unwrap();
+    assert!(line.contains("gamma.token"), "{line}");
+    let jobset: i32 = sqlx::query_scalar("select id from Jobsets")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let drvs = store
+        .instantiate(
+            r#"with prelude; { after = mkDrv { name = "after-reload"; script = "echo after > $out"; }; }"#,
+            &["after"],
+        )
+        .await
+        .unwrap();
+    let ids = queue_builds(&db.pool, &store, jobset, &drvs, |_| Default::default())
+        .await
+        .unwrap();
+    wait_finished(&db.pool, ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(status_of(&db, ids["after"]).await, Some(0));
 }
 
 #[tokio::test]

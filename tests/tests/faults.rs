@@ -547,3 +547,110 @@ async fn a_build_whose_drv_is_gone_or_malformed_is_aborted_with_the_reason() {
         assert!(msg.contains(needle), "{job}: {msg}");
     }
 }
+
+#[tokio::test]
+async fn fetch_inputs_serves_the_jobs_input_closure_and_nothing_else() {
+    let farm = Farm::start(|_| {}).await.unwrap();
+    // `secret` is in the runner's store (instantiated beside the job) but
+    // no input of it; `input` is.
+    let drvs = farm
+        .runner_store
+        .instantiate(
+            r#"with prelude; {
+              job = mkDrv { name = "job"; script = "cat ${builtins.toFile "input" "in"} > $out"; };
+              other = mkDrv { name = "other"; script = "cat ${builtins.toFile "secret" "s"} > $out"; };
+            }"#,
+            &["job", "other"],
+        )
+        .await
+        .unwrap();
+    let secret = farm
+        .runner_store
+        .run("nix-store", &["-q", "--references", &drvs["other"]])
+        .await
+        .unwrap()
+        .lines()
+        .find(|l| l.ends_with("-secret"))
+        .unwrap()
+        .to_owned();
+    let only_job = [("job".to_owned(), drvs["job"].clone())]
+        .into_iter()
+        .collect();
+    farm.queue(&only_job, |_| Default::default()).await.unwrap();
+
+    // A builder of our own, over the real protocol, takes the job.
+    let mut client = RunnerServiceClient::connect(format!("http://{}", farm.runner().addr))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(BuilderMessage {
+        msg: Some(builder_message::Msg::Join(Join {
+            protocol_version: hydra_proto::PROTOCOL_VERSION,
+            machine_name: "reader".into(),
+            systems: vec![hydra_builder::config::current_system()],
+            max_jobs: 1,
+            speed_factor: 1.0,
+            store_dir: "/nix/store".into(),
+            instance_id: "reader-1".into(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut inbound = client
+        .open(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut machine_id = String::new();
+    let job = loop {
+        match inbound.message().await.unwrap().unwrap().msg {
+            Some(runner_message::Msg::Welcome(w)) => machine_id = w.machine_id,
+            Some(runner_message::Msg::Build(b)) => break b,
+            _ => {}
+        }
+    };
+    let input = job
+        .input_paths
+        .iter()
+        .find(|p| p.ends_with("-input"))
+        .expect("the job's input is in its closure")
+        .clone();
+    let fetch = |paths: Vec<String>| FetchInputsRequest {
+        machine_id: machine_id.clone(),
+        attempt_id: job.attempt_id.clone(),
+        paths,
+    };
+
+    let mut served = client
+        .fetch_inputs(fetch(vec![input.clone()]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut chunks = 0;
+    while served.message().await.unwrap().is_some() {
+        chunks += 1;
+    }
+    assert!(chunks >= 2, "a header and the data of {input}");
+
+    let refused = match client
+        .fetch_inputs(fetch(vec![input, secret.clone()]))
+        .await
+    {
+        Ok(_) => panic!("a path outside the job was served"),
+        Err(status) => status,
+    };
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(
+        refused.message().contains("not in the input closure")
+            && refused.message().contains(&secret),
+        "{}",
+        refused.message()
+    );
+    let recorded: i64 = sqlx::query_scalar("select count(*) from hqr_rejections")
+        .fetch_one(&farm.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(recorded, 1, "the refusal is recorded");
+    drop(tx);
+}

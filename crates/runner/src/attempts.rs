@@ -53,6 +53,10 @@ pub struct Attempt {
     /// Its builder went away: the attempt waits for it to come back and
     /// re-adopt it until then, and is aborted after.
     pub away: Option<Away>,
+    /// The input closure sent with the job: all `FetchInputs` serves for
+    /// it. None for an attempt inherited from the runner before (the
+    /// closure is computed again when asked).
+    pub inputs: Option<std::sync::Arc<std::collections::HashSet<String>>>,
 }
 
 /// Why and until when an attempt's builder is away.
@@ -362,6 +366,7 @@ mod tests {
             uploads: HashMap::new(),
             log_bytes: 0,
             away: None,
+            inputs: None,
         }
     }
 

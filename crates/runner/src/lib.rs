@@ -49,6 +49,7 @@ pub mod events;
 pub mod failpoint;
 pub mod graph;
 pub mod http;
+pub mod job_inputs;
 pub mod logs;
 pub mod metrics;
 pub mod nix_support;
@@ -352,14 +353,18 @@ impl Runner {
     /// Applies a re-read configuration file: the keys that can change live
     /// do (connected builders get a new ping interval), the others are
     /// named as waiting for a restart; builder tokens are re-read.
-    pub async fn reload(&self, new: &RunnerConfig) -> Result<config::Reload, Fatal> {
+    ///
+    /// Token files that cannot be read refuse the whole reload: the running
+    /// configuration and tokens stay (a typo in a token directory must not
+    /// stop the runner, nor lock every builder out).
+    pub async fn reload(&self, new: &RunnerConfig) -> Result<config::Reload, auth::TokenError> {
         let old = self.shared.config();
         let (merged, report) = old.reloaded(new);
         // Token files may have changed even where the setting did not.
-        *self.shared.tokens.write() =
-            auth::Tokens::from_setting(merged.builder_tokens_dir.as_deref())?;
-        *self.shared.client_tokens.write() =
-            auth::Tokens::from_setting(merged.client_tokens_dir.as_deref())?;
+        let tokens = auth::Tokens::from_setting(merged.builder_tokens_dir.as_deref())?;
+        let client_tokens = auth::Tokens::from_setting(merged.client_tokens_dir.as_deref())?;
+        *self.shared.tokens.write() = tokens;
+        *self.shared.client_tokens.write() = client_tokens;
         let ping_changed = merged.ping_interval_secs != old.ping_interval_secs;
         let ping = merged.ping_interval_secs;
         self.shared.set_config(merged);

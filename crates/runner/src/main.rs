@@ -173,7 +173,13 @@ async fn reload(runner: &Runner, args: &ServeArgs) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    let report = runner.reload(&new).await.context("reloading")?;
+    let report = match runner.reload(&new).await {
+        Ok(report) => report,
+        Err(e) => {
+            tracing::error!("reload refused, the running configuration stays: {e}");
+            return Ok(());
+        }
+    };
     tracing::info!(
         changed = ?report.changed,
         need_restart = ?report.need_restart,

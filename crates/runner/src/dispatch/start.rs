@@ -5,9 +5,8 @@ use hydra_nix::daemon::DaemonClient;
 use super::Assignment;
 use crate::attempts::{self, Attempt};
 use crate::events::{self, Kind, NewEvent};
-use crate::realisations::{self, RealisationError};
+use crate::job_inputs::{self, PrepareError};
 use crate::record::{self, NewStepRow};
-use crate::store::StoreError;
 use crate::tunnel::Job;
 use crate::{Fatal, Shared};
 
@@ -31,7 +30,7 @@ pub async fn start_attempt(shared: &Shared, a: Assignment) -> Result<(), Fatal> 
             return Ok(());
         }
     };
-    let Some(attempt) = persist(shared, &a, &job.outputs).await? else {
+    let Some(mut attempt) = persist(shared, &a, &job.outputs).await? else {
         // The build that was to record the step was deleted meanwhile: the
         // queue monitor is about to take it out of the graph. The step
         // waits a moment and is planned again (for its other builds).
@@ -40,6 +39,9 @@ pub async fn start_attempt(shared: &Shared, a: Assignment) -> Result<(), Fatal> 
         return Ok(());
     };
     crate::failpoint::stop_at("dispatch-recorded", &a.drv_path);
+    attempt.inputs = Some(std::sync::Arc::new(
+        job.job.input_paths.iter().cloned().collect(),
+    ));
     shared.logs.start(&a.drv_path)?;
     // The machine may have left while the attempt was persisted: then its
     // departure took its attempts before this one was there.
@@ -69,29 +71,6 @@ struct PreparedJob {
     outputs: Vec<(String, Option<String>)>,
 }
 
-/// Why a step cannot be prepared for a builder.
-#[derive(Debug, thiserror::Error)]
-enum PrepareError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Inputs(#[from] RealisationError),
-    #[error("{0}")]
-    Resolve(#[from] hydra_nix::derivation::ResolveError),
-}
-
-impl PrepareError {
-    /// Err for a fault of the runner's store or database; Ok(reason) for a
-    /// problem of this step.
-    fn into_reason(self) -> Result<String, Fatal> {
-        match self {
-            PrepareError::Store(e) if e.is_infrastructure() => Err(e.into()),
-            PrepareError::Inputs(e) => e.into_reason(),
-            other => Ok(other.to_string()),
-        }
-    }
-}
-
 /// Re-reads the `.drv` and turns it into the job a builder needs: the
 /// derivation with its input derivations' outputs as plain sources (so
 /// the builder needs no `.drv` but this one), and the closure of those
@@ -102,26 +81,8 @@ async fn prepare_job(
     client: &mut DaemonClient,
     a: &Assignment,
 ) -> Result<PreparedJob, PrepareError> {
-    let store = &shared.store;
-    let dir = store.dir();
-    let drv = store.read_derivation(client, &a.drv_path).await?;
-    let inputs = realisations::input_paths(shared, client, &drv).await?;
-    let basic = drv.resolve(dir, &inputs)?;
-    for path in inputs.values() {
-        let full = dir.display(path);
-        if !client
-            .is_valid_path(&full)
-            .await
-            .map_err(StoreError::from)?
-        {
-            return Err(StoreError::Missing { path: full }.into());
-        }
-    }
-    let srcs: Vec<String> = basic.input_srcs.iter().map(|p| dir.display(p)).collect();
-    let closure = client
-        .query_closure(&srcs)
-        .await
-        .map_err(StoreError::from)?;
+    let dir = shared.store.dir();
+    let (drv, basic, closure) = job_inputs::of(shared, client, &a.drv_path).await?;
     let outputs = drv
         .outputs
         .iter()
@@ -133,7 +94,7 @@ async fn prepare_job(
             attempt_id: a.attempt.to_string(),
             drv_path: dir.display(&a.drv_path),
             drv: basic.to_aterm(dir).into_bytes(),
-            input_paths: closure.into_keys().collect(),
+            input_paths: closure,
             max_silent_secs: a.facts.max_silent_secs as u64,
             timeout_secs: a.facts.timeout_secs as u64,
             max_log_bytes: config.max_log_size,
@@ -211,5 +172,6 @@ fn new_attempt(
         uploads: Default::default(),
         log_bytes: 0,
         away: None,
+        inputs: None,
     }
 }

@@ -93,6 +93,7 @@ impl Inner {
                 until: o.deadline,
                 why: "the runner restarted".to_owned(),
             }),
+            inputs: None,
         };
         self.started_builds.insert(o.build);
         self.attempts.insert(attempt);

@@ -97,6 +97,7 @@ fn attempt_of(a: &Assignment) -> Attempt {
         uploads: Default::default(),
         log_bytes: 0,
         away: None,
+        inputs: None,
     }
 }
 

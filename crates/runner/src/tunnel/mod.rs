@@ -239,13 +239,25 @@ impl RunnerService for BuilderTunnel {
         request: Request<FetchInputsRequest>,
     ) -> Result<Response<Self::FetchInputsStream>, Status> {
         let req = request.into_inner();
+        let (conn, id) = (&req.machine_id, &req.attempt_id);
         let owned = self
             .shared
             .state
-            .with_attempt(&req.attempt_id, &req.machine_id, |_| ());
-        if let Err(e) = owned {
-            let (conn, id) = (&req.machine_id, &req.attempt_id);
-            return Err(refused(&self.shared, conn, id, "inputs", e.into()).await);
+            .with_attempt(id, conn, |a| (a.inputs.clone(), a.drv_path.clone()));
+        let (inputs, drv_path) = match owned {
+            Ok(o) => o,
+            Err(e) => return Err(refused(&self.shared, conn, id, "inputs", e.into()).await),
+        };
+        let inputs = match inputs {
+            Some(i) => i,
+            None => std::sync::Arc::new(transfer::job_closure(&self.shared, &drv_path).await?),
+        };
+        if let Some(outside) = req.paths.iter().find(|p| !inputs.contains(*p)) {
+            let status = Status::permission_denied(format!(
+                "{} is not in the input closure of this job",
+                crate::outside::display_text(outside, crate::outside::DISPLAY_MAX)
+            ));
+            return Err(refused(&self.shared, conn, id, "inputs", status).await);
         }
         let stream = transfer::serve_inputs(self.shared.clone(), req.paths).await?;
         Ok(Response::new(stream))

@@ -21,6 +21,33 @@ use crate::attempts::Upload;
 use crate::nix_support::{OutputScan, scan_nar};
 use crate::{Fatal, Shared};
 
+/// The input closure of the job at `drv_path`, computed again (for an
+/// attempt inherited from the runner before, whose job this runner did not
+/// send).
+pub async fn job_closure(
+    shared: &Shared,
+    drv_path: &hydra_nix::StorePath,
+) -> Result<std::collections::HashSet<String>, Status> {
+    let mut client = shared.store.client().await.map_err(|e| {
+        let status = Status::unavailable(e.to_string());
+        shared.die(e.into());
+        status
+    })?;
+    match crate::job_inputs::of(shared, &mut client, drv_path).await {
+        Ok((_, _, closure)) => {
+            shared.store.release(client);
+            Ok(closure.into_iter().collect())
+        }
+        Err(e) => match e.into_reason() {
+            Ok(reason) => Err(Status::failed_precondition(reason)),
+            Err(fatal) => {
+                shared.die(fatal);
+                Err(Status::unavailable("the runner is stopping"))
+            }
+        },
+    }
+}
+
 /// Streams the NARs of `paths` (references first), each as a header and
 /// its data.
 pub async fn serve_inputs(
