@@ -7,9 +7,9 @@
 //! known token; the control stream's join must also be by a machine the
 //! token admits. Files are re-read on reload.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tonic::Status;
 
@@ -22,6 +22,75 @@ pub enum TokenError {
     },
     #[error("token file {0} is empty")]
     Empty(PathBuf),
+    #[error("token file {path}: {reason}")]
+    Format { path: PathBuf, reason: String },
+}
+
+/// Secrets and what each admits, looked up in constant time: the
+/// presented secret's digest is compared with every entry's, each
+/// comparison touching every byte, so how long a check takes says nothing
+/// about how much of a guess was right.
+#[derive(Debug, Clone)]
+pub struct Secrets<T> {
+    entries: Vec<([u8; 32], T)>,
+}
+
+impl<T> Default for Secrets<T> {
+    fn default() -> Self {
+        Secrets {
+            entries: Vec::new(),
+        }
+    }
+}
+
+impl<T> Secrets<T> {
+    pub fn insert(&mut self, secret: &str, admits: T) {
+        self.entries.push((digest(secret), admits));
+    }
+
+    pub fn find(&self, presented: &str) -> Option<&T> {
+        let wanted = digest(presented);
+        let mut found = None;
+        for (d, admits) in &self.entries {
+            let diff = d.iter().zip(&wanted).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            if diff == 0 && found.is_none() {
+                found = Some(admits);
+            }
+        }
+        found
+    }
+}
+
+fn digest(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// Reads every `*.token` file of `dir`: (file stem, path, text).
+pub fn token_files(dir: &Path) -> Result<Vec<(String, PathBuf, String)>, TokenError> {
+    let read_err = |source| TokenError::Read {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(read_err)? {
+        let path = entry.map_err(read_err)?.path();
+        let Some(stem) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".token"))
+        else {
+            continue;
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| TokenError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        if text.trim().is_empty() {
+            return Err(TokenError::Empty(path));
+        }
+        files.push((stem.to_owned(), path, text));
+    }
+    Ok(files)
 }
 
 /// Who a token admits.
@@ -34,7 +103,7 @@ enum Admits {
 /// The tokens builders may present; `None` inside means none is asked.
 #[derive(Debug, Clone, Default)]
 pub struct Tokens {
-    by_token: Option<HashMap<String, Admits>>,
+    by_token: Option<Secrets<Admits>>,
 }
 
 impl Tokens {
@@ -50,35 +119,13 @@ impl Tokens {
 
     /// Reads every `*.token` file of `dir`.
     pub fn load(dir: &Path) -> Result<Tokens, TokenError> {
-        let read_err = |source| TokenError::Read {
-            path: dir.to_owned(),
-            source,
-        };
-        let mut by_token = HashMap::new();
-        for entry in std::fs::read_dir(dir).map_err(read_err)? {
-            let path = entry.map_err(read_err)?.path();
-            let Some(stem) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".token"))
-            else {
-                continue;
-            };
-            let token = std::fs::read_to_string(&path)
-                .map_err(|source| TokenError::Read {
-                    path: path.clone(),
-                    source,
-                })?
-                .trim()
-                .to_owned();
-            if token.is_empty() {
-                return Err(TokenError::Empty(path));
-            }
-            let admits = match stem {
+        let mut by_token = Secrets::default();
+        for (stem, _, text) in token_files(dir)? {
+            let admits = match stem.as_str() {
                 "shared" => Admits::Any,
                 name => Admits::Machine(name.to_owned()),
             };
-            by_token.insert(token, admits);
+            by_token.insert(text.trim(), admits);
         }
         Ok(Tokens {
             by_token: Some(by_token),
@@ -101,21 +148,6 @@ impl Tokens {
         }
     }
 
-    /// Checks a client API call: any known token admits a client.
-    pub fn check_client(&self, header: Option<&str>) -> Result<(), Status> {
-        let Some(tokens) = &self.by_token else {
-            return Ok(());
-        };
-        match header.and_then(|h| h.strip_prefix("Bearer ")) {
-            None => Err(Status::unauthenticated(
-                "this runner's client API requires a token (authorization: Bearer <token>); \
-                 pass --token-file or set HYDRA_QUEUE_RUNNER_TOKEN",
-            )),
-            Some(t) if tokens.contains_key(t.trim()) => Ok(()),
-            Some(_) => Err(Status::unauthenticated("unknown client token")),
-        }
-    }
-
     fn admits(&self, header: Option<&str>) -> Result<Option<&Admits>, Status> {
         let Some(tokens) = &self.by_token else {
             return Ok(None);
@@ -128,7 +160,7 @@ impl Tokens {
                 )
             })?;
         tokens
-            .get(token.trim())
+            .find(token.trim())
             .map(Some)
             .ok_or_else(|| Status::unauthenticated("unknown builder token"))
     }

@@ -244,7 +244,7 @@ pub const KEYS: &[(&str, &str, bool)] = &[
     ),
     (
         "client_tokens_dir",
-        "directory of client API tokens: any *.token file admits a client; re-read on reload",
+        "directory of client API tokens, <name>.token each: a bare secret (an operator) or TOML with secret, role (operator, submitter, reader) and tenant; re-read on reload",
         true,
     ),
     (

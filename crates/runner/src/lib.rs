@@ -102,7 +102,7 @@ pub struct Shared {
     /// The builder tokens, re-read on reload.
     pub tokens: parking_lot::RwLock<auth::Tokens>,
     /// The client API tokens, re-read on reload.
-    pub client_tokens: parking_lot::RwLock<auth::Tokens>,
+    pub client_tokens: parking_lot::RwLock<api::access::ClientTokens>,
     /// Step durations and dispatch latency, for `/metrics`.
     pub metrics: metrics::Metrics,
     /// Ticks when events were committed (client watchers wait on it).
@@ -228,7 +228,8 @@ impl Runner {
         on_standby: impl FnOnce(),
     ) -> Result<Runner, Fatal> {
         let tokens = auth::Tokens::from_setting(config.builder_tokens_dir.as_deref())?;
-        let client_tokens = auth::Tokens::from_setting(config.client_tokens_dir.as_deref())?;
+        let client_tokens =
+            api::access::ClientTokens::from_setting(config.client_tokens_dir.as_deref())?;
         let tls = server::TlsFiles::read(&config)?;
         let signing_key = uploads::load_key(&config)?;
         let lock = ActiveLock::acquire(&pool, config.advisory_lock_key, on_standby).await?;
@@ -362,7 +363,8 @@ impl Runner {
         let (merged, report) = old.reloaded(new);
         // Token files may have changed even where the setting did not.
         let tokens = auth::Tokens::from_setting(merged.builder_tokens_dir.as_deref())?;
-        let client_tokens = auth::Tokens::from_setting(merged.client_tokens_dir.as_deref())?;
+        let client_tokens =
+            api::access::ClientTokens::from_setting(merged.client_tokens_dir.as_deref())?;
         *self.shared.tokens.write() = tokens;
         *self.shared.client_tokens.write() = client_tokens;
         let ping_changed = merged.ping_interval_secs != old.ping_interval_secs;

@@ -13,6 +13,7 @@
 //! A database error here fails the call (`UNAVAILABLE`), not the runner:
 //! the database watchdog is what stops a runner whose database is gone.
 
+pub mod access;
 pub mod builds;
 pub mod cluster;
 pub mod follow;
@@ -30,6 +31,7 @@ use tonic::{Request, Response, Status};
 
 use crate::Shared;
 use crate::store::StoreError;
+use access::Principal;
 
 /// Why a client call failed.
 #[derive(Debug, Error)]
@@ -90,18 +92,33 @@ pub fn service(
 > {
     let tokens = shared.clone();
     let server = ClientServiceServer::new(ClientApi { shared }).max_decoding_message_size(64 << 20);
-    tonic::service::interceptor::InterceptedService::new(server, move |request: Request<()>| {
+    tonic::service::interceptor::InterceptedService::new(server, move |mut request: Request<()>| {
         let token = crate::auth::bearer(&request);
-        tokens
+        let principal = tokens
             .client_tokens
             .read()
-            .check_client(token)
+            .identify(token)
             .inspect_err(|status| {
                 let from = request.remote_addr();
                 tracing::warn!(?from, "refused a client call: {}", status.message());
             })?;
+        request.extensions_mut().insert(principal);
         Ok(request)
     })
+}
+
+/// The caller the interceptor identified.
+fn caller<T>(r: &Request<T>) -> Result<Principal, Status> {
+    r.extensions()
+        .get::<Principal>()
+        .cloned()
+        .ok_or_else(|| Status::internal("the call was not identified"))
+}
+
+/// Logs a refusal by the roles and hands it on.
+fn refused(p: &Principal, status: Status) -> Status {
+    tracing::warn!(token = %p.name, "refused a client call: {}", status.message());
+    status
 }
 
 type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -109,17 +126,30 @@ type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 #[tonic::async_trait]
 impl ClientService for ClientApi {
     async fn submit(&self, r: Request<SubmitRequest>) -> Result<Response<SubmitResponse>, Status> {
+        let p = caller(&r)?;
+        p.may_submit(&r.get_ref().tenant)
+            .map_err(|s| refused(&p, s))?;
         Ok(Response::new(
             builds::submit(&self.shared, r.into_inner()).await?,
         ))
     }
 
     async fn get_build(&self, r: Request<GetBuildRequest>) -> Result<Response<BuildInfo>, Status> {
+        let p = caller(&r)?;
         let id = build_id(r.into_inner().build_id)?;
+        access::check_builds(&self.shared, &p, &[id])
+            .await
+            .map_err(|s| refused(&p, s))?;
         Ok(Response::new(query::get_build(&self.shared, id).await?))
     }
 
     async fn cancel(&self, r: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
+        let p = caller(&r)?;
+        p.may_change("cancel").map_err(|s| refused(&p, s))?;
+        let ids = build_ids(&r.get_ref().build_ids)?;
+        access::check_builds(&self.shared, &p, &ids)
+            .await
+            .map_err(|s| refused(&p, s))?;
         Ok(Response::new(
             builds::cancel(&self.shared, r.into_inner()).await?,
         ))
@@ -129,12 +159,16 @@ impl ClientService for ClientApi {
         &self,
         r: Request<RestartRequest>,
     ) -> Result<Response<RestartResponse>, Status> {
+        let p = caller(&r)?;
+        p.may_operate("restart").map_err(|s| refused(&p, s))?;
         Ok(Response::new(
             builds::restart(&self.shared, r.into_inner()).await?,
         ))
     }
 
     async fn bump(&self, r: Request<BumpRequest>) -> Result<Response<BumpResponse>, Status> {
+        let p = caller(&r)?;
+        p.may_operate("bump").map_err(|s| refused(&p, s))?;
         Ok(Response::new(
             builds::bump(&self.shared, r.into_inner()).await?,
         ))
@@ -144,8 +178,20 @@ impl ClientService for ClientApi {
         &self,
         r: Request<ListBuildsRequest>,
     ) -> Result<Response<ListBuildsResponse>, Status> {
+        let p = caller(&r)?;
+        let mut request = r.into_inner();
+        if let Some(own) = p.scope() {
+            if !request.tenant.is_empty() && request.tenant != own {
+                let status = Status::permission_denied(format!(
+                    "token {} lists tenant {own}'s builds only",
+                    p.name
+                ));
+                return Err(refused(&p, status));
+            }
+            request.tenant = own.to_owned();
+        }
         Ok(Response::new(
-            query::list_builds(&self.shared, r.into_inner()).await?,
+            query::list_builds(&self.shared, request).await?,
         ))
     }
 
@@ -155,14 +201,33 @@ impl ClientService for ClientApi {
         &self,
         r: Request<GetLogRequest>,
     ) -> Result<Response<Self::GetLogStream>, Status> {
-        let stream = follow::log(self.shared.clone(), r.into_inner()).await?;
+        let p = caller(&r)?;
+        let request = r.into_inner();
+        if request.drv_path.is_empty() {
+            let id = build_id(request.build_id)?;
+            access::check_builds(&self.shared, &p, &[id]).await
+        } else {
+            access::check_drv(&self.shared, &p, &request.drv_path).await
+        }
+        .map_err(|s| refused(&p, s))?;
+        let stream = follow::log(self.shared.clone(), request).await?;
         Ok(Response::new(Box::pin(stream)))
     }
 
     type WatchStream = Streamed<Event>;
 
     async fn watch(&self, r: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        let stream = follow::events(self.shared.clone(), r.into_inner())?;
+        let p = caller(&r)?;
+        let request = r.into_inner();
+        if request.build_id == 0 {
+            p.may_see_all("watch").map_err(|s| refused(&p, s))?;
+        } else {
+            let id = build_id(request.build_id)?;
+            access::check_builds(&self.shared, &p, &[id])
+                .await
+                .map_err(|s| refused(&p, s))?;
+        }
+        let stream = follow::events(self.shared.clone(), request)?;
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -181,6 +246,8 @@ impl ClientService for ClientApi {
     }
 
     async fn drain(&self, r: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
+        let p = caller(&r)?;
+        p.may_operate("drain").map_err(|s| refused(&p, s))?;
         let name = r.into_inner().machine;
         Ok(Response::new(
             cluster::set_drained(&self.shared, &name, true).await?,
@@ -188,6 +255,8 @@ impl ClientService for ClientApi {
     }
 
     async fn undrain(&self, r: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
+        let p = caller(&r)?;
+        p.may_operate("undrain").map_err(|s| refused(&p, s))?;
         let name = r.into_inner().machine;
         Ok(Response::new(
             cluster::set_drained(&self.shared, &name, false).await?,
@@ -198,6 +267,11 @@ impl ClientService for ClientApi {
         &self,
         r: Request<ExplainRequest>,
     ) -> Result<Response<ExplainResponse>, Status> {
+        let p = caller(&r)?;
+        let id = build_id(r.get_ref().build_id)?;
+        access::check_builds(&self.shared, &p, &[id])
+            .await
+            .map_err(|s| refused(&p, s))?;
         Ok(Response::new(
             cluster::explain(&self.shared, r.into_inner()).await?,
         ))
