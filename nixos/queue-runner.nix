@@ -23,6 +23,8 @@ let
   besideHydra = cfg.replaceHydraQueueRunner;
   hydraData = if besideHydra then hydra.baseDir or "/var/lib/hydra" else cfg.hydraData;
   toml = pkgs.formats.toml { };
+  isLoopback = address: lib.hasPrefix "127." address || lib.hasPrefix "[::1]" address || lib.hasPrefix "localhost:" address;
+  builderAuth = cfg.tokensDir != null || cfg.tls.clientCaFile != null;
   optionalPath = name: value: lib.optionalAttrs (value != null) { ${name} = toString value; };
   settingsFile = toml.generate "queue-runner.toml" (
     {
@@ -38,6 +40,10 @@ let
     // optionalPath "tls_key" cfg.tls.keyFile
     // optionalPath "tls_client_ca" cfg.tls.clientCaFile
     // optionalPath "builder_tokens_dir" cfg.tokensDir
+    // { client_listen = cfg.clientListen; allow_unauthenticated = cfg.allowUnauthenticated; }
+    // optionalPath "client_tokens_dir" cfg.clientTokensDir
+    // optionalPath "client_tls_cert" cfg.clientTls.certFile
+    // optionalPath "client_tls_key" cfg.clientTls.keyFile
     // cfg.settings
   );
 in
@@ -145,7 +151,38 @@ in
     tokensDir = lib.mkOption {
       type = lib.types.nullOr lib.types.path;
       default = null;
-      description = "Directory of builder tokens: <machine>.token admits that builder, shared.token any.";
+      description = "Directory of builder tokens: <machine>.token admits that builder, shared.token any. Builders must be authenticated (this, or tls.clientCaFile) when listen is not a loopback address.";
+    };
+
+    clientListen = lib.mkOption {
+      type = lib.types.str;
+      default = "127.0.0.1:7072";
+      description = "gRPC address of the client API (submit, cancel, status; the CLI), apart from the builders'.";
+    };
+
+    clientTokensDir = lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      description = "Directory of client tokens (<name>.token: a bare secret for an operator, or TOML with secret, role and tenant; docs/configuration.md). Required when clientListen is not a loopback address.";
+    };
+
+    clientTls = {
+      certFile = lib.mkOption {
+        type = lib.types.nullOr lib.types.path;
+        default = null;
+        description = "TLS certificate (PEM) of the client API.";
+      };
+      keyFile = lib.mkOption {
+        type = lib.types.nullOr lib.types.path;
+        default = null;
+        description = "Its private key (PEM); a path outside the Nix store.";
+      };
+    };
+
+    allowUnauthenticated = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = "Serve builders or clients beyond loopback without authentication. Never on a farm.";
     };
 
     settings = lib.mkOption {
@@ -165,7 +202,20 @@ in
       # The operator commands (`hydra-queue-runner status`, `watch`, ...) talk
       # to this runner's client API.
       environment.systemPackages = [ cfg.package ];
-      environment.variables.HYDRA_QUEUE_RUNNER_URL = "http://${cfg.listen}";
+      environment.variables.HYDRA_QUEUE_RUNNER_URL =
+        "${if cfg.clientTls.certFile != null then "https" else "http"}://${cfg.clientListen}";
+
+      # The runner refuses such settings at start; say so at evaluation.
+      assertions = [
+        {
+          assertion = cfg.allowUnauthenticated || isLoopback cfg.listen || builderAuth;
+          message = "services.hydra-queue-runner-rs: listen = ${cfg.listen} reaches beyond this machine, but builders are not authenticated: set tokensDir (or tls.certFile, tls.keyFile and tls.clientCaFile), or allowUnauthenticated = true.";
+        }
+        {
+          assertion = cfg.allowUnauthenticated || isLoopback cfg.clientListen || cfg.clientTokensDir != null;
+          message = "services.hydra-queue-runner-rs: clientListen = ${cfg.clientListen} reaches beyond this machine, but clients are not authenticated: set clientTokensDir, or allowUnauthenticated = true.";
+        }
+      ];
 
       networking.firewall.allowedTCPPorts =
         lib.optional cfg.openFirewall (lib.toInt (lib.last (lib.splitString ":" cfg.listen)));

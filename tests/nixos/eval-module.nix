@@ -27,6 +27,7 @@ let
       then attrByPath (builtins.tail path) default set.${builtins.head path}
       else default;
     toInt = builtins.fromJSON;
+    hasPrefix = p: s: builtins.substring 0 (builtins.stringLength p) s == p;
     last = xs: elemAt xs (length xs - 1);
     splitString = sep: s: filter builtins.isString (split sep s);
     recursiveUpdate = a: b:

@@ -92,3 +92,40 @@ fn alone_the_runner_has_a_user_of_its_own_which_its_daemon_trusts() {
             .is_none()
     );
 }
+
+#[test]
+fn the_runner_module_will_not_serve_builders_beyond_loopback_unauthenticated() {
+    let open = evaluate(
+        "nixos/queue-runner.nix",
+        r#"{ enable = true; package = "/pkg"; }"#,
+        None,
+    );
+    let checks = open["assertions"].as_array().unwrap();
+    assert_eq!(checks[0]["assertion"], false, "0.0.0.0 without tokens");
+    let message = checks[0]["message"].as_str().unwrap();
+    assert!(message.contains("set tokensDir"), "{message}");
+    assert_eq!(
+        checks[1]["assertion"], true,
+        "the client API stays on loopback"
+    );
+    assert_eq!(
+        open["environment"]["variables"]["HYDRA_QUEUE_RUNNER_URL"],
+        "http://127.0.0.1:7072"
+    );
+
+    let closed = evaluate(
+        "nixos/queue-runner.nix",
+        r#"{ enable = true; package = "/pkg"; tokensDir = "/run/keys/builders"; clientListen = "0.0.0.0:7072"; clientTokensDir = "/run/keys/clients"; }"#,
+        None,
+    );
+    let checks = closed["assertions"].as_array().unwrap();
+    assert!(checks.iter().all(|c| c["assertion"] == true), "{checks:?}");
+    let exec = closed["systemd"]["services"]["hydra-queue-runner-rs"]["serviceConfig"]["ExecStart"]
+        .as_str()
+        .unwrap();
+    assert!(
+        exec.contains(r#""client_tokens_dir":"/run/keys/clients""#)
+            && exec.contains(r#""builder_tokens_dir":"/run/keys/builders""#),
+        "{exec}"
+    );
+}

@@ -358,11 +358,12 @@ async fn metrics_parse_and_the_status_page_shows_a_machine_in_headless_chromium(
 #[tokio::test]
 async fn grpc_health_and_reflection_answer_for_the_client_service() {
     let farm = Farm::start(|_| {}).await.unwrap();
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", farm.runner().addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", farm.runner().client_addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let status = health
         .check(tonic_health::pb::HealthCheckRequest {

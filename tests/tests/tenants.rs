@@ -2,7 +2,10 @@
 //! process, over real gRPC) holds every call to them: a tenant's
 //! submitter touches its own builds only, a reader changes nothing, only
 //! an operator restarts, bumps and drains, and a token file added later is
-//! taken up by a reload.
+//! taken up by a reload. The client API has a port of its own; health is
+//! open there, reflection needs a token, and a runner that would serve
+//! builders or clients beyond loopback without authentication does not
+//! start.
 
 use std::time::Duration;
 
@@ -69,7 +72,7 @@ async fn each_token_does_what_its_role_and_tenant_allow_and_nothing_else() {
     .unwrap();
     let mut runner = setup.start(&[]).await.unwrap();
     let _builder = BuilderProcess::start("one", &setup.address, dir.path()).unwrap();
-    let mut api = ApiClient::connect(format!("http://{}", setup.address))
+    let mut api = ApiClient::connect(format!("http://{}", setup.client_address))
         .await
         .unwrap();
     let drvs = store
@@ -225,4 +228,115 @@ async fn each_token_does_what_its_role_and_tenant_allow_and_nothing_else() {
         ),
         "not tenant web's",
     );
+}
+
+#[tokio::test]
+async fn health_is_open_reflection_needs_a_token_and_builders_port_has_no_client_api() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+
+    let db = TestDb::new().await;
+    let store = NixStore::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("client-tokens");
+    std::fs::create_dir(&tokens).unwrap();
+    std::fs::write(tokens.join("ops.token"), "op-secret").unwrap();
+    let setup = RunnerSetup::new_with(
+        dir.path(),
+        &store,
+        &db.url,
+        &format!("client_tokens_dir = \"{}\"", tokens.display()),
+    )
+    .unwrap();
+    let _runner = setup.start(&[]).await.unwrap();
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", setup.client_address))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "hydra.client.v1.ClientService".into(),
+        })
+        .await
+        .expect("health answers without a token");
+    let list = || ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut reflection = ServerReflectionClient::new(channel);
+    let anonymous = reflection
+        .server_reflection_info(tokio_stream::once(list()))
+        .await;
+    let status = match anonymous {
+        Ok(_) => panic!("reflection answered without a token"),
+        Err(s) => s,
+    };
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    reflection
+        .server_reflection_info(as_("op-secret", tokio_stream::once(list())))
+        .await
+        .expect("reflection with a token");
+
+    // The builders' port serves the builder protocol, not the client API.
+    let mut on_builders = ApiClient::connect(format!("http://{}", setup.address))
+        .await
+        .unwrap();
+    let status = refused(
+        on_builders
+            .cluster_status(as_("op-secret", ClusterStatusRequest {}))
+            .await,
+    );
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+}
+
+#[tokio::test]
+async fn a_runner_open_beyond_loopback_without_authentication_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    for (config, says) in [
+        ("listen = \"0.0.0.0:0\"\n", "set builder_tokens_dir"),
+        ("client_listen = \"0.0.0.0:0\"\n", "set client_tokens_dir"),
+    ] {
+        let file = dir.path().join("open.toml");
+        std::fs::write(&file, config).unwrap();
+        let path = file.display().to_string();
+        let out = hydra_testkit::process::run_binary(
+            "hydra-queue-runner",
+            [
+                "serve",
+                "--config",
+                path.as_str(),
+                "--database-url",
+                "postgres:///unused",
+            ],
+        )
+        .await;
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("reaches beyond this machine") && err.contains(says),
+            "{err}"
+        );
+        let check = hydra_testkit::process::run_binary(
+            "hydra-queue-runner",
+            ["config", "check", "--config", path.as_str()],
+        )
+        .await;
+        assert!(!check.status.success(), "config check refuses it too");
+        // Said on purpose, it starts (as far as the configuration goes).
+        std::fs::write(&file, format!("{config}allow_unauthenticated = true\n")).unwrap();
+        let check = hydra_testkit::process::run_binary(
+            "hydra-queue-runner",
+            ["config", "check", "--config", path.as_str()],
+        )
+        .await;
+        assert!(
+            check.status.success(),
+            "{}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
 }

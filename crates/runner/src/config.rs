@@ -30,6 +30,15 @@ pub struct RunnerConfig {
     pub database_connections: u32,
     /// Where builders connect (gRPC).
     pub listen: SocketAddr,
+    /// Where the client API (gRPC) listens: apart from the builders', so
+    /// that what reaches builders does not reach the API.
+    pub client_listen: SocketAddr,
+    /// TLS of the client API (certificate and key, PEM).
+    pub client_tls_cert: Option<PathBuf>,
+    pub client_tls_key: Option<PathBuf>,
+    /// Lets the runner listen beyond loopback without authentication (the
+    /// demo's and some tests' setting; never a farm's).
+    pub allow_unauthenticated: bool,
     /// Where `/status` and `/metrics` are served over HTTP; off without it.
     pub http_listen: Option<SocketAddr>,
     /// Hydra's data directory (`HYDRA_DATA`): build logs go to
@@ -98,7 +107,8 @@ pub struct RunnerConfig {
     /// `shared.token` any machine. Without it, no token is asked.
     pub builder_tokens_dir: Option<PathBuf>,
     /// Client API bearer tokens: every `*.token` file admits a client.
-    /// Without it, the client API asks for none (keep `listen` private).
+    /// Without it, the client API asks for none (and `client_listen` must
+    /// be loopback unless `allow_unauthenticated`).
     pub client_tokens_dir: Option<PathBuf>,
     /// A runnable step gains one global priority point per this many
     /// seconds it waits (at most 20), so background work is never starved
@@ -131,6 +141,22 @@ pub const KEYS: &[(&str, &str, bool)] = &[
     (
         "listen",
         "address builders connect to (gRPC); port 0 picks one",
+        false,
+    ),
+    (
+        "client_listen",
+        "address of the client API (gRPC: submit, cancel, status; health, reflection); loopback by default",
+        false,
+    ),
+    (
+        "client_tls_cert",
+        "TLS certificate (PEM) of the client API",
+        false,
+    ),
+    ("client_tls_key", "its private key (PEM)", false),
+    (
+        "allow_unauthenticated",
+        "serve builders or clients beyond loopback without tokens or mutual TLS (refused otherwise)",
         false,
     ),
     (
@@ -273,6 +299,10 @@ impl Default for RunnerConfig {
             database_url: None,
             database_connections: 16,
             listen: "127.0.0.1:7070".parse().expect("literal address"),
+            client_listen: "127.0.0.1:7072".parse().expect("literal address"),
+            client_tls_cert: None,
+            client_tls_key: None,
+            allow_unauthenticated: false,
             http_listen: None,
             hydra_data: std::env::var_os("HYDRA_DATA")
                 .map(PathBuf::from)
@@ -326,7 +356,8 @@ impl RunnerConfig {
         Ok(config)
     }
 
-    fn check(&self) -> Result<(), String> {
+    /// The settings that must hold together (and what to add when not).
+    pub fn check(&self) -> Result<(), String> {
         if self.max_tries == 0 {
             return Err("max_tries must be at least 1".into());
         }
@@ -346,6 +377,28 @@ impl RunnerConfig {
         }
         if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
             return Err("tls_client_ca needs tls_cert and tls_key (mutual TLS is TLS)".into());
+        }
+        if self.client_tls_cert.is_some() != self.client_tls_key.is_some() {
+            return Err("client_tls_cert and client_tls_key go together".into());
+        }
+        if !self.allow_unauthenticated {
+            let builders_authenticated =
+                self.builder_tokens_dir.is_some() || self.tls_client_ca.is_some();
+            if !self.listen.ip().is_loopback() && !builders_authenticated {
+                return Err(format!(
+                    "listen = {} reaches beyond this machine, but builders are not authenticated: \
+                     set builder_tokens_dir (or tls_cert, tls_key and tls_client_ca for mutual TLS), \
+                     or allow_unauthenticated = true",
+                    self.listen
+                ));
+            }
+            if !self.client_listen.ip().is_loopback() && self.client_tokens_dir.is_none() {
+                return Err(format!(
+                    "client_listen = {} reaches beyond this machine, but clients are not \
+                     authenticated: set client_tokens_dir, or allow_unauthenticated = true",
+                    self.client_listen
+                ));
+            }
         }
         if self.machine_rest_after_failures == 0
             || self.machine_rest_base_secs < 0.0
@@ -484,6 +537,8 @@ mod tests {
             http_listen: Some("127.0.0.1:1".parse().unwrap()),
             builder_tokens_dir: Some("t".into()),
             client_tokens_dir: Some("c".into()),
+            client_tls_cert: Some("cc".into()),
+            client_tls_key: Some("ck".into()),
             signing_key_file: Some("k".into()),
             ..RunnerConfig::default()
         };

@@ -147,7 +147,7 @@ pub enum Fatal {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Logs(#[from] logs::LogError),
-    #[error("cannot serve builders on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
         source: std::io::Error,
@@ -206,6 +206,8 @@ async fn critical(
 pub struct Runner {
     pub shared: Arc<Shared>,
     pub addr: SocketAddr,
+    /// Where the client API is served.
+    pub client_addr: SocketAddr,
     /// Where `/status` and `/metrics` are served, if anywhere.
     pub http_addr: Option<SocketAddr>,
     tasks: JoinSet<Result<(), Fatal>>,
@@ -231,6 +233,7 @@ impl Runner {
         let client_tokens =
             api::access::ClientTokens::from_setting(config.client_tokens_dir.as_deref())?;
         let tls = server::TlsFiles::read(&config)?;
+        let client_tls = server::TlsFiles::read_client(&config)?;
         let signing_key = uploads::load_key(&config)?;
         let lock = ActiveLock::acquire(&pool, config.advisory_lock_key, on_standby).await?;
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -243,6 +246,18 @@ impl Runner {
             addr: config.listen,
             source,
         })?;
+        let client_listener = tokio::net::TcpListener::bind(config.client_listen)
+            .await
+            .map_err(|source| Fatal::Listen {
+                addr: config.client_listen,
+                source,
+            })?;
+        let client_addr = client_listener
+            .local_addr()
+            .map_err(|source| Fatal::Listen {
+                addr: config.client_listen,
+                source,
+            })?;
         let http = match config.http_listen {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr)
@@ -280,6 +295,10 @@ impl Runner {
         tasks.spawn(critical(
             "builder service",
             server::serve(shared.clone(), listener, tls),
+        ));
+        tasks.spawn(critical(
+            "client API",
+            server::serve_clients(shared.clone(), client_listener, client_tls),
         ));
         tasks.spawn(critical(
             "queue monitor",
@@ -321,6 +340,7 @@ impl Runner {
         Ok(Runner {
             shared,
             addr,
+            client_addr,
             http_addr,
             tasks,
         })

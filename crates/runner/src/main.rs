@@ -146,6 +146,9 @@ fn serve_config(args: &ServeArgs) -> anyhow::Result<RunnerConfig> {
     if let Some(d) = &args.hydra_data {
         config.hydra_data = d.clone();
     }
+    config
+        .check()
+        .map_err(|e| anyhow::anyhow!("the configuration: {e}"))?;
     Ok(config)
 }
 
@@ -218,6 +221,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 systemd::ready("standby: another runner is active; waiting for its lock");
             };
             let mut runner = Runner::start_with(config, pool, standby).await?;
+            tracing::info!("serving clients on {}", runner.client_addr);
             tracing::info!("serving builders on {}", runner.addr);
             if let Some(http) = runner.http_addr {
                 tracing::info!("serving /status and /metrics on http://{http}");

@@ -1,7 +1,8 @@
-//! The one gRPC port of the runner: TLS (done here, so that a refused
-//! builder is logged with the reason), builder authentication, and the
-//! services behind it: the builder tunnel, the client API, health and
-//! reflection.
+//! The runner's two gRPC ports. `listen`: the builder tunnel (with
+//! builder authentication and TLS, done here so that a refused builder is
+//! logged with the reason) and health. `client_listen`: the client API,
+//! health, and reflection (behind a client token when tokens are set), with
+//! TLS of its own. What reaches builders does not reach the API.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,13 +26,30 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
+    /// The builder service's (`tls_cert`, `tls_key`, `tls_client_ca`).
     pub fn read(config: &crate::RunnerConfig) -> Result<TlsFiles, Fatal> {
-        use rustls_pki_types::pem::PemObject;
-        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-        use tokio_rustls::rustls;
         let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
             return Ok(TlsFiles { acceptor: None });
         };
+        Self::from_files(cert, key, config.tls_client_ca.as_deref())
+    }
+
+    /// The client API's (`client_tls_cert`, `client_tls_key`).
+    pub fn read_client(config: &crate::RunnerConfig) -> Result<TlsFiles, Fatal> {
+        let (Some(cert), Some(key)) = (&config.client_tls_cert, &config.client_tls_key) else {
+            return Ok(TlsFiles { acceptor: None });
+        };
+        Self::from_files(cert, key, None)
+    }
+
+    fn from_files(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        client_ca: Option<&std::path::Path>,
+    ) -> Result<TlsFiles, Fatal> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio_rustls::rustls;
         let bad = |path: &std::path::Path, e: &dyn std::fmt::Display| Fatal::TlsFile {
             path: path.to_owned(),
             source: std::io::Error::other(e.to_string()),
@@ -44,7 +62,7 @@ impl TlsFiles {
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| bad(cert, &e))?;
-        let builder = match &config.tls_client_ca {
+        let builder = match client_ca {
             Some(ca) => {
                 let mut roots = rustls::RootCertStore::empty();
                 for c in CertificateDer::pem_file_iter(ca).map_err(|e| bad(ca, &e))? {
@@ -98,6 +116,35 @@ pub async fn serve(
     health
         .set_serving::<RunnerServiceServer<BuilderTunnel>>()
         .await;
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(interval))
+        .http2_keepalive_timeout(Some(timeout))
+        .add_service(service)
+        .add_service(health_service);
+    match tls.acceptor {
+        None => {
+            server
+                .serve_with_incoming(no_delay(TcpListenerStream::new(listener)))
+                .await?
+        }
+        Some(acceptor) => {
+            server
+                .serve_with_incoming(tls_handshakes(listener, acceptor))
+                .await?
+        }
+    }
+    Ok(())
+}
+
+/// The client API on its own port: the API (its interceptor identifies
+/// every caller), health (open, for load balancers) and reflection (any
+/// valid client token when tokens are asked).
+pub async fn serve_clients(
+    shared: Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    tls: TlsFiles,
+) -> Result<(), Fatal> {
+    let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<hydra_proto::client::client_service_server::ClientServiceServer<crate::api::ClientApi>>()
         .await;
@@ -106,10 +153,18 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the compiled descriptors are valid");
+    let tokens = shared.clone();
+    let reflection = tonic::service::interceptor::InterceptedService::new(
+        reflection,
+        move |request: Request<()>| {
+            tokens
+                .client_tokens
+                .read()
+                .identify(bearer(&request))
+                .map(|_| request)
+        },
+    );
     let server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(interval))
-        .http2_keepalive_timeout(Some(timeout))
-        .add_service(service)
         .add_service(crate::api::service(shared.clone()))
         .add_service(health_service)
         .add_service(reflection);

@@ -139,6 +139,7 @@ impl Farm {
         let hydra_data = tempfile::tempdir()?;
         let mut config = RunnerConfig {
             listen: "127.0.0.1:0".parse()?,
+            client_listen: "127.0.0.1:0".parse()?,
             store_socket: runner_store.socket().to_owned(),
             hydra_data: hydra_data.path().to_owned(),
             retry_base_secs: 0.2,
@@ -272,14 +273,14 @@ impl Farm {
 
     /// A client of the runner's client API.
     pub async fn api(&self) -> Result<ApiClient> {
-        Ok(ApiClient::connect(format!("http://{}", self.runner().addr)).await?)
+        Ok(ApiClient::connect(format!("http://{}", self.runner().client_addr)).await?)
     }
 
     /// The operator CLI against this farm's runner
     /// (`hydra-queue-runner --url ... <args>`): whether it succeeded, and
     /// its standard output (its standard error is printed on failure).
     pub async fn cli(&self, args: &[&str]) -> (bool, String) {
-        let url = format!("http://{}", self.runner().addr);
+        let url = format!("http://{}", self.runner().client_addr);
         let mut all = vec!["--url", url.as_str()];
         all.extend_from_slice(args);
         let out = crate::process::run_binary("hydra-queue-runner", &all).await;

@@ -39,7 +39,10 @@ pub fn free_address() -> Result<String> {
 /// Where a runner process listens, and what it keeps.
 pub struct RunnerSetup {
     pub config: PathBuf,
+    /// Where builders connect.
     pub address: String,
+    /// Where the client API listens.
+    pub client_address: String,
     pub database_url: String,
 }
 
@@ -58,11 +61,12 @@ impl RunnerSetup {
         extra_config: &str,
     ) -> Result<RunnerSetup> {
         let address = free_address()?;
+        let client_address = free_address()?;
         let config = dir.join("runner.toml");
         std::fs::write(
             &config,
             format!(
-                "listen = \"{address}\"\nstore_socket = \"{}\"\nhydra_data = \"{}\"\nretry_base_secs = 0.2\n{extra_config}\n",
+                "listen = \"{address}\"\nclient_listen = \"{client_address}\"\nstore_socket = \"{}\"\nhydra_data = \"{}\"\nretry_base_secs = 0.2\n{extra_config}\n",
                 store.socket().display(),
                 dir.display()
             ),
@@ -70,6 +74,7 @@ impl RunnerSetup {
         Ok(RunnerSetup {
             config,
             address,
+            client_address,
             database_url: database_url.to_owned(),
         })
     }

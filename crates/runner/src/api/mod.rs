@@ -1,6 +1,6 @@
 //! The client API (`hydra.client.v1`), for services that submit builds and
-//! for the operator CLI. It is served beside the builders' service, on the
-//! same address (and TLS), with gRPC health and reflection.
+//! for the operator CLI. It is served on its own address (`client_listen`,
+//! with TLS of its own), with gRPC health and reflection ([`crate::server`]).
 //!
 //! Each call is a thin adapter onto one of:
 //! - [`builds`]: the writes (submit, supersede, cancel, restart, bump),

@@ -25,7 +25,7 @@ pub struct Connection {
     #[arg(
         long,
         env = "HYDRA_QUEUE_RUNNER_URL",
-        default_value = "http://127.0.0.1:7070",
+        default_value = "http://127.0.0.1:7072",
         global = true
     )]
     pub url: String,
