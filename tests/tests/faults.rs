@@ -121,23 +121,7 @@ impl Liar {
 
     /// Uploads `nar` as `path` for the job, with a matching hash.
     async fn upload_as(&mut self, job: &BuildJob, path: &str, nar: Vec<u8>) -> tonic::Status {
-        let header = NarChunk {
-            part: Some(nar_chunk::Part::Header(NarHeader {
-                machine_id: self.machine_id.clone(),
-                attempt_id: job.attempt_id.clone(),
-                store_path: path.into(),
-                nar_hash: Hash::sha256(&nar).to_prefixed_base32(),
-                nar_size: nar.len() as u64,
-                ..Default::default()
-            })),
-        };
-        let data = NarChunk {
-            part: Some(nar_chunk::Part::Data(nar)),
-        };
-        self.client
-            .upload_output(tokio_stream::iter(vec![header, data]))
-            .await
-            .expect_err("the runner must refuse this upload")
+        self.upload_ca(job, path, nar, Vec::new(), "").await
     }
 }
 
@@ -548,35 +532,49 @@ async fn a_build_whose_drv_is_gone_or_malformed_is_aborted_with_the_reason() {
     }
 }
 
-#[tokio::test]
-async fn fetch_inputs_serves_the_jobs_input_closure_and_nothing_else() {
-    let farm = Farm::start(|_| {}).await.unwrap();
-    // `secret` is in the runner's store (instantiated beside the job) but
-    // no input of it; `input` is.
+/// Instantiates `expr`'s `job` and `decoy` and queues `job` alone: the
+/// build, both `.drv` paths, and the decoy's input named `*-{input}` (in
+/// the runner's store, but no input of the job).
+async fn queue_beside_a_decoy(
+    farm: &Farm,
+    expr: &str,
+    input: &str,
+) -> (i32, std::collections::BTreeMap<String, String>, String) {
     let drvs = farm
         .runner_store
-        .instantiate(
-            r#"with prelude; {
-              job = mkDrv { name = "job"; script = "cat ${builtins.toFile "input" "in"} > $out"; };
-              other = mkDrv { name = "other"; script = "cat ${builtins.toFile "secret" "s"} > $out"; };
-            }"#,
-            &["job", "other"],
-        )
+        .instantiate(expr, &["job", "decoy"])
         .await
         .unwrap();
-    let secret = farm
+    let decoy_input = farm
         .runner_store
-        .run("nix-store", &["-q", "--references", &drvs["other"]])
+        .run("nix-store", &["-q", "--references", &drvs["decoy"]])
         .await
         .unwrap()
         .lines()
-        .find(|l| l.ends_with("-secret"))
+        .find(|l| l.ends_with(&format!("-{input}")))
         .unwrap()
         .to_owned();
     let only_job = [("job".to_owned(), drvs["job"].clone())]
         .into_iter()
         .collect();
-    farm.queue(&only_job, |_| Default::default()).await.unwrap();
+    let build = farm.queue(&only_job, |_| Default::default()).await.unwrap()["job"];
+    (build, drvs, decoy_input)
+}
+
+#[tokio::test]
+async fn fetch_inputs_serves_the_jobs_input_closure_and_nothing_else() {
+    let farm = Farm::start(|_| {}).await.unwrap();
+    // `secret` is in the runner's store (instantiated beside the job) but
+    // no input of it; `input` is.
+    let (_, _, secret) = queue_beside_a_decoy(
+        &farm,
+        r#"with prelude; {
+          job = mkDrv { name = "job"; script = "cat ${builtins.toFile "input" "in"} > $out"; };
+          decoy = mkDrv { name = "decoy"; script = "cat ${builtins.toFile "secret" "s"} > $out"; };
+        }"#,
+        "secret",
+    )
+    .await;
 
     // A builder of our own, over the real protocol, takes the job.
     let mut client = RunnerServiceClient::connect(format!("http://{}", farm.runner().addr))
@@ -653,4 +651,163 @@ async fn fetch_inputs_serves_the_jobs_input_closure_and_nothing_else() {
         .unwrap();
     assert_eq!(recorded, 1, "the refusal is recorded");
     drop(tx);
+}
+
+impl Liar {
+    /// Uploads `nar` as `path` for the job with `references` and content
+    /// address `ca` ("" for none), its hash and size right.
+    async fn upload_ca(
+        &mut self,
+        job: &BuildJob,
+        path: &str,
+        nar: Vec<u8>,
+        references: Vec<String>,
+        ca: &str,
+    ) -> tonic::Status {
+        let header = NarChunk {
+            part: Some(nar_chunk::Part::Header(NarHeader {
+                machine_id: self.machine_id.clone(),
+                attempt_id: job.attempt_id.clone(),
+                store_path: path.into(),
+                nar_hash: Hash::sha256(&nar).to_prefixed_base32(),
+                nar_size: nar.len() as u64,
+                references,
+                ca: ca.into(),
+                ..Default::default()
+            })),
+        };
+        let data = NarChunk {
+            part: Some(nar_chunk::Part::Data(nar)),
+        };
+        self.client
+            .upload_output(tokio_stream::iter(vec![header, data]))
+            .await
+            .expect_err("the runner must refuse this upload")
+    }
+}
+
+/// The path Nix gives a recursive sha256 CA output named `name`.
+fn ca_path(nar: &[u8], name: &str, references: &[String]) -> String {
+    let dir = StoreDir::default();
+    let refs: Vec<hydra_nix::StorePath> = references
+        .iter()
+        .map(|r| dir.parse_path(r).unwrap())
+        .collect();
+    let path = dir.make_fixed_output_path(
+        hydra_nix::store_path::ContentAddressMethod::Recursive,
+        &Hash::sha256(nar),
+        name,
+        &refs,
+        false,
+    );
+    dir.display(&path)
+}
+
+#[tokio::test]
+async fn a_builder_lying_about_a_content_addressed_output_is_refused_and_the_step_built_elsewhere()
+{
+    let mut farm = Farm::start(|c| c.machine_rest_after_failures = 10)
+        .await
+        .unwrap();
+    // `decoy` is never queued: its `.drv` and its text input `ca-out` are
+    // in the runner's store, and no input of the CA job.
+    let (build, drvs, text_path) = queue_beside_a_decoy(
+        &farm,
+        r#"with prelude; {
+          job = mkCA { name = "ca-out"; script = "echo real > $out"; };
+          decoy = mkDrv { name = "decoy"; script = "cat ${builtins.toFile "ca-out" "x"} > $out"; };
+        }"#,
+        "ca-out",
+    )
+    .await;
+    let mut liar = Liar::join(&farm).await;
+
+    // A path that is the content address of other bytes than those sent.
+    let job = liar.next_job().await;
+    let lie = nar_of("lie");
+    let claimed = ca_path(&nar_of("other"), "ca-out", &[]);
+    let ca = format!("fixed:r:{}", Hash::sha256(&lie).to_prefixed_base32());
+    let status = liar
+        .upload_ca(&job, &claimed, lie.clone(), vec![], &ca)
+        .await;
+    assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
+    assert!(
+        status.message().contains("content-addressed"),
+        "{}",
+        status.message()
+    );
+
+    // The same without a content address at all.
+    let job = liar.next_job().await;
+    let own = ca_path(&lie, "ca-out", &[]);
+    let status = liar.upload_ca(&job, &own, lie.clone(), vec![], "").await;
+    assert!(
+        status.message().contains("must carry its content address"),
+        "{}",
+        status.message()
+    );
+
+    // A reference outside the job's closure.
+    let job = liar.next_job().await;
+    let refs = vec![drvs["decoy"].clone()];
+    let with_ref = ca_path(&lie, "ca-out", &refs);
+    let ca = format!("fixed:r:{}", Hash::sha256(&lie).to_prefixed_base32());
+    let status = liar.upload_ca(&job, &with_ref, lie, refs, &ca).await;
+    assert!(
+        status
+            .message()
+            .contains("neither an input of the job nor one of its outputs"),
+        "{}",
+        status.message()
+    );
+
+    // A path already in the runner's store that it did not build.
+    let job = liar.next_job().await;
+    liar.report_outputs(&job, vec![("out", text_path.as_str())])
+        .await
+        .unwrap();
+    let job_rows = steps(&farm, build).await;
+    assert!(
+        job_rows
+            .last()
+            .unwrap()
+            .2
+            .as_deref()
+            .unwrap_or("")
+            .contains("not content-addressed as the output is"),
+        "{job_rows:?}"
+    );
+
+    liar.leave();
+    honest_builder_finishes(
+        &mut farm,
+        &[("job".to_owned(), build)].into_iter().collect(),
+    )
+    .await;
+    let rows = steps(&farm, build).await;
+    let shape: Vec<(&str, Option<i32>)> = rows.iter().map(|r| (r.0.as_str(), r.1)).collect();
+    assert_eq!(
+        shape,
+        [
+            ("liar", Some(3)),
+            ("liar", Some(3)),
+            ("liar", Some(3)),
+            ("liar", Some(3)),
+            ("honest", Some(0))
+        ]
+    );
+    let out: String = sqlx::query_scalar("select path from BuildOutputs where build = $1")
+        .bind(build)
+        .fetch_one(&farm.db.pool)
+        .await
+        .unwrap();
+    for lie in [&claimed, &own, &with_ref, &text_path] {
+        assert_ne!(&out, lie);
+    }
+    let refused = rejections(&farm).await;
+    assert_eq!(
+        refused.len(),
+        3,
+        "each refused upload recorded: {refused:?}"
+    );
 }

@@ -88,6 +88,15 @@ impl Attempt {
     }
 }
 
+impl Attempt {
+    /// Whether `path` is one of the step's output paths fixed by its
+    /// `.drv` (input-addressed or fixed-output), not one learnt after the
+    /// build (a floating CA output, which must prove its content address).
+    pub fn is_fixed_output(&self, path: &str) -> bool {
+        self.outputs.iter().any(|(_, f)| f.as_deref() == Some(path))
+    }
+}
+
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum OwnershipError {
     #[error("'{0}' is not an attempt id")]

@@ -121,6 +121,37 @@ pub async fn measure(
     })
 }
 
+/// How a floating output `name` of the attempt's derivation is content
+/// addressed, as the prefix of a path's `ca` (`fixed:r:sha256:`, say).
+async fn floating_ca_prefix(
+    shared: &Shared,
+    client: &mut DaemonClient,
+    attempt: &Attempt,
+    name: &str,
+) -> Result<Option<String>, Fatal> {
+    let drv = match shared
+        .store
+        .read_derivation(client, &attempt.drv_path)
+        .await
+    {
+        Ok(d) => d,
+        Err(e) if e.is_infrastructure() => return Err(e.into()),
+        Err(_) => return Ok(None),
+    };
+    Ok(match drv.outputs.get(name) {
+        Some(hydra_nix::derivation::DerivationOutput::Floating { method, algo }) => {
+            Some(match method {
+                hydra_nix::store_path::ContentAddressMethod::Text => format!("text:{algo}:"),
+                hydra_nix::store_path::ContentAddressMethod::Recursive => {
+                    format!("fixed:r:{algo}:")
+                }
+                hydra_nix::store_path::ContentAddressMethod::Flat => format!("fixed:{algo}:"),
+            })
+        }
+        _ => None,
+    })
+}
+
 /// The builder says the attempt built the step. Every output must be in
 /// the runner's store (uploaded and verified by this attempt, or already
 /// there); otherwise the attempt is aborted and the step retried.
@@ -135,12 +166,35 @@ pub async fn succeed(
         Err(reason) => return abort_attempt(shared, attempt, &reason).await,
     };
     for (name, path) in &outputs {
-        if !attempt.uploads.contains_key(path)
-            && !client.is_valid_path(path).await.map_err(StoreError::from)?
-        {
+        if attempt.uploads.contains_key(path) {
+            continue;
+        }
+        if !client.is_valid_path(path).await.map_err(StoreError::from)? {
             let reason =
                 format!("the builder reported success but output '{name}' ({path}) never arrived");
             return abort_attempt(shared, attempt, &reason).await;
+        }
+        // A floating output the runner has already: only a copy whose
+        // content address its store checked shows that the path is what
+        // its name says.
+        if !attempt.is_fixed_output(path) {
+            let wanted = floating_ca_prefix(shared, &mut client, &attempt, name).await?;
+            let info = client
+                .query_path_info(path)
+                .await
+                .map_err(StoreError::from)?;
+            let ca = info.and_then(|i| i.ca).unwrap_or_default();
+            if wanted.is_none_or(|w| !ca.starts_with(&w)) {
+                let reason = format!(
+                    "the builder claims {path}, already in the runner's store, for output '{name}', but that copy is not content-addressed as the output is ({}): nothing shows it is this output",
+                    if ca.is_empty() {
+                        "it has no content address"
+                    } else {
+                        ca.as_str()
+                    }
+                );
+                return abort_attempt(shared, attempt, &reason).await;
+            }
         }
     }
     let uploads = std::mem::take(&mut attempt.uploads);

@@ -112,12 +112,29 @@ pub async fn receive_output(
             ));
         }
     };
+    let dir = shared.store.dir();
     let asked = shared
         .state
         .with_attempt(&header.attempt_id, &header.machine_id, |a| {
-            a.may_output(shared.store.dir(), &header.store_path)
+            let asked = a.may_output(dir, &header.store_path);
+            let floating = asked && !a.is_fixed_output(&header.store_path);
+            // References may be the job's inputs, the output itself, or
+            // another output of the step; nothing else.
+            let outside: Vec<String> = header
+                .references
+                .iter()
+                .filter(|r| **r != header.store_path && !a.may_output(dir, r))
+                .cloned()
+                .collect();
+            (
+                asked,
+                floating,
+                outside,
+                a.inputs.clone(),
+                a.drv_path.clone(),
+            )
         });
-    let asked = match asked {
+    let (asked, floating, outside, inputs, drv_path) = match asked {
         Ok(asked) => asked,
         Err(e) => {
             let (conn, id) = (&header.machine_id, &header.attempt_id);
@@ -132,6 +149,23 @@ pub async fn receive_output(
         Ok(info) => info,
         Err(reason) => return Err(reject(shared, &header, reason).await),
     };
+    if floating && info.ca.is_none() {
+        let reason = "a content-addressed output must carry its content address (ca), which the runner's store checks against the path and the NAR".to_owned();
+        return Err(reject(shared, &header, reason).await);
+    }
+    if !outside.is_empty() {
+        let inputs = match inputs {
+            Some(i) => i,
+            None => Arc::new(job_closure(shared, &drv_path).await?),
+        };
+        if let Some(stray) = outside.iter().find(|r| !inputs.contains(*r)) {
+            let reason = format!(
+                "it refers to {}, which is neither an input of the job nor one of its outputs",
+                crate::outside::display_text(stray, crate::outside::DISPLAY_MAX)
+            );
+            return Err(reject(shared, &header, reason).await);
+        }
+    }
     match import(shared, &info, &mut stream).await {
         Ok(scan) => {
             let upload = Upload {
