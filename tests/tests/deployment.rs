@@ -286,6 +286,21 @@ async fn builders_without_the_right_token_are_refused_and_the_right_one_builds()
         .await
         .unwrap();
     assert_eq!(status_of(&db, ids["after"]).await, Some(0));
+
+    // Revoked: alpha's token file goes. The reload closes alpha's stream,
+    // and its return with that token is refused.
+    std::fs::remove_file(tokens.join("gamma.token")).unwrap();
+    std::fs::remove_file(tokens.join("alpha.token")).unwrap();
+    std::fs::write(tokens.join("beta.token"), "beta-secret").unwrap();
+    runner.hangup().unwrap();
+    runner
+        .wait_for_line("its token was revoked by a reload", LIMIT)
+        .await
+        .unwrap();
+    runner
+        .wait_for_line("unknown builder token", LIMIT)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

@@ -811,3 +811,80 @@ async fn a_builder_lying_about_a_content_addressed_output_is_refused_and_the_ste
         "each refused upload recorded: {refused:?}"
     );
 }
+
+#[tokio::test]
+async fn a_job_that_hangs_past_its_deadline_is_stopped_and_built_elsewhere() {
+    let mut farm = Farm::start(|c| c.attempt_grace_secs = 1).await.unwrap();
+    let ids = farm
+        .submit_with(HI, &["hi"], |_| hydra_testkit::JobOptions {
+            timeout: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // The liar takes the job, keeps pinging (its stream stays open) and
+    // never reports: only the deadline frees the step.
+    let mut liar = Liar::join(&farm).await;
+    let job = liar.next_job().await;
+    let abort = loop {
+        let msg = tokio::time::timeout(LIMIT, liar.inbound.message())
+            .await
+            .expect("the runner gives up on the job")
+            .unwrap()
+            .expect("the stream stays open");
+        if let Some(runner_message::Msg::Abort(a)) = msg.msg {
+            break a;
+        }
+    };
+    assert_eq!(abort.attempt_id, job.attempt_id);
+    assert!(
+        abort.reason.contains("past its deadline"),
+        "{}",
+        abort.reason
+    );
+    liar.leave();
+    honest_builder_finishes(&mut farm, &ids).await;
+    let rows = steps(&farm, ids["hi"]).await;
+    assert_eq!((rows[0].0.as_str(), rows[0].1), ("liar", Some(3)));
+    assert!(
+        rows[0].2.as_deref().unwrap().contains("past its deadline"),
+        "{rows:?}"
+    );
+    assert_eq!((rows[1].0.as_str(), rows[1].1), ("honest", Some(0)));
+}
+
+#[tokio::test]
+async fn a_machine_gets_no_more_jobs_than_the_runner_allows() {
+    let farm = Farm::start(|c| c.max_jobs_per_machine = 4).await.unwrap();
+    let url = format!("http://{}", farm.runner().addr);
+    let mut client = RunnerServiceClient::connect(url).await.unwrap();
+    let (control, rx) = mpsc::channel(4);
+    control
+        .send(BuilderMessage {
+            msg: Some(builder_message::Msg::Join(Join {
+                protocol_version: hydra_proto::PROTOCOL_VERSION,
+                machine_name: "greedy".into(),
+                systems: vec![hydra_builder_system()],
+                max_jobs: 1_000_000,
+                speed_factor: 1.0,
+                store_dir: "/nix/store".into(),
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+    let mut inbound = client
+        .open(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    hydra_proto::check_welcome(inbound.message().await.unwrap().unwrap()).unwrap();
+    let views = farm
+        .runner()
+        .shared
+        .state
+        .machine_views(std::time::Instant::now());
+    let greedy = views.iter().find(|m| m.name == "greedy").unwrap();
+    assert_eq!(greedy.max_jobs, 4);
+    drop(control);
+}

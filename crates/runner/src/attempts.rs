@@ -57,6 +57,10 @@ pub struct Attempt {
     /// it. None for an attempt inherited from the runner before (the
     /// closure is computed again when asked).
     pub inputs: Option<std::sync::Arc<std::collections::HashSet<String>>>,
+    /// When it is aborted if still running: the step's timeout plus
+    /// `attempt_grace_secs`, from when it started on this runner. None
+    /// when the step has no timeout (0, as Nix's `timeout`).
+    pub deadline: Option<std::time::Instant>,
 }
 
 /// Why and until when an attempt's builder is away.
@@ -182,6 +186,24 @@ impl Attempts {
             .collect()
     }
 
+    /// Takes the attempts still running past their deadline at `now`.
+    pub fn take_overdue(&mut self, now: std::time::Instant) -> Vec<Attempt> {
+        let ids: Vec<Uuid> = self
+            .running
+            .values()
+            .filter(|a| a.deadline.is_some_and(|d| d <= now))
+            .map(|a| a.id)
+            .collect();
+        ids.iter()
+            .filter_map(|id| self.running.remove(id))
+            .collect()
+    }
+
+    /// The earliest deadline of a running attempt.
+    pub fn next_deadline(&self) -> Option<std::time::Instant> {
+        self.running.values().filter_map(|a| a.deadline).min()
+    }
+
     /// Takes the away attempts whose builder did not come back by `now`.
     pub fn take_expired(&mut self, now: std::time::Instant) -> Vec<Attempt> {
         let ids: Vec<Uuid> = self
@@ -269,6 +291,9 @@ pub struct OpenAttempt {
     pub log_bytes: u64,
     /// Waits for its builder until then.
     pub deadline: std::time::Instant,
+    /// `attempt_grace_secs` when it was loaded: once adopted, it may run
+    /// for the step's timeout plus this.
+    pub attempt_grace: std::time::Duration,
     /// The connection of the builder that declared it, when one did
     /// before its step was loaded.
     pub claimed_by: Option<String>,
@@ -281,6 +306,7 @@ pub async fn load_open(
     db: &mut PgConnection,
     dir: &hydra_nix::StoreDir,
     deadline: std::time::Instant,
+    attempt_grace: std::time::Duration,
     log_len: impl Fn(&StorePath) -> u64,
 ) -> Result<Vec<OpenAttempt>, sqlx::Error> {
     type Row = (Uuid, BuildId, i32, String, String, Option<i32>);
@@ -319,6 +345,7 @@ pub async fn load_open(
             start_time: start.unwrap_or(0).into(),
             outputs,
             deadline,
+            attempt_grace,
             claimed_by: None,
         });
     }
@@ -376,6 +403,7 @@ mod tests {
             log_bytes: 0,
             away: None,
             inputs: None,
+            deadline: None,
         }
     }
 

@@ -76,6 +76,11 @@ pub struct RunnerConfig {
     /// are aborted and retried. A bit more than the builders' longest
     /// reconnect backoff.
     pub reconnect_grace_secs: u64,
+    /// An attempt still running this long after the step's timeout is
+    /// aborted and retried (a job that hangs while its builder pings on).
+    pub attempt_grace_secs: u64,
+    /// The most jobs the runner gives one machine, whatever it declares.
+    pub max_jobs_per_machine: u32,
     /// Aborted attempts (infrastructure faults) before a step fails as aborted.
     pub max_tries: u32,
     /// Backoff before retrying an aborted step: base * factor^(tries-1),
@@ -211,6 +216,16 @@ pub const KEYS: &[(&str, &str, bool)] = &[
         true,
     ),
     (
+        "attempt_grace_secs",
+        "an attempt running this long past its step's timeout is aborted and retried",
+        true,
+    ),
+    (
+        "max_jobs_per_machine",
+        "the most jobs one machine is given, whatever its max_jobs says",
+        true,
+    ),
+    (
         "max_tries",
         "aborted attempts before a step fails as aborted (3)",
         true,
@@ -316,6 +331,8 @@ impl Default for RunnerConfig {
             ping_interval_secs: 10,
             ping_timeout_secs: 30,
             reconnect_grace_secs: 90,
+            attempt_grace_secs: 600,
+            max_jobs_per_machine: 256,
             max_tries: 5,
             retry_base_secs: 10.0,
             retry_factor: 3.0,

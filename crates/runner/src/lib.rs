@@ -107,6 +107,9 @@ pub struct Shared {
     pub metrics: metrics::Metrics,
     /// Ticks when events were committed (client watchers wait on it).
     pub event_tick: tokio::sync::watch::Sender<u64>,
+    /// Bumped when a reload replaced the tokens: each builder connection
+    /// checks its token again (a revoked one ends the connection).
+    pub tokens_reloaded: tokio::sync::watch::Sender<u64>,
     /// Where request handlers report a fault that must stop the runner.
     fatal: tokio::sync::mpsc::UnboundedSender<Fatal>,
 }
@@ -278,6 +281,7 @@ impl Runner {
             tokens: parking_lot::RwLock::new(tokens),
             client_tokens: parking_lot::RwLock::new(client_tokens),
             event_tick: tokio::sync::watch::Sender::new(0),
+            tokens_reloaded: tokio::sync::watch::Sender::new(0),
             metrics: Default::default(),
             fatal: fatal_tx,
         });
@@ -387,6 +391,7 @@ impl Runner {
             api::access::ClientTokens::from_setting(merged.client_tokens_dir.as_deref())?;
         *self.shared.tokens.write() = tokens;
         *self.shared.client_tokens.write() = client_tokens;
+        self.shared.tokens_reloaded.send_modify(|n| *n += 1);
         let ping_changed = merged.ping_interval_secs != old.ping_interval_secs;
         let ping = merged.ping_interval_secs;
         self.shared.set_config(merged);
@@ -426,9 +431,14 @@ async fn inherit_open_attempts(shared: &Shared) -> Result<(), Fatal> {
     let grace = std::time::Duration::from_secs(shared.config().reconnect_grace_secs);
     let deadline = std::time::Instant::now() + grace;
     let mut db = shared.pool.acquire().await?;
-    let open = attempts::load_open(&mut db, shared.store.dir(), deadline, |drv| {
-        shared.logs.length(drv)
-    })
+    let attempt_grace = std::time::Duration::from_secs(shared.config().attempt_grace_secs);
+    let open = attempts::load_open(
+        &mut db,
+        shared.store.dir(),
+        deadline,
+        attempt_grace,
+        |drv| shared.logs.length(drv),
+    )
     .await?;
     if !open.is_empty() {
         tracing::info!(

@@ -2,7 +2,8 @@
 //!
 //! It sleeps until woken (a step became runnable, a slot came free, a
 //! machine joined) or until the next deadline (a backoff ends, a step has
-//! been unsupported for too long). Pings do not wake it. What goes where is
+//! been unsupported for too long, an attempt runs past its deadline, an
+//! away builder's grace ends). Pings do not wake it. What goes where is
 //! decided by [`plan::plan`], a pure function; [`start::start_attempt`]
 //! persists each attempt and sends its job.
 
@@ -36,7 +37,12 @@ pub async fn run(shared: Arc<Shared>) -> Result<(), Fatal> {
         futures::stream::iter(round.assignments.into_iter().map(Ok))
             .try_for_each_concurrent(CONCURRENT_STARTS, |a| start_attempt(&shared, a))
             .await?;
-        match round.next_deadline {
+        // The attempts just started have deadlines of their own.
+        let next = [round.next_deadline, shared.state.next_attempt_deadline()]
+            .into_iter()
+            .flatten()
+            .min();
+        match next {
             Some(deadline) => {
                 tokio::select! {
                     _ = shared.state.dispatcher_woken() => {}
@@ -49,8 +55,10 @@ pub async fn run(shared: Arc<Shared>) -> Result<(), Fatal> {
 }
 
 /// Attempts whose builder did not come back within `reconnect_grace_secs`
-/// are aborted and retried; inherited ones whose step never loaded are
-/// closed (and a builder that declared one is told to drop it).
+/// are aborted and retried; so are attempts still running past their
+/// deadline (their builder told to stop them); inherited ones whose step
+/// never loaded are closed (and a builder that declared one is told to
+/// drop it).
 async fn expire_adoptions(shared: &Shared, now: Instant) -> Result<(), Fatal> {
     let expired = shared.state.adoption_expired(now);
     if expired.is_empty() {
@@ -62,6 +70,18 @@ async fn expire_adoptions(shared: &Shared, now: Instant) -> Result<(), Fatal> {
         let reason = format!(
             "the builder left ({why}) and did not come back within reconnect_grace_secs ({grace} s)"
         );
+        crate::outcome::abort_attempt(shared, attempt, &reason).await?;
+    }
+    let run_grace = shared.config().attempt_grace_secs;
+    for (attempt, link) in expired.overdue {
+        let reason = format!(
+            "it ran past its deadline (the step's timeout plus attempt_grace_secs, {run_grace} s) on {}",
+            attempt.machine
+        );
+        tracing::warn!(attempt = %attempt.id, drv = %attempt.drv_path, "{reason}");
+        if let Some(link) = link {
+            let _ = link.abort(&attempt.id.to_string(), &reason);
+        }
         crate::outcome::abort_attempt(shared, attempt, &reason).await?;
     }
     for (open, link) in expired.inherited {

@@ -138,7 +138,8 @@ async fn persist(
         let Some(stepnr) = stepnr else {
             return Ok(None);
         };
-        let attempt = new_attempt(a, stepnr, start_time, outputs);
+        let grace = std::time::Duration::from_secs(shared.config().attempt_grace_secs);
+        let attempt = new_attempt(a, stepnr, start_time, outputs, grace);
         attempts::persist(&mut tx, &attempt).await?;
         if first_step {
             record::notify_build_started(&mut tx, a.owner.id).await?;
@@ -157,7 +158,9 @@ fn new_attempt(
     stepnr: i32,
     start_time: i64,
     outputs: &[(String, Option<String>)],
+    grace: std::time::Duration,
 ) -> Attempt {
+    let timeout = std::time::Duration::from_secs(a.facts.timeout_secs.into());
     Attempt {
         id: a.attempt,
         machine: a.machine.clone(),
@@ -173,5 +176,6 @@ fn new_attempt(
         log_bytes: 0,
         away: None,
         inputs: None,
+        deadline: (!timeout.is_zero()).then(|| std::time::Instant::now() + timeout + grace),
     }
 }

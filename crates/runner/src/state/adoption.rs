@@ -46,6 +46,9 @@ pub struct Joined {
 pub struct Expired {
     /// To abort and retry.
     pub attempts: Vec<Attempt>,
+    /// Still running past their deadline: to stop on the builder (through
+    /// the link, when connected), abort and retry.
+    pub overdue: Vec<(Attempt, Option<BuilderLink>)>,
     /// Inherited ones never loaded: their rows are to be closed, and the
     /// builder that declared one (if still connected) told to drop it.
     pub inherited: Vec<(OpenAttempt, Option<BuilderLink>)>,
@@ -53,7 +56,7 @@ pub struct Expired {
 
 impl Expired {
     pub fn is_empty(&self) -> bool {
-        self.attempts.is_empty() && self.inherited.is_empty()
+        self.attempts.is_empty() && self.inherited.is_empty() && self.overdue.is_empty()
     }
 }
 
@@ -63,7 +66,9 @@ impl Inner {
     /// declared it is connected (then it is returned, to tell the builder),
     /// else away until the attempt's deadline.
     pub(super) fn adopt_inherited(&mut self, id: StepId) -> Option<Adoption> {
-        let drv = self.graph.step(id)?.drv_path.clone();
+        let step = self.graph.step(id)?;
+        let drv = step.drv_path.clone();
+        let timeout = Duration::from_secs(step.sched.timeout_secs.into());
         let o = self.inherited.remove(&drv)?;
         let (owner, builds) = self.graph.owner_and_dependents(id)?;
         let _ = owner;
@@ -94,6 +99,7 @@ impl Inner {
                 why: "the runner restarted".to_owned(),
             }),
             inputs: None,
+            deadline: (!timeout.is_zero()).then(|| Instant::now() + timeout + o.attempt_grace),
         };
         self.started_builds.insert(o.build);
         self.attempts.insert(attempt);
@@ -230,8 +236,9 @@ impl State {
         self.wake();
     }
 
-    /// Takes the attempts whose builder did not come back in time: away
-    /// ones (to abort) and inherited ones never loaded (to close).
+    /// Takes the attempts whose time is up: away ones whose builder did not
+    /// come back (to abort), inherited ones never loaded (to close), and
+    /// running ones past their deadline (to stop and abort).
     pub fn adoption_expired(&self, now: Instant) -> Expired {
         let mut inner = self.lock();
         let attempts = inner.attempts.take_expired(now);
@@ -253,9 +260,23 @@ impl State {
             });
             inherited.push((o, link));
         }
+        let overdue = inner
+            .attempts
+            .take_overdue(now)
+            .into_iter()
+            .map(|a| {
+                let link = inner
+                    .machines
+                    .get(&a.machine)
+                    .filter(|m| m.connection == a.connection)
+                    .map(|m| m.link.clone());
+                (a, link)
+            })
+            .collect();
         Expired {
             attempts,
             inherited,
+            overdue,
         }
     }
 }

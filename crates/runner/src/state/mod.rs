@@ -259,6 +259,11 @@ impl State {
 
     // Dispatch.
 
+    /// When the next running attempt reaches its deadline.
+    pub fn next_attempt_deadline(&self) -> Option<Instant> {
+        self.lock().attempts.next_deadline()
+    }
+
     /// Plans a dispatch round (a pure decision, [`plan::plan`]) and applies
     /// it: every assigned step runs on its machine from now on (its slot
     /// taken), and what no machine supports is marked so.

@@ -98,6 +98,7 @@ fn attempt_of(a: &Assignment) -> Attempt {
         log_bytes: 0,
         away: None,
         inputs: None,
+        deadline: None,
     }
 }
 
@@ -371,6 +372,7 @@ fn open_attempt(drv: &str, machine: &str, deadline: Instant) -> OpenAttempt {
         outputs: vec![],
         log_bytes: 17,
         deadline,
+        attempt_grace: Duration::from_secs(600),
         claimed_by: None,
     }
 }

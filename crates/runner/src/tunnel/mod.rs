@@ -119,7 +119,7 @@ impl RunnerService for BuilderTunnel {
             systems: join.systems.clone(),
             supported_features: join.supported_features.clone(),
             mandatory_features: join.mandatory_features.clone(),
-            max_jobs: join.max_jobs.max(1),
+            max_jobs: self.max_jobs(&join),
             speed_factor: if join.speed_factor > 0.0 {
                 join.speed_factor
             } else {
@@ -179,6 +179,7 @@ impl RunnerService for BuilderTunnel {
             let end = tokio::select! {
                 end = control_loop(&shared, &join.machine_name, &connection, &mut inbound) => end,
                 _ = hang_up.notified() => "the builder stopped reading its control stream".to_owned(),
+                end = token_revoked(&shared, token.as_deref(), &join.machine_name) => end,
             };
             machine_gone(&shared, &join.machine_name, &connection, &end).await;
         });
@@ -319,6 +320,20 @@ impl BuilderTunnel {
 
     /// A join's fields, checked at the boundary: they become machine
     /// names in BuildSteps and keys the dispatcher matches on.
+    /// The jobs the machine is given: what it declares, at least one and at
+    /// most `max_jobs_per_machine`.
+    fn max_jobs(&self, join: &Join) -> u32 {
+        let limit = self.shared.config().max_jobs_per_machine.max(1);
+        if join.max_jobs > limit {
+            tracing::warn!(
+                machine = %join.machine_name,
+                "the builder declares max_jobs = {}; it is given at most max_jobs_per_machine = {limit}",
+                join.max_jobs
+            );
+        }
+        join.max_jobs.clamp(1, limit)
+    }
+
     fn check_join(&self, join: &Join) -> Result<(), String> {
         let ours = self.shared.store.dir().as_str();
         if join.store_dir != ours {
@@ -367,6 +382,21 @@ impl BuilderTunnel {
 /// Reads pings and progress until the stream ends, or until the builder
 /// is silent for `ping_timeout_secs` (a stopped or cut-off machine whose
 /// TCP connection stays open); returns why it ended.
+/// Ends when a reload leaves `token` no longer admitting `machine` (its
+/// file was removed or changed): the connection is closed, and the builder
+/// is refused when it comes back with it.
+async fn token_revoked(shared: &Shared, token: Option<&str>, machine: &str) -> String {
+    let mut reloaded = shared.tokens_reloaded.subscribe();
+    loop {
+        if reloaded.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if let Err(status) = shared.tokens.read().check_machine(token, machine) {
+            return format!("its token was revoked by a reload ({})", status.message());
+        }
+    }
+}
+
 async fn control_loop(
     shared: &Shared,
     name: &str,
