@@ -27,6 +27,11 @@ impl Liar {
     }
 
     async fn join_as(farm: &Farm, name: &str) -> Liar {
+        Self::join_declaring(farm, name, 1).await
+    }
+
+    /// Joins as `name`, declaring `max_jobs` slots.
+    async fn join_declaring(farm: &Farm, name: &str, max_jobs: u32) -> Liar {
         let url = format!("http://{}", farm.runner().addr);
         let mut client = RunnerServiceClient::connect(url).await.unwrap();
         let (control, rx) = mpsc::channel(16);
@@ -36,7 +41,7 @@ impl Liar {
                     protocol_version: hydra_proto::PROTOCOL_VERSION,
                     machine_name: name.into(),
                     systems: vec![hydra_builder_system()],
-                    max_jobs: 1,
+                    max_jobs,
                     speed_factor: 100.0,
                     store_dir: "/nix/store".into(),
                     ..Default::default()
@@ -856,35 +861,12 @@ async fn a_job_that_hangs_past_its_deadline_is_stopped_and_built_elsewhere() {
 #[tokio::test]
 async fn a_machine_gets_no_more_jobs_than_the_runner_allows() {
     let farm = Farm::start(|c| c.max_jobs_per_machine = 4).await.unwrap();
-    let url = format!("http://{}", farm.runner().addr);
-    let mut client = RunnerServiceClient::connect(url).await.unwrap();
-    let (control, rx) = mpsc::channel(4);
-    control
-        .send(BuilderMessage {
-            msg: Some(builder_message::Msg::Join(Join {
-                protocol_version: hydra_proto::PROTOCOL_VERSION,
-                machine_name: "greedy".into(),
-                systems: vec![hydra_builder_system()],
-                max_jobs: 1_000_000,
-                speed_factor: 1.0,
-                store_dir: "/nix/store".into(),
-                ..Default::default()
-            })),
-        })
-        .await
-        .unwrap();
-    let mut inbound = client
-        .open(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    hydra_proto::check_welcome(inbound.message().await.unwrap().unwrap()).unwrap();
+    let _greedy = Liar::join_declaring(&farm, "greedy", 1_000_000).await;
     let views = farm
         .runner()
         .shared
         .state
         .machine_views(std::time::Instant::now());
-    let greedy = views.iter().find(|m| m.name == "greedy").unwrap();
-    assert_eq!(greedy.max_jobs, 4);
-    drop(control);
+    let seen = views.iter().find(|m| m.name == "greedy").unwrap();
+    assert_eq!(seen.max_jobs, 4);
 }
