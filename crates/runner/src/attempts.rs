@@ -369,6 +369,15 @@ async fn close_unreadable(
     .await
 }
 
+/// Finished attempts older than `days` days go (open ones stay).
+pub async fn prune_finished(pool: &sqlx::PgPool, days: u32) -> Result<u64, sqlx::Error> {
+    sqlx::query("delete from hqr_attempts where finished_at < now() - make_interval(days => $1)")
+        .bind(days as i32)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected())
+}
+
 /// How attempt `id` was recorded as ending (a BuildSteps status code), if
 /// it was: a report sent again after its first was recorded is answered
 /// from this.

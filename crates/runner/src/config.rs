@@ -81,6 +81,13 @@ pub struct RunnerConfig {
     pub attempt_grace_secs: u64,
     /// The most jobs the runner gives one machine, whatever it declares.
     pub max_jobs_per_machine: u32,
+    /// Days the runner's own tables keep rows (0: for ever): events for
+    /// client watchers, finished attempts, refused builder messages, and
+    /// finished uploads.
+    pub events_retention_days: u32,
+    pub attempts_retention_days: u32,
+    pub rejections_retention_days: u32,
+    pub uploads_retention_days: u32,
     /// Aborted attempts (infrastructure faults) before a step fails as aborted.
     pub max_tries: u32,
     /// Backoff before retrying an aborted step: base * factor^(tries-1),
@@ -226,6 +233,26 @@ pub const KEYS: &[(&str, &str, bool)] = &[
         true,
     ),
     (
+        "events_retention_days",
+        "days hqr_events keeps the events client watchers resume from; 0: for ever",
+        true,
+    ),
+    (
+        "attempts_retention_days",
+        "days hqr_attempts keeps finished attempts; 0: for ever",
+        true,
+    ),
+    (
+        "rejections_retention_days",
+        "days hqr_rejections keeps refused builder messages; 0: for ever",
+        true,
+    ),
+    (
+        "uploads_retention_days",
+        "days hqr_uploads keeps finished uploads; 0: for ever",
+        true,
+    ),
+    (
         "max_tries",
         "aborted attempts before a step fails as aborted (3)",
         true,
@@ -333,6 +360,10 @@ impl Default for RunnerConfig {
             reconnect_grace_secs: 90,
             attempt_grace_secs: 600,
             max_jobs_per_machine: 256,
+            events_retention_days: 30,
+            attempts_retention_days: 90,
+            rejections_retention_days: 30,
+            uploads_retention_days: 7,
             max_tries: 5,
             retry_base_secs: 10.0,
             retry_factor: 3.0,

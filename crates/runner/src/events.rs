@@ -285,6 +285,21 @@ pub async fn read_after(
 }
 
 /// The newest event's number (0 when there is none).
+/// Numbered events older than `days` days go, but for the newest: the
+/// sequencer numbers on from it, so no number is ever given twice.
+pub async fn prune(pool: &PgPool, days: u32) -> Result<u64, sqlx::Error> {
+    sqlx::query(
+        "delete from hqr_events
+          where seq is not null
+            and seq < (select max(seq) from hqr_events)
+            and at_ms < (extract(epoch from now() - make_interval(days => $1)) * 1000)::bigint",
+    )
+    .bind(days as i32)
+    .execute(pool)
+    .await
+    .map(|r| r.rows_affected())
+}
+
 pub async fn last_seq(pool: &PgPool) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("select coalesce(max(seq), 0) from hqr_events")
         .fetch_one(pool)

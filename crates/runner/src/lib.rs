@@ -59,6 +59,7 @@ pub mod queue_monitor;
 pub mod realisations;
 pub mod record;
 pub mod resolver;
+pub mod retention;
 pub mod server;
 pub mod state;
 pub mod status_document;
@@ -330,6 +331,7 @@ impl Runner {
             Ok(())
         });
         tasks.spawn(api::follow::listen(shared.clone()).map(Ok));
+        tasks.spawn(retention::run(shared.clone()).map(Ok));
         let upload_shared = shared.clone();
         tasks.spawn(async move {
             uploads::run(upload_shared, signing_key).await;

@@ -210,6 +210,19 @@ pub async fn record_resolved_terminal(
 }
 
 /// Something a builder sent that was refused (`hqr_rejections`).
+/// How much of a refusal's reason is kept: enough to say why, not the
+/// 64 MiB a builder can send.
+pub const REJECTION_MAX: usize = 4 << 10;
+
+/// Rejections older than `days` days go.
+pub async fn prune_rejections(pool: &sqlx::PgPool, days: u32) -> Result<u64, sqlx::Error> {
+    sqlx::query("delete from hqr_rejections where at < now() - make_interval(days => $1)")
+        .bind(days as i32)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected())
+}
+
 pub async fn rejection(
     pool: &sqlx::PgPool,
     connection: &str,
@@ -225,7 +238,7 @@ pub async fn rejection(
     .bind(machine)
     .bind(attempt_id)
     .bind(what)
-    .bind(reason)
+    .bind(crate::outside::display_text(reason, REJECTION_MAX))
     .execute(pool)
     .await
     .map(|_| ())

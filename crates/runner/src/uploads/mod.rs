@@ -225,3 +225,13 @@ async fn work_once(
     }
     Ok(rows.len())
 }
+
+/// Finished uploads older than `days` days go (pending and failing ones
+/// stay: they are the queue).
+pub async fn prune_done(pool: &sqlx::PgPool, days: u32) -> Result<u64, sqlx::Error> {
+    sqlx::query("delete from hqr_uploads where done_at < now() - make_interval(days => $1)")
+        .bind(days as i32)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected())
+}
