@@ -582,50 +582,23 @@ async fn fetch_inputs_serves_the_jobs_input_closure_and_nothing_else() {
     .await;
 
     // A builder of our own, over the real protocol, takes the job.
-    let mut client = RunnerServiceClient::connect(format!("http://{}", farm.runner().addr))
-        .await
-        .unwrap();
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(BuilderMessage {
-        msg: Some(builder_message::Msg::Join(Join {
-            protocol_version: hydra_proto::PROTOCOL_VERSION,
-            machine_name: "reader".into(),
-            systems: vec![hydra_builder::config::current_system()],
-            max_jobs: 1,
-            speed_factor: 1.0,
-            store_dir: "/nix/store".into(),
-            instance_id: "reader-1".into(),
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
-    let mut inbound = client
-        .open(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut machine_id = String::new();
-    let job = loop {
-        match inbound.message().await.unwrap().unwrap().msg {
-            Some(runner_message::Msg::Welcome(w)) => machine_id = w.machine_id,
-            Some(runner_message::Msg::Build(b)) => break b,
-            _ => {}
-        }
-    };
+    let mut reader = Liar::join_as(&farm, "reader").await;
+    let job = reader.next_job().await;
     let input = job
         .input_paths
         .iter()
         .find(|p| p.ends_with("-input"))
         .expect("the job's input is in its closure")
         .clone();
+    let machine_id = reader.machine_id.clone();
     let fetch = |paths: Vec<String>| FetchInputsRequest {
         machine_id: machine_id.clone(),
         attempt_id: job.attempt_id.clone(),
         paths,
     };
 
-    let mut served = client
+    let mut served = reader
+        .client
         .fetch_inputs(fetch(vec![input.clone()]))
         .await
         .unwrap()
@@ -636,7 +609,8 @@ async fn fetch_inputs_serves_the_jobs_input_closure_and_nothing_else() {
     }
     assert!(chunks >= 2, "a header and the data of {input}");
 
-    let refused = match client
+    let refused = match reader
+        .client
         .fetch_inputs(fetch(vec![input, secret.clone()]))
         .await
     {
@@ -655,7 +629,7 @@ async fn fetch_inputs_serves_the_jobs_input_closure_and_nothing_else() {
         .await
         .unwrap();
     assert_eq!(recorded, 1, "the refusal is recorded");
-    drop(tx);
+    reader.leave();
 }
 
 impl Liar {

@@ -121,19 +121,7 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(timeout))
         .add_service(service)
         .add_service(health_service);
-    match tls.acceptor {
-        None => {
-            server
-                .serve_with_incoming(no_delay(TcpListenerStream::new(listener)))
-                .await?
-        }
-        Some(acceptor) => {
-            server
-                .serve_with_incoming(tls_handshakes(listener, acceptor))
-                .await?
-        }
-    }
-    Ok(())
+    serve_on(server, listener, tls).await
 }
 
 /// The client API on its own port: the API (its interceptor identifies
@@ -168,14 +156,23 @@ pub async fn serve_clients(
         .add_service(crate::api::service(shared.clone()))
         .add_service(health_service)
         .add_service(reflection);
+    serve_on(server, listener, tls).await
+}
+
+/// Serves `router` on `listener`, through TLS when `tls` has an acceptor.
+async fn serve_on(
+    router: tonic::transport::server::Router,
+    listener: tokio::net::TcpListener,
+    tls: TlsFiles,
+) -> Result<(), Fatal> {
     match tls.acceptor {
         None => {
-            server
+            router
                 .serve_with_incoming(no_delay(TcpListenerStream::new(listener)))
                 .await?
         }
         Some(acceptor) => {
-            server
+            router
                 .serve_with_incoming(tls_handshakes(listener, acceptor))
                 .await?
         }
