@@ -79,6 +79,10 @@ pub struct LoadPlan {
     pub existing: HashSet<StorePath>,
     /// Derivations of the closure found built already (for the counters).
     pub cached: u32,
+    /// New steps whose outputs were valid, made steps only because an
+    /// attempt inherited from the runner before runs them: the plan is
+    /// stale once that attempt is no longer waiting for its step.
+    pub for_inherited: HashSet<StorePath>,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -83,22 +83,23 @@ pub async fn plan(
             .collect();
         let known: Vec<String> = paths.values().flatten().cloned().collect();
         let all_known = known.len() == drv.outputs.len();
-        if all_known
-            && !shared.state.has_inherited(&path)
+        let valid = all_known
             && client
                 .query_valid_paths(&known)
                 .await
                 .map_err(StoreError::from)?
                 .len()
-                == known.len()
-        {
+                == known.len();
+        if valid && shared.state.has_inherited(&path) {
+            plan.for_inherited.insert(path.clone());
+        } else if valid {
             if path == *top {
                 return Ok(Planned::Cached);
             }
             plan.cached += 1;
             continue;
         }
-        if path == *top && all_known {
+        if path == *top && all_known && !plan.for_inherited.contains(&path) {
             let destinations = &shared.config().destinations;
             let found =
                 crate::uploads::presence::outputs_in_a_cache(&shared.pool, destinations, &known)

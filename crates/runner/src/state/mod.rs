@@ -199,6 +199,15 @@ impl State {
         now: Instant,
     ) -> Result<Vec<Adoption>, InsertError> {
         let mut inner = self.lock();
+        // Its step may have succeeded since: then it is built, and the
+        // build must be read again rather than build it twice.
+        if let Some(gone) = plan
+            .for_inherited
+            .iter()
+            .find(|p| !inner.inherited.contains_key(*p) && inner.graph.step_id(p).is_none())
+        {
+            return Err(InsertError::Vanished(gone.to_string()));
+        }
         let runnable = inner.graph.insert_build(build, plan, now)?;
         if inner.inherited.is_empty() {
             return Ok(Vec::new());

@@ -457,3 +457,37 @@ fn another_process_cannot_take_a_connected_machines_name() {
     assert!(refused.is_err());
     assert!(!joined, "nothing is queued for a refused builder");
 }
+
+#[test]
+fn a_plan_that_kept_a_built_step_for_an_inherited_attempt_is_stale_once_it_succeeded() {
+    let state = State::default();
+    let mut plan = LoadPlan {
+        new_steps: vec![NewStep {
+            drv_path: path("kept"),
+            system: "x86_64-linux".into(),
+            required_features: vec![],
+            inputs: vec![],
+            needs_resolution: false,
+        }],
+        ..LoadPlan::default()
+    };
+    plan.for_inherited.insert(path("kept"));
+    // No attempt waits for it any more (it was taken up and succeeded):
+    // the build is read again, and finds the outputs valid.
+    let build = Build {
+        id: 1,
+        drv_path: path("kept"),
+        jobset_id: 1,
+        project: "p".into(),
+        jobset: "j".into(),
+        job: "kept".into(),
+        timestamp: 0,
+        local_priority: 0,
+        global_priority: 0,
+        max_silent_secs: 60,
+        timeout_secs: 60,
+    };
+    let stale = state.build_loaded(build, plan, Instant::now());
+    assert!(matches!(stale, Err(InsertError::Vanished(_))), "{stale:?}");
+    assert_eq!(state.queue_counts().runnable, 0, "nothing to build twice");
+}
