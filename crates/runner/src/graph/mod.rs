@@ -79,10 +79,9 @@ pub struct LoadPlan {
     pub existing: HashSet<StorePath>,
     /// Derivations of the closure found built already (for the counters).
     pub cached: u32,
-    /// New steps whose outputs were valid, made steps only because an
-    /// attempt inherited from the runner before runs them: the plan is
-    /// stale once that attempt is no longer waiting for its step.
-    pub for_inherited: HashSet<StorePath>,
+    /// When the loader began the plan: a new step that succeeded since
+    /// makes it stale (the build is read again, rather than build twice).
+    pub planned_at: Option<std::time::Instant>,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -41,7 +41,7 @@ fn plan(steps: &[(&str, &[&str])]) -> LoadPlan {
             .collect(),
         existing: HashSet::new(),
         cached: 0,
-        for_inherited: HashSet::new(),
+        planned_at: None,
     }
 }
 

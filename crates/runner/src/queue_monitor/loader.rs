@@ -49,7 +49,10 @@ pub async fn plan(
     client: &mut DaemonClient,
     top: &StorePath,
 ) -> Result<Planned, Fatal> {
-    let mut plan = LoadPlan::default();
+    let mut plan = LoadPlan {
+        planned_at: Some(std::time::Instant::now()),
+        ..LoadPlan::default()
+    };
     let mut seen = HashSet::new();
     let mut inputs_of: HashMap<StorePath, Vec<StorePath>> = HashMap::new();
     // Output path -> its new step, checked against FailedPaths at the end
@@ -90,16 +93,14 @@ pub async fn plan(
                 .map_err(StoreError::from)?
                 .len()
                 == known.len();
-        if valid && shared.state.has_inherited(&path) {
-            plan.for_inherited.insert(path.clone());
-        } else if valid {
+        if valid && !shared.state.has_inherited(&path) {
             if path == *top {
                 return Ok(Planned::Cached);
             }
             plan.cached += 1;
             continue;
         }
-        if path == *top && all_known && !plan.for_inherited.contains(&path) {
+        if path == *top && all_known && !valid {
             let destinations = &shared.config().destinations;
             let found =
                 crate::uploads::presence::outputs_in_a_cache(&shared.pool, destinations, &known)

@@ -22,7 +22,7 @@ mod views;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use hydra_nix::StorePath;
@@ -57,6 +57,25 @@ struct Inner {
     /// their step is loaded (then they are attempts like any other) or
     /// their builder fails to come back in time.
     inherited: BTreeMap<StorePath, OpenAttempt>,
+    /// When each derivation last succeeded here (recent ones only): a load
+    /// plan made before that is stale if it would make the step again.
+    succeeded: HashMap<StorePath, Instant>,
+}
+
+/// How long a success is remembered against stale load plans: far longer
+/// than a plan takes.
+const SUCCESS_MEMORY: Duration = Duration::from_secs(600);
+
+impl Inner {
+    fn note_succeeded(&mut self, drvs: impl Iterator<Item = StorePath>, now: Instant) {
+        if self.succeeded.len() > 10_000 {
+            self.succeeded
+                .retain(|_, t| now.saturating_duration_since(*t) < SUCCESS_MEMORY);
+        }
+        for d in drvs {
+            self.succeeded.insert(d, now);
+        }
+    }
 }
 
 /// Read-only access to the state, for questions that need several facts
@@ -199,14 +218,19 @@ impl State {
         now: Instant,
     ) -> Result<Vec<Adoption>, InsertError> {
         let mut inner = self.lock();
-        // Its step may have succeeded since: then it is built, and the
-        // build must be read again rather than build it twice.
-        if let Some(gone) = plan
-            .for_inherited
-            .iter()
-            .find(|p| !inner.inherited.contains_key(*p) && inner.graph.step_id(p).is_none())
+        // A step the plan makes may have succeeded since it was planned
+        // (loads run side by side, and an inherited attempt ends quickly):
+        // then it is built, and the build is read again.
+        if let Some(planned) = plan.planned_at
+            && let Some(gone) = plan.new_steps.iter().find(|s| {
+                inner.graph.step_id(&s.drv_path).is_none()
+                    && inner
+                        .succeeded
+                        .get(&s.drv_path)
+                        .is_some_and(|t| *t >= planned)
+            })
         {
-            return Err(InsertError::Vanished(gone.to_string()));
+            return Err(InsertError::Vanished(gone.drv_path.to_string()));
         }
         let runnable = inner.graph.insert_build(build, plan, now)?;
         if inner.inherited.is_empty() {
@@ -559,7 +583,12 @@ impl State {
     ) -> Result<Succeeded, TransitionError> {
         let result = {
             let mut inner = self.lock();
+            let drv = inner.graph.step(step).map(|s| s.drv_path.clone());
             let result = inner.graph.step_succeeded(step, attempt, now)?;
+            inner.note_succeeded(
+                drv.into_iter().chain(result.resolved_from.iter().cloned()),
+                now,
+            );
             for b in &result.builds {
                 inner.started_builds.remove(&b.id);
             }

@@ -459,35 +459,52 @@ fn another_process_cannot_take_a_connected_machines_name() {
 }
 
 #[test]
-fn a_plan_that_kept_a_built_step_for_an_inherited_attempt_is_stale_once_it_succeeded() {
+fn a_plan_made_before_its_step_succeeded_is_stale() {
     let state = State::default();
-    let mut plan = LoadPlan {
-        new_steps: vec![NewStep {
-            drv_path: path("kept"),
-            system: "x86_64-linux".into(),
-            required_features: vec![],
-            inputs: vec![],
-            needs_resolution: false,
-        }],
-        ..LoadPlan::default()
+    let new_step = || NewStep {
+        drv_path: path("quick"),
+        system: "x86_64-linux".into(),
+        required_features: vec![],
+        inputs: vec![],
+        needs_resolution: false,
     };
-    plan.for_inherited.insert(path("kept"));
-    // No attempt waits for it any more (it was taken up and succeeded):
-    // the build is read again, and finds the outputs valid.
-    let build = Build {
-        id: 1,
-        drv_path: path("kept"),
+    let build = |id: BuildId| Build {
+        id,
+        drv_path: path("quick"),
         jobset_id: 1,
         project: "p".into(),
         jobset: "j".into(),
-        job: "kept".into(),
+        job: "quick".into(),
         timestamp: 0,
         local_priority: 0,
         global_priority: 0,
         max_silent_secs: 60,
         timeout_secs: 60,
     };
-    let stale = state.build_loaded(build, plan, Instant::now());
+    let planned = Instant::now();
+    // Build 1 loads the step, which runs and succeeds...
+    let first = LoadPlan {
+        new_steps: vec![new_step()],
+        planned_at: Some(planned),
+        ..LoadPlan::default()
+    };
+    state.build_loaded(build(1), first, planned).unwrap();
+    let (id, _) = state
+        .read(|v| {
+            v.graph
+                .runnable()
+                .next()
+                .map(|(id, s)| (id, s.drv_path.clone()))
+        })
+        .unwrap();
+    state.step_succeeded(id, None, planned).unwrap();
+    // ...before build 2's plan, made at the same time, is inserted.
+    let second = LoadPlan {
+        new_steps: vec![new_step()],
+        planned_at: Some(planned),
+        ..LoadPlan::default()
+    };
+    let stale = state.build_loaded(build(2), second, Instant::now());
     assert!(matches!(stale, Err(InsertError::Vanished(_))), "{stale:?}");
     assert_eq!(state.queue_counts().runnable, 0, "nothing to build twice");
 }
