@@ -53,23 +53,52 @@ fn denied(status: tonic::Status, says: &str) {
     assert!(status.message().contains(says), "{}", status.message());
 }
 
+/// A database, the runner's store and a runner setup whose
+/// `client_tokens_dir` holds `files` (name, text).
+struct Site {
+    db: TestDb,
+    store: NixStore,
+    dir: tempfile::TempDir,
+    tokens: std::path::PathBuf,
+    setup: RunnerSetup,
+}
+
+impl Site {
+    async fn with_tokens(files: &[(&str, &str)]) -> Site {
+        let db = TestDb::new().await;
+        let store = NixStore::start().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("client-tokens");
+        std::fs::create_dir(&tokens).unwrap();
+        for (name, text) in files {
+            std::fs::write(tokens.join(name), text).unwrap();
+        }
+        let setup = RunnerSetup::new_with(
+            dir.path(),
+            &store,
+            &db.url,
+            &format!("client_tokens_dir = \"{}\"", tokens.display()),
+        )
+        .unwrap();
+        Site {
+            db,
+            store,
+            dir,
+            tokens,
+            setup,
+        }
+    }
+}
+
 #[tokio::test]
 async fn each_token_does_what_its_role_and_tenant_allow_and_nothing_else() {
-    let db = TestDb::new().await;
-    let store = NixStore::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let tokens = dir.path().join("client-tokens");
-    std::fs::create_dir(&tokens).unwrap();
-    for (name, text) in TOKENS {
-        std::fs::write(tokens.join(name), text).unwrap();
-    }
-    let setup = RunnerSetup::new_with(
-        dir.path(),
-        &store,
-        &db.url,
-        &format!("client_tokens_dir = \"{}\"", tokens.display()),
-    )
-    .unwrap();
+    let Site {
+        db,
+        store,
+        dir,
+        tokens,
+        setup,
+    } = Site::with_tokens(&TOKENS).await;
     let mut runner = setup.start(&[]).await.unwrap();
     let _builder = BuilderProcess::start("one", &setup.address, dir.path()).unwrap();
     let mut api = ApiClient::connect(format!("http://{}", setup.client_address))
@@ -236,19 +265,13 @@ async fn health_is_open_reflection_needs_a_token_and_builders_port_has_no_client
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 
-    let db = TestDb::new().await;
-    let store = NixStore::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let tokens = dir.path().join("client-tokens");
-    std::fs::create_dir(&tokens).unwrap();
-    std::fs::write(tokens.join("ops.token"), "op-secret").unwrap();
-    let setup = RunnerSetup::new_with(
-        dir.path(),
-        &store,
-        &db.url,
-        &format!("client_tokens_dir = \"{}\"", tokens.display()),
-    )
-    .unwrap();
+    let Site {
+        db: _db,
+        store: _store,
+        dir: _dir,
+        tokens: _tokens,
+        setup,
+    } = Site::with_tokens(&[("ops.token", "op-secret")]).await;
     let _runner = setup.start(&[]).await.unwrap();
     let channel =
         tonic::transport::Channel::from_shared(format!("http://{}", setup.client_address))

@@ -273,18 +273,23 @@ async fn execute(
     }
     let report = CompletionReport {
         outcome: Outcome::Succeeded as i32,
-        outputs: outputs
-            .iter()
-            .map(|(name, i)| BuiltOutput {
-                name: name.clone(),
-                path: i.path.clone(),
-                nar_hash: i.nar_hash.to_prefixed_base32(),
-                nar_size: i.nar_size,
-            })
-            .collect(),
+        outputs: built_outputs(&outputs),
         ..base
     };
     Ok((report, shipped))
+}
+
+/// The report's outputs: name, path, and the NAR's hash and size.
+fn built_outputs(outputs: &[(String, hydra_nix::daemon::PathInfo)]) -> Vec<BuiltOutput> {
+    outputs
+        .iter()
+        .map(|(name, i)| BuiltOutput {
+            name: name.clone(),
+            path: i.path.clone(),
+            nar_hash: i.nar_hash.to_prefixed_base32(),
+            nar_size: i.nar_size,
+        })
+        .collect()
 }
 
 /// Makes a finished output an indirect root (a symlink under
@@ -718,15 +723,7 @@ pub async fn recovered(ctx: &JobContext, mut record: JobRecord, drv: &[u8]) -> O
         start_time: record.started_at,
         stop_time: stopped.max(record.started_at),
         times_built: 1,
-        outputs: outputs
-            .iter()
-            .map(|(name, i)| BuiltOutput {
-                name: name.clone(),
-                path: i.path.clone(),
-                nar_hash: i.nar_hash.to_prefixed_base32(),
-                nar_size: i.nar_size,
-            })
-            .collect(),
+        outputs: built_outputs(&outputs),
         ..Default::default()
     };
     record.report = Some(StoredReport::of(&report));
