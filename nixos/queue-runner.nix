@@ -31,6 +31,9 @@ let
       listen = cfg.listen;
       hydra_data = hydraData;
       store_socket = "/nix/var/nix/daemon-socket/socket";
+      # NARs are compressed here before they are published (on disk, not
+      # in the private /tmp, which may be RAM).
+      spool_dir = "/var/cache/hydra-queue-runner-rs";
       max_log_size = cfg.maxLogSize;
       max_output_size = cfg.maxOutputSize;
       max_tries = cfg.maxTries;
@@ -259,6 +262,7 @@ in
           Group = "hydra";
           EnvironmentFile = lib.mkIf (cfg.databaseUrlFile != null) cfg.databaseUrlFile;
           ReadWritePaths = [ "${hydraData}/build-logs" ];
+          CacheDirectory = "hydra-queue-runner-rs";
           # Hardening: the runner needs the build-logs directory, the
           # nix-daemon socket and the network, nothing else.
           NoNewPrivileges = true;

@@ -91,14 +91,7 @@ async fn nul_bytes_and_latin1_in_logs_and_nix_support_are_recorded_not_fatal() {
         .fetch_one(&farm.db.pool)
         .await
         .unwrap();
-    let base = drv.rsplit('/').next().unwrap();
-    let log = farm
-        .runner()
-        .shared
-        .logs
-        .read(&hydra_nix::StorePath::from_base_name(base).unwrap())
-        .unwrap()
-        .unwrap();
+    let log = farm.log_bytes_of(&drv).unwrap().unwrap();
     assert!(
         log.windows(13).any(|w| w == b"caf\xe9 au lait\n"),
         "{log:?}"

@@ -151,7 +151,12 @@ impl Site {
         let base = self.drv.rsplit('/').next().unwrap();
         let path = StorePath::from_base_name(base).unwrap();
         let logs = LogStore::new(hydra_data, LogCompression::default());
-        let bytes = logs.read(&path).unwrap().expect("the step has a log");
+        let mut bytes = Vec::new();
+        logs.open_at(&path, 0)
+            .unwrap()
+            .expect("the step has a log")
+            .copy_to(&mut bytes)
+            .unwrap();
         String::from_utf8_lossy(&bytes).into_owned()
     }
 }

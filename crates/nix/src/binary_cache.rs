@@ -258,6 +258,12 @@ pub fn realisation_doi(id: &str, out_path_base: &str, key: Option<&SecretKey>) -
 
 /// The `.ls` listing of a NAR: its files, with sizes and targets.
 pub fn listing(nar: &[u8]) -> Result<String, crate::nar::NarError> {
+    listing_of(nar)
+}
+
+/// [`listing`] of a NAR read from `nar` as it streams (it is read to its
+/// end); what it holds is the listing, never the files' contents.
+pub fn listing_of(nar: impl std::io::Read) -> Result<String, crate::nar::NarError> {
     use crate::nar::Entry;
     let mut root: Option<Value> = None;
     let mut dirs: Vec<(String, Map<String, Value>)> = Vec::new();

@@ -26,8 +26,12 @@ pub enum ConfigError {
 pub struct RunnerConfig {
     /// PostgreSQL URL; `--database-url` / `HYDRA_DATABASE_URL` take precedence.
     pub database_url: Option<String>,
-    /// Maximum connections to PostgreSQL.
+    /// Maximum connections to PostgreSQL of the runner's own loops.
     pub database_connections: u32,
+    /// Connections of the client API and the HTTP endpoint, apart from
+    /// the runner's: watchers and scrapers wait for these, never for
+    /// those of dispatch and completion.
+    pub api_database_connections: u32,
     /// Where builders connect (gRPC).
     pub listen: SocketAddr,
     /// Where the client API (gRPC) listens: apart from the builders', so
@@ -109,6 +113,9 @@ pub struct RunnerConfig {
     pub destinations: Vec<String>,
     /// Nix secret key (`name:base64`) that signs what is published.
     pub signing_key_file: Option<PathBuf>,
+    /// Where NARs are compressed before they are published (spool files
+    /// are unnamed: they vanish with the runner).
+    pub spool_dir: PathBuf,
     /// TLS for the builder service: the runner's certificate and key (PEM).
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -149,7 +156,16 @@ pub const KEYS: &[(&str, &str, bool)] = &[
         "PostgreSQL URL; --database-url and HYDRA_DATABASE_URL take precedence (keep secrets out of the file)",
         false,
     ),
-    ("database_connections", "PostgreSQL pool size", false),
+    (
+        "database_connections",
+        "PostgreSQL pool of the runner's own loops (dispatch, completion, loading)",
+        false,
+    ),
+    (
+        "api_database_connections",
+        "PostgreSQL pool of the client API and the HTTP endpoint, apart from the runner's own",
+        false,
+    ),
     (
         "listen",
         "address builders connect to (gRPC); port 0 picks one",
@@ -295,6 +311,11 @@ pub const KEYS: &[(&str, &str, bool)] = &[
         false,
     ),
     (
+        "spool_dir",
+        "where NARs are compressed before they are published (room for the largest compressed output); $TMPDIR, else /var/tmp",
+        true,
+    ),
+    (
         "tls_cert",
         "TLS certificate of the builder service (PEM)",
         false,
@@ -340,6 +361,7 @@ impl Default for RunnerConfig {
         RunnerConfig {
             database_url: None,
             database_connections: 16,
+            api_database_connections: 4,
             listen: "127.0.0.1:7070".parse().expect("literal address"),
             client_listen: "127.0.0.1:7072".parse().expect("literal address"),
             client_tls_cert: None,
@@ -374,6 +396,9 @@ impl Default for RunnerConfig {
             status_interval_secs: 5,
             destinations: Vec::new(),
             signing_key_file: None,
+            spool_dir: std::env::var_os("TMPDIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| "/var/tmp".into()),
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
@@ -406,6 +431,11 @@ impl RunnerConfig {
 
     /// The settings that must hold together (and what to add when not).
     pub fn check(&self) -> Result<(), String> {
+        if self.database_connections == 0 || self.api_database_connections == 0 {
+            return Err(
+                "database_connections and api_database_connections must be at least 1".into(),
+            );
+        }
         if self.max_tries == 0 {
             return Err("max_tries must be at least 1".into());
         }

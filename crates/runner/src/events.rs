@@ -201,12 +201,27 @@ pub async fn emit(tx: &mut PgConnection, events: &[NewEvent]) -> Result<(), sqlx
 }
 
 /// Numbers committed events as they come, for as long as the runner runs
-/// (the active runner only: one sequencer per database).
+/// (the active runner only: one sequencer per database), and hands every
+/// numbered row to the watchers of this runner (`shared.numbered`), so a
+/// watcher that is caught up waits on the sequencer, not on the database.
 pub async fn sequencer(shared: Arc<Shared>) -> Result<(), Fatal> {
-    let mut listener = PgListener::connect_with(&shared.pool).await?;
+    let mut listener = PgListener::connect_with(&shared.listen_pool).await?;
     listener.listen("hqr_events_written").await?;
     loop {
-        while number_committed(&shared.pool).await? == SEQUENCER_BATCH as u64 {}
+        loop {
+            let rows = number_committed(&shared.pool).await?;
+            let full = rows.len() as i64 == SEQUENCER_BATCH;
+            if !rows.is_empty() {
+                for row in rows {
+                    // No receiver is no error: nobody watches.
+                    let _ = shared.numbered.send(Arc::new(row));
+                }
+                shared.event_tick.send_modify(|t| *t += 1);
+            }
+            if !full {
+                break;
+            }
+        }
         // A notification that came while numbering is in the buffer: the
         // next pass serves it (and any number of them) at once.
         let _ = tokio::time::timeout(SEQUENCER_POLL, listener.recv()).await;
@@ -215,27 +230,30 @@ pub async fn sequencer(shared: Arc<Shared>) -> Result<(), Fatal> {
 }
 
 /// Numbers the committed events that have no number yet, in id order,
-/// after the highest number given; returns how many.
-pub async fn number_committed(pool: &PgPool) -> Result<u64, sqlx::Error> {
+/// after the highest number given; returns them, in order, once committed.
+pub async fn number_committed(pool: &PgPool) -> Result<Vec<EventRow>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let done = sqlx::query(
+    let mut rows: Vec<EventRow> = sqlx::query_as(
         "with todo as (select id from hqr_events where seq is null order by id limit $1),
               top as (select coalesce(max(seq), 0) as top from hqr_events)
          update hqr_events e set seq = top.top + n.rn
            from (select id, row_number() over (order by id) as rn from todo) n, top
-          where e.id = n.id",
+          where e.id = n.id
+         returning e.seq, e.kind, e.builds, e.at_ms, e.drv_path, e.machine, e.status, e.detail",
     )
     .bind(SEQUENCER_BATCH)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if done > 0 {
+    .fetch_all(&mut *tx)
+    .await?;
+    if !rows.is_empty() {
+        // For watchers of other processes (none of this runner's own
+        // need it; they hear from the sequencer directly).
         sqlx::query("select pg_notify('hqr_events', '')")
             .execute(&mut *tx)
             .await?;
     }
     tx.commit().await?;
-    Ok(done)
+    rows.sort_by_key(|r| r.seq);
+    Ok(rows)
 }
 
 /// Writes `events` in a transaction of their own.

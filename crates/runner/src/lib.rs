@@ -14,17 +14,20 @@
 //!
 //! [`Runner::start`] runs them all; `hydra-queue-runner serve` wraps it.
 
-/// Runs `$body` in a transaction of `$pool` bound to `$tx` (the body
+/// Runs `$body` in a transaction of `$shared.pool` bound to `$tx` (the body
 /// evaluates to `Result<T, Fatal>`, `?` inside it leaves the body) and
 /// commits. A serialization failure or deadlock rolls it back and runs it
 /// again, up to five times: PostgreSQL asks for exactly that, and only
-/// then is a database error fatal.
+/// then is a database error fatal. How long `begin` waited for a
+/// connection goes to `/metrics` (`hqr_db_pool_wait_seconds`).
 macro_rules! in_transaction {
-    ($pool:expr, |$tx:ident| $body:block) => {{
+    ($shared:expr, |$tx:ident| $body:block) => {{
         let mut tries = 0u32;
         loop {
             tries += 1;
-            let mut $tx = $pool.begin().await?;
+            let asked = std::time::Instant::now();
+            let mut $tx = $shared.pool.begin().await?;
+            $shared.metrics.pool_wait_seconds.lock().observe(asked.elapsed());
             let result: Result<_, $crate::Fatal> = async { $body }.await;
             let result = match result {
                 Ok(v) => $tx.commit().await.map(|()| v).map_err($crate::Fatal::from),
@@ -91,7 +94,22 @@ use store::LocalStore;
 pub struct Shared {
     /// Swapped whole on SIGHUP: take it once per decision, via `config()`.
     config: parking_lot::RwLock<Arc<RunnerConfig>>,
+    /// The connections of the runner's own loops (dispatch, completion,
+    /// loading, the sequencer): nothing a client does waits here.
     pub pool: PgPool,
+    /// The client API's and the HTTP endpoint's connections: however many
+    /// watchers and scrapers come, they queue here (and give up after a
+    /// few seconds with "unavailable"), never in `pool`.
+    pub api_pool: PgPool,
+    /// The LISTEN connections (queue monitor, sequencer), held for good,
+    /// so they are not taken from `pool`.
+    pub listen_pool: PgPool,
+    /// Every event as the sequencer numbers it: what a caught-up watcher
+    /// waits on (one that lags behind reads the database again).
+    pub numbered: tokio::sync::broadcast::Sender<Arc<events::EventRow>>,
+    /// Database aggregates for `/status` and `/metrics`, refreshed on the
+    /// status timer, so a scrape costs no query.
+    pub aggregates: parking_lot::RwLock<status_document::Aggregates>,
     pub store: LocalStore,
     pub logs: LogStore,
     pub state: State,
@@ -106,7 +124,7 @@ pub struct Shared {
     pub client_tokens: parking_lot::RwLock<api::access::ClientTokens>,
     /// Step durations and dispatch latency, for `/metrics`.
     pub metrics: metrics::Metrics,
-    /// Ticks when events were committed (client watchers wait on it).
+    /// Ticks when the sequencer numbered events.
     pub event_tick: tokio::sync::watch::Sender<u64>,
     /// Bumped when a reload replaced the tokens: each builder connection
     /// checks its token again (a revoked one ends the connection).
@@ -217,6 +235,16 @@ pub struct Runner {
     tasks: JoinSet<Result<(), Fatal>>,
 }
 
+/// How long a client request waits for one of the API's connections
+/// before it is answered "unavailable".
+const API_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The LISTEN connections: the queue monitor's and the sequencer's, and
+/// one for a listener that reconnects while the old one closes.
+const LISTENERS: u32 = 3;
+/// Numbered events kept for watchers that fall behind the sequencer; one
+/// that falls further reads the database from its cursor.
+const EVENT_BACKLOG: usize = 4096;
+
 impl Runner {
     /// Connects nothing itself: `pool` must reach a migrated database.
     /// Starts the builder service on `config.listen` (port 0 picks one),
@@ -271,11 +299,23 @@ impl Runner {
             None => None,
         };
         let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel();
+        let options = (*pool.connect_options()).clone();
+        let api_pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(config.api_database_connections)
+            .acquire_timeout(API_ACQUIRE_TIMEOUT)
+            .connect_lazy_with(options.clone());
+        let listen_pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(LISTENERS)
+            .connect_lazy_with(options);
         let shared = Arc::new(Shared {
             store: LocalStore::new(config.store_socket.clone()),
             logs: LogStore::new(&config.hydra_data, config.log_compression),
             config: parking_lot::RwLock::new(Arc::new(config)),
             pool,
+            api_pool,
+            listen_pool,
+            numbered: tokio::sync::broadcast::Sender::new(EVENT_BACKLOG),
+            aggregates: Default::default(),
             state: State::default(),
             wake_uploads: Notify::new(),
             drv_hashes: Mutex::new(Default::default()),
@@ -330,7 +370,6 @@ impl Runner {
             status_document::run(status_shared).await;
             Ok(())
         });
-        tasks.spawn(api::follow::listen(shared.clone()).map(Ok));
         tasks.spawn(retention::run(shared.clone()).map(Ok));
         let upload_shared = shared.clone();
         tasks.spawn(async move {

@@ -10,7 +10,7 @@
 //! with `"none"` the plain file stays for CompressLog to compress (bzip2
 //! by default). Either way every form is read back here.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use hydra_nix::StorePath;
@@ -27,6 +27,49 @@ pub enum LogError {
     },
 }
 
+/// A log being read from some byte on: a plain file (which may still grow
+/// while its step runs; the open file keeps reading it even after it is
+/// compressed away) or a decompressor.
+pub struct LogReader {
+    inner: Box<dyn Read + Send>,
+    path: PathBuf,
+}
+
+impl LogReader {
+    /// Fills as much of `buf` as the log has now; 0 at its (current) end.
+    pub fn fill(&mut self, buf: &mut [u8]) -> Result<usize, LogError> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match self.inner.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Err(LogError::Io {
+                        path: self.path.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(filled)
+    }
+
+    /// Copies the rest into `sink`.
+    pub fn copy_to(&mut self, sink: &mut impl Write) -> Result<u64, LogError> {
+        std::io::copy(&mut self.inner, sink).map_err(|source| LogError::Io {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+impl Read for LogReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct LogStore {
     root: PathBuf,
@@ -35,6 +78,13 @@ pub struct LogStore {
 
 /// The forms a finished log may have, as hydra-web looks for them.
 const COMPRESSED: [&str; 2] = [".zst", ".bz2"];
+
+/// Runs blocking file work off the async threads.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(work)
+        .await
+        .expect("log file work does not panic")
+}
 
 impl LogStore {
     pub fn new(hydra_data: &Path, compression: LogCompression) -> LogStore {
@@ -57,7 +107,12 @@ impl LogStore {
     }
 
     /// Starts an empty log for a new attempt at `drv`.
-    pub fn start(&self, drv: &StorePath) -> Result<(), LogError> {
+    pub async fn start(&self, drv: &StorePath) -> Result<(), LogError> {
+        let (this, drv) = (self.clone(), drv.clone());
+        blocking(move || this.start_blocking(&drv)).await
+    }
+
+    fn start_blocking(&self, drv: &StorePath) -> Result<(), LogError> {
         let path = self.path(drv);
         let io = |source| LogError::Io {
             path: path.clone(),
@@ -78,7 +133,12 @@ impl LogStore {
     }
 
     /// Appends a chunk to the running log of `drv`; returns its new size.
-    pub fn append(&self, drv: &StorePath, data: &[u8]) -> Result<u64, LogError> {
+    pub async fn append(&self, drv: &StorePath, data: bytes::Bytes) -> Result<u64, LogError> {
+        let (this, drv) = (self.clone(), drv.clone());
+        blocking(move || this.append_blocking(&drv, &data)).await
+    }
+
+    fn append_blocking(&self, drv: &StorePath, data: &[u8]) -> Result<u64, LogError> {
         let path = self.path(drv);
         let io = |source| LogError::Io {
             path: path.clone(),
@@ -108,7 +168,12 @@ impl LogStore {
     /// The step of `drv` finished: its log is compressed (with `zstd`) or
     /// left for hydra-notify (with `none`). Returns the plain file's path,
     /// which `step_finished` names as Hydra's runner does.
-    pub fn finish(&self, drv: &StorePath) -> Result<PathBuf, LogError> {
+    pub async fn finish(&self, drv: &StorePath) -> Result<PathBuf, LogError> {
+        let (this, drv) = (self.clone(), drv.clone());
+        blocking(move || this.finish_blocking(&drv)).await
+    }
+
+    fn finish_blocking(&self, drv: &StorePath) -> Result<PathBuf, LogError> {
         let plain = self.path(drv);
         let io = |source| LogError::Io {
             path: plain.clone(),
@@ -117,13 +182,25 @@ impl LogStore {
         if !plain.exists() && !COMPRESSED.iter().any(|s| self.with_suffix(drv, s).exists()) {
             // No attempt wrote a log (it never started): an empty one, so
             // that every finished step has one.
-            self.start(drv)?;
+            self.start_blocking(drv)?;
         }
         if self.compression == LogCompression::Zstd {
-            match std::fs::read(&plain) {
-                Ok(bytes) => {
-                    let data = zstd::encode_all(bytes.as_slice(), 3).map_err(io)?;
-                    std::fs::write(self.with_suffix(drv, ".zst"), data).map_err(io)?;
+            match std::fs::File::open(&plain) {
+                Ok(file) => {
+                    // Streamed through a temporary file renamed into place:
+                    // a log of any size costs a buffer, and a reader never
+                    // sees half a `.zst`.
+                    let packed = self.with_suffix(drv, ".zst");
+                    let partial = self.with_suffix(drv, ".zst.partial");
+                    let out = std::fs::File::create(&partial).map_err(io)?;
+                    let mut writer = std::io::BufWriter::new(out);
+                    zstd::stream::copy_encode(file, &mut writer, 3).map_err(io)?;
+                    writer
+                        .into_inner()
+                        .map_err(|e| io(e.into_error()))?
+                        .sync_all()
+                        .map_err(io)?;
+                    std::fs::rename(&partial, &packed).map_err(io)?;
                     std::fs::remove_file(&plain).map_err(io)?;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -133,46 +210,30 @@ impl LogStore {
         Ok(plain)
     }
 
-    /// The log of `drv` from byte `offset` on, running or finished; None if
-    /// there is none. A reader that follows a running log calls it again
-    /// with the bytes it has read so far.
-    pub fn read_from(&self, drv: &StorePath, offset: u64) -> Result<Option<Vec<u8>>, LogError> {
-        use std::io::{Read, Seek, SeekFrom};
-        let plain = self.path(drv);
-        let io = |source| LogError::Io {
-            path: plain.clone(),
-            source,
-        };
-        match std::fs::File::open(&plain) {
-            Ok(mut f) => {
-                f.seek(SeekFrom::Start(offset)).map_err(io)?;
-                let mut rest = Vec::new();
-                f.read_to_end(&mut rest).map_err(io)?;
-                return Ok(Some(rest));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(e)),
-        }
-        Ok(self.read(drv)?.map(|all| {
-            let start = (offset as usize).min(all.len());
-            all[start..].to_vec()
-        }))
+    /// Whether `drv` has a log, running or finished.
+    pub fn exists(&self, drv: &StorePath) -> bool {
+        self.path(drv).exists() || COMPRESSED.iter().any(|s| self.with_suffix(drv, s).exists())
     }
 
-    /// The log of `drv`, running or finished (plain, `.zst` or, compressed
-    /// by hydra-notify, `.bz2`); None if there is none.
-    pub fn read(&self, drv: &StorePath) -> Result<Option<Vec<u8>>, LogError> {
-        use std::io::Read;
+    /// The log of `drv` from byte `offset` on, running (plain) or finished
+    /// (plain, `.zst` or, compressed by hydra-notify, `.bz2`); None if there
+    /// is none. Blocking: call it off the async threads.
+    pub fn open_at(&self, drv: &StorePath, offset: u64) -> Result<Option<LogReader>, LogError> {
+        use std::io::{Seek, SeekFrom};
         let plain = self.path(drv);
-        match std::fs::read(&plain) {
-            Ok(bytes) => return Ok(Some(bytes)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(LogError::Io {
-                    path: plain,
+        match std::fs::File::open(&plain) {
+            Ok(mut f) => {
+                f.seek(SeekFrom::Start(offset)).map_err(|source| LogError::Io {
+                    path: plain.clone(),
                     source,
-                });
+                })?;
+                return Ok(Some(LogReader {
+                    inner: Box::new(f),
+                    path: plain,
+                }));
             }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(LogError::Io { path: plain, source }),
         }
         for suffix in COMPRESSED {
             let packed = self.with_suffix(drv, suffix);
@@ -181,24 +242,21 @@ impl LogStore {
                 source,
             };
             let file = match std::fs::File::open(&packed) {
-                Ok(f) => f,
+                Ok(f) => std::io::BufReader::new(f),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(io(e)),
             };
-            let mut out = Vec::new();
-            match suffix {
-                ".zst" => {
-                    zstd::stream::read::Decoder::new(file)
-                        .and_then(|mut d| d.read_to_end(&mut out))
-                        .map_err(io)?;
-                }
-                _ => {
-                    bzip2::read::MultiBzDecoder::new(file)
-                        .read_to_end(&mut out)
-                        .map_err(io)?;
-                }
-            }
-            return Ok(Some(out));
+            let mut inner: Box<dyn Read + Send> = match suffix {
+                ".zst" => Box::new(zstd::stream::read::Decoder::with_buffer(file).map_err(io)?),
+                _ => Box::new(bzip2::read::MultiBzDecoder::new(file)),
+            };
+            // A compressed log cannot seek: what comes before the offset is
+            // decompressed and dropped.
+            std::io::copy(&mut (&mut inner).take(offset), &mut std::io::sink()).map_err(io)?;
+            return Ok(Some(LogReader {
+                inner,
+                path: packed,
+            }));
         }
         Ok(None)
     }
@@ -208,18 +266,33 @@ impl LogStore {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_log_reads_the_same_while_running_and_after_compression() {
+    impl LogStore {
+        fn read(&self, drv: &StorePath) -> Option<Vec<u8>> {
+            self.read_from(drv, 0)
+        }
+
+        fn read_from(&self, drv: &StorePath, offset: u64) -> Option<Vec<u8>> {
+            let mut out = Vec::new();
+            self.open_at(drv, offset)
+                .unwrap()?
+                .copy_to(&mut out)
+                .unwrap();
+            Some(out)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_log_reads_the_same_while_running_and_after_compression() {
         let dir = tempfile::tempdir().unwrap();
         let logs = LogStore::new(dir.path(), LogCompression::Zstd);
         let drv = StorePath::from_base_name("7rjj86a15146cq1d3qy068lml7n8ykzm-hello.drv").unwrap();
-        assert_eq!(logs.read(&drv).unwrap(), None);
-        logs.start(&drv).unwrap();
-        logs.append(&drv, b"line 1\n").unwrap();
-        assert_eq!(logs.append(&drv, b"line 2\n").unwrap(), 14);
-        assert_eq!(logs.read(&drv).unwrap().unwrap(), b"line 1\nline 2\n");
-        assert_eq!(logs.read_from(&drv, 7).unwrap().unwrap(), b"line 2\n");
-        let named = logs.finish(&drv).unwrap();
+        assert_eq!(logs.read(&drv), None);
+        logs.start(&drv).await.unwrap();
+        logs.append(&drv, "line 1\n".into()).await.unwrap();
+        assert_eq!(logs.append(&drv, "line 2\n".into()).await.unwrap(), 14);
+        assert_eq!(logs.read(&drv).unwrap(), b"line 1\nline 2\n");
+        assert_eq!(logs.read_from(&drv, 7).unwrap(), b"line 2\n");
+        let named = logs.finish(&drv).await.unwrap();
         assert!(
             named
                 .to_string_lossy()
@@ -228,19 +301,19 @@ mod tests {
         );
         assert!(!named.exists());
         assert!(logs.path(&drv).with_extension("drv.zst").exists());
-        assert_eq!(logs.read(&drv).unwrap().unwrap(), b"line 1\nline 2\n");
-        assert_eq!(logs.read_from(&drv, 7).unwrap().unwrap(), b"line 2\n");
-        assert_eq!(logs.read_from(&drv, 99).unwrap().unwrap(), b"");
+        assert_eq!(logs.read(&drv).unwrap(), b"line 1\nline 2\n");
+        assert_eq!(logs.read_from(&drv, 7).unwrap(), b"line 2\n");
+        assert_eq!(logs.read_from(&drv, 99).unwrap(), b"");
     }
 
-    #[test]
-    fn with_no_compression_the_plain_log_stays_and_a_bzip2_one_is_read() {
+    #[tokio::test]
+    async fn with_no_compression_the_plain_log_stays_and_a_bzip2_one_is_read() {
         let dir = tempfile::tempdir().unwrap();
         let logs = LogStore::new(dir.path(), LogCompression::None);
         let drv = StorePath::from_base_name("7rjj86a15146cq1d3qy068lml7n8ykzm-hello.drv").unwrap();
-        logs.start(&drv).unwrap();
-        logs.append(&drv, b"caf\xe9\n").unwrap();
-        let named = logs.finish(&drv).unwrap();
+        logs.start(&drv).await.unwrap();
+        logs.append(&drv, bytes::Bytes::from_static(b"caf\xe9\n")).await.unwrap();
+        let named = logs.finish(&drv).await.unwrap();
         assert_eq!(std::fs::read(&named).unwrap(), b"caf\xe9\n");
         // hydra-notify's CompressLog: bzip2 --force <the named file>.
         let status = std::process::Command::new("bzip2")
@@ -250,7 +323,7 @@ mod tests {
             .unwrap();
         assert!(status.success());
         assert!(!named.exists());
-        assert_eq!(logs.read(&drv).unwrap().unwrap(), b"caf\xe9\n");
-        assert_eq!(logs.read_from(&drv, 3).unwrap().unwrap(), b"\xe9\n");
+        assert_eq!(logs.read(&drv).unwrap(), b"caf\xe9\n");
+        assert_eq!(logs.read_from(&drv, 3).unwrap(), b"\xe9\n");
     }
 }

@@ -263,10 +263,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let base = drv.rsplit('/').next().unwrap_or(&drv);
             let path = hydra_nix::StorePath::from_base_name(base)?;
             let logs = hydra_queue_runner::logs::LogStore::new(&hydra_data, Default::default());
-            match logs.read(&path)? {
-                Some(bytes) => {
-                    use std::io::Write;
-                    std::io::stdout().write_all(&bytes)?;
+            match logs.open_at(&path, 0)? {
+                Some(mut log) => {
+                    log.copy_to(&mut std::io::stdout().lock())?;
                     Ok(())
                 }
                 None => anyhow::bail!("no log for {drv} under {}", hydra_data.display()),

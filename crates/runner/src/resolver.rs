@@ -120,7 +120,7 @@ async fn record_resolution(
     let drv_path = shared.store.dir().display(&pending.drv_path);
     let resolved_full = shared.store.dir().display(resolved);
     let resolved = resolved.to_string();
-    in_transaction!(shared.pool, |tx| {
+    in_transaction!(shared, |tx| {
         // None: the owner build was deleted meanwhile; the queue monitor
         // takes it out of the graph.
         record::record_resolution(

@@ -112,15 +112,27 @@ pub fn machines_for_hydra_web(shared: &Shared) -> Value {
     json!({ "machines": by_name })
 }
 
-/// Writes the status every `status_interval_secs`, for as long as the
-/// runner runs.
+/// What `/status` and `/metrics` show of the database, as last read by
+/// [`run`]: a scrape reads this, never the database, so scrapers cost the
+/// database nothing however often they come.
+#[derive(Debug, Default, Clone)]
+pub struct Aggregates {
+    /// [`upload_queue`]; None until it was first read.
+    pub uploads: Option<Value>,
+}
+
+/// Writes the status every `status_interval_secs` (refreshing
+/// [`Aggregates`] first), for as long as the runner runs.
 pub async fn run(shared: Arc<Shared>) {
     let started = Instant::now();
     let every = Duration::from_secs(shared.config().status_interval_secs.max(1).into());
     loop {
         let mut doc = snapshot(&shared, started);
         match upload_queue(&shared.pool).await {
-            Ok(uploads) => doc["uploads"] = uploads,
+            Ok(uploads) => {
+                doc["uploads"] = uploads.clone();
+                shared.aggregates.write().uploads = Some(uploads);
+            }
             Err(e) => tracing::warn!("cannot read the upload queue for the status: {e}"),
         }
         if let Err(e) = write(&shared.pool, &doc).await {

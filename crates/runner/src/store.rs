@@ -146,3 +146,50 @@ impl LocalStore {
         Ok(path)
     }
 }
+
+/// How many NAR bytes may be in flight between the daemon and the
+/// blocking consumer of [`export_into`].
+const EXPORT_PIPE: usize = 256 << 10;
+
+/// Streams the NAR of `info` out of the runner's store into `consume`,
+/// which reads it on a blocking thread (hashing, compressing, walking):
+/// the NAR is never held whole, and the async threads never do that work.
+/// The consumer should read to the end; if it stops early, the export
+/// fails and `client` is left mid-NAR (do not reuse it).
+pub async fn export_into<T, E>(
+    client: &mut DaemonClient,
+    info: &PathInfo,
+    consume: impl FnOnce(&mut dyn std::io::Read) -> Result<T, E> + Send + 'static,
+) -> Result<T, ExportError<E>>
+where
+    T: Send + 'static,
+    E: Send + 'static,
+{
+    use tokio::io::AsyncWriteExt;
+    let (mut into_pipe, out_of_pipe) = tokio::io::duplex(EXPORT_PIPE);
+    let consumer = tokio::task::spawn_blocking(move || {
+        let mut reader = tokio_util::io::SyncIoBridge::new(out_of_pipe);
+        consume(&mut reader)
+    });
+    let exported = match client.export_nar(info, &mut into_pipe).await {
+        Ok(()) => into_pipe.shutdown().await.map_err(DaemonError::from),
+        Err(e) => Err(e),
+    };
+    drop(into_pipe);
+    let consumed = consumer.await.expect("a NAR consumer does not panic");
+    match (exported, consumed) {
+        // The consumer's own failure explains a broken pipe best.
+        (_, Err(e)) => Err(ExportError::Consumer(e)),
+        (Err(e), Ok(_)) => Err(ExportError::Store(e)),
+        (Ok(()), Ok(v)) => Ok(v),
+    }
+}
+
+/// Why [`export_into`] failed.
+#[derive(Debug, Error)]
+pub enum ExportError<E> {
+    #[error("the runner's store: {0}")]
+    Store(#[from] DaemonError),
+    #[error(transparent)]
+    Consumer(E),
+}

@@ -295,14 +295,21 @@ impl Farm {
 
     /// The runner's log of a step's derivation.
     pub fn log_of(&self, drv: &str) -> Result<Option<String>> {
+        Ok(self
+            .log_bytes_of(drv)?
+            .map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    /// The runner's log of a step's derivation, its bytes as they are.
+    pub fn log_bytes_of(&self, drv: &str) -> Result<Option<Vec<u8>>> {
         let base = drv.rsplit('/').next().unwrap_or(drv);
         let path = hydra_nix::StorePath::from_base_name(base)?;
-        Ok(self
-            .runner()
-            .shared
-            .logs
-            .read(&path)?
-            .map(|b| String::from_utf8_lossy(&b).into_owned()))
+        let Some(mut log) = self.runner().shared.logs.open_at(&path, 0)? else {
+            return Ok(None);
+        };
+        let mut bytes = Vec::new();
+        log.copy_to(&mut bytes)?;
+        Ok(Some(bytes))
     }
 }
 

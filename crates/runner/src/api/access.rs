@@ -222,7 +222,7 @@ pub async fn check_builds(
     )
     .bind(ids)
     .bind(tenant)
-    .fetch_optional(&shared.pool)
+    .fetch_optional(&shared.api_pool)
     .await
     .map_err(|e| Status::unavailable(format!("database: {e}")))?;
     match foreign {
@@ -247,7 +247,7 @@ pub async fn check_drv(shared: &Shared, principal: &Principal, drv: &str) -> Res
     )
     .bind(drv)
     .bind(tenant)
-    .fetch_one(&shared.pool)
+    .fetch_one(&shared.api_pool)
     .await
     .map_err(|e| Status::unavailable(format!("database: {e}")))?;
     if ours {

@@ -67,7 +67,7 @@ pub async fn submit(shared: &Shared, req: SubmitRequest) -> Result<SubmitRespons
             })
             .collect(),
     };
-    let mut tx = shared.pool.begin().await?;
+    let mut tx = shared.api_pool.begin().await?;
     let record::Submitted { ids, superseded } = record::submit_builds(&mut tx, &submission).await?;
     tx.commit().await?;
     tracing::info!(
@@ -94,7 +94,7 @@ pub async fn cancel(shared: &Shared, req: CancelRequest) -> Result<CancelRespons
     } else {
         crate::outside::display_text(req.reason.trim(), crate::outside::DISPLAY_MAX)
     };
-    let mut tx = shared.pool.begin().await?;
+    let mut tx = shared.api_pool.begin().await?;
     let cancelled = record::cancel_builds(&mut tx, &ids, &reason, false).await?;
     tx.commit().await?;
     tracing::info!("cancelled builds {cancelled:?}: {reason}");
@@ -122,7 +122,7 @@ pub async fn restart(shared: &Shared, req: RestartRequest) -> Result<RestartResp
     } else {
         record::RestartChoice::Builds(&ids)
     };
-    let mut tx = shared.pool.begin().await?;
+    let mut tx = shared.api_pool.begin().await?;
     let chosen = record::restart_builds(&mut tx, choice).await?;
     tx.commit().await?;
     tracing::info!("restarted builds {chosen:?}");
@@ -133,7 +133,7 @@ pub async fn restart(shared: &Shared, req: RestartRequest) -> Result<RestartResp
 
 pub async fn bump(shared: &Shared, req: BumpRequest) -> Result<BumpResponse, ApiError> {
     let ids = build_ids(&req.build_ids)?;
-    let mut tx = shared.pool.begin().await?;
+    let mut tx = shared.api_pool.begin().await?;
     let bumped = record::bump_builds(&mut tx, &ids, req.global_priority).await?;
     tx.commit().await?;
     Ok(BumpResponse {

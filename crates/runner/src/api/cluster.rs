@@ -24,7 +24,7 @@ pub async fn status(shared: &Shared) -> Result<ClusterStatusResponse, ApiError> 
             waiting: s.waiting,
         })
         .collect();
-    let last_event_seq = crate::events::last_seq(&shared.pool).await? as u64;
+    let last_event_seq = crate::events::last_seq(&shared.api_pool).await? as u64;
     Ok(ClusterStatusResponse {
         queued_builds: counts.builds as u32,
         steps: counts.steps as u32,
@@ -71,7 +71,7 @@ pub async fn set_drained(
     if name.is_empty() {
         return Err(ApiError::Invalid("which machine?".into()));
     }
-    let mut db = shared.pool.acquire().await?;
+    let mut db = shared.api_pool.acquire().await?;
     crate::record::set_machine_drained(&mut db, name, drained).await?;
     shared.state.machine_drained(name, drained);
     tracing::info!(
@@ -84,7 +84,7 @@ pub async fn set_drained(
 
 /// Reads the drained machines into the dispatcher's view (at start).
 pub async fn load_drained(shared: &Shared) -> Result<(), sqlx::Error> {
-    let mut db = shared.pool.acquire().await?;
+    let mut db = shared.api_pool.acquire().await?;
     for n in crate::record::drained_machines(&mut db).await? {
         shared.state.machine_drained(&n, true);
     }
@@ -133,7 +133,7 @@ async fn explain_absent(shared: &Shared, id: i32) -> Result<ExplainResponse, Api
     let row: Option<(i32, Option<i32>)> =
         sqlx::query_as("select finished, buildStatus from Builds where id = $1")
             .bind(id)
-            .fetch_optional(&shared.pool)
+            .fetch_optional(&shared.api_pool)
             .await?;
     let summary = match row {
         None => return Err(ApiError::NotFound(format!("there is no build {id}"))),

@@ -1,19 +1,24 @@
 //! The client API's streams: events (from the durable log) and step logs
 //! (from the log files, live while the step runs).
 //!
-//! A watcher reads the event log from its cursor in pages; when it has
-//! read everything, it waits for `hqr_events` notifications (see
-//! [`listen`]), with a slow poll as a safety net. Nothing is kept in
-//! memory for a watcher but its cursor, so a slow client costs nothing
-//! but its own stream, and a reconnecting one resumes exactly.
+//! A watcher subscribes to the sequencer's numbered events
+//! (`Shared::numbered`), then reads the event log from its cursor in
+//! pages; once it has read everything, it takes what the sequencer numbers
+//! next from its subscription, so a caught-up watcher costs the database
+//! nothing. One that falls further behind than the subscription keeps
+//! reads the database again from its cursor. Nothing is kept in memory for
+//! a watcher but its cursor and its subscription, so a slow client costs
+//! nothing but its own stream, and a reconnecting one resumes exactly.
+//!
+//! Logs stream in chunks of at most [`CHUNK`] bytes read off the async
+//! threads, so a log of any size costs a buffer.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use hydra_nix::StorePath;
 use hydra_proto::client::*;
-use sqlx::postgres::PgListener;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
@@ -21,36 +26,17 @@ use super::{ApiError, build_id};
 use crate::Shared;
 use crate::events::{self, EventRow, Kind};
 use crate::graph::StepState;
+use crate::logs::{LogReader, LogStore};
 
 /// Events read per query.
 const PAGE: i64 = 500;
-/// How long a watcher waits for a notification before it looks anyway.
-const SAFETY_POLL: Duration = Duration::from_secs(2);
 /// How often a followed log is looked at while its step runs.
 const LOG_POLL: Duration = Duration::from_millis(200);
-
-/// Turns `hqr_events` notifications into ticks of `shared.event_tick`, for
-/// as long as the runner runs; reconnects when the listener fails (the
-/// watchers' safety poll covers the gap).
-pub async fn listen(shared: Arc<Shared>) {
-    loop {
-        let result = async {
-            let mut listener = PgListener::connect_with(&shared.pool).await?;
-            listener.listen("hqr_events").await?;
-            loop {
-                listener.recv().await?;
-                shared.event_tick.send_modify(|t| *t += 1);
-            }
-            #[allow(unreachable_code)]
-            Ok::<(), sqlx::Error>(())
-        }
-        .await;
-        if let Err(e) = result {
-            tracing::warn!("event listener: {e}; listening again in a second");
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
+/// The most log bytes one message carries.
+pub const CHUNK: usize = 64 << 10;
+/// The longest line a message carries; a longer one is cut into lines of
+/// this length.
+pub const MAX_LINE: usize = 1 << 20;
 
 pub fn events(
     shared: Arc<Shared>,
@@ -85,49 +71,90 @@ async fn pump_events(
 ) -> Result<(), Status> {
     let mut cursor = i64::try_from(req.after_seq)
         .map_err(|_| Status::invalid_argument("after_seq is out of range"))?;
-    let mut tick = shared.event_tick.subscribe();
+    // Subscribed before the first read: what is numbered after it arrives
+    // here, what was numbered before it the read finds (both: skipped by
+    // its number).
+    let mut numbered = shared.numbered.subscribe();
     let mut logs = build.filter(|_| req.include_logs).map(LiveLogs::new);
     loop {
-        tick.mark_unchanged();
-        if let Some(live) = &mut logs {
-            for line in live.poll(shared)? {
-                if tx.send(Ok(line)).await.is_err() {
+        // Catch up from the database.
+        loop {
+            let rows = events::read_after(&shared.api_pool, build, cursor, PAGE)
+                .await
+                .map_err(ApiError::from)?;
+            let full_page = rows.len() as i64 == PAGE;
+            for row in rows {
+                cursor = row.seq;
+                if send_event(build, req, row, tx).await? == Next::Stop {
                     return Ok(());
                 }
             }
-        }
-        let rows = events::read_after(&shared.pool, build, cursor, PAGE)
-            .await
-            .map_err(ApiError::from)?;
-        let full_page = rows.len() as i64 == PAGE;
-        for row in rows {
-            cursor = row.seq;
-            let ends = build.is_some() && ends_build(&row);
-            if tx.send(Ok(to_wire(row))).await.is_err() {
-                return Ok(()); // the client left
+            if !full_page {
+                break;
             }
-            if ends && req.until_finished {
-                return Ok(());
-            }
-        }
-        if full_page {
-            continue;
         }
         if req.until_finished && build_ended(shared, build, cursor).await? {
             // Its ending event came before this stream's cursor.
             return Ok(());
         }
-        let wait = if logs.is_some() {
-            LOG_POLL
-        } else {
-            SAFETY_POLL
-        };
-        tokio::select! {
-            _ = tick.changed() => {}
-            _ = tokio::time::sleep(wait) => {}
-            _ = tx.closed() => return Ok(()),
+        // Caught up: follow the sequencer.
+        loop {
+            let next = tokio::select! {
+                r = numbered.recv() => Some(r),
+                _ = tokio::time::sleep(LOG_POLL), if logs.is_some() => None,
+                _ = tx.closed() => return Ok(()),
+            };
+            if let Some(live) = &mut logs {
+                for line in live.poll(shared).await? {
+                    if tx.send(Ok(line)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            match next {
+                None => {}
+                Some(Ok(row)) => {
+                    let ours = build.is_none_or(|b| row.builds.contains(&b));
+                    if row.seq <= cursor || !ours {
+                        continue;
+                    }
+                    cursor = row.seq;
+                    if send_event(build, req, (*row).clone(), tx).await? == Next::Stop {
+                        return Ok(());
+                    }
+                }
+                // Fell behind the subscription: read the database again.
+                Some(Err(broadcast::error::RecvError::Lagged(_))) => break,
+                Some(Err(broadcast::error::RecvError::Closed)) => {
+                    return Err(Status::unavailable("the runner is stopping"));
+                }
+            }
         }
     }
+}
+
+#[derive(PartialEq, Eq)]
+enum Next {
+    Go,
+    Stop,
+}
+
+/// Sends one event; Stop when the client left or the stream is done.
+async fn send_event(
+    build: Option<i32>,
+    req: &WatchRequest,
+    row: EventRow,
+    tx: &mpsc::Sender<Result<Event, Status>>,
+) -> Result<Next, Status> {
+    let ends = build.is_some() && ends_build(&row);
+    if tx.send(Ok(to_wire(row))).await.is_err() {
+        return Ok(Next::Stop); // the client left
+    }
+    Ok(if ends && req.until_finished {
+        Next::Stop
+    } else {
+        Next::Go
+    })
 }
 
 /// The logs of a build's running steps, read as they grow, for a watcher
@@ -135,7 +162,7 @@ async fn pump_events(
 /// more, then forgotten.
 struct LiveLogs {
     build: i32,
-    following: std::collections::HashMap<StorePath, (u64, LineCursor)>,
+    following: std::collections::HashMap<StorePath, (Tail, LineCursor)>,
 }
 
 impl LiveLogs {
@@ -146,7 +173,7 @@ impl LiveLogs {
         }
     }
 
-    fn poll(&mut self, shared: &Shared) -> Result<Vec<Event>, ApiError> {
+    async fn poll(&mut self, shared: &Shared) -> Result<Vec<Event>, ApiError> {
         let running: Vec<StorePath> = shared.state.read(|v| {
             v.graph
                 .steps_of_build(self.build)
@@ -159,27 +186,28 @@ impl LiveLogs {
         for drv in &running {
             self.following
                 .entry(drv.clone())
-                .or_insert_with(|| (0, LineCursor::new(0)));
+                .or_insert_with(|| (Tail::new(drv.clone(), 0), LineCursor::new(0)));
         }
         let mut out = Vec::new();
         let mut done = Vec::new();
-        for (drv, (offset, cursor)) in &mut self.following {
+        for (drv, (tail, cursor)) in &mut self.following {
             let ended = !running.contains(drv);
-            if let Some(bytes) = shared.logs.read_from(drv, *offset)? {
-                *offset += bytes.len() as u64;
-                let full = shared.store.dir().display(drv);
-                for line in cursor.push(&bytes, ended).lines {
-                    out.push(Event {
-                        seq: 0,
-                        kind: EventKind::Log as i32,
-                        build_ids: vec![self.build as u64],
-                        drv_path: full.clone(),
-                        detail: line,
-                        ..Default::default()
-                    });
-                }
+            let full = shared.store.dir().display(drv);
+            // One chunk per poll and step: a step that writes faster than
+            // this watcher reads is followed at the watcher's pace.
+            let bytes = tail.next(&shared.logs).await?;
+            let at_end = bytes.len() < CHUNK;
+            for line in cursor.push(&bytes, ended && at_end).lines {
+                out.push(Event {
+                    seq: 0,
+                    kind: EventKind::Log as i32,
+                    build_ids: vec![self.build as u64],
+                    drv_path: full.clone(),
+                    detail: line,
+                    ..Default::default()
+                });
             }
-            if ended {
+            if ended && at_end {
                 done.push(drv.clone());
             }
         }
@@ -187,6 +215,49 @@ impl LiveLogs {
             self.following.remove(&d);
         }
         Ok(out)
+    }
+}
+
+/// A log read on from where the reader is, chunk by chunk, off the async
+/// threads; opened when it first exists.
+struct Tail {
+    drv: StorePath,
+    reader: Option<LogReader>,
+    offset: u64,
+}
+
+impl Tail {
+    fn new(drv: StorePath, offset: u64) -> Tail {
+        Tail {
+            drv,
+            reader: None,
+            offset,
+        }
+    }
+
+    /// The next bytes of the log, at most [`CHUNK`]; fewer at its current
+    /// end, none when there is no log yet.
+    async fn next(&mut self, logs: &LogStore) -> Result<Vec<u8>, crate::logs::LogError> {
+        let (logs, drv, offset, reader) =
+            (logs.clone(), self.drv.clone(), self.offset, self.reader.take());
+        let (reader, bytes) = tokio::task::spawn_blocking(move || {
+            let mut reader = match reader {
+                Some(r) => Some(r),
+                None => logs.open_at(&drv, offset)?,
+            };
+            let mut buf = vec![0u8; CHUNK];
+            let n = match &mut reader {
+                Some(r) => r.fill(&mut buf)?,
+                None => 0,
+            };
+            buf.truncate(n);
+            Ok::<_, crate::logs::LogError>((reader, buf))
+        })
+        .await
+        .expect("reading a log does not panic")?;
+        self.reader = reader;
+        self.offset += bytes.len() as u64;
+        Ok(bytes)
     }
 }
 
@@ -212,7 +283,7 @@ async fn build_ended(shared: &Shared, build: Option<i32>, cursor: i64) -> Result
           where b.id = $1",
     )
     .bind(id)
-    .fetch_optional(&shared.pool)
+    .fetch_optional(&shared.api_pool)
     .await
     .map_err(ApiError::from)?;
     match row {
@@ -262,13 +333,13 @@ pub async fn log(
     req: GetLogRequest,
 ) -> Result<ReceiverStream<Result<LogLines, Status>>, ApiError> {
     let drv = log_target(&shared, &req).await?;
-    if !req.follow && shared.logs.read_from(&drv, 0)?.is_none() {
+    if !req.follow && !shared.logs.exists(&drv) {
         return Err(ApiError::NotFound(format!(
             "there is no log of {}",
             shared.store.dir().display(&drv)
         )));
     }
-    let (tx, rx) = mpsc::channel(16);
+    let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         if let Err(e) = pump_log(&shared, &drv, &req, &tx).await {
             let _ = tx.send(Err(e.into())).await;
@@ -285,7 +356,7 @@ async fn log_target(shared: &Shared, req: &GetLogRequest) -> Result<StorePath, A
         let id = build_id(req.build_id)?;
         sqlx::query_scalar::<_, String>("select drvPath from Builds where id = $1")
             .bind(id)
-            .fetch_optional(&shared.pool)
+            .fetch_optional(&shared.api_pool)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("there is no build {id}")))?
     };
@@ -296,8 +367,10 @@ async fn log_target(shared: &Shared, req: &GetLogRequest) -> Result<StorePath, A
         .map_err(|e| ApiError::Invalid(format!("{full:?} is not a store path: {e}")))
 }
 
-/// Sends whole lines from `req.from_line`; with `follow`, keeps reading
-/// while the step is queued or running, then sends the rest.
+/// Sends the log from `req.from_line` (or, `raw`, from `req.from_byte`)
+/// in chunks; with `follow`, keeps reading while the step is queued or
+/// running, then sends the rest. A chunk is sent before the next is read:
+/// a client that reads slowly holds the reading back, not memory.
 async fn pump_log(
     shared: &Shared,
     drv: &StorePath,
@@ -305,15 +378,29 @@ async fn pump_log(
     tx: &mpsc::Sender<Result<LogLines, Status>>,
 ) -> Result<(), ApiError> {
     let mut lines = LineCursor::new(req.from_line);
-    let mut offset = 0u64;
+    let mut tail = Tail::new(drv.clone(), if req.raw { req.from_byte } else { 0 });
     loop {
         let live = req.follow && step_pending(shared, drv);
-        if let Some(bytes) = shared.logs.read_from(drv, offset)? {
-            offset += bytes.len() as u64;
-            let batch = lines.push(&bytes, !live);
-            if !batch.lines.is_empty() && tx.send(Ok(batch)).await.is_err() {
-                return Ok(());
-            }
+        let offset = tail.offset;
+        let bytes = tail.next(&shared.logs).await?;
+        let at_end = bytes.len() < CHUNK;
+        let message = if req.raw {
+            (!bytes.is_empty()).then(|| LogLines {
+                data: bytes,
+                offset,
+                ..Default::default()
+            })
+        } else {
+            let batch = lines.push(&bytes, at_end && !live);
+            (!batch.lines.is_empty()).then_some(batch)
+        };
+        if let Some(m) = message
+            && tx.send(Ok(m)).await.is_err()
+        {
+            return Ok(());
+        }
+        if !at_end {
+            continue;
         }
         if !live {
             return Ok(());
@@ -367,8 +454,19 @@ impl LineCursor {
             *next_line += 1;
         };
         while let Some(nl) = self.partial[start..].iter().position(|b| *b == b'\n') {
-            emit(&self.partial[start..start + nl], &mut self.next_line);
+            let mut line = &self.partial[start..start + nl];
+            while line.len() >= MAX_LINE {
+                emit(&line[..MAX_LINE], &mut self.next_line);
+                line = &line[MAX_LINE..];
+            }
+            emit(line, &mut self.next_line);
             start += nl + 1;
+        }
+        // An unterminated line longer than the longest one sent is sent
+        // in pieces as it grows, so the cursor holds at most one of them.
+        while self.partial.len() - start >= MAX_LINE {
+            emit(&self.partial[start..start + MAX_LINE], &mut self.next_line);
+            start += MAX_LINE;
         }
         self.partial.drain(..start);
         if eof && !self.partial.is_empty() {
@@ -378,6 +476,7 @@ impl LineCursor {
         LogLines {
             first_line: first.unwrap_or(self.next_line),
             lines: out,
+            ..Default::default()
         }
     }
 }
@@ -399,5 +498,25 @@ mod tests {
         );
         let end = c.push(b"ee", true);
         assert_eq!((end.first_line, end.lines), (3, vec!["three".into()]));
+    }
+
+    #[test]
+    fn a_long_line_is_cut_the_same_whether_read_at_once_or_as_it_grows() {
+        let long = vec![b'x'; MAX_LINE * 2 + 5];
+        let mut log = long.clone();
+        log.extend_from_slice(b"\nnext\n");
+        let mut whole = LineCursor::new(0);
+        let at_once = whole.push(&log, true).lines;
+        let mut growing = LineCursor::new(0);
+        let mut pieces = Vec::new();
+        for chunk in log.chunks(CHUNK) {
+            let batch = growing.push(chunk, false);
+            assert!(growing.partial.len() < MAX_LINE, "the cursor holds less than a line");
+            pieces.extend(batch.lines);
+        }
+        pieces.extend(growing.push(b"", true).lines);
+        assert_eq!(at_once, pieces);
+        let lengths: Vec<usize> = at_once.iter().map(|l| l.len()).collect();
+        assert_eq!(lengths, vec![MAX_LINE, MAX_LINE, 5, 4]);
     }
 }

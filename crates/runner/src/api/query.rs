@@ -45,14 +45,14 @@ const SELECT: &str =
 pub async fn get_build(shared: &Shared, id: i32) -> Result<BuildInfo, ApiError> {
     let row: Option<BuildRow> = sqlx::query_as(&format!("{SELECT} where b.id = $1"))
         .bind(id)
-        .fetch_optional(&shared.pool)
+        .fetch_optional(&shared.api_pool)
         .await?;
     let row = row.ok_or_else(|| ApiError::NotFound(format!("there is no build {id}")))?;
     let steps = counters(shared, id).await?;
     let outputs: Vec<(String, Option<String>)> =
         sqlx::query_as("select name, path from BuildOutputs where build = $1 order by name")
             .bind(id)
-            .fetch_all(&shared.pool)
+            .fetch_all(&shared.api_pool)
             .await?;
     let mut info = to_info(row, Some(steps));
     info.outputs = outputs
@@ -103,7 +103,7 @@ pub async fn list_builds(
         .bind(req.queued_after)
         .bind(req.queued_before)
         .bind(limit + 1)
-        .fetch_all(&shared.pool)
+        .fetch_all(&shared.api_pool)
         .await?;
     let more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
@@ -187,11 +187,11 @@ pub async fn counters(shared: &Shared, build: i32) -> Result<StepCounters, ApiEr
         }
         (queued, running, paths)
     });
-    let (succeeded, failed) = finished_steps(&shared.pool, build, &in_graph).await?;
+    let (succeeded, failed) = finished_steps(&shared.api_pool, build, &in_graph).await?;
     let cached: Option<i32> =
         sqlx::query_scalar("select cached from hqr_build_plans where build = $1")
             .bind(build)
-            .fetch_optional(&shared.pool)
+            .fetch_optional(&shared.api_pool)
             .await?;
     let cached = cached.unwrap_or(0).max(0) as u32;
     Ok(StepCounters {

@@ -89,29 +89,42 @@ pub(super) async fn watch(
     Ok(())
 }
 
+/// Prints a log of any size as it streams (each message is at most 64 KiB
+/// of it). Plain output without `--from-line` is the log's exact bytes;
+/// `--json` and `--from-line` number lines.
 pub(super) async fn logs(
     client: &mut Client,
     out: &Output,
     target: &str,
     follow: bool,
     from_line: u64,
+    from_byte: Option<u64>,
 ) -> Result<()> {
     let (build_id, drv_path) = match target.parse::<u64>() {
         Ok(id) => (id, String::new()),
         Err(_) => (0, target.to_owned()),
     };
+    if out.json && from_byte.is_some() {
+        bail!("--from-byte prints bytes: leave out --json");
+    }
+    let raw = !out.json && from_line == 0;
     let mut stream = client
         .get_log(GetLogRequest {
             drv_path,
             build_id,
             from_line,
             follow,
+            raw,
+            from_byte: from_byte.unwrap_or(0),
         })
         .await?
         .into_inner();
     let stdout = std::io::stdout();
     while let Some(batch) = stream.message().await? {
         let mut lock = stdout.lock();
+        if raw {
+            lock.write_all(&batch.data)?;
+        }
         for (i, line) in batch.lines.iter().enumerate() {
             if out.json {
                 let n = batch.first_line + i as u64;

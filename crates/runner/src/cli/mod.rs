@@ -72,8 +72,12 @@ pub enum ClientCommand {
         #[arg(long, short)]
         follow: bool,
         /// First line to print (0-based).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, conflicts_with = "from_byte")]
         from_line: u64,
+        /// Print the log's exact bytes from this byte on (without --json;
+        /// what the log holds, invalid UTF-8 and all).
+        #[arg(long)]
+        from_byte: Option<u64>,
     },
     /// Cancel queued builds (status 4); steps other builds need keep running.
     Cancel {
@@ -179,7 +183,8 @@ pub async fn run(conn: &Connection, command: ClientCommand) -> Result<()> {
             target,
             follow,
             from_line,
-        } => logs(&mut client, &out, &target, follow, from_line).await,
+            from_byte,
+        } => logs(&mut client, &out, &target, follow, from_line, from_byte).await,
         ClientCommand::Cancel { builds, reason } => {
             let r = client
                 .cancel(CancelRequest {

@@ -42,7 +42,7 @@ pub async fn start_attempt(shared: &Shared, a: Assignment) -> Result<(), Fatal> 
     attempt.inputs = Some(std::sync::Arc::new(
         job.job.input_paths.iter().cloned().collect(),
     ));
-    shared.logs.start(&a.drv_path)?;
+    shared.logs.start(&a.drv_path).await?;
     // The machine may have left while the attempt was persisted: then its
     // departure took its attempts before this one was there.
     if let Err(attempt) = shared.state.attempt_started(attempt) {
@@ -118,7 +118,7 @@ async fn persist(
     let start_time = record::now();
     let drv = shared.store.dir().display(&a.drv_path);
     let first_step = !shared.state.build_started_before(a.owner.id);
-    let attempt = in_transaction!(shared.pool, |tx| {
+    let attempt = in_transaction!(shared, |tx| {
         let stepnr = record::create_build_step(
             &mut tx,
             &NewStepRow {

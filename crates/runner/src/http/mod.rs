@@ -1,7 +1,9 @@
 //! The runner's HTTP endpoint for operators and monitoring (`http_listen`):
 //! `GET /` (a read-only status page for a browser), `GET /status` (the
-//! status document of [`crate::status`], live) and `GET /metrics`
-//! (Prometheus text format).
+//! status document of [`crate::status_document`]) and `GET /metrics`
+//! (Prometheus text format). What they show of the database comes from
+//! [`crate::status_document::Aggregates`], refreshed on the status timer:
+//! no request reads the database.
 
 mod page;
 
@@ -41,7 +43,7 @@ pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) -> Re
 
 async fn status(State(app): State<Arc<App>>) -> impl IntoResponse {
     let mut doc = crate::status_document::snapshot(&app.shared, app.started);
-    if let Ok(uploads) = crate::status_document::upload_queue(&app.shared.pool).await {
+    if let Some(uploads) = app.shared.aggregates.read().uploads.clone() {
         doc["uploads"] = uploads;
     }
     Json(doc)
@@ -58,7 +60,7 @@ async fn page(State(app): State<Arc<App>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
-    let text = render(&app.shared).await;
+    let text = render(&app.shared);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
@@ -79,7 +81,7 @@ fn label(key: &str, value: &str) -> String {
     format!("{{{key}=\"{escaped}\"}}")
 }
 
-async fn render(shared: &Shared) -> String {
+fn render(shared: &Shared) -> String {
     let mut out = String::new();
     let QueueCounts {
         builds,
@@ -187,9 +189,8 @@ async fn render(shared: &Shared) -> String {
         "Binary-cache substitutions that timed out on the machine.",
         &timeouts,
     );
-    if let Ok(serde_json::Value::Object(queue)) =
-        crate::status_document::upload_queue(&shared.pool).await
-    {
+    let uploads = shared.aggregates.read().uploads.clone();
+    if let Some(serde_json::Value::Object(queue)) = uploads {
         let pick = |field: &str| -> Vec<(String, f64)> {
             queue
                 .iter()
@@ -246,6 +247,18 @@ async fn render(shared: &Shared) -> String {
         "gauge",
         "Idle PostgreSQL connections of the pool.",
         &one(shared.pool.num_idle()),
+    );
+    shared.metrics.pool_wait_seconds.lock().render(
+        &mut out,
+        "hqr_db_pool_wait_seconds",
+        "How long the runner's transactions waited for a connection of its own pool.",
+    );
+    family(
+        &mut out,
+        "hqr_db_api_pool_connections",
+        "gauge",
+        "PostgreSQL connections of the client API's and HTTP endpoint's pool.",
+        &one(shared.api_pool.size() as usize),
     );
     out
 }

@@ -122,7 +122,7 @@ pub(super) async fn fail_step(
     } else {
         Vec::new()
     };
-    let owner = in_transaction!(shared.pool, |tx| {
+    let owner = in_transaction!(shared, |tx| {
         let owner =
             write_failure(&mut tx, shared, &failed, attempt, &builds, None, failure).await?;
         record::insert_failed_paths(&mut tx, &known).await?;
@@ -134,7 +134,7 @@ pub(super) async fn fail_step(
     // Builds that attached to the step while the transaction ran.
     let late = late_builds(removed.builds, &builds);
     if !late.is_empty() {
-        in_transaction!(shared.pool, |tx| {
+        in_transaction!(shared, |tx| {
             write_failure(&mut tx, shared, &failed, None, &late, owner, failure).await?;
             Ok(())
         })?;

@@ -111,7 +111,7 @@ pub async fn abandon_inherited(
     reason: &str,
 ) -> Result<(), Fatal> {
     tracing::warn!(drv = %open.drv_path, machine = %open.machine, attempt = %open.id, "attempt from before the restart abandoned: {reason}");
-    let log_file = shared.logs.finish(&open.drv_path)?;
+    let log_file = shared.logs.finish(&open.drv_path).await?;
     let result = StepResult {
         status: BuildStatus::Aborted,
         error_msg: Some(reason),
@@ -123,7 +123,7 @@ pub async fn abandon_inherited(
         log_file: &log_file.display().to_string(),
         outputs: &[],
     };
-    in_transaction!(shared.pool, |tx| {
+    in_transaction!(shared, |tx| {
         record::finish_build_step(&mut tx, open.build, open.stepnr, &result).await?;
         attempts::close(&mut tx, &open.id, BuildStatus::Aborted.code()).await?;
         Ok(())
@@ -173,7 +173,7 @@ pub async fn on_report(
             .await
             .map_err(ReportError::from);
     };
-    let log_file = shared.logs.finish(&attempt.drv_path).map_err(Fatal::from)?;
+    let log_file = shared.logs.finish(&attempt.drv_path).await.map_err(Fatal::from)?;
     tracing::info!(drv = %attempt.drv_path, machine = %attempt.machine, "step failed ({status:?}): {}", report.error_msg);
     let failure = failure::Failure {
         status,
@@ -229,7 +229,7 @@ pub(super) async fn close_attempt(
     reason: &str,
     how: AttemptEnd,
 ) -> Result<(), Fatal> {
-    let log_file = shared.logs.finish(&attempt.drv_path)?;
+    let log_file = shared.logs.finish(&attempt.drv_path).await?;
     let result = StepResult {
         status,
         error_msg: Some(reason),
@@ -241,7 +241,7 @@ pub(super) async fn close_attempt(
         log_file: &log_file.display().to_string(),
         outputs: &[],
     };
-    in_transaction!(shared.pool, |tx| {
+    in_transaction!(shared, |tx| {
         record::finish_build_step(&mut tx, attempt.build, attempt.stepnr, &result).await?;
         attempts::close(&mut tx, &attempt.id, status.code()).await?;
         let drv = shared.store.dir().display(&attempt.drv_path);

@@ -62,21 +62,21 @@ impl Measured {
 }
 
 /// Reads an output already in the runner's store (not uploaded by this
-/// attempt): its NAR is exported and scanned.
+/// attempt): its NAR is streamed out of the store and scanned as it comes.
 pub async fn scan_store_output(
     client: &mut DaemonClient,
     path: &str,
 ) -> Result<(u64, OutputScan), StoreError> {
-    let mut nar = Vec::new();
-    let info = client.nar_from_path(path, &mut nar).await?;
-    let scan = tokio::task::spawn_blocking(move || scan_nar(nar.as_slice()))
-        .await
-        .expect("scanning does not panic")
-        .map_err(|e| StoreError::BadNar {
+    let info = client.require_path_info(path).await?;
+    let scan = crate::store::export_into(client, &info, |nar| scan_nar(nar)).await;
+    match scan {
+        Ok(scan) => Ok((info.nar_size, scan)),
+        Err(crate::store::ExportError::Store(e)) => Err(e.into()),
+        Err(crate::store::ExportError::Consumer(e)) => Err(StoreError::BadNar {
             path: path.to_owned(),
             message: e.to_string(),
-        })?;
-    Ok((info.nar_size, scan))
+        }),
+    }
 }
 
 /// Sizes and `nix-support` of `outputs` (name, path), which must be valid
@@ -205,7 +205,7 @@ pub async fn succeed(
     let Some(done) = shared.state.finishing(&attempt.drv_path, Some(&attempt.id)) else {
         return super::close_dropped(shared, &attempt).await;
     };
-    let log_file = shared.logs.finish(&attempt.drv_path)?.display().to_string();
+    let log_file = shared.logs.finish(&attempt.drv_path).await?.display().to_string();
     let start_time = report.start_time.map_or(attempt.start_time, i64::from);
     let stop_time = report.stop_time.map_or_else(record::now, i64::from);
     let paths = measured.paths();
@@ -223,7 +223,7 @@ pub async fn succeed(
         outputs: &paths,
         except: Some(attempt.build),
     };
-    let written = in_transaction!(shared.pool, |tx| {
+    let written = in_transaction!(shared, |tx| {
         record::finish_build_step(
             &mut tx,
             attempt.build,
@@ -326,7 +326,7 @@ pub async fn succeed_unbuilt(
         outputs: &paths,
         except: None,
     };
-    in_transaction!(shared.pool, |tx| {
+    in_transaction!(shared, |tx| {
         record_realisations(shared, &mut tx, &realised, &paths, &measured.closure).await?;
         record::record_resolved_terminal(&mut tx, &terminal).await?;
         write_success(&mut tx, &done.direct, owner, &success).await?;
@@ -374,7 +374,7 @@ async fn apply_success(
         .collect();
     if !late.is_empty() || !late_resolved.is_empty() {
         let paths = success.outputs;
-        in_transaction!(shared.pool, |tx| {
+        in_transaction!(shared, |tx| {
             write_success(&mut tx, &late, owner, success).await?;
             let destinations = &shared.config().destinations;
             for drv in &late_resolved {

@@ -49,7 +49,7 @@ struct Cursors {
 }
 
 pub async fn run(shared: Arc<Shared>) -> Result<(), Fatal> {
-    let mut listener = PgListener::connect_with(&shared.pool).await?;
+    let mut listener = PgListener::connect_with(&shared.listen_pool).await?;
     listener.listen_all(CHANNELS).await?;
     // Changes committed before this point are covered by the full load
     // below; ones that commit later, though numbered lower, are in the
@@ -394,7 +394,7 @@ async fn finish_cached(
     let now = record::now();
     let paths = measured.paths();
     let success = measured.success(&paths, now, now);
-    in_transaction!(shared.pool, |tx| {
+    in_transaction!(shared, |tx| {
         record::mark_succeeded_build(&mut tx, build, &success, true).await?;
         record::notify_build_finished(&mut tx, build.id, &[]).await?;
         Ok(())
@@ -423,7 +423,7 @@ async fn finish_cached_in_destination(
         start_time: now,
         stop_time: now,
     };
-    in_transaction!(shared.pool, |tx| {
+    in_transaction!(shared, |tx| {
         record::mark_succeeded_build(&mut tx, build, &success, true).await?;
         record::notify_build_finished(&mut tx, build.id, &[]).await?;
         Ok(())
@@ -457,7 +457,7 @@ async fn fail_cached(shared: &Shared, build: &Build, step: CachedStep<'_>) -> Re
     } else {
         BuildStatus::DepFailed
     };
-    in_transaction!(shared.pool, |tx| {
+    in_transaction!(shared, |tx| {
         let propagated_from = record::earlier_failure(&mut tx, &drv, step.outputs).await?;
         record::create_build_step(
             &mut tx,
@@ -493,7 +493,7 @@ async fn abort_build(
 ) -> Result<(), Fatal> {
     tracing::error!(build, "aborting build: {reason}");
     let now = record::now();
-    in_transaction!(shared.pool, |tx| {
+    in_transaction!(shared, |tx| {
         record::create_build_step(
             &mut tx,
             &NewStepRow {

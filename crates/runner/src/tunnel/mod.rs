@@ -224,7 +224,9 @@ impl RunnerService for BuilderTunnel {
                 }
             };
             received += (chunk.data.len() - skip) as u64;
-            if let Err(e) = self.shared.logs.append(&drv, &chunk.data[skip..]) {
+            let mut data = chunk.data;
+            data.drain(..skip);
+            if let Err(e) = self.shared.logs.append(&drv, data.into()).await {
                 self.shared.die(e.into());
                 return Err(Status::unavailable("the runner cannot write logs"));
             }

@@ -4,15 +4,26 @@
 //! credentials from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` in the
 //! environment). The NAR and its listing are written before the narinfo,
 //! so a reader never sees a narinfo whose NAR is missing.
+//!
+//! Nothing is held whole: a NAR streams out of the runner's store through
+//! zstd into an unnamed spool file (under `spool_dir`; its name, the
+//! compressed file's hash, is known only at its end) while its listing is
+//! read off the same stream, all on a blocking thread. Objects up to
+//! [`PART`] go up in one PUT, larger ones in parts of [`PART`] or more
+//! (S3 multipart; a file:// cache writes a staging file renamed at the
+//! end), with at most [`PARTS_IN_FLIGHT`] parts in memory at once.
 
+use std::io::{Read, Seek, Write};
+use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use hydra_nix::Hash;
-use hydra_nix::binary_cache::{NarInfo, SecretKey, cache_info, listing, realisation_doi};
+use hydra_nix::binary_cache::{NarInfo, SecretKey, cache_info, realisation_doi};
 use hydra_nix::daemon::DaemonClient;
 use object_store::path::Path as Key;
-use object_store::{ObjectStore, PutPayload};
+use object_store::{ObjectStore, PutPayload, WriteMultipart};
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use super::presence::InCache;
@@ -28,6 +39,11 @@ pub enum UploadError {
     Store(#[from] hydra_nix::daemon::DaemonError),
     #[error("compressing: {0}")]
     Compress(std::io::Error),
+    #[error("the spool file under {dir}: {source}")]
+    Spool {
+        dir: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Nar(#[from] hydra_nix::nar::NarError),
     #[error("naming the realisation: {0}")]
@@ -43,6 +59,15 @@ pub struct BadDestination {
     pub url: String,
     pub reason: String,
 }
+
+/// Objects up to this size go up in one PUT; larger ones in parts of this
+/// size (S3's smallest part is 5 MiB) or more.
+pub const PART: usize = 8 << 20;
+/// Parts uploading at once: with the one being filled, what an upload
+/// holds in memory is at most this plus one parts.
+pub const PARTS_IN_FLIGHT: usize = 2;
+/// S3 takes at most 10,000 parts; a larger object gets larger parts.
+const MAX_PARTS: u64 = 9_000;
 
 pub struct Cache {
     store: Arc<dyn ObjectStore>,
@@ -103,6 +128,50 @@ impl Cache {
         Ok(())
     }
 
+    /// Uploads what `reader` gives (read on blocking threads, a part at a
+    /// time): one PUT when it is at most [`PART`], else in parts of
+    /// `part` (at least [`PART`]). `size` (when known) sizes the parts.
+    async fn put_streamed(
+        &self,
+        name: &str,
+        reader: Box<dyn Read + Send>,
+        size: Option<u64>,
+    ) -> Result<(), UploadError> {
+        let part = size.map_or(PART, |s| PART.max(s.div_ceil(MAX_PARTS) as usize));
+        let (mut reader, first) = read_part(reader, part).await?;
+        if first.len() < part {
+            return self.put(name, first).await;
+        }
+        let upload = self.store.put_multipart(&self.key(name)).await?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, part);
+        let mut chunk = first;
+        let result = async {
+            loop {
+                writer.wait_for_capacity(PARTS_IN_FLIGHT).await?;
+                writer.write(&chunk);
+                if chunk.len() < part {
+                    return Ok(());
+                }
+                let (r, next) = read_part(reader, part).await?;
+                (reader, chunk) = (r, next);
+                if chunk.is_empty() {
+                    return Ok(());
+                }
+            }
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                writer.finish().await?;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = writer.abort().await;
+                Err(e)
+            }
+        }
+    }
+
     async fn get(&self, name: &str) -> Result<Option<Bytes>, UploadError> {
         match self.store.get(&self.key(name)).await {
             Ok(found) => Ok(Some(found.bytes().await?)),
@@ -134,6 +203,7 @@ impl Cache {
         client: &mut DaemonClient,
         path: &str,
         key: Option<&SecretKey>,
+        spool_dir: &Path,
     ) -> Result<(), UploadError> {
         self.init().await?;
         let hash_part = hash_part(path);
@@ -145,19 +215,27 @@ impl Cache {
             .query_path_info(path)
             .await?
             .ok_or_else(|| UploadError::Missing(path.to_owned()))?;
-        let mut nar = Vec::new();
-        client.export_nar(&info, &mut nar).await?;
-        let (compressed, ls) = tokio::task::spawn_blocking(move || {
-            let compressed = zstd::encode_all(nar.as_slice(), 3).map_err(UploadError::Compress)?;
-            let ls = listing(&nar)?;
-            Ok::<_, UploadError>((compressed, ls))
-        })
-        .await
-        .expect("compression does not panic")?;
-        let file_hash = Hash::sha256(&compressed);
+        let spool_error = |source| UploadError::Spool {
+            dir: spool_dir.display().to_string(),
+            source,
+        };
+        // Unnamed: it goes when its handle does, even if the runner dies.
+        let spool = tempfile::tempfile_in(spool_dir).map_err(spool_error)?;
+        let packed = crate::store::export_into(client, &info, move |nar| pack(nar, spool)).await;
+        let Packed {
+            mut spool,
+            listing: ls,
+            file_hash,
+            file_size,
+        } = match packed {
+            Ok(p) => p,
+            Err(crate::store::ExportError::Store(e)) => return Err(e.into()),
+            Err(crate::store::ExportError::Consumer(e)) => return Err(e),
+        };
+        spool.rewind().map_err(spool_error)?;
         let url = format!("nar/{}.nar.zst", file_hash.to_base32());
-        let file_size = compressed.len() as u64;
-        self.put(&url, compressed).await?;
+        self.put_streamed(&url, Box::new(spool), Some(file_size))
+            .await?;
         self.put(&format!("{hash_part}.ls"), ls).await?;
         let mut narinfo = NarInfo {
             path: info.path.clone(),
@@ -210,7 +288,7 @@ impl Cache {
 
     /// The build log of `drv` (a full `.drv` path) as `log/<base name>`,
     /// plain, where `nix log --store <cache>` reads it (a rebuilt step's
-    /// log replaces the earlier one).
+    /// log replaces the earlier one); streamed, decompressed as it goes.
     pub async fn upload_log(&self, shared: &Shared, drv: &str) -> Result<(), UploadError> {
         let path = shared
             .store
@@ -218,12 +296,13 @@ impl Cache {
             .parse_path(drv)
             .map_err(|e| UploadError::Log(e.to_string()))?;
         let logs = shared.logs.clone();
-        let bytes = tokio::task::spawn_blocking(move || logs.read(&path))
+        let log = tokio::task::spawn_blocking(move || logs.open_at(&path, 0))
             .await
             .map_err(|e| UploadError::Log(e.to_string()))?
             .map_err(|e| UploadError::Log(e.to_string()))?
             .ok_or_else(|| UploadError::Log(format!("no log of {drv}")))?;
-        self.put(&format!("log/{}", base_name(drv)), bytes).await
+        self.put_streamed(&format!("log/{}", base_name(drv)), Box::new(log), None)
+            .await
     }
 
     /// The NAR size and references the cache's narinfo gives for `path`,
@@ -250,6 +329,93 @@ impl Cache {
             }
         }
     }
+}
+
+/// What [`pack`] made of a NAR.
+struct Packed {
+    /// The compressed NAR.
+    spool: std::fs::File,
+    listing: String,
+    file_hash: Hash,
+    file_size: u64,
+}
+
+/// Compresses the NAR `nar` gives into `spool` while walking it for its
+/// listing (blocking).
+fn pack(nar: &mut dyn Read, spool: std::fs::File) -> Result<Packed, UploadError> {
+    let counted = Counted {
+        inner: std::io::BufWriter::with_capacity(1 << 20, spool),
+        hash: Sha256::new(),
+        size: 0,
+    };
+    let encoder = zstd::stream::write::Encoder::new(counted, 3).map_err(UploadError::Compress)?;
+    let mut tee = Tee { nar, encoder };
+    let listing = hydra_nix::binary_cache::listing_of(&mut tee)?;
+    let counted = tee.encoder.finish().map_err(UploadError::Compress)?;
+    let Counted { inner, hash, size } = counted;
+    let spool = inner
+        .into_inner()
+        .map_err(|e| UploadError::Compress(e.into_error()))?;
+    Ok(Packed {
+        spool,
+        listing,
+        file_hash: Hash {
+            algo: hydra_nix::HashAlgo::Sha256,
+            bytes: hash.finalize().to_vec(),
+        },
+        file_size: size,
+    })
+}
+
+/// A reader that copies what is read into an encoder.
+struct Tee<'a, W: Write> {
+    nar: &'a mut dyn Read,
+    encoder: W,
+}
+
+impl<W: Write> Read for Tee<'_, W> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.nar.read(buf)?;
+        self.encoder.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+/// A writer that hashes and counts what passes.
+struct Counted<W> {
+    inner: W,
+    hash: Sha256,
+    size: u64,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Reads up to `part` bytes off the async threads; fewer only at the end.
+async fn read_part(
+    mut reader: Box<dyn Read + Send>,
+    part: usize,
+) -> Result<(Box<dyn Read + Send>, Vec<u8>), UploadError> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = Vec::with_capacity(part);
+        (&mut reader)
+            .take(part as u64)
+            .read_to_end(&mut buf)
+            .map_err(|e| UploadError::Log(format!("reading what is uploaded: {e}")))?;
+        Ok((reader, buf))
+    })
+    .await
+    .expect("reading does not panic")
 }
 
 fn base_name(path: &str) -> &str {

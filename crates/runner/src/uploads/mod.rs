@@ -122,9 +122,15 @@ pub async fn run(shared: Arc<Shared>, key: Option<Arc<SecretKey>>) {
         return;
     }
     // Claims of a runner that died are void: this runner holds the lock
-    // that makes it the only one working the queue.
+    // that makes it the only one working the queue. Each waits its backoff
+    // before it is tried again, as a failure does: an upload that took the
+    // runner down with it (killed for its memory, say) must not be the
+    // first thing every restart does.
     let released = sqlx::query(
-        "update hqr_uploads set claimed_until = null where done_at is null and claimed_until is not null",
+        "update hqr_uploads set claimed_until = null,
+                last_error = coalesce(last_error, 'the runner stopped during this upload'),
+                next_try = now() + make_interval(secs => least(300, power(2, attempts)))
+          where done_at is null and claimed_until is not null",
     )
     .execute(&shared.pool)
     .await;
@@ -179,7 +185,11 @@ async fn work_once(
             continue; // a destination no longer configured waits for it
         };
         let result = match kind.as_str() {
-            "path" => cache.upload_path(&mut client, item, key).await,
+            "path" => {
+                cache
+                    .upload_path(&mut client, item, key, &shared.config().spool_dir)
+                    .await
+            }
             "log" => cache.upload_log(shared, item).await,
             _ => {
                 let out = out_path.as_deref().unwrap_or_default();
