@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use hydra_testkit::caches::S3Server;
 use hydra_testkit::process::{BuilderProcess, RunnerSetup};
 use hydra_testkit::{BuilderSpec, Farm, NixStore, create_jobset, queue_builds, wait_finished};
 use sqlx::PgPool;
@@ -265,56 +266,6 @@ async fn a_build_whose_outputs_are_only_in_the_cache_is_a_cached_build() {
             .await
             .unwrap();
     assert_eq!(remembered, 1, "the lookup is remembered for the next start");
-}
-
-/// A local S3-compatible server (moto, from PyPI) with a bucket `cache`.
-struct S3Server {
-    child: tokio::process::Child,
-    endpoint: String,
-}
-
-impl S3Server {
-    async fn start() -> S3Server {
-        let address = hydra_testkit::process::free_address().unwrap();
-        let port = address.rsplit(':').next().unwrap().to_owned();
-        let mut command = tokio::process::Command::new("moto_server");
-        command.args(["-H", "127.0.0.1", "-p", &port]);
-        // moto_server: pip install 'moto[server]' (scripts/test.sh does).
-        let child = hydra_testkit::process::start_server(command, "Running on", LIMIT)
-            .await
-            .unwrap();
-        let endpoint = format!("http://{address}");
-        let made = tokio::process::Command::new("curl")
-            .args(["-sf", "-X", "PUT", &format!("{endpoint}/cache")])
-            .status()
-            .await
-            .unwrap();
-        assert!(made.success(), "creating the bucket");
-        S3Server { child, endpoint }
-    }
-
-    /// An object of the bucket, read with credentials (moto refuses
-    /// anonymous reads of objects).
-    async fn get(&self, key: &str) -> Option<Vec<u8>> {
-        use object_store::ObjectStore;
-        let store = object_store::aws::AmazonS3Builder::new()
-            .with_bucket_name("cache")
-            .with_endpoint(&self.endpoint)
-            .with_allow_http(true)
-            .with_region("us-east-1")
-            .with_access_key_id("test")
-            .with_secret_access_key("test")
-            .build()
-            .unwrap();
-        let found = store.get(&object_store::path::Path::from(key)).await.ok()?;
-        Some(found.bytes().await.unwrap().to_vec())
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
 }
 
 #[tokio::test]

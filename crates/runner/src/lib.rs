@@ -27,7 +27,11 @@ macro_rules! in_transaction {
             tries += 1;
             let asked = std::time::Instant::now();
             let mut $tx = $shared.pool.begin().await?;
-            $shared.metrics.pool_wait_seconds.lock().observe(asked.elapsed());
+            $shared
+                .metrics
+                .pool_wait_seconds
+                .lock()
+                .observe(asked.elapsed());
             let result: Result<_, $crate::Fatal> = async { $body }.await;
             let result = match result {
                 Ok(v) => $tx.commit().await.map(|()| v).map_err($crate::Fatal::from),

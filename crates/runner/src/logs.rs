@@ -223,17 +223,23 @@ impl LogStore {
         let plain = self.path(drv);
         match std::fs::File::open(&plain) {
             Ok(mut f) => {
-                f.seek(SeekFrom::Start(offset)).map_err(|source| LogError::Io {
-                    path: plain.clone(),
-                    source,
-                })?;
+                f.seek(SeekFrom::Start(offset))
+                    .map_err(|source| LogError::Io {
+                        path: plain.clone(),
+                        source,
+                    })?;
                 return Ok(Some(LogReader {
                     inner: Box::new(f),
                     path: plain,
                 }));
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(LogError::Io { path: plain, source }),
+            Err(source) => {
+                return Err(LogError::Io {
+                    path: plain,
+                    source,
+                });
+            }
         }
         for suffix in COMPRESSED {
             let packed = self.with_suffix(drv, suffix);
@@ -312,7 +318,9 @@ mod tests {
         let logs = LogStore::new(dir.path(), LogCompression::None);
         let drv = StorePath::from_base_name("7rjj86a15146cq1d3qy068lml7n8ykzm-hello.drv").unwrap();
         logs.start(&drv).await.unwrap();
-        logs.append(&drv, bytes::Bytes::from_static(b"caf\xe9\n")).await.unwrap();
+        logs.append(&drv, bytes::Bytes::from_static(b"caf\xe9\n"))
+            .await
+            .unwrap();
         let named = logs.finish(&drv).await.unwrap();
         assert_eq!(std::fs::read(&named).unwrap(), b"caf\xe9\n");
         // hydra-notify's CompressLog: bzip2 --force <the named file>.

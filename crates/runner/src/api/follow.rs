@@ -238,8 +238,12 @@ impl Tail {
     /// The next bytes of the log, at most [`CHUNK`]; fewer at its current
     /// end, none when there is no log yet.
     async fn next(&mut self, logs: &LogStore) -> Result<Vec<u8>, crate::logs::LogError> {
-        let (logs, drv, offset, reader) =
-            (logs.clone(), self.drv.clone(), self.offset, self.reader.take());
+        let (logs, drv, offset, reader) = (
+            logs.clone(),
+            self.drv.clone(),
+            self.offset,
+            self.reader.take(),
+        );
         let (reader, bytes) = tokio::task::spawn_blocking(move || {
             let mut reader = match reader {
                 Some(r) => Some(r),
@@ -511,7 +515,10 @@ mod tests {
         let mut pieces = Vec::new();
         for chunk in log.chunks(CHUNK) {
             let batch = growing.push(chunk, false);
-            assert!(growing.partial.len() < MAX_LINE, "the cursor holds less than a line");
+            assert!(
+                growing.partial.len() < MAX_LINE,
+                "the cursor holds less than a line"
+            );
             pieces.extend(batch.lines);
         }
         pieces.extend(growing.push(b"", true).lines);

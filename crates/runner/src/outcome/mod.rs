@@ -173,7 +173,11 @@ pub async fn on_report(
             .await
             .map_err(ReportError::from);
     };
-    let log_file = shared.logs.finish(&attempt.drv_path).await.map_err(Fatal::from)?;
+    let log_file = shared
+        .logs
+        .finish(&attempt.drv_path)
+        .await
+        .map_err(Fatal::from)?;
     tracing::info!(drv = %attempt.drv_path, machine = %attempt.machine, "step failed ({status:?}): {}", report.error_msg);
     let failure = failure::Failure {
         status,

@@ -205,7 +205,12 @@ pub async fn succeed(
     let Some(done) = shared.state.finishing(&attempt.drv_path, Some(&attempt.id)) else {
         return super::close_dropped(shared, &attempt).await;
     };
-    let log_file = shared.logs.finish(&attempt.drv_path).await?.display().to_string();
+    let log_file = shared
+        .logs
+        .finish(&attempt.drv_path)
+        .await?
+        .display()
+        .to_string();
     let start_time = report.start_time.map_or(attempt.start_time, i64::from);
     let stop_time = report.stop_time.map_or_else(record::now, i64::from);
     let paths = measured.paths();

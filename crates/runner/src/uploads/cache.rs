@@ -40,10 +40,7 @@ pub enum UploadError {
     #[error("compressing: {0}")]
     Compress(std::io::Error),
     #[error("the spool file under {dir}: {source}")]
-    Spool {
-        dir: String,
-        source: std::io::Error,
-    },
+    Spool { dir: String, source: std::io::Error },
     #[error(transparent)]
     Nar(#[from] hydra_nix::nar::NarError),
     #[error("naming the realisation: {0}")]
