@@ -24,6 +24,10 @@ pub enum Completion {
     Succeed,
     /// Reports a build failure at once (the runner's store takes nothing).
     Fail,
+    /// Never reads its control stream after the welcome (its jobs pile up
+    /// in the connection's buffers), while its pings go on: a builder
+    /// stuck in a way its connection does not show.
+    StopReading,
 }
 
 /// When a load builder received a job.
@@ -86,6 +90,12 @@ pub async fn run_load_builder(
             }
         }
     });
+    if completion == Completion::StopReading {
+        // Holds the stream open and unread for as long as the task lives.
+        let _unread = inbound;
+        std::future::pending::<()>().await;
+        unreachable!("pending never ends");
+    }
     while let Some(msg) = inbound.message().await? {
         let Some(runner_message::Msg::Build(job)) = msg.msg else {
             continue;
@@ -99,7 +109,7 @@ pub async fn run_load_builder(
         let machine_id = machine_id.clone();
         tokio::spawn(async move {
             let done = match completion {
-                Completion::Hold => return,
+                Completion::Hold | Completion::StopReading => return,
                 Completion::Succeed => complete_at_once(client, &machine_id, job).await,
                 Completion::Fail => fail_at_once(client, &machine_id, job).await,
             };

@@ -127,6 +127,27 @@ impl RunnerProcess {
         wait_for(&mut self.lines, needle, limit, "the runner").await
     }
 
+    /// The process id (None once it was reaped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// The most memory the process has had resident so far (`VmHWM`), in
+    /// bytes.
+    pub fn peak_resident_bytes(&self) -> Result<u64> {
+        let pid = self.pid().context("the runner has exited")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .context("no VmHWM")?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()?;
+        Ok(kib * 1024)
+    }
+
     /// SIGKILL, as a crash or the OOM killer would; waits until it is gone.
     pub async fn kill(mut self) -> Result<()> {
         self.child.kill().await?;

@@ -216,6 +216,7 @@ impl Cache {
             dir: spool_dir.display().to_string(),
             source,
         };
+        let started = std::time::Instant::now();
         // Unnamed: it goes when its handle does, even if the runner dies.
         let spool = tempfile::tempfile_in(spool_dir).map_err(spool_error)?;
         let packed = crate::store::export_into(client, &info, move |nar| pack(nar, spool)).await;
@@ -230,9 +231,21 @@ impl Cache {
             Err(crate::store::ExportError::Consumer(e)) => return Err(e),
         };
         spool.rewind().map_err(spool_error)?;
+        let packed_in = started.elapsed();
         let url = format!("nar/{}.nar.zst", file_hash.to_base32());
         self.put_streamed(&url, Box::new(spool), Some(file_size))
             .await?;
+        if file_size >= PART as u64 {
+            // Large uploads take a while: say what they cost.
+            tracing::info!(
+                path,
+                nar_size = info.nar_size,
+                file_size,
+                compressed_secs = packed_in.as_secs_f64(),
+                uploaded_secs = (started.elapsed() - packed_in).as_secs_f64(),
+                "published a large NAR"
+            );
+        }
         self.put(&format!("{hash_part}.ls"), ls).await?;
         let mut narinfo = NarInfo {
             path: info.path.clone(),
