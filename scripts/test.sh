@@ -12,6 +12,7 @@ export CARGO_INCREMENTAL=0
 
 ensure_all
 ensure_moto
+ensure_mmdebstrap
 ensure_chromium
 ensure_nextest
 
@@ -26,4 +27,15 @@ cargo build --workspace --all-targets --locked
 cargo nextest run --workspace --no-run --locked
 
 log "running the tests (PostgreSQL cluster for this run, private Nix stores per test)"
-exec ./target/debug/with-postgres -- cargo nextest run --workspace --locked --no-fail-fast "$@"
+status=0
+./target/debug/with-postgres -- cargo nextest run --workspace --locked --no-fail-fast "$@" || status=$?
+
+# The worker-protocol client against the current Nix too: Nix 2.26 from a
+# Debian 13 root (made on first use, cached in ~/.cache/hydra-queue-runner),
+# sandboxed, with build users of each store's own. Skipped when a filter
+# was given (the arguments above).
+if [ "$#" -eq 0 ]; then
+  log "the daemon client against Nix 2.26 (sandbox on, build users)"
+  HQ_NIX=2.26 ./target/debug/with-postgres -- cargo nextest run -p hydra-nix --test daemon_client --locked --no-fail-fast || status=$?
+fi
+exit "$status"

@@ -52,6 +52,15 @@ ensure_moto() {
   fi
 }
 
+# mmdebstrap makes the Debian 13 root whose Nix 2.26 the current-Nix tests
+# run (hydra_testkit::current_nix; the root itself is made on first use).
+ensure_mmdebstrap() {
+  if ! command -v mmdebstrap >/dev/null 2>&1; then
+    log "installing mmdebstrap (a Debian 13 root with Nix 2.26 for the current-Nix tests)"
+    apt_install mmdebstrap
+  fi
+}
+
 ensure_chromium() {
   if ! command -v chromium >/dev/null 2>&1; then
     log "installing chromium (the status page is tested in a headless browser)"

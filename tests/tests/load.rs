@@ -410,7 +410,7 @@ async fn scrape(http: String, per_sec: u64, mut stop: watch::Receiver<bool>) -> 
             _ = stop.changed() => return tally,
         }
         n += 1;
-        let path = if n % per_sec.max(1) == 0 {
+        let path = if n.is_multiple_of(per_sec.max(1)) {
             "/status"
         } else {
             "/metrics"

@@ -7,6 +7,7 @@ use hydra_nix::nar;
 use hydra_nix::store_path::ContentAddressMethod;
 use hydra_nix::{Derivation, StoreDir};
 use hydra_testkit::NixStore;
+use hydra_testkit::current_nix::NixVersion;
 
 /// The path info of `src` added to the store by content (`nix-store --add`-like).
 fn content_addressed_info(src: &std::path::Path, name: &str) -> PathInfo {
@@ -38,12 +39,62 @@ async fn connect(store: &NixStore) -> DaemonClient {
         .expect("handshake with nix-daemon")
 }
 
+/// The newest protocol both sides know: 1.34 with Nix 2.8 (which says
+/// nothing of trust), 1.38 with Nix 2.26 (the feature exchange, then its
+/// version and its trust in root).
 #[tokio::test]
-async fn handshake_negotiates_protocol_1_34_with_nix_2_8() {
+async fn handshake_negotiates_the_newest_protocol_both_sides_know() {
     let store = NixStore::start().unwrap();
     let client = connect(&store).await;
-    assert_eq!(client.protocol_minor(), 34);
-    assert_eq!(client.daemon_version(), Some("2.8.0"));
+    match store.version() {
+        NixVersion::Host => {
+            assert_eq!(client.protocol_minor(), 34);
+            assert_eq!(client.daemon_version(), Some("2.8.0"));
+            assert_eq!(client.trusted(), None);
+        }
+        NixVersion::Current => {
+            assert_eq!(client.protocol_minor(), 38);
+            assert_eq!(client.daemon_version(), Some("2.26.3"));
+            assert_eq!(client.trusted(), Some(true), "root is trusted");
+            assert!(client.features().is_empty());
+        }
+    }
+}
+
+/// On the current Nix, builds run sandboxed as a build user (never
+/// silently unsandboxed). The build result is read at 1.37's layout (its
+/// CPU times are absent here: Nix measures them only with cgroups).
+#[tokio::test]
+async fn on_the_current_nix_a_build_is_sandboxed_as_a_build_user() {
+    let store = NixStore::start().unwrap();
+    if store.version() != NixVersion::Current {
+        return; // the host's Nix runs tests unsandboxed by design
+    }
+    let paths = store
+        .instantiate(
+            r#"with prelude; {
+                jailed = mkDrv {
+                    name = "jailed";
+                    script = "test ! -e /var && test ! -e /root && test $(id -u) -ne 0 && echo sandboxed > $out";
+                };
+            }"#,
+            &["jailed"],
+        )
+        .await
+        .unwrap();
+    let dir = StoreDir::default();
+    let drv = Derivation::parse(
+        &dir,
+        &store.read_store_file(&paths["jailed"]).await.unwrap(),
+    )
+    .unwrap();
+    let mut client = connect(&store).await;
+    let result = client
+        .build_derivation(&paths["jailed"], &drv, BuildMode::Normal, &mut |_| {})
+        .await
+        .unwrap();
+    assert_eq!(result.status, BuildStatus::Built, "{}", result.error_msg);
+    assert!(result.stop_time >= result.start_time);
 }
 
 /// A directory tree imported as a NAR reads back byte for byte, with the

@@ -20,6 +20,7 @@
 //!   binary-cache tests.
 
 pub mod caches;
+pub mod current_nix;
 pub mod evaluator;
 pub mod farm;
 pub mod fuzz;

@@ -6,6 +6,10 @@
 //! processes in the host namespace (the runner, tests, `nix-instantiate`)
 //! reach that store through the daemon. The socket is bound before the
 //! daemon starts and handed over by socket activation: nobody waits for it.
+//!
+//! With `HQ_NIX=2.26` the daemon and the Nix CLI come from a Debian 13
+//! root instead, sandboxed, with build users of the store's own
+//! ([`crate::current_nix`]).
 
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
@@ -15,6 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use thiserror::Error;
+
+use crate::current_nix::{self, NixVersion};
 
 /// The Nix settings tests and the demo use: root without a daemon's build
 /// users, no sandbox, no network substituters, CA derivations enabled.
@@ -30,6 +36,14 @@ pub fn nix_config() -> String {
     .join("\n")
 }
 
+/// The settings of a store's daemon and tools.
+fn version_config(version: NixVersion) -> String {
+    match version {
+        NixVersion::Host => nix_config(),
+        NixVersion::Current => current_nix::nix_config(),
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum NixError {
     #[error("I/O error: {0}")]
@@ -42,6 +56,8 @@ pub enum NixError {
     },
     #[error("private stores need root (for unshare --mount and the bind mount on /nix)")]
     NotRoot,
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// A store of its own, served by a nix-daemon in a private mount namespace.
@@ -55,6 +71,7 @@ pub struct NixStore {
     daemon: Child,
     /// A store opened at a fixed place (a benchmark's cache) outlives us.
     keep: bool,
+    version: NixVersion,
 }
 
 impl NixStore {
@@ -82,6 +99,7 @@ impl NixStore {
         if unsafe { libc::geteuid() } != 0 {
             return Err(NixError::NotRoot);
         }
+        let version = NixVersion::from_env()?;
         let nix_dir = root.join("nix");
         std::fs::create_dir_all(&nix_dir)?;
         let socket = root.join("daemon.sock");
@@ -93,10 +111,24 @@ impl NixStore {
         let (ready_read, ready_write) = std::io::pipe()?;
         let ready_fd = ready_write.as_raw_fd();
         let mut cmd = Command::new("unshare");
-        cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-            .arg(r#"mount --bind "$0" /nix && echo ready >&4 && exec 4>&- && export LISTEN_PID=$$ LISTEN_FDS=1 && exec nix-daemon"#)
-            .arg(&nix_dir)
-            .env("NIX_CONFIG", nix_config())
+        cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"]);
+        match version {
+            NixVersion::Host => cmd
+                .arg(r#"mount --bind "$0" /nix && echo ready >&4 && exec 4>&- && export LISTEN_PID=$$ LISTEN_FDS=1 && exec nix-daemon"#)
+                .arg(&nix_dir),
+            NixVersion::Current => {
+                let users = root.join("users");
+                std::fs::create_dir_all(&users)?;
+                current_nix::write_build_users(&users)?;
+                cmd.arg(current_nix::SERVE)
+                    .arg("sh")
+                    .arg(current_nix::root()?)
+                    .arg(&nix_dir)
+                    .arg(&users)
+                    .arg(&root)
+            }
+        };
+        cmd.env("NIX_CONFIG", version_config(version))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -121,6 +153,7 @@ impl NixStore {
             socket,
             daemon,
             keep,
+            version,
         };
         store.wait_until_mounted(ready_read)?;
         store.initialise()?;
@@ -150,18 +183,28 @@ impl NixStore {
     /// and one of the two connections is dropped.
     fn initialise(&self) -> Result<(), NixError> {
         let out = Command::new("nsenter")
-            .args([
-                "-t",
-                &self.daemon.id().to_string(),
-                "-m",
-                "--",
-                "nix-store",
-                "--init",
-            ])
-            .env("NIX_CONFIG", nix_config())
+            .args(self.enter())
+            .args(["nix-store", "--init"])
+            .env("NIX_CONFIG", version_config(self.version))
             .env_remove("NIX_REMOTE")
             .output()?;
         check(&out, "nix-store --init")
+    }
+
+    /// `nsenter` arguments that reach the daemon's namespace (and, for
+    /// the current Nix, its root), up to the program to run.
+    fn enter(&self) -> Vec<String> {
+        let mut args = vec!["-t".to_owned(), self.daemon.id().to_string(), "-m".into()];
+        if self.version == NixVersion::Current {
+            args.extend(["-r".into(), "-w".into()]);
+        }
+        args.push("--".into());
+        args
+    }
+
+    /// Which Nix this store's daemon and tools are.
+    pub fn version(&self) -> NixVersion {
+        self.version
     }
 
     /// The daemon's socket: give it to our client or to Nix's tools.
@@ -177,8 +220,9 @@ impl NixStore {
     /// and fails on derivations that depend on CA outputs.
     pub fn command(&self, program: &str) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new("nsenter");
-        cmd.args(["-t", &self.daemon.id().to_string(), "-m", "--", program])
-            .env("NIX_CONFIG", nix_config())
+        cmd.args(self.enter())
+            .arg(program)
+            .env("NIX_CONFIG", version_config(self.version))
             .env_remove("NIX_REMOTE")
             .kill_on_drop(true);
         cmd

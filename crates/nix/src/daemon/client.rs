@@ -13,8 +13,16 @@ use crate::{Derivation, StoreDir};
 const WORKER_MAGIC_1: u64 = 0x6e697863;
 const WORKER_MAGIC_2: u64 = 0x6478696f;
 
-/// The protocol version this client offers (Nix 2.8's).
-pub const PROTOCOL_VERSION: u64 = (1 << 8) | 34;
+/// The protocol version this client offers: Nix 2.26's. What each
+/// version after Nix 2.8's 1.34 adds, and this client reads or writes:
+/// 1.35 the daemon's trust in the client, after its version string in the
+/// handshake; 1.36 nothing on the operations used here; 1.37 a build
+/// result's user and system CPU time; 1.38 a feature exchange right after
+/// the versions (each side sends the set of features it supports; this
+/// client supports none yet, and Nix 2.26 defines none).
+pub const PROTOCOL_VERSION: u64 = (1 << 8) | 38;
+/// Protocol features this client understands (1.38's exchange).
+pub const FEATURES: &[&str] = &[];
 /// The oldest daemon spoken to: Nix 2.4's 1.32. Every field this client
 /// reads unconditionally (build times >= 1.29, built outputs >= 1.28, JSON
 /// realisations >= 1.31, the substitute flag >= 1.27) exists from there on.
@@ -94,6 +102,10 @@ pub struct DaemonClient {
     w: Writer,
     minor: u64,
     daemon_version: Option<String>,
+    /// Whether the daemon trusts this client (>= 1.35; None: it did not say).
+    trusted: Option<bool>,
+    /// The features both sides support (>= 1.38).
+    features: BTreeSet<String>,
     store_dir: StoreDir,
 }
 
@@ -116,6 +128,8 @@ impl DaemonClient {
             w: BufWriter::new(w),
             minor: 0,
             daemon_version: None,
+            trusted: None,
+            features: BTreeSet::new(),
             store_dir: StoreDir::default(),
         };
         write_u64(&mut c.w, WORKER_MAGIC_1).await?;
@@ -133,11 +147,32 @@ impl DaemonClient {
         }
         c.minor = minor.min(PROTOCOL_VERSION & 0xff);
         write_u64(&mut c.w, PROTOCOL_VERSION).await?;
+        if c.minor >= 38 {
+            write_strings(&mut c.w, FEATURES).await?;
+            c.w.flush().await?;
+            let theirs = read_strings(&mut c.r).await?;
+            c.features = theirs
+                .into_iter()
+                .filter(|f| FEATURES.contains(&f.as_str()))
+                .collect();
+        }
         write_u64(&mut c.w, 0).await?; // no CPU affinity (>= 1.14)
         write_u64(&mut c.w, 0).await?; // obsolete reserveSpace (>= 1.11)
         c.w.flush().await?;
         if c.minor >= 33 {
             c.daemon_version = Some(read_string(&mut c.r).await?);
+        }
+        if c.minor >= 35 {
+            c.trusted = match read_u64(&mut c.r).await? {
+                0 => None,
+                1 => Some(true),
+                2 => Some(false),
+                other => {
+                    return Err(DaemonError::Protocol(format!(
+                        "the daemon's trust flag is {other} (0, 1 or 2 expected)"
+                    )));
+                }
+            };
         }
         c.process_stderr(&mut |_| {}).await?;
         Ok(c)
@@ -151,6 +186,16 @@ impl DaemonClient {
     /// The daemon's Nix version, when it says (protocol >= 1.33).
     pub fn daemon_version(&self) -> Option<&str> {
         self.daemon_version.as_deref()
+    }
+
+    /// Whether the daemon trusts this client, when it says (>= 1.35).
+    pub fn trusted(&self) -> Option<bool> {
+        self.trusted
+    }
+
+    /// The protocol features both sides support (>= 1.38).
+    pub fn features(&self) -> &BTreeSet<String> {
+        &self.features
     }
 
     pub async fn set_options(&mut self, s: &ClientSettings) -> Result<(), DaemonError> {
@@ -493,6 +538,11 @@ impl DaemonClient {
         let is_non_deterministic = read_bool(&mut self.r).await?;
         let start_time = read_u64(&mut self.r).await?;
         let stop_time = read_u64(&mut self.r).await?;
+        let (mut cpu_user, mut cpu_system) = (None, None);
+        if self.minor >= 37 {
+            cpu_user = self.read_optional_micros().await?;
+            cpu_system = self.read_optional_micros().await?;
+        }
         let n = read_u64(&mut self.r).await?;
         let mut built_outputs = BTreeMap::new();
         for _ in 0..n {
@@ -512,8 +562,25 @@ impl DaemonClient {
             is_non_deterministic,
             start_time,
             stop_time,
+            cpu_user,
+            cpu_system,
             built_outputs,
         })
+    }
+
+    /// An optional duration in microseconds (1.37): a tag 0 (none) or 1,
+    /// then the count.
+    async fn read_optional_micros(&mut self) -> Result<Option<std::time::Duration>, DaemonError> {
+        match read_u64(&mut self.r).await? {
+            0 => Ok(None),
+            1 => {
+                let micros = read_u64(&mut self.r).await? as i64;
+                Ok(Some(std::time::Duration::from_micros(micros.max(0) as u64)))
+            }
+            other => Err(DaemonError::Protocol(format!(
+                "an optional duration's tag is {other} (0 or 1 expected)"
+            ))),
+        }
     }
 
     /// Flushes the request, then reads the daemon's messages up to
@@ -674,6 +741,98 @@ mod tests {
             .unwrap();
         assert!(matches!(err, DaemonError::Protocol(_)), "{err:?}");
         assert!(err.to_string().contains("not a nix-daemon"), "{err}");
+    }
+
+    /// A daemon of protocol 1.`minor` that finishes the handshake as
+    /// Nix's does (features, version string, trust), offering
+    /// `features`, then writes `then` (what a test wants read next).
+    async fn fake_daemon(
+        minor: u64,
+        features: &'static [&'static str],
+        then: Vec<u8>,
+    ) -> (DaemonClient, tokio::task::JoinHandle<Vec<String>>) {
+        let (client_end, peer) = tokio::io::duplex(1 << 16);
+        let (mut pr, mut pw) = tokio::io::split(peer);
+        let peer = tokio::spawn(async move {
+            assert_eq!(pr.read_u64_le().await.unwrap(), WORKER_MAGIC_1);
+            write_u64(&mut pw, WORKER_MAGIC_2).await.unwrap();
+            write_u64(&mut pw, (1 << 8) | minor).await.unwrap();
+            let client_version = pr.read_u64_le().await.unwrap();
+            assert_eq!(client_version, PROTOCOL_VERSION);
+            let mut client_features = Vec::new();
+            if minor >= 38 {
+                client_features = read_strings(&mut pr).await.unwrap();
+                write_strings(&mut pw, features).await.unwrap();
+            }
+            assert_eq!(pr.read_u64_le().await.unwrap(), 0, "no CPU affinity");
+            assert_eq!(pr.read_u64_le().await.unwrap(), 0, "reserveSpace");
+            write_bytes(&mut pw, b"2.99.0").await.unwrap();
+            if minor >= 35 {
+                write_u64(&mut pw, 1).await.unwrap(); // trusted
+            }
+            write_u64(&mut pw, STDERR_LAST).await.unwrap();
+            pw.write_all(&then).await.unwrap();
+            pw.flush().await.unwrap();
+            // Keep the pipe open until the client is done with it.
+            let mut rest = Vec::new();
+            let _ = pr.read_to_end(&mut rest).await;
+            client_features
+        });
+        let (r, w) = tokio::io::split(client_end);
+        let client = DaemonClient::handshake(Box::new(r), Box::new(w))
+            .await
+            .unwrap();
+        (client, peer)
+    }
+
+    /// A build result as a daemon of 1.`minor` writes it.
+    async fn build_result_bytes(minor: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_u64(&mut out, 0).await.unwrap(); // Built
+        write_bytes(&mut out, b"").await.unwrap();
+        for v in [1, 0, 100, 160] {
+            write_u64(&mut out, v).await.unwrap(); // times built, nondet, start, stop
+        }
+        if minor >= 37 {
+            write_u64(&mut out, 1).await.unwrap();
+            write_u64(&mut out, 1_500_000).await.unwrap();
+            write_u64(&mut out, 0).await.unwrap(); // no system time
+        }
+        write_u64(&mut out, 0).await.unwrap(); // no built outputs
+        out
+    }
+
+    #[tokio::test]
+    async fn speaks_each_protocol_version_from_1_34_to_1_38() {
+        for minor in 34..=38 {
+            let then = build_result_bytes(minor).await;
+            let (mut client, peer) = fake_daemon(minor, &["some-future-feature"], then).await;
+            assert_eq!(client.protocol_minor(), minor);
+            assert_eq!(client.daemon_version(), Some("2.99.0"));
+            assert_eq!(
+                client.trusted(),
+                (minor >= 35).then_some(true),
+                "the trust flag at 1.{minor}"
+            );
+            assert!(
+                client.features().is_empty(),
+                "a feature this client does not know is not taken up"
+            );
+            let result = client.read_build_result().await.unwrap();
+            assert_eq!((result.start_time, result.stop_time), (100, 160));
+            let cpu = (minor >= 37).then(|| std::time::Duration::from_micros(1_500_000));
+            assert_eq!(result.cpu_user, cpu, "1.{minor}");
+            assert_eq!(result.cpu_system, None);
+            drop(client);
+            let sent = peer.await.unwrap();
+            assert!(sent.is_empty(), "this client offers no features: {sent:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_newer_daemon_is_spoken_to_at_this_clients_version() {
+        let (client, _peer) = fake_daemon(40, &[], Vec::new()).await;
+        assert_eq!(client.protocol_minor(), PROTOCOL_VERSION & 0xff);
     }
 
     #[test]

@@ -105,6 +105,10 @@ pub struct BuildResult {
     pub is_non_deterministic: bool,
     pub start_time: u64,
     pub stop_time: u64,
+    /// CPU time of the build's processes (protocol >= 1.37, when the
+    /// daemon measured it).
+    pub cpu_user: Option<std::time::Duration>,
+    pub cpu_system: Option<std::time::Duration>,
     /// Realisations of the built outputs, by output name.
     pub built_outputs: BTreeMap<String, Realisation>,
 }
