@@ -699,3 +699,77 @@ async fn a_derivation_sent_as_a_nar_is_added_and_built() {
     let events = events_until_finished(&mut api, id, 0).await;
     assert_eq!(events.last().unwrap().kind, EventKind::Completed as i32);
 }
+
+/// A watcher that stops reading while thousands of events are numbered
+/// falls further behind than the sequencer's subscription keeps (4,096):
+/// it reads the event table again from its cursor, and misses nothing and
+/// sees nothing twice.
+#[tokio::test]
+async fn a_watcher_that_stops_reading_then_resumes_misses_nothing() {
+    use hydra_queue_runner::events::{self, Kind, NewEvent};
+    const EVENTS: usize = 6_000;
+    let farm = Farm::start(|_| {}).await.unwrap();
+    // A small HTTP/2 window: what the client does not read stays with the
+    // runner (its stream's buffers fill within a few events).
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", farm.runner().client_addr))
+            .unwrap()
+            .initial_stream_window_size(Some(4096))
+            .initial_connection_window_size(Some(4096))
+            .http2_adaptive_window(false)
+            .connect()
+            .await
+            .unwrap();
+    let mut api = ApiClient::new(channel);
+    let start = events::last_seq(&farm.db.pool).await.unwrap() as u64;
+    let mut stream = api
+        .watch(WatchRequest {
+            after_seq: start,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Written in batches while nobody reads the stream: its buffers fill,
+    // the watcher's task waits on them, and its subscription overflows.
+    let mut tick = farm.runner().shared.event_tick.subscribe();
+    for batch in 0..EVENTS / 500 {
+        let new: Vec<NewEvent> = (0..500)
+            .map(|i| {
+                let mut e = NewEvent::new(Kind::StepProgress, vec![1]);
+                e.detail = Some(format!("{}", batch * 500 + i));
+                e
+            })
+            .collect();
+        events::emit_now(&farm.db.pool, &new).await.unwrap();
+    }
+    loop {
+        let unnumbered: i64 =
+            sqlx::query_scalar("select count(*) from hqr_events where seq is null")
+                .fetch_one(&farm.db.pool)
+                .await
+                .unwrap();
+        if unnumbered == 0 {
+            break;
+        }
+        tokio::time::timeout(LIMIT, tick.changed())
+            .await
+            .expect("the sequencer numbers the events")
+            .unwrap();
+    }
+    let mut last = start;
+    for want in 0..EVENTS {
+        let event = tokio::time::timeout(LIMIT, stream.message())
+            .await
+            .expect("the watcher catches up")
+            .unwrap()
+            .expect("the stream stays open");
+        assert!(event.seq > last, "event {} after {last}", event.seq);
+        last = event.seq;
+        assert_eq!(
+            event.detail,
+            want.to_string(),
+            "every event, in order, once"
+        );
+    }
+}

@@ -124,7 +124,14 @@ async fn pump_events(
                     }
                 }
                 // Fell behind the subscription: read the database again.
-                Some(Err(broadcast::error::RecvError::Lagged(_))) => break,
+                Some(Err(broadcast::error::RecvError::Lagged(missed))) => {
+                    tracing::info!(
+                        missed,
+                        cursor,
+                        "a watcher fell behind the sequencer; it reads the event table again"
+                    );
+                    break;
+                }
                 Some(Err(broadcast::error::RecvError::Closed)) => {
                     return Err(Status::unavailable("the runner is stopping"));
                 }
