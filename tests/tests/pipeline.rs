@@ -364,7 +364,7 @@ async fn a_restarted_build_is_loaded_alone_and_built_again() {
     let marker = std::env::temp_dir().join(format!("restart-marker-{}", std::process::id()));
     let _ = std::fs::remove_file(&marker);
     let expr = format!(
-        r#"with prelude; {{ flaky = mkDrv {{ name = "flaky"; script = "test -e {} && echo ok > $out"; }}; }}"#,
+        r#"with prelude; {{ flaky = mkDrv {{ name = "flaky"; __noChroot = true; script = "test -e {} && echo ok > $out"; }}; }}"#,
         marker.display()
     );
     let ids = farm.submit(&expr, &["flaky"]).await.unwrap();
@@ -404,7 +404,7 @@ async fn a_running_step_shows_the_builders_progress_in_busy() {
     let marker = std::env::temp_dir().join(format!("busy-marker-{}", std::process::id()));
     let _ = std::fs::remove_file(&marker);
     let expr = format!(
-        r#"with prelude; {{ waits = mkDrv {{ name = "waits"; script = "while [ ! -e {} ]; do sleep 0.05; done; echo ok > $out"; }}; }}"#,
+        r#"with prelude; {{ waits = mkDrv {{ name = "waits"; __noChroot = true; script = "while [ ! -e {} ]; do sleep 0.05; done; echo ok > $out"; }}; }}"#,
         marker.display()
     );
     let ids = farm.submit(&expr, &["waits"]).await.unwrap();

@@ -125,7 +125,6 @@ impl NixStore {
                     .arg(current_nix::root()?)
                     .arg(&nix_dir)
                     .arg(&users)
-                    .arg(&root)
             }
         };
         cmd.env("NIX_CONFIG", version_config(version))
@@ -313,10 +312,11 @@ impl NixStore {
         let prelude = dir.join("prelude.nix");
         std::fs::write(&prelude, include_str!("prelude.nix"))?;
         let file = dir.join(format!("{}.nix", uuid::Uuid::new_v4().simple()));
+        let hold = self.version == NixVersion::Current;
         std::fs::write(
             &file,
             format!(
-                "let prelude = import {} {{ salt = \"{salt}\"; }}; in\n{expr}\n",
+                "let prelude = import {} {{ salt = \"{salt}\"; holdLog = {hold}; }}; in\n{expr}\n",
                 prelude.display()
             ),
         )?;

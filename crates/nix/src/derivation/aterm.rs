@@ -269,6 +269,15 @@ impl Parser<'_> {
     }
 
     fn derivation(&mut self) -> Result<Derivation, DrvParseError> {
+        if self.bytes[self.pos..].starts_with(b"DrvWithVersion(") {
+            // Nix (2.19 on) writes a derivation that depends on the output
+            // of a derivation-producing derivation this way, under its
+            // experimental dynamic-derivations feature.
+            return Err(self.error(
+                "a dynamic derivation (DrvWithVersion, Nix's experimental dynamic-derivations): \
+                 not supported; only derivations in the classic Derive format are built",
+            ));
+        }
         self.expect("Derive(")?;
         let mut outputs = BTreeMap::new();
         for (name, out) in self.list(Self::output)? {
@@ -475,5 +484,14 @@ mod tests {
         std::fs::write(&path, "Derive([(").unwrap();
         let err = Derivation::parse_file(&StoreDir::default(), &path).unwrap_err();
         assert!(err.to_string().contains("bad.drv: byte 9"), "{err}");
+    }
+
+    #[test]
+    fn a_dynamic_derivation_is_refused_with_what_it_is() {
+        let text = br#"DrvWithVersion("xp-dyn-drv",[("out","","r:sha256","")],[],[],"x86_64-linux","/bin/sh",[],[])"#;
+        let err = Derivation::parse(&StoreDir::default(), text).unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("dynamic derivation"), "{message}");
+        assert!(message.contains("not supported"), "{message}");
     }
 }
