@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use hydra_testkit::caches::S3Server;
+use hydra_testkit::caches::{S3Server, from_cache};
 use hydra_testkit::process::{BuilderProcess, RunnerSetup};
 use hydra_testkit::{BuilderSpec, Farm, NixStore, create_jobset, queue_builds, wait_finished};
 use sqlx::PgPool;
@@ -30,21 +30,6 @@ async fn uploads_done(pool: &PgPool) {
     hydra_testkit::caches::uploads_done(pool, LIMIT)
         .await
         .unwrap();
-}
-
-/// Nix options that make `cache` the only substituter, trusting `public`.
-fn from_cache<'a>(cache: &'a str, public: &'a str) -> Vec<&'a str> {
-    vec![
-        "--option",
-        "substituters",
-        cache,
-        "--option",
-        "trusted-public-keys",
-        public,
-        "--option",
-        "require-sigs",
-        "true",
-    ]
 }
 
 #[tokio::test]

@@ -732,7 +732,6 @@ async fn a_watcher_that_stops_reading_then_resumes_misses_nothing() {
         .into_inner();
     // Written in batches while nobody reads the stream: its buffers fill,
     // the watcher's task waits on them, and its subscription overflows.
-    let mut tick = farm.runner().shared.event_tick.subscribe();
     for batch in 0..EVENTS / 500 {
         let new: Vec<NewEvent> = (0..500)
             .map(|i| {
@@ -743,20 +742,7 @@ async fn a_watcher_that_stops_reading_then_resumes_misses_nothing() {
             .collect();
         events::emit_now(&farm.db.pool, &new).await.unwrap();
     }
-    loop {
-        let unnumbered: i64 =
-            sqlx::query_scalar("select count(*) from hqr_events where seq is null")
-                .fetch_one(&farm.db.pool)
-                .await
-                .unwrap();
-        if unnumbered == 0 {
-            break;
-        }
-        tokio::time::timeout(LIMIT, tick.changed())
-            .await
-            .expect("the sequencer numbers the events")
-            .unwrap();
-    }
+    farm.events_numbered(LIMIT).await.unwrap();
     let mut last = start;
     for want in 0..EVENTS {
         let event = tokio::time::timeout(LIMIT, stream.message())

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use hydra_testkit::caches::{S3Server, nix_key, uploads_done};
+use hydra_testkit::caches::{S3Server, from_cache, nix_key, uploads_done};
 use hydra_testkit::process::{BuilderProcess, RunnerSetup};
 use hydra_testkit::{BuilderSpec, Farm, NixStore, create_jobset, queue_builds, wait_finished};
 
@@ -119,25 +119,9 @@ async fn an_output_larger_than_a_part_is_published_in_parts_to_file_and_s3() {
     // The file cache: real Nix substitutes the output, checking the
     // signature, the compressed file and the NAR.
     let fresh = NixStore::start().unwrap();
-    fresh
-        .run(
-            "nix-store",
-            &[
-                "--realise",
-                &big,
-                "--option",
-                "substituters",
-                &file_cache,
-                "--option",
-                "trusted-public-keys",
-                &public,
-                "--option",
-                "require-sigs",
-                "true",
-            ],
-        )
-        .await
-        .unwrap();
+    let mut args = vec!["--realise", big.as_str()];
+    args.extend(from_cache(&file_cache, &public));
+    fresh.run("nix-store", &args).await.unwrap();
     let theirs = fresh.read_store_file(&big).await.unwrap();
     assert_eq!(theirs.len(), 24 << 20);
 

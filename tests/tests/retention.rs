@@ -16,17 +16,6 @@ async fn count(farm: &Farm, table: &str) -> i64 {
         .unwrap()
 }
 
-/// Waits until the sequencer has numbered every committed event.
-async fn all_numbered(farm: &Farm) {
-    let mut tick = farm.runner().shared.event_tick.subscribe();
-    while count(farm, "hqr_events where seq is null").await > 0 {
-        tokio::time::timeout(LIMIT, tick.changed())
-            .await
-            .expect("the sequencer numbers the events")
-            .unwrap();
-    }
-}
-
 #[tokio::test]
 async fn old_rows_go_and_what_is_in_use_stays() {
     let mut farm = Farm::start(|_| {}).await.unwrap();
@@ -45,7 +34,7 @@ async fn old_rows_go_and_what_is_in_use_stays() {
         .await
         .unwrap();
     let pool = &farm.db.pool;
-    all_numbered(&farm).await;
+    farm.events_numbered(LIMIT).await.unwrap();
     let events = count(&farm, "hqr_events").await;
     assert!(events >= 4, "{events}");
 
@@ -138,7 +127,7 @@ async fn old_rows_go_and_what_is_in_use_stays() {
     farm.wait_finished(more.values().copied(), LIMIT)
         .await
         .unwrap();
-    all_numbered(&farm).await;
+    farm.events_numbered(LIMIT).await.unwrap();
     let lowest_new: i64 = sqlx::query_scalar("select min(seq) from hqr_events where seq > $1")
         .bind(last)
         .fetch_one(pool)

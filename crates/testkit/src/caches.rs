@@ -28,6 +28,22 @@ pub async fn nix_key(store: &NixStore, dir: &Path, name: &str) -> Result<(PathBu
     Ok((sk, public))
 }
 
+/// Nix options that make `cache` the only substituter, trusting `public`
+/// (signatures required).
+pub fn from_cache<'a>(cache: &'a str, public: &'a str) -> Vec<&'a str> {
+    vec![
+        "--option",
+        "substituters",
+        cache,
+        "--option",
+        "trusted-public-keys",
+        public,
+        "--option",
+        "require-sigs",
+        "true",
+    ]
+}
+
 /// Waits (on `hqr_upload_done`, not by polling) until no upload is pending.
 pub async fn uploads_done(pool: &PgPool, limit: Duration) -> Result<()> {
     let mut listener = PgListener::connect_with(pool).await?;

@@ -293,6 +293,24 @@ impl Farm {
         )
     }
 
+    /// Waits (on the sequencer's tick, not by polling) until every
+    /// committed event has its number.
+    pub async fn events_numbered(&self, limit: Duration) -> Result<()> {
+        let mut tick = self.runner().shared.event_tick.subscribe();
+        loop {
+            let unnumbered: i64 =
+                sqlx::query_scalar("select count(*) from hqr_events where seq is null")
+                    .fetch_one(&self.db.pool)
+                    .await?;
+            if unnumbered == 0 {
+                return Ok(());
+            }
+            tokio::time::timeout(limit, tick.changed())
+                .await
+                .map_err(|_| anyhow::anyhow!("{unnumbered} events unnumbered after {limit:?}"))??;
+        }
+    }
+
     /// The runner's log of a step's derivation.
     pub fn log_of(&self, drv: &str) -> Result<Option<String>> {
         Ok(self
