@@ -39,6 +39,8 @@ pub enum UploadError {
     Store(#[from] hydra_nix::daemon::DaemonError),
     #[error("compressing: {0}")]
     Compress(std::io::Error),
+    #[error("reading what is uploaded: {0}")]
+    Read(std::io::Error),
     #[error("the spool file under {dir}: {source}")]
     Spool { dir: String, source: std::io::Error },
     #[error(transparent)]
@@ -421,7 +423,7 @@ async fn read_part(
         (&mut reader)
             .take(part as u64)
             .read_to_end(&mut buf)
-            .map_err(|e| UploadError::Log(format!("reading what is uploaded: {e}")))?;
+            .map_err(UploadError::Read)?;
         Ok((reader, buf))
     })
     .await
