@@ -97,34 +97,41 @@ async fn pump_events(
             // Its ending event came before this stream's cursor.
             return Ok(());
         }
-        // Caught up: follow the sequencer.
+        // Caught up: follow the sequencer. Live logs are read on their own
+        // timer (a busy event stream must neither starve them nor make them
+        // read once per event), and once more before a step's or the
+        // build's end is sent, so its last lines come first.
+        let mut log_tick = tokio::time::interval(LOG_POLL);
+        log_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let next = tokio::select! {
-                r = numbered.recv() => Some(r),
-                _ = tokio::time::sleep(LOG_POLL), if logs.is_some() => None,
-                _ = tx.closed() => return Ok(()),
-            };
-            if let Some(live) = &mut logs {
-                for line in live.poll(shared).await? {
-                    if tx.send(Ok(line)).await.is_err() {
+            let row = tokio::select! {
+                r = numbered.recv() => r,
+                _ = log_tick.tick(), if logs.is_some() => {
+                    if send_live(shared, &mut logs, tx).await? == Next::Stop {
                         return Ok(());
                     }
+                    continue;
                 }
-            }
-            match next {
-                None => {}
-                Some(Ok(row)) => {
+                _ = tx.closed() => return Ok(()),
+            };
+            match row {
+                Ok(row) => {
                     let ours = build.is_none_or(|b| row.builds.contains(&b));
                     if row.seq <= cursor || !ours {
                         continue;
                     }
                     cursor = row.seq;
+                    let ends_a_step = matches!(Kind::parse(&row.kind), Some(Kind::StepFinished))
+                        || ends_build(&row);
+                    if ends_a_step && send_live(shared, &mut logs, tx).await? == Next::Stop {
+                        return Ok(());
+                    }
                     if send_event(build, req, (*row).clone(), tx).await? == Next::Stop {
                         return Ok(());
                     }
                 }
                 // Fell behind the subscription: read the database again.
-                Some(Err(broadcast::error::RecvError::Lagged(missed))) => {
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
                     tracing::info!(
                         missed,
                         cursor,
@@ -132,12 +139,29 @@ async fn pump_events(
                     );
                     break;
                 }
-                Some(Err(broadcast::error::RecvError::Closed)) => {
+                Err(broadcast::error::RecvError::Closed) => {
                     return Err(Status::unavailable("the runner is stopping"));
                 }
             }
         }
     }
+}
+
+/// Sends the live log lines of the build's running steps, if asked for.
+async fn send_live(
+    shared: &Shared,
+    logs: &mut Option<LiveLogs>,
+    tx: &mpsc::Sender<Result<Event, Status>>,
+) -> Result<Next, Status> {
+    let Some(live) = logs else {
+        return Ok(Next::Go);
+    };
+    for line in live.poll(shared).await? {
+        if tx.send(Ok(line)).await.is_err() {
+            return Ok(Next::Stop);
+        }
+    }
+    Ok(Next::Go)
 }
 
 #[derive(PartialEq, Eq)]
