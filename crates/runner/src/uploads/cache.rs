@@ -196,65 +196,53 @@ impl Cache {
         Ok(())
     }
 
-    /// The NAR (zstd), its `.ls` listing and the signed narinfo of `path`.
+    /// Whether the cache has `path` already (its narinfo, written last).
+    pub async fn has_path(&self, path: &str) -> Result<bool, UploadError> {
+        self.exists(&format!("{}.narinfo", hash_part(path))).await
+    }
+
+    /// The NAR (zstd), its `.ls` listing and the signed narinfo of a path
+    /// [`pack_path`] made (one packing serves every destination).
     pub async fn upload_path(
         &self,
-        client: &mut DaemonClient,
-        path: &str,
+        packed: &PackedPath,
         key: Option<&SecretKey>,
-        spool_dir: &Path,
     ) -> Result<(), UploadError> {
         self.init().await?;
-        let hash_part = hash_part(path);
-        let narinfo_name = format!("{hash_part}.narinfo");
-        if self.exists(&narinfo_name).await? {
-            return Ok(()); // published by an earlier claim that died late
-        }
-        let info = client
-            .query_path_info(path)
-            .await?
-            .ok_or_else(|| UploadError::Missing(path.to_owned()))?;
-        let spool_error = |source| UploadError::Spool {
-            dir: spool_dir.display().to_string(),
-            source,
-        };
         let started = std::time::Instant::now();
-        // Unnamed: it goes when its handle does, even if the runner dies.
-        let spool = tempfile::tempfile_in(spool_dir).map_err(spool_error)?;
-        let packed = crate::store::export_into(client, &info, move |nar| pack(nar, spool)).await;
-        let Packed {
-            mut spool,
-            listing: ls,
+        let PackedPath {
+            info,
+            spool,
+            listing,
             file_hash,
             file_size,
-        } = match packed {
-            Ok(p) => p,
-            Err(crate::store::ExportError::Store(e)) => return Err(e.into()),
-            Err(crate::store::ExportError::Consumer(e)) => return Err(e),
-        };
-        spool.rewind().map_err(spool_error)?;
-        let packed_in = started.elapsed();
+            packed_in,
+        } = packed;
+        let mut nar = spool.try_clone().map_err(UploadError::Read)?;
+        nar.rewind().map_err(UploadError::Read)?;
         let url = format!("nar/{}.nar.zst", file_hash.to_base32());
-        self.put_streamed(&url, Box::new(spool), Some(file_size))
+        self.put_streamed(&url, Box::new(nar), Some(*file_size))
             .await?;
-        if file_size >= PART as u64 {
+        if *file_size >= PART as u64 {
             // Large uploads take a while: say what they cost.
             tracing::info!(
-                path,
+                path = info.path,
                 nar_size = info.nar_size,
                 file_size,
                 compressed_secs = packed_in.as_secs_f64(),
-                uploaded_secs = (started.elapsed() - packed_in).as_secs_f64(),
+                uploaded_secs = started.elapsed().as_secs_f64(),
                 "published a large NAR"
             );
         }
-        self.put(&format!("{hash_part}.ls"), ls).await?;
+        let hash_part = hash_part(&info.path);
+        self.put(&format!("{hash_part}.ls"), listing.clone())
+            .await?;
         let mut narinfo = NarInfo {
             path: info.path.clone(),
             url,
             compression: "zstd".into(),
-            file_hash,
-            file_size,
+            file_hash: file_hash.clone(),
+            file_size: *file_size,
             nar_hash: info.nar_hash.clone(),
             nar_size: info.nar_size,
             references: info.references.clone(),
@@ -265,7 +253,8 @@ impl Cache {
         if let Some(key) = key {
             narinfo.sign(key);
         }
-        self.put(&narinfo_name, narinfo.to_text()).await
+        self.put(&format!("{hash_part}.narinfo"), narinfo.to_text())
+            .await
     }
 
     /// `realisations/<id>.doi` for output `item` (`<drv>!<output>`).
@@ -341,6 +330,55 @@ impl Cache {
             }
         }
     }
+}
+
+/// A store path ready to publish: its NAR compressed into a spool file,
+/// its listing and hashes.
+pub struct PackedPath {
+    pub info: hydra_nix::daemon::PathInfo,
+    spool: std::fs::File,
+    listing: String,
+    file_hash: Hash,
+    file_size: u64,
+    packed_in: std::time::Duration,
+}
+
+/// Streams `path` out of the runner's store through zstd into an unnamed
+/// spool file under `spool_dir` (gone with its handle, even if the runner
+/// dies), walking its listing on the way.
+pub async fn pack_path(
+    client: &mut DaemonClient,
+    path: &str,
+    spool_dir: &Path,
+) -> Result<PackedPath, UploadError> {
+    let info = client
+        .query_path_info(path)
+        .await?
+        .ok_or_else(|| UploadError::Missing(path.to_owned()))?;
+    let started = std::time::Instant::now();
+    let spool = tempfile::tempfile_in(spool_dir).map_err(|source| UploadError::Spool {
+        dir: spool_dir.display().to_string(),
+        source,
+    })?;
+    let packed = crate::store::export_into(client, &info, move |nar| pack(nar, spool)).await;
+    let Packed {
+        spool,
+        listing,
+        file_hash,
+        file_size,
+    } = match packed {
+        Ok(p) => p,
+        Err(crate::store::ExportError::Store(e)) => return Err(e.into()),
+        Err(crate::store::ExportError::Consumer(e)) => return Err(e),
+    };
+    Ok(PackedPath {
+        info,
+        spool,
+        listing,
+        file_hash,
+        file_size,
+        packed_in: started.elapsed(),
+    })
 }
 
 /// What [`pack`] made of a NAR.

@@ -31,8 +31,10 @@ pub async fn enqueue_paths(
     destinations: &[String],
     paths: &[String],
 ) -> Result<(), sqlx::Error> {
-    for dest in destinations {
-        for path in paths {
+    // Path by path (every destination of one, then the next): a path's
+    // rows come together, so the uploader packs its NAR once for all.
+    for path in paths {
+        for dest in destinations {
             sqlx::query(
                 "insert into hqr_uploads (destination, kind, item) values ($1, 'path', $2)
                  on conflict do nothing",
@@ -180,15 +182,27 @@ async fn work_once(
     }
     rows.sort_by_key(|r| r.0);
     let mut client = shared.store.client().await?;
+    // The last path packed, for the next destination that wants it.
+    let mut packed: Option<cache::PackedPath> = None;
     for (id, dest, kind, item, out_path) in &rows {
         let Some((_, cache)) = caches.iter().find(|(url, _)| url == dest) else {
             continue; // a destination no longer configured waits for it
         };
         let result = match kind.as_str() {
             "path" => {
-                cache
-                    .upload_path(&mut client, item, key, &shared.config().spool_dir)
-                    .await
+                async {
+                    if cache.has_path(item).await? {
+                        return Ok(()); // published by an earlier claim that died late
+                    }
+                    if packed.as_ref().is_none_or(|p| &p.info.path != item) {
+                        packed = None; // its spool file goes before the next is made
+                        let spool_dir = shared.config().spool_dir.clone();
+                        packed = Some(cache::pack_path(&mut client, item, &spool_dir).await?);
+                    }
+                    let p = packed.as_ref().expect("packed just above");
+                    cache.upload_path(p, key).await
+                }
+                .await
             }
             "log" => cache.upload_log(shared, item).await,
             _ => {
