@@ -4,6 +4,7 @@
 //! `scripts/bench.sh`, which builds in release mode and provides
 //! PostgreSQL.
 
+mod cpu;
 mod dag;
 mod ingest;
 mod latency;

@@ -10,6 +10,7 @@ use anyhow::{Result, bail};
 use hydra_testkit::{BuilderSpec, Farm, NixStore};
 use serde_json::{Value, json};
 
+use crate::cpu;
 use crate::dag::Dag;
 use crate::report::{ms, percentile, table};
 
@@ -21,19 +22,44 @@ pub struct Options {
 pub async fn run(dags: &[Dag], o: &Options) -> Result<Value> {
     let mut results = Vec::new();
     let mut rows = Vec::new();
+    let mut cpu_rows = Vec::new();
     for dag in dags {
         let salt = uuid_like();
         eprintln!(
             "[makespan] {}: local nix-store --realise -j {}",
             dag.shape, o.jobs
         );
-        let local = local_nix(dag, &salt, o.jobs).await?;
+        let (local, local_cpu) = local_nix(dag, &salt, o.jobs).await?;
         eprintln!(
             "[makespan] {}: the farm ({} builders, {} slots in all)",
             dag.shape, o.builders, o.jobs
         );
-        let (farm, over) = farm(dag, &salt, o).await?;
+        let (farm, over, farm_cpu) = farm(dag, &salt, o).await?;
         let ratio = farm / local;
+        let steps = dag.nodes.len() as f64;
+        let per_step = |s: f64| s * 1000.0 / steps;
+        let own = per_step(farm_cpu.machine - local_cpu.machine);
+        cpu_rows.push(
+            [
+                dag.shape.clone(),
+                format!("{:.1}", per_step(local_cpu.machine)),
+                format!("{:.1}", per_step(farm_cpu.machine)),
+                format!("{own:.1}"),
+            ]
+            .into_iter()
+            .chain(
+                farm_cpu
+                    .by_kind
+                    .iter()
+                    .map(|(_, secs)| format!("{:.1}", per_step(*secs))),
+            )
+            .collect(),
+        );
+        let kinds: serde_json::Map<String, Value> = farm_cpu
+            .by_kind
+            .iter()
+            .map(|(k, secs)| ((*k).to_owned(), json!(per_step(*secs))))
+            .collect();
         rows.push(vec![
             dag.shape.clone(),
             dag.nodes.len().to_string(),
@@ -50,6 +76,10 @@ pub async fn run(dags: &[Dag], o: &Options) -> Result<Value> {
             "shape": dag.shape, "steps": dag.nodes.len() + 1, "jobs": o.jobs,
             "builders": o.builders, "local_seconds": local, "farm_seconds": farm,
             "ratio": ratio, "overheads_ms": over.to_json(),
+            "cpu_ms_per_step": {
+                "local": per_step(local_cpu.machine), "farm": per_step(farm_cpu.machine),
+                "farm_own": own, "farm_by_kind": kinds,
+            },
         }));
     }
     table(
@@ -68,6 +98,14 @@ pub async fn run(dags: &[Dag], o: &Options) -> Result<Value> {
         ],
         &rows,
     );
+    let mut header = vec!["shape", "local", "farm", "farm's own"];
+    header.extend(cpu::KINDS);
+    table(
+        "makespan: CPU per step (ms of all cores; farm's own = farm - local, the builds \
+         excluded; by process: those alive for the whole run)",
+        &header,
+        &cpu_rows,
+    );
     Ok(json!({ "scenario": "makespan", "results": results }))
 }
 
@@ -75,11 +113,12 @@ fn uuid_like() -> String {
     format!("bench{:x}", rand::random::<u64>())
 }
 
-async fn local_nix(dag: &Dag, salt: &str, jobs: u32) -> Result<f64> {
+async fn local_nix(dag: &Dag, salt: &str, jobs: u32) -> Result<(f64, cpu::Spent)> {
     let store = NixStore::start()?;
     let drvs = store
         .instantiate_salted(&dag.expression(), &["all"], salt)
         .await?;
+    let cpu_before = cpu::Sample::now();
     let began = Instant::now();
     store
         .run(
@@ -93,10 +132,11 @@ async fn local_nix(dag: &Dag, salt: &str, jobs: u32) -> Result<f64> {
             ],
         )
         .await?;
-    Ok(began.elapsed().as_secs_f64())
+    let took = began.elapsed().as_secs_f64();
+    Ok((took, cpu_before.until(&cpu::Sample::now())))
 }
 
-async fn farm(dag: &Dag, salt: &str, o: &Options) -> Result<(f64, Overheads)> {
+async fn farm(dag: &Dag, salt: &str, o: &Options) -> Result<(f64, Overheads, cpu::Spent)> {
     let mut farm = Farm::start(|_| {}).await?;
     let per = (o.jobs / o.builders).max(1);
     for b in 0..o.builders {
@@ -110,11 +150,13 @@ async fn farm(dag: &Dag, salt: &str, o: &Options) -> Result<(f64, Overheads)> {
         .instantiate_salted(&dag.expression(), &attrs, salt)
         .await?;
     let top = [("all".to_owned(), drvs["all"].clone())].into();
+    let cpu_before = cpu::Sample::now();
     let began = Instant::now();
     let ids = farm.queue(&top, |_| Default::default()).await?;
     farm.wait_finished(ids.values().copied(), Duration::from_secs(3600))
         .await?;
     let makespan = began.elapsed().as_secs_f64();
+    let spent = cpu_before.until(&cpu::Sample::now());
     let status: Option<i32> = sqlx::query_scalar("select buildStatus from Builds where id = $1")
         .bind(ids["all"])
         .fetch_one(&farm.db.pool)
@@ -126,7 +168,7 @@ async fn farm(dag: &Dag, salt: &str, o: &Options) -> Result<(f64, Overheads)> {
         );
     }
     let over = overheads(&farm, dag, &drvs).await?;
-    Ok((makespan, over))
+    Ok((makespan, over, spent))
 }
 
 #[derive(Debug, Default)]
