@@ -439,3 +439,50 @@ async fn a_running_step_shows_the_builders_progress_in_busy() {
     assert_eq!((busy, status), (0, Some(0)));
     let _ = std::fs::remove_file(&marker);
 }
+
+/// A dependent goes to the machine that built its input (it holds it, so
+/// nothing is fetched), even when a faster machine is free; its
+/// dependent in turn follows it there.
+#[tokio::test]
+async fn a_step_follows_its_input_to_the_machine_that_built_it() {
+    const CHAIN: &str = r#"with prelude; rec {
+      first = mkDrv { name = "first"; requiredSystemFeatures = [ "kvm" ]; script = "echo first > $out"; };
+      second = mkDrv { name = "second"; script = "cat ${first} > $out; echo second >> $out"; };
+      third = mkDrv { name = "third"; script = "cat ${second} > $out; echo third >> $out"; };
+    }"#;
+    let mut farm = Farm::start(|_| {}).await.expect("farm");
+    farm.add_builder(BuilderSpec::new("near").features(&["kvm"]))
+        .await
+        .unwrap();
+    farm.add_builder(BuilderSpec::new("fast").speed(4.0))
+        .await
+        .unwrap();
+    let ids = farm.submit(CHAIN, &["third"]).await.unwrap();
+    farm.wait_finished(ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(farm.statuses(&ids).await.unwrap()["third"], (0, 0));
+    let machines: Vec<(String, String)> = rows(
+        &farm,
+        "select substring(drvPath from '[^-]*$'), machine from BuildSteps
+          where build = $1 order by stepnr",
+        ids["third"],
+    )
+    .await;
+    assert_eq!(
+        machines,
+        [
+            ("first.drv".to_owned(), "near".to_owned()),
+            ("second.drv".to_owned(), "near".to_owned()),
+            ("third.drv".to_owned(), "near".to_owned()),
+        ],
+        "the chain stays where its inputs are, though 'fast' is faster and free"
+    );
+    let fetched: i64 = sqlx::query_scalar(
+        "select count(*) from hqr_events where kind = 'step_progress' and detail = 'sending-inputs'",
+    )
+    .fetch_one(&farm.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(fetched, 0, "no step fetched an input from the runner");
+}

@@ -6,7 +6,8 @@
 //! (global priority with aging, jobset fair share, critical path, local
 //! priority, lowest build id); each to the fastest, least loaded machine
 //! that supports its system and features, is neither resting nor drained,
-//! has disk, and preferably has not failed it before. A step no machine
+//! has disk, and preferably has not failed it before and holds the most
+//! of its inputs (built there). A step no machine
 //! supports (connected, or away for less than `machine_memory_secs`) is
 //! set aside before sorting, and fails as unsupported after
 //! `max_unsupported_secs`, unless no machine is connected at all (an
@@ -166,6 +167,7 @@ pub fn plan(
                 policy.min_free_disk,
                 now,
                 &step.failed_on,
+                &step.inputs_on,
                 &planned,
             )
         };

@@ -532,6 +532,7 @@ impl Graph {
         now: Instant,
     ) -> Result<Succeeded, TransitionError> {
         let step = self.steps.get_mut(&id).expect("step");
+        let built_on = step.running_attempt().map(|(_, m)| m.to_owned());
         match attempt {
             Some(a) => step.attempt_finished(a)?,
             None => step.finished_unbuilt()?,
@@ -551,6 +552,9 @@ impl Graph {
         for r in step.rdeps {
             let rdep = self.steps.get_mut(&r).expect("rdep");
             rdep.deps.remove(&id);
+            if let Some(machine) = &built_on {
+                rdep.input_built_on(machine);
+            }
             if rdep.deps.is_empty() {
                 self.unblock(r, now)?;
                 unblocked.push(r);

@@ -129,6 +129,10 @@ pub struct Step {
     pub failed_on: Vec<String>,
     /// Since when no connected machine could build the step.
     pub unsupported_since: Option<Instant>,
+    /// Machines that built this step's inputs while this runner ran, with
+    /// how many each: placement prefers the one holding most, since a
+    /// builder that has an input in its store need not fetch it.
+    pub inputs_on: Vec<(String, u32)>,
     /// The derivation depends on floating CA outputs (or has deferred
     /// outputs): it is resolved, never built as it is.
     pub needs_resolution: bool,
@@ -151,6 +155,7 @@ impl Step {
             aborted_attempts: 0,
             failed_on: Vec::new(),
             unsupported_since: None,
+            inputs_on: Vec::new(),
             needs_resolution: false,
             resolved_from: Vec::new(),
         }
@@ -174,6 +179,14 @@ impl Step {
         match self.state {
             StepState::Runnable { since, not_before } => not_before.map_or(since, |t| t.max(since)),
             _ => now,
+        }
+    }
+
+    /// One of the step's inputs was built on `machine`.
+    pub fn input_built_on(&mut self, machine: &str) {
+        match self.inputs_on.iter_mut().find(|(m, _)| m == machine) {
+            Some((_, n)) => *n += 1,
+            None => self.inputs_on.push((machine.to_owned(), 1)),
         }
     }
 

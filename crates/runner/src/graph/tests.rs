@@ -426,3 +426,30 @@ fn a_step_another_load_created_meanwhile_keeps_its_own_inputs() {
     g.check_links().unwrap();
     assert_eq!(g.step_count(), 0);
 }
+
+#[test]
+fn a_dependent_remembers_which_machines_built_its_inputs() {
+    let mut g = Graph::default();
+    let now = Instant::now();
+    g.insert_build(
+        build(1, "app"),
+        plan(&[
+            ("app", &["lib", "doc", "data"]),
+            ("lib", &[]),
+            ("doc", &[]),
+            ("data", &[]),
+        ]),
+        now,
+    )
+    .unwrap();
+    for (name, machine) in [("lib", "m1"), ("doc", "m2"), ("data", "m1")] {
+        let id = g.step_id(&path(name)).unwrap();
+        let a = Uuid::new_v4();
+        g.mark_dispatched(id, a, machine).unwrap();
+        g.step_succeeded(id, Some(&a), now).unwrap();
+    }
+    let app = g.step(g.step_id(&path("app")).unwrap()).unwrap();
+    let mut held = app.inputs_on.clone();
+    held.sort();
+    assert_eq!(held, [("m1".to_owned(), 2), ("m2".to_owned(), 1)]);
+}

@@ -395,11 +395,22 @@ impl Machines {
         now: Instant,
         avoid: &[String],
     ) -> Result<&Machine, NoMachine> {
-        self.choose_with(system, required, min_free_disk, now, avoid, &HashMap::new())
+        self.choose_with(
+            system,
+            required,
+            min_free_disk,
+            now,
+            avoid,
+            &[],
+            &HashMap::new(),
+        )
     }
 
-    /// [`Machines::choose`], with `planned` slots of some machines already
-    /// promised (to steps earlier in the same round).
+    /// [`Machines::choose`], preferring (after `avoid`) the machines that
+    /// hold the most of the step's inputs (`holding`: machine, inputs it
+    /// built), with `planned` slots of some machines already promised (to
+    /// steps earlier in the same round).
+    #[allow(clippy::too_many_arguments)]
     pub fn choose_with(
         &self,
         system: &str,
@@ -407,6 +418,7 @@ impl Machines {
         min_free_disk: u64,
         now: Instant,
         avoid: &[String],
+        holding: &[(String, u32)],
         planned: &HashMap<String, u32>,
     ) -> Result<&Machine, NoMachine> {
         let mut supporting = self
@@ -429,8 +441,15 @@ impl Machines {
             })
             .max_by(|a, b| {
                 let fresh = |m: &Machine| !avoid.contains(&m.name);
+                let held = |m: &Machine| {
+                    holding
+                        .iter()
+                        .find(|(h, _)| *h == m.name)
+                        .map_or(0, |(_, n)| *n)
+                };
                 fresh(a)
                     .cmp(&fresh(b))
+                    .then(held(a).cmp(&held(b)))
                     .then(a.speed_factor.total_cmp(&b.speed_factor))
                     .then(load(b).total_cmp(&load(a)))
                     .then(b.load1.total_cmp(&a.load1))

@@ -270,3 +270,40 @@ fn availability_names_each_reason_a_step_waits() {
         }
     );
 }
+
+#[test]
+fn a_step_goes_where_most_of_its_inputs_were_built_while_that_machine_has_a_slot() {
+    let mut ms = Machines::default();
+    ms.register_ok(machine("fast", &["x86_64-linux"], &[], &[], 4.0, 2));
+    ms.register_ok(machine("near", &["x86_64-linux"], &[], &[], 1.0, 1));
+    ms.register_ok(machine("some", &["x86_64-linux"], &[], &[], 1.0, 1));
+    let now = Instant::now();
+    let holding = vec![("some".to_owned(), 1), ("near".to_owned(), 2)];
+    let choose = |ms: &Machines, avoid: &[String], planned: &HashMap<String, u32>| {
+        ms.choose_with("x86_64-linux", &[], 0, now, avoid, &holding, planned)
+            .map(|m| m.name.clone())
+    };
+    let none = HashMap::new();
+    assert_eq!(
+        choose(&ms, &[], &none).unwrap(),
+        "near",
+        "holding more inputs beats speed"
+    );
+    let near_taken = HashMap::from([("near".to_owned(), 1)]);
+    assert_eq!(
+        choose(&ms, &[], &near_taken).unwrap(),
+        "some",
+        "a full machine does not wait: the next holder takes it"
+    );
+    assert_eq!(
+        choose(&ms, &f(&["near"]), &none).unwrap(),
+        "some",
+        "a machine the step failed on is still avoided"
+    );
+    let holders_taken = HashMap::from([("near".to_owned(), 1), ("some".to_owned(), 1)]);
+    assert_eq!(
+        choose(&ms, &[], &holders_taken).unwrap(),
+        "fast",
+        "with every holder full, the usual order"
+    );
+}
