@@ -47,7 +47,12 @@ pub async fn run(config: BuilderConfig) -> Result<(), BuilderError> {
     ));
     let ctx = Arc::new(JobContext {
         daemon_socket: config.nix_daemon_socket.clone(),
-        daemon: hydra_nix::daemon::Spares::new(&config.nix_daemon_socket, 2),
+        // A job holds one connection from start to delivery, then gives it
+        // back for the next.
+        daemon: hydra_nix::daemon::Spares::new(
+            &config.nix_daemon_socket,
+            (config.max_jobs as usize + 1).max(2),
+        ),
         substituters,
         jobs,
     });

@@ -167,11 +167,14 @@ async fn execute(
     let drv = Derivation::parse(&dir, &job.drv).map_err(|e| JobError::BadJob(e.to_string()))?;
     let limits = job.limits.unwrap_or_default();
     progress(tie, Phase::Preparing);
-    let roots = roots_out.insert(ctx.daemon.take().await?);
+    // One connection for the whole job: it roots the inputs, builds, roots
+    // the outputs and then holds them through the delivery. A connection
+    // is a fork of the daemon and an opening of its store: three a job
+    // were most of the farm's own CPU per step.
+    let daemon = roots_out.insert(ctx.daemon.take().await?);
     for p in &job.input_paths {
-        roots.add_temp_root(p).await?;
+        daemon.add_temp_root(p).await?;
     }
-    let mut daemon = ctx.daemon.take().await?;
     let valid = daemon.query_valid_paths(&job.input_paths).await?;
     let missing: Vec<String> = job
         .input_paths
@@ -186,7 +189,7 @@ async fn execute(
             None => missing,
         };
         if !missing.is_empty() {
-            fetch_inputs_across(tie, job, &mut daemon, missing).await?;
+            fetch_inputs_across(tie, job, daemon, missing).await?;
         }
     }
     progress(tie, Phase::Building);
@@ -254,8 +257,8 @@ async fn execute(
                 }
             },
         };
-        roots.add_temp_root(&path).await?;
-        hold_output(ctx, roots, &job.attempt_id, name, &path).await;
+        daemon.add_temp_root(&path).await?;
+        hold_output(ctx, daemon, &job.attempt_id, name, &path).await;
         let info = daemon.require_path_info(&path).await?;
         outputs.push((name.clone(), info));
     }
@@ -546,18 +549,28 @@ async fn deliver(
     mut shipped: Option<(u64, u64)>,
     roots: Option<DaemonClient>,
 ) -> Result<(), Dropped> {
-    // Held for the whole delivery: the outputs stay rooted on it.
+    // Held for the whole delivery: the outputs stay rooted on it, and it
+    // reads them for the upload.
     let mut roots = match roots {
         Some(r) => Some(r),
         None => root_outputs(ctx, &report).await,
     };
-    let _ = &mut roots;
     let mut tries = 0u32;
     loop {
         let owner = tie.owner().await?;
         let generation = owner.session.generation;
-        match deliver_once(ctx, id, &owner, spool, &report, &mut shipped).await {
-            Ok(()) => return Ok(()),
+        let delivered = deliver_once(ctx, id, &owner, spool, &report, &mut shipped, &mut roots);
+        match delivered.await {
+            Ok(()) => {
+                // The next job's connection: its roots (of this job's
+                // inputs and outputs) last until it closes, a few jobs
+                // later (`Spares::release`), and every job sets all the
+                // settings it builds with.
+                if let Some(c) = roots {
+                    ctx.daemon.release(c);
+                }
+                return Ok(());
+            }
             Err(Undelivered::Refused(why)) => {
                 return Err(Dropped(format!("the runner refused the report: {why}")));
             }
@@ -590,6 +603,7 @@ async fn deliver_once(
     spool: Option<&Spool>,
     report: &StoredReport,
     shipped: &mut Option<(u64, u64)>,
+    roots: &mut Option<DaemonClient>,
 ) -> Result<(), Undelivered> {
     let status = |s: tonic::Status| {
         if is_transport(&s) {
@@ -613,23 +627,23 @@ async fn deliver_once(
     }
     if report.outcome == Outcome::Succeeded as i32 {
         send_progress(owner, id, Phase::ReceivingOutputs);
-        let mut daemon = ctx
-            .daemon
-            .take()
-            .await
-            .map_err(|e| Undelivered::Local(e.to_string()))?;
-        let mut infos = Vec::new();
-        for (_, path, _, _) in &report.outputs {
-            infos.push(
-                daemon
-                    .require_path_info(path)
-                    .await
-                    .map_err(|e| Undelivered::Local(e.to_string()))?,
-            );
+        // The job's own connection, which holds the outputs; a new one
+        // (rooting them again) when there is none.
+        if roots.is_none() {
+            *roots = Some(root_outputs(ctx, report).await.ok_or_else(|| {
+                Undelivered::Local("the local nix-daemon cannot be reached".into())
+            })?);
         }
-        for info in references_first(infos) {
-            upload(owner, id, &mut daemon, &info).await?;
+        let daemon = roots.as_mut().expect("just made");
+        let sent = send_outputs(owner, id, daemon, report).await;
+        if sent.is_err() {
+            // A transfer cut off midway leaves the connection inside a
+            // NAR: the next try gets a new one, rooted before this one
+            // (and its roots) goes (the indirect roots hold the outputs
+            // meanwhile).
+            *roots = root_outputs(ctx, report).await;
         }
+        sent?;
         send_progress(owner, id, Phase::PostProcessing);
     }
     let mut client = owner.session.client.clone();
@@ -637,6 +651,28 @@ async fn deliver_once(
         .complete(report.to_report(&owner.session.machine_id, id))
         .await
         .map_err(status)?;
+    Ok(())
+}
+
+/// Uploads a successful job's outputs, references first.
+async fn send_outputs(
+    owner: &Owner,
+    id: &str,
+    daemon: &mut DaemonClient,
+    report: &StoredReport,
+) -> Result<(), Undelivered> {
+    let mut infos = Vec::new();
+    for (_, path, _, _) in &report.outputs {
+        infos.push(
+            daemon
+                .require_path_info(path)
+                .await
+                .map_err(|e| Undelivered::Local(e.to_string()))?,
+        );
+    }
+    for info in references_first(infos) {
+        upload(owner, id, daemon, &info).await?;
+    }
     Ok(())
 }
 

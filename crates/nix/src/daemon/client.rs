@@ -107,9 +107,19 @@ pub struct DaemonClient {
     /// The features both sides support (>= 1.38).
     features: BTreeSet<String>,
     store_dir: StoreDir,
+    /// Temporary roots this connection's daemon process holds (added, or
+    /// left by an import, as Nix roots what it adds): they last until the
+    /// connection closes.
+    temp_roots: u32,
 }
 
 impl DaemonClient {
+    /// How many temporary roots this connection may hold (see
+    /// [`super::Spares::release`]).
+    pub fn temp_roots(&self) -> u32 {
+        self.temp_roots
+    }
+
     /// Connects to a daemon's unix socket and performs the handshake.
     pub async fn connect(socket: &Path) -> Result<DaemonClient, DaemonError> {
         let stream = tokio::net::UnixStream::connect(socket).await?;
@@ -131,6 +141,7 @@ impl DaemonClient {
             trusted: None,
             features: BTreeSet::new(),
             store_dir: StoreDir::default(),
+            temp_roots: 0,
         };
         write_u64(&mut c.w, WORKER_MAGIC_1).await?;
         c.w.flush().await?;
@@ -368,6 +379,7 @@ impl DaemonClient {
         info.references
             .iter()
             .try_for_each(|p| self.check_path(p))?;
+        self.temp_roots += 1;
         self.op(Op::AddToStoreNar).await?;
         write_bytes(&mut self.w, info.path.as_bytes()).await?;
         write_bytes(
@@ -498,6 +510,7 @@ impl DaemonClient {
     /// Keeps `path` from garbage collection while this connection is open.
     pub async fn add_temp_root(&mut self, path: &str) -> Result<(), DaemonError> {
         self.check_path(path)?;
+        self.temp_roots += 1;
         self.op(Op::AddTempRoot).await?;
         write_bytes(&mut self.w, path.as_bytes()).await?;
         self.process_stderr(&mut |_| {}).await?;

@@ -4,13 +4,19 @@
 //! one is in use. A connection is handed out again only when the code that
 //! used it gives it back ([`Spares::release`]) after its operations
 //! succeeded and without leaving state on it (temporary roots, settings);
-//! one that failed midway, or that holds roots, is dropped instead.
+//! one that failed midway, or changed its settings, is dropped instead.
+//! A connection that holds temporary roots may be given back: they last
+//! until it closes, which is at most [`MAX_TEMP_ROOTS`] roots later, so
+//! what a job or an import rooted is collectable again soon after.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::{DaemonClient, DaemonError};
+
+/// A connection given back holding more temporary roots is closed.
+pub const MAX_TEMP_ROOTS: u32 = 256;
 
 pub struct Spares {
     socket: PathBuf,
@@ -27,8 +33,9 @@ pub struct Spares {
 }
 
 impl Spares {
-    /// Keeps up to `keep` fresh connections to the daemon at `socket`
-    /// (made once the first is taken).
+    /// Keeps up to `keep` connections to the daemon at `socket`, a
+    /// quarter of them made ahead (once the first is taken), the rest
+    /// given back.
     pub fn new(socket: &Path, keep: usize) -> Arc<Spares> {
         Arc::new(Spares {
             socket: socket.to_owned(),
@@ -64,22 +71,35 @@ impl Spares {
         }
     }
 
-    /// Gives back a connection whose operations all succeeded and that
-    /// holds no temporary roots or settings, for the next caller.
+    /// Gives back a connection whose operations all succeeded and whose
+    /// settings are the defaults, for the next caller; one holding more
+    /// than [`MAX_TEMP_ROOTS`] temporary roots is closed instead.
     pub fn release(&self, client: DaemonClient) {
+        if client.temp_roots() > MAX_TEMP_ROOTS {
+            return;
+        }
         let mut ready = self.ready.lock().expect("spares lock");
         if ready.len() < self.keep {
             ready.push(client);
         }
     }
 
+    /// How many spares are made ahead: fewer than are kept, so that
+    /// connections given back fill the rest (making up to `keep` at every
+    /// take would fork a daemon process per take, given back or not).
+    fn made_ahead(&self) -> usize {
+        self.keep.div_ceil(4)
+    }
+
     fn refill(self: &Arc<Self>) {
-        if self.keep == 0 || self.filling.swap(true, Ordering::AcqRel) {
+        if self.ready.lock().expect("spares lock").len() >= self.made_ahead()
+            || self.filling.swap(true, Ordering::AcqRel)
+        {
             return;
         }
         let me = self.clone();
         tokio::spawn(async move {
-            while me.ready.lock().expect("spares lock").len() < me.keep {
+            while me.ready.lock().expect("spares lock").len() < me.made_ahead() {
                 // A failure shows to the next caller, who connects itself.
                 let Ok(c) = DaemonClient::connect(&me.socket).await else {
                     break;

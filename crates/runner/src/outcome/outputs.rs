@@ -129,12 +129,13 @@ async fn floating_ca_prefix(
     attempt: &Attempt,
     name: &str,
 ) -> Result<Option<String>, Fatal> {
+    // Valid when the attempt was prepared; its file is all that is read.
     let drv = match shared
         .store
-        .read_derivation(client, &attempt.drv_path)
+        .read_derivation_file(client, &attempt.drv_path)
         .await
     {
-        Ok(d) => d,
+        Ok((d, _)) => d,
         Err(e) if e.is_infrastructure() => return Err(e.into()),
         Err(_) => return Ok(None),
     };
@@ -289,7 +290,9 @@ pub async fn succeed(
     )
     .await?;
     ended(shared, &attempt, AttemptEnd::Completed);
-    register_realisations(shared, &mut client, &realised, &paths).await
+    register_realisations(shared, &mut client, &realised, &paths).await?;
+    shared.store.release(client);
+    Ok(())
 }
 
 /// A resolving step whose resolved derivation (`resolved`) has outputs
@@ -439,9 +442,10 @@ async fn expected_outputs(
     report: &CheckedReport,
 ) -> Result<(Vec<(String, String)>, bool), String> {
     let dir = shared.store.dir();
-    let drv = shared
+    // Valid when the attempt was prepared; its file is all that is read.
+    let (drv, _) = shared
         .store
-        .read_derivation(client, &attempt.drv_path)
+        .read_derivation_file(client, &attempt.drv_path)
         .await
         .map_err(|e| format!("cannot re-read the derivation: {e}"))?;
     if let Some((extra, _)) = report

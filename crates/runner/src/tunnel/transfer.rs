@@ -297,6 +297,9 @@ async fn import(
             None => ImportError::Fatal(crate::store::StoreError::from(e).into()),
         });
     }
+    // Clean (its import rooted the path, which the runner keeps anyway):
+    // the next import need not wait for a new daemon process.
+    shared.store.release(client);
     let scan = scanner
         .await
         .expect("scanning does not panic")
