@@ -57,6 +57,11 @@ pub struct RunnerConfig {
     /// The runner's own nix-daemon: inputs are served from it and outputs
     /// imported into it.
     pub store_socket: PathBuf,
+    /// Where the files of the runner's store are on this machine (the
+    /// store directory itself unless the store is mounted elsewhere):
+    /// `.drv` files are read there, as Hydra's queue runner reads them,
+    /// and from the daemon when they cannot be.
+    pub store_real_dir: Option<PathBuf>,
     /// Largest total NAR size of a step's outputs (status 11 beyond).
     pub max_output_size: u64,
     /// Largest build log of a step (status 10 beyond).
@@ -203,6 +208,11 @@ pub const KEYS: &[(&str, &str, bool)] = &[
         false,
     ),
     ("store_socket", "the runner's own nix-daemon", false),
+    (
+        "store_real_dir",
+        "where the runner's store's files are on this machine, for reading .drv files without the daemon; default: the store directory",
+        false,
+    ),
     (
         "max_output_size",
         "largest total NAR size of a step's outputs (status 11 beyond)",
@@ -373,6 +383,7 @@ impl Default for RunnerConfig {
                 .unwrap_or_else(|| "/var/lib/hydra".into()),
             log_compression: LogCompression::Zstd,
             store_socket: "/nix/var/nix/daemon-socket/socket".into(),
+            store_real_dir: None,
             max_output_size: 2 << 30,
             max_log_size: 64 << 20,
             max_unsupported_secs: 300,
@@ -618,6 +629,7 @@ mod tests {
             client_tls_cert: Some("cc".into()),
             client_tls_key: Some("ck".into()),
             signing_key_file: Some("k".into()),
+            store_real_dir: Some("s".into()),
             ..RunnerConfig::default()
         };
         let fields: Vec<String> = all.table().keys().cloned().collect();

@@ -6,7 +6,7 @@
 use hydra_nix::daemon::DaemonClient;
 
 use crate::realisations::{self, RealisationError};
-use crate::store::StoreError;
+use crate::store::{StoreError, Validity};
 use crate::{Fatal, Shared};
 
 /// Why a step cannot be prepared for a builder.
@@ -42,17 +42,22 @@ pub async fn of(
 ) -> Result<(hydra_nix::Derivation, hydra_nix::Derivation, Vec<String>), PrepareError> {
     let store = &shared.store;
     let dir = store.dir();
-    let drv = store.read_derivation(client, drv_path).await?;
+    let (drv, validity) = store.read_derivation_file(client, drv_path).await?;
     let inputs = realisations::input_paths(shared, client, &drv).await?;
     let basic = drv.resolve(dir, &inputs)?;
-    for path in inputs.values() {
-        let full = dir.display(path);
-        if !client
-            .is_valid_path(&full)
+    // The inputs' outputs, and the `.drv` when it was read from its file,
+    // must be valid: one daemon call.
+    let mut wanted: Vec<String> = inputs.values().map(|p| dir.display(p)).collect();
+    if validity == Validity::Unchecked {
+        wanted.push(dir.display(drv_path));
+    }
+    if !wanted.is_empty() {
+        let valid = client
+            .query_valid_paths(&wanted)
             .await
-            .map_err(StoreError::from)?
-        {
-            return Err(StoreError::Missing { path: full }.into());
+            .map_err(StoreError::from)?;
+        if let Some(missing) = wanted.into_iter().find(|p| !valid.contains(p)) {
+            return Err(StoreError::Missing { path: missing }.into());
         }
     }
     let srcs: Vec<String> = basic.input_srcs.iter().map(|p| dir.display(p)).collect();

@@ -117,6 +117,9 @@ pub struct Shared {
     pub store: LocalStore,
     pub logs: LogStore,
     pub state: State,
+    /// Builders' progress reports, written in batches
+    /// ([`tunnel::progress`]).
+    pub progress: tunnel::progress::ProgressQueue,
     /// Wakes the uploader: outputs were queued for the destination stores.
     pub wake_uploads: Notify,
     /// `hashDerivationModulo` of input derivations, to name realisations
@@ -311,8 +314,10 @@ impl Runner {
         let listen_pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(LISTENERS)
             .connect_lazy_with(options);
+        let (progress, progress_queue) = tunnel::progress::ProgressQueue::new();
         let shared = Arc::new(Shared {
-            store: LocalStore::new(config.store_socket.clone()),
+            progress,
+            store: LocalStore::new(config.store_socket.clone(), config.store_real_dir.clone()),
             logs: LogStore::new(&config.hydra_data, config.log_compression),
             config: parking_lot::RwLock::new(Arc::new(config)),
             pool,
@@ -354,6 +359,10 @@ impl Runner {
             queue_monitor::run(shared.clone()),
         ));
         tasks.spawn(critical("dispatcher", dispatch::run(shared.clone())));
+        tasks.spawn(critical(
+            "progress writer",
+            tunnel::progress::write(shared.clone(), progress_queue),
+        ));
         let mut http_addr = None;
         if let Some(listener) = http {
             http_addr = listener.local_addr().ok();

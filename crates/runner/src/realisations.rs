@@ -120,7 +120,10 @@ pub async fn input_paths(
     let dir = shared.store.dir();
     let mut found = InputPaths::new();
     for (input, wanted) in &drv.input_drvs {
-        let input_drv = shared.store.read_derivation(client, input).await?;
+        // A derivation's file is named by its contents: one read here is
+        // the derivation the daemon would give (a half-written file does
+        // not parse), and its validity matters only for building it.
+        let (input_drv, _) = shared.store.read_derivation_file(client, input).await?;
         let paths = output_paths(&shared.pool, dir, input, &input_drv).await?;
         for output in wanted {
             let path =

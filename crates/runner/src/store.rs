@@ -40,20 +40,35 @@ impl StoreError {
     }
 }
 
+/// Whether a path read from the store is known to be valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Validity {
+    /// The daemon said so.
+    Valid,
+    /// Read from a file: the daemon must still be asked.
+    Unchecked,
+}
+
 #[derive(Clone)]
 pub struct LocalStore {
     socket: PathBuf,
     dir: StoreDir,
+    /// Where the store's files are on this machine.
+    real_dir: PathBuf,
     /// Dispatch, uploads and completions each want a connection at once.
     spares: std::sync::Arc<hydra_nix::daemon::Spares>,
 }
 
 impl LocalStore {
-    pub fn new(socket: PathBuf) -> LocalStore {
+    /// `real_dir`: where the store's files are here (default: the store
+    /// directory itself).
+    pub fn new(socket: PathBuf, real_dir: Option<PathBuf>) -> LocalStore {
+        let dir = StoreDir::default();
         LocalStore {
             spares: hydra_nix::daemon::Spares::new(&socket, 16),
             socket,
-            dir: StoreDir::default(),
+            real_dir: real_dir.unwrap_or_else(|| PathBuf::from(dir.as_str())),
+            dir,
         }
     }
 
@@ -73,8 +88,8 @@ impl LocalStore {
             })
     }
 
-    /// Gives back a connection after read-only operations that all
-    /// succeeded (see [`hydra_nix::daemon::Spares::release`]).
+    /// Gives back a connection after operations that all succeeded and
+    /// changed no settings (see [`hydra_nix::daemon::Spares::release`]).
     pub fn release(&self, client: DaemonClient) {
         self.spares.release(client);
     }
@@ -100,6 +115,31 @@ impl LocalStore {
             path: full,
             message: e.to_string(),
         })
+    }
+
+    /// Reads a `.drv` from its file, as Hydra's queue runner does,
+    /// without asking the daemon: `Unchecked` says the caller must
+    /// still ask the daemon whether the path is valid (a file can be there
+    /// half written, or left by a collection). When the file cannot be
+    /// read here, through the daemon ([`LocalStore::read_derivation`]).
+    pub async fn read_derivation_file(
+        &self,
+        client: &mut DaemonClient,
+        path: &StorePath,
+    ) -> Result<(Derivation, Validity), StoreError> {
+        let file = self.real_dir.join(path.to_string());
+        match tokio::fs::read(&file).await {
+            Ok(bytes) => {
+                let drv = Derivation::parse(&self.dir, &bytes).map_err(|e| {
+                    StoreError::BadDerivation {
+                        path: self.dir.display(path),
+                        message: e.to_string(),
+                    }
+                })?;
+                Ok((drv, Validity::Unchecked))
+            }
+            Err(_) => Ok((self.read_derivation(client, path).await?, Validity::Valid)),
+        }
     }
 
     /// Writes `drv` (a resolved derivation) into the store as Nix would,

@@ -141,6 +141,7 @@ impl Farm {
             listen: "127.0.0.1:0".parse()?,
             client_listen: "127.0.0.1:0".parse()?,
             store_socket: runner_store.socket().to_owned(),
+            store_real_dir: Some(runner_store.real_store_dir()),
             hydra_data: hydra_data.path().to_owned(),
             retry_base_secs: 0.2,
             // A farm's builders do not come back unless a test brings them

@@ -211,6 +211,12 @@ impl NixStore {
         &self.socket
     }
 
+    /// Where the files of the store (`/nix/store` inside the daemon's
+    /// namespace) are outside it: the runner's `store_real_dir`.
+    pub fn real_store_dir(&self) -> PathBuf {
+        self.root.join("nix/store")
+    }
+
     /// A command (a Nix tool, or `cat` of a store file) run inside the
     /// store's mount namespace, where it works on this store directly.
     ///

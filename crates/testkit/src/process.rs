@@ -66,8 +66,9 @@ impl RunnerSetup {
         std::fs::write(
             &config,
             format!(
-                "listen = \"{address}\"\nclient_listen = \"{client_address}\"\nstore_socket = \"{}\"\nhydra_data = \"{}\"\nretry_base_secs = 0.2\n{extra_config}\n",
+                "listen = \"{address}\"\nclient_listen = \"{client_address}\"\nstore_socket = \"{}\"\nstore_real_dir = \"{}\"\nhydra_data = \"{}\"\nretry_base_secs = 0.2\n{extra_config}\n",
                 store.socket().display(),
+                store.real_store_dir().display(),
                 dir.display()
             ),
         )?;

@@ -8,7 +8,7 @@ use hydra_nix::daemon::DaemonClient;
 
 use crate::graph::{LoadPlan, NewStep};
 use crate::realisations;
-use crate::store::StoreError;
+use crate::store::{StoreError, Validity};
 use crate::{Fatal, Shared};
 
 /// What loading found for a build.
@@ -69,7 +69,7 @@ pub async fn plan(
             plan.existing.insert(path);
             continue;
         }
-        let drv = match shared.store.read_derivation(client, &path).await {
+        let (drv, validity) = match shared.store.read_derivation_file(client, &path).await {
             Ok(d) => d,
             Err(e) if !e.is_infrastructure() => {
                 return Ok(Planned::Unloadable {
@@ -86,13 +86,28 @@ pub async fn plan(
             .collect();
         let known: Vec<String> = paths.values().flatten().cloned().collect();
         let all_known = known.len() == drv.outputs.len();
-        let valid = all_known
-            && client
-                .query_valid_paths(&known)
+        // One daemon call for the outputs and, when it was read from its
+        // file, the `.drv` itself.
+        let full = shared.store.dir().display(&path);
+        let mut ask = if all_known { known.clone() } else { Vec::new() };
+        if validity == Validity::Unchecked {
+            ask.push(full.clone());
+        }
+        let found = if ask.is_empty() {
+            Default::default()
+        } else {
+            client
+                .query_valid_paths(&ask)
                 .await
                 .map_err(StoreError::from)?
-                .len()
-                == known.len();
+        };
+        if validity == Validity::Unchecked && !found.contains(&full) {
+            let missing = StoreError::Missing { path: full.clone() };
+            return Ok(Planned::Unloadable {
+                reason: format!("cannot load {full}: {missing}"),
+            });
+        }
+        let valid = all_known && known.iter().all(|k| found.contains(k));
         if valid && !shared.state.has_inherited(&path) {
             if path == *top {
                 return Ok(Planned::Cached);

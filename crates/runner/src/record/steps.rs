@@ -300,24 +300,75 @@ pub async fn finish_build_step(
     .await
 }
 
-/// Sets the progress (`busy`) code of a running step, with its event.
-pub async fn set_step_progress(
+/// A running step's new progress (`busy`) code, with its event.
+#[derive(Debug, Clone)]
+pub struct ProgressUpdate {
+    pub build: BuildId,
+    pub stepnr: i32,
+    pub busy: i32,
+    pub event: crate::events::NewEvent,
+}
+
+/// Sets the progress codes of running steps, in the order given, in one
+/// transaction: a code a step has already, and any code of a step that is
+/// finished (`busy` 0) or gone, changes nothing and has no event.
+pub async fn set_steps_progress(
     pool: &sqlx::PgPool,
-    build: BuildId,
-    stepnr: i32,
-    busy: i32,
-    event: crate::events::NewEvent,
+    updates: Vec<ProgressUpdate>,
 ) -> Result<(), sqlx::Error> {
+    use std::collections::HashMap;
     let mut tx = pool.begin().await?;
-    let changed =
-        sqlx::query("update BuildSteps set busy = $3 where build = $1 and stepnr = $2 and busy != 0 and busy != $3")
-            .bind(build)
-            .bind(stepnr)
-            .bind(busy)
-            .execute(&mut *tx)
-            .await?;
-    if changed.rows_affected() > 0 {
-        crate::events::emit(&mut tx, &[event]).await?;
+    let mut keys: Vec<(BuildId, i32)> = updates.iter().map(|u| (u.build, u.stepnr)).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let (builds, stepnrs): (Vec<BuildId>, Vec<i32>) = keys.into_iter().unzip();
+    // Locked in key order, so two writers never wait on each other in a cycle.
+    let rows: Vec<(BuildId, i32, i32)> = sqlx::query_as(
+        "select s.build, s.stepnr, s.busy from BuildSteps s
+           join unnest($1::integer[], $2::integer[]) as v(build, stepnr)
+             on s.build = v.build and s.stepnr = v.stepnr
+          order by s.build, s.stepnr
+            for update of s",
+    )
+    .bind(&builds)
+    .bind(&stepnrs)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut busy: HashMap<(BuildId, i32), (i32, bool)> = rows
+        .into_iter()
+        .map(|(b, n, busy)| ((b, n), (busy, false)))
+        .collect();
+    let mut events = Vec::new();
+    for u in updates {
+        if let Some((code, changed)) = busy.get_mut(&(u.build, u.stepnr))
+            && *code != 0
+            && *code != u.busy
+        {
+            *code = u.busy;
+            *changed = true;
+            events.push(u.event);
+        }
     }
+    let mut set = (Vec::new(), Vec::new(), Vec::new());
+    for ((b, n), (code, changed)) in busy {
+        if changed {
+            set.0.push(b);
+            set.1.push(n);
+            set.2.push(code);
+        }
+    }
+    if !set.0.is_empty() {
+        sqlx::query(
+            "update BuildSteps s set busy = v.busy
+               from unnest($1::integer[], $2::integer[], $3::integer[]) as v(build, stepnr, busy)
+              where s.build = v.build and s.stepnr = v.stepnr",
+        )
+        .bind(&set.0)
+        .bind(&set.1)
+        .bind(&set.2)
+        .execute(&mut *tx)
+        .await?;
+    }
+    crate::events::emit(&mut tx, &events).await?;
     tx.commit().await
 }

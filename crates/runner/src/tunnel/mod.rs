@@ -7,6 +7,7 @@
 //! each is checked against the attempt's owner before anything is used.
 
 mod link;
+pub mod progress;
 mod transfer;
 
 pub use link::{BuilderLink, Job, LinkError};
@@ -435,19 +436,13 @@ async fn control_loop(
                     })
                     .ok();
                 if let Some((build, stepnr, event)) = row {
-                    let busy = busy_code(p.phase());
-                    let progress =
-                        crate::record::set_step_progress(&shared.pool, build, stepnr, busy, event);
-                    match progress.await.map_err(Fatal::from) {
-                        Ok(()) => {}
-                        Err(e) if e.refused_data().is_some() => {
-                            tracing::warn!(machine = name, "progress not recorded: {e}");
-                        }
-                        Err(e) => {
-                            shared.die(e);
-                            return "the runner is stopping".into();
-                        }
-                    }
+                    let update = crate::record::ProgressUpdate {
+                        build,
+                        stepnr,
+                        busy: busy_code(p.phase()),
+                        event,
+                    };
+                    shared.progress.report(update).await;
                 }
             }
             Some(builder_message::Msg::Join(_)) | None => {
