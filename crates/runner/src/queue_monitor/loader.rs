@@ -40,130 +40,274 @@ pub enum Planned {
 /// A new step's platform and outputs (name -> path, if known).
 type StepRow = (String, Vec<(String, Option<String>)>);
 
-/// Walks the closure of `top` downwards, stopping at derivations whose
-/// outputs are valid (unless an inherited attempt runs them) and at steps
-/// already in the graph. A CA output counts
-/// as built when the runner recorded its realisation and the path is valid.
+/// [`plan_all`] for one build.
 pub async fn plan(
     shared: &Shared,
     client: &mut DaemonClient,
     top: &StorePath,
 ) -> Result<Planned, Fatal> {
-    let mut plan = LoadPlan {
-        planned_at: Some(std::time::Instant::now()),
-        ..LoadPlan::default()
-    };
-    let mut seen = HashSet::new();
-    let mut inputs_of: HashMap<StorePath, Vec<StorePath>> = HashMap::new();
-    // Output path -> its new step, checked against FailedPaths at the end
-    // in one query.
-    let mut outputs_of: HashMap<String, StorePath> = HashMap::new();
-    // Platform and outputs of each new step, should one be a cached failure.
-    let mut rows_of: HashMap<StorePath, StepRow> = HashMap::new();
-    let mut todo = vec![top.clone()];
-    while let Some(path) = todo.pop() {
-        if !seen.insert(path.clone()) {
-            continue;
-        }
-        if shared.state.has_step(&path) {
-            plan.existing.insert(path);
-            continue;
-        }
-        let (drv, validity) = match shared.store.read_derivation_file(client, &path).await {
-            Ok(d) => d,
-            Err(e) if !e.is_infrastructure() => {
-                return Ok(Planned::Unloadable {
-                    reason: format!("cannot load {}: {e}", shared.store.dir().display(&path)),
-                });
+    let mut all = plan_all(shared, client, std::slice::from_ref(top)).await?;
+    Ok(all.pop().expect("one plan per build"))
+}
+
+/// One build's walk of its closure.
+struct Walk<'a> {
+    top: &'a StorePath,
+    plan: LoadPlan,
+    seen: HashSet<StorePath>,
+    /// Derivations to read at the next level.
+    todo: Vec<StorePath>,
+    inputs_of: HashMap<StorePath, Vec<StorePath>>,
+    /// Output path -> its new step, checked against FailedPaths at the end.
+    outputs_of: HashMap<String, StorePath>,
+    /// Platform and outputs of each new step, should one be a cached failure.
+    rows_of: HashMap<StorePath, StepRow>,
+    /// Decided before the walk ended (cached, unloadable).
+    decided: Option<Planned>,
+}
+
+/// A derivation read at one level, shared by the walks that reach it.
+struct Read {
+    drv: Result<hydra_nix::Derivation, String>,
+    /// Output name -> path where known.
+    paths: realisations::OutputPaths,
+    /// The `.drv` was read from its file and must be found valid.
+    unchecked: bool,
+}
+
+/// Walks the closures of `tops` downwards, one level of all of them at a
+/// time, so that the daemon is asked once a level (the outputs' validity
+/// and the `.drv` files' own, for every derivation of the level) and
+/// FailedPaths once for all. A walk stops at derivations whose outputs are
+/// valid (unless an inherited attempt runs them) and at steps already in
+/// the graph. A CA output counts as built when the runner recorded its
+/// realisation and the path is valid. One plan per top, in order.
+pub async fn plan_all(
+    shared: &Shared,
+    client: &mut DaemonClient,
+    tops: &[StorePath],
+) -> Result<Vec<Planned>, Fatal> {
+    let mut walks: Vec<Walk<'_>> = tops
+        .iter()
+        .map(|top| Walk {
+            top,
+            plan: LoadPlan {
+                planned_at: Some(std::time::Instant::now()),
+                ..LoadPlan::default()
+            },
+            seen: HashSet::new(),
+            todo: vec![top.clone()],
+            inputs_of: HashMap::new(),
+            outputs_of: HashMap::new(),
+            rows_of: HashMap::new(),
+            decided: None,
+        })
+        .collect();
+    loop {
+        // This level of every walk: what it has not seen, and is not a
+        // step of the graph already.
+        let mut level: Vec<Vec<StorePath>> = Vec::with_capacity(walks.len());
+        for w in &mut walks {
+            let mut mine = Vec::new();
+            for path in std::mem::take(&mut w.todo) {
+                if w.decided.is_some() || !w.seen.insert(path.clone()) {
+                    continue;
+                }
+                if shared.state.has_step(&path) {
+                    w.plan.existing.insert(path);
+                } else {
+                    mine.push(path);
+                }
             }
+            level.push(mine);
+        }
+        if level.iter().all(Vec::is_empty) {
+            break;
+        }
+        let reads = read_level(shared, client, level.iter().flatten()).await?;
+        for (w, mine) in walks.iter_mut().zip(level) {
+            for path in mine {
+                if w.decided.is_none() {
+                    visit(shared, w, path, &reads).await?;
+                }
+            }
+        }
+    }
+    let undecided: Vec<&str> = walks
+        .iter()
+        .filter(|w| w.decided.is_none())
+        .flat_map(|w| w.outputs_of.keys().map(String::as_str))
+        .collect();
+    let failed = failed_paths(shared, &undecided).await?;
+    Ok(walks.into_iter().map(|w| finish(w, &failed)).collect())
+}
+
+/// Reads the level's derivations (each once), their outputs' paths, and
+/// asks the daemon in one call which of those outputs, and of the `.drv`
+/// files read from disk, are valid.
+async fn read_level(
+    shared: &Shared,
+    client: &mut DaemonClient,
+    paths: impl Iterator<Item = &StorePath>,
+) -> Result<(HashMap<StorePath, Read>, HashSet<String>), Fatal> {
+    let dir = shared.store.dir();
+    let mut reads = HashMap::new();
+    let mut ask = Vec::new();
+    for path in paths {
+        if reads.contains_key(path) {
+            continue;
+        }
+        let read = match shared.store.read_derivation_file(client, path).await {
+            Ok((drv, validity)) => {
+                let paths = realisations::output_paths(&shared.pool, dir, path, &drv).await?;
+                let unchecked = validity == Validity::Unchecked;
+                if unchecked {
+                    ask.push(dir.display(path));
+                }
+                if paths.values().all(Option::is_some) {
+                    ask.extend(paths.values().flatten().cloned());
+                }
+                Read {
+                    drv: Ok(drv),
+                    paths,
+                    unchecked,
+                }
+            }
+            Err(e) if !e.is_infrastructure() => Read {
+                drv: Err(e.to_string()),
+                paths: Default::default(),
+                unchecked: false,
+            },
             Err(e) => return Err(e.into()),
         };
-        let paths =
-            realisations::output_paths(&shared.pool, shared.store.dir(), &path, &drv).await?;
-        let named: Vec<(String, String)> = paths
-            .iter()
-            .filter_map(|(n, p)| p.clone().map(|p| (n.clone(), p)))
-            .collect();
-        let known: Vec<String> = paths.values().flatten().cloned().collect();
-        let all_known = known.len() == drv.outputs.len();
-        // One daemon call for the outputs and, when it was read from its
-        // file, the `.drv` itself.
-        let full = shared.store.dir().display(&path);
-        let mut ask = if all_known { known.clone() } else { Vec::new() };
-        if validity == Validity::Unchecked {
-            ask.push(full.clone());
-        }
-        let found = if ask.is_empty() {
-            Default::default()
-        } else {
-            client
-                .query_valid_paths(&ask)
-                .await
-                .map_err(StoreError::from)?
-        };
-        if validity == Validity::Unchecked && !found.contains(&full) {
+        reads.insert(path.clone(), read);
+    }
+    let valid = if ask.is_empty() {
+        Default::default()
+    } else {
+        client
+            .query_valid_paths(&ask)
+            .await
+            .map_err(StoreError::from)?
+    };
+    Ok((reads, valid.into_iter().collect()))
+}
+
+/// One derivation of a walk, read at this level.
+async fn visit(
+    shared: &Shared,
+    w: &mut Walk<'_>,
+    path: StorePath,
+    (reads, valid): &(HashMap<StorePath, Read>, HashSet<String>),
+) -> Result<(), Fatal> {
+    let dir = shared.store.dir();
+    let read = &reads[&path];
+    let full = dir.display(&path);
+    let drv = match &read.drv {
+        Ok(_) if read.unchecked && !valid.contains(&full) => {
             let missing = StoreError::Missing { path: full.clone() };
-            return Ok(Planned::Unloadable {
+            w.decided = Some(Planned::Unloadable {
                 reason: format!("cannot load {full}: {missing}"),
             });
+            return Ok(());
         }
-        let valid = all_known && known.iter().all(|k| found.contains(k));
-        if valid && !shared.state.has_inherited(&path) {
-            if path == *top {
-                return Ok(Planned::Cached);
-            }
-            plan.cached += 1;
-            continue;
+        Ok(d) => d,
+        Err(e) => {
+            w.decided = Some(Planned::Unloadable {
+                reason: format!("cannot load {full}: {e}"),
+            });
+            return Ok(());
         }
-        if path == *top && all_known && !valid {
-            let destinations = &shared.config().destinations;
-            let found =
-                crate::uploads::presence::outputs_in_a_cache(&shared.pool, destinations, &known)
-                    .await?;
-            if let Some((size, closure_size)) = found {
-                return Ok(Planned::InDestination {
-                    outputs: named,
-                    size,
-                    closure_size,
-                });
-            }
+    };
+    let paths = &read.paths;
+    let named: Vec<(String, String)> = paths
+        .iter()
+        .filter_map(|(n, p)| p.clone().map(|p| (n.clone(), p)))
+        .collect();
+    let known: Vec<String> = paths.values().flatten().cloned().collect();
+    let all_known = known.len() == drv.outputs.len();
+    let is_valid = all_known && known.iter().all(|k| valid.contains(k));
+    let is_top = path == *w.top;
+    if is_valid && !shared.state.has_inherited(&path) {
+        if is_top {
+            w.decided = Some(Planned::Cached);
+        } else {
+            w.plan.cached += 1;
         }
-        let needs_resolution = match drv.needs_resolution() {
-            Ok(n) => n,
-            Err(e) => {
-                return Ok(Planned::Unloadable {
-                    reason: format!("cannot load {}: {e}", shared.store.dir().display(&path)),
-                });
-            }
-        };
-        outputs_of.extend(known.into_iter().map(|o| (o, path.clone())));
-        rows_of.insert(
-            path.clone(),
-            (drv.platform.clone(), paths.into_iter().collect()),
-        );
-        let required_features = drv
-            .env
-            .get("requiredSystemFeatures")
-            .map(|f| f.split_whitespace().map(str::to_owned).collect())
-            .unwrap_or_default();
-        inputs_of.insert(path.clone(), drv.input_drvs.keys().cloned().collect());
-        todo.extend(drv.input_drvs.keys().cloned());
-        plan.new_steps.push(NewStep {
-            drv_path: path,
-            system: drv.platform.clone(),
-            required_features,
-            inputs: Vec::new(),
-            needs_resolution,
-        });
+        return Ok(());
     }
-    if let Some(drv) = failed_before(shared, &outputs_of, top).await? {
-        let (system, outputs) = rows_of.remove(&drv).unwrap_or_default();
-        return Ok(Planned::CachedFailure {
+    if is_top && all_known && !is_valid {
+        let destinations = &shared.config().destinations;
+        let found =
+            crate::uploads::presence::outputs_in_a_cache(&shared.pool, destinations, &known)
+                .await?;
+        if let Some((size, closure_size)) = found {
+            w.decided = Some(Planned::InDestination {
+                outputs: named,
+                size,
+                closure_size,
+            });
+            return Ok(());
+        }
+    }
+    let needs_resolution = match drv.needs_resolution() {
+        Ok(n) => n,
+        Err(e) => {
+            w.decided = Some(Planned::Unloadable {
+                reason: format!("cannot load {full}: {e}"),
+            });
+            return Ok(());
+        }
+    };
+    w.outputs_of
+        .extend(known.into_iter().map(|o| (o, path.clone())));
+    w.rows_of.insert(
+        path.clone(),
+        (drv.platform.clone(), paths.clone().into_iter().collect()),
+    );
+    let required_features = drv
+        .env
+        .get("requiredSystemFeatures")
+        .map(|f| f.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
+    w.inputs_of
+        .insert(path.clone(), drv.input_drvs.keys().cloned().collect());
+    w.todo.extend(drv.input_drvs.keys().cloned());
+    w.plan.new_steps.push(NewStep {
+        drv_path: path,
+        system: drv.platform.clone(),
+        required_features,
+        inputs: Vec::new(),
+        needs_resolution,
+    });
+    Ok(())
+}
+
+/// A walk's plan, once FailedPaths (`failed`) is known: a cached failure
+/// when one of its new steps' outputs failed before (the top level's if it
+/// is among them), else its steps with their inputs.
+fn finish(mut w: Walk<'_>, failed: &HashSet<String>) -> Planned {
+    if let Some(decided) = w.decided {
+        return decided;
+    }
+    let mut hit = w
+        .outputs_of
+        .iter()
+        .filter(|(o, _)| failed.contains(*o))
+        .map(|(_, d)| d);
+    let failed_step = match hit.clone().find(|d| *d == w.top) {
+        Some(d) => Some(d.clone()),
+        None => hit.next().cloned(),
+    };
+    if let Some(drv) = failed_step {
+        let (system, outputs) = w.rows_of.remove(&drv).unwrap_or_default();
+        return Planned::CachedFailure {
             drv,
             system,
             outputs,
-        });
+        };
     }
+    let mut plan = w.plan;
     let needed: HashSet<&StorePath> = plan
         .new_steps
         .iter()
@@ -174,7 +318,7 @@ pub async fn plan(
         .new_steps
         .iter()
         .map(|s| {
-            inputs_of[&s.drv_path]
+            w.inputs_of[&s.drv_path]
                 .iter()
                 .filter(|i| needed.contains(i))
                 .cloned()
@@ -184,28 +328,18 @@ pub async fn plan(
     for (step, inputs) in plan.new_steps.iter_mut().zip(wanted) {
         step.inputs = inputs;
     }
-    Ok(Planned::Steps(plan))
+    Planned::Steps(plan)
 }
 
-/// A step (of `outputs_of`: output path -> step) whose output failed
-/// before, if any; the top-level one if it is among them.
-async fn failed_before(
-    shared: &Shared,
-    outputs_of: &HashMap<String, StorePath>,
-    top: &StorePath,
-) -> Result<Option<StorePath>, Fatal> {
-    if outputs_of.is_empty() {
-        return Ok(None);
+/// Which of `outputs` failed before (`FailedPaths`), in one query.
+async fn failed_paths(shared: &Shared, outputs: &[&str]) -> Result<HashSet<String>, Fatal> {
+    if outputs.is_empty() {
+        return Ok(HashSet::new());
     }
-    let outputs: Vec<&str> = outputs_of.keys().map(String::as_str).collect();
     let failed: Vec<String> =
         sqlx::query_scalar("select path from FailedPaths where path = any($1)")
-            .bind(&outputs)
+            .bind(outputs)
             .fetch_all(&shared.pool)
             .await?;
-    let mut steps = failed.iter().map(|p| &outputs_of[p]);
-    Ok(match steps.clone().find(|d| *d == top) {
-        Some(d) => Some(d.clone()),
-        None => steps.next().cloned(),
-    })
+    Ok(failed.into_iter().collect())
 }

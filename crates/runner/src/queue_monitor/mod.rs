@@ -158,6 +158,10 @@ const QUEUED: &str =
 /// Builds read at once, each by its own daemon connection: most of a
 /// load is waiting for the daemon and PostgreSQL, which work in parallel.
 const LOADERS: usize = 4;
+/// Builds a loader reads together: their closures are walked a level of
+/// all at a time, so the daemon is asked once a level and FailedPaths once
+/// a chunk, not once a derivation and once a build.
+const CHUNK: usize = 32;
 /// Progress is logged, and the dispatcher woken, every this many builds.
 const PROGRESS_EVERY: usize = 1000;
 
@@ -219,24 +223,15 @@ async fn load_builds(shared: &Shared, rows: Vec<QueuedBuild>) -> Result<(), Fata
         let mut client = shared.store.client().await?;
         let mut plans = Vec::new();
         loop {
-            let Some(row) = queue.lock().next() else {
+            let chunk: Vec<QueuedBuild> = queue.lock().by_ref().take(CHUNK).collect();
+            if chunk.is_empty() {
                 return Ok::<_, Fatal>(plans);
-            };
-            let (id, drv) = (row.id, row.drvpath.clone());
-            match load_build(shared, &mut client, row).await {
-                Ok(Some(cached)) => plans.push((id, cached)),
-                Ok(None) => {}
-                Err(e) => match e.refused_data() {
-                    // What the build's outputs hold (a cached build's
-                    // `nix-support`) was refused: the build ends, the
-                    // runner goes on.
-                    Some(reason) => refuse_build(shared, id, &drv, &reason).await?,
-                    None => return Err(e),
-                },
             }
-            let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            if n.is_multiple_of(PROGRESS_EVERY) {
-                tracing::info!("loaded {n} of {total} queued builds");
+            let n = chunk.len();
+            load_chunk(shared, &mut client, chunk, &mut plans).await?;
+            let before = done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            if (before + n) / PROGRESS_EVERY > before / PROGRESS_EVERY {
+                tracing::info!("loaded {} of {total} queued builds", before + n);
                 // What is loaded can start while the rest loads.
                 shared.state.batch_loaded();
             }
@@ -275,15 +270,73 @@ async fn record_plans(shared: &Shared, plans: &[(BuildId, u32)]) -> Result<(), F
     Ok(())
 }
 
-/// Loads one queued build: finishes it at once when it is cached, failed
-/// before, or unloadable; otherwise adds it and its steps to the graph.
-/// Returns how many derivations of its closure were built already, when
-/// it was read.
-async fn load_build(
+/// Loads a chunk of queued builds (see [`CHUNK`]); pushes, for each that
+/// was read, how many derivations of its closure were built already.
+async fn load_chunk(
     shared: &Shared,
     client: &mut DaemonClient,
-    row: QueuedBuild,
-) -> Result<Option<u32>, Fatal> {
+    rows: Vec<QueuedBuild>,
+    plans: &mut Vec<(BuildId, u32)>,
+) -> Result<(), Fatal> {
+    let mut builds = Vec::with_capacity(rows.len());
+    for row in rows {
+        let id = row.id;
+        let drv = row.drvpath.clone();
+        match to_build(shared, row).await {
+            Ok(Some(Ok(build))) => builds.push((build, drv)),
+            Ok(Some(Err(cached))) => plans.push((id, cached)),
+            Ok(None) => {}
+            Err(e) => refused_or_fatal(shared, id, &drv, e).await?,
+        }
+    }
+    let tops: Vec<StorePath> = builds.iter().map(|(b, _)| b.drv_path.clone()).collect();
+    let planned = match loader::plan_all(shared, client, &tops).await {
+        Ok(p) => p,
+        // A value of one build's the database refused: each on its own,
+        // so that the others load.
+        Err(e) if e.refused_data().is_some() => {
+            for (build, drv) in builds {
+                let id = build.id;
+                match load_build(shared, client, build, &drv).await {
+                    Ok(Some(cached)) => plans.push((id, cached)),
+                    Ok(None) => {}
+                    Err(e) => refused_or_fatal(shared, id, &drv, e).await?,
+                }
+            }
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    for ((build, drv), planned) in builds.into_iter().zip(planned) {
+        let id = build.id;
+        let applied = match apply_plan(shared, client, &build, &drv, planned).await {
+            Ok(Applied::Done(cached)) => Ok(cached),
+            // A step the plan relied on finished meanwhile: read it again.
+            Ok(Applied::Again) => load_build(shared, client, build, &drv).await,
+            Err(e) => Err(e),
+        };
+        match applied {
+            Ok(Some(cached)) => plans.push((id, cached)),
+            Ok(None) => {}
+            Err(e) => refused_or_fatal(shared, id, &drv, e).await?,
+        }
+    }
+    Ok(())
+}
+
+/// What the build's outputs hold (a cached build's `nix-support`) was
+/// refused: the build ends, the runner goes on. Any other fault is fatal.
+async fn refused_or_fatal(shared: &Shared, id: BuildId, drv: &str, e: Fatal) -> Result<(), Fatal> {
+    match e.refused_data() {
+        Some(reason) => refuse_build(shared, id, drv, &reason).await,
+        None => Err(e),
+    }
+}
+
+/// A queued row as the graph's build: None when it is loaded already;
+/// `Err(cached)` when it ended at once (its `.drv` path is not a store
+/// path).
+async fn to_build(shared: &Shared, row: QueuedBuild) -> Result<Option<Result<Build, u32>>, Fatal> {
     if shared.state.has_build(row.id) {
         return Ok(None);
     }
@@ -291,14 +344,13 @@ async fn load_build(
         Ok(p) => p,
         Err(e) => {
             let reason = format!("Builds.drvPath '{}' is not a store path: {e}", row.drvpath);
-            return abort_build(shared, row.id, &row.drvpath, &reason)
-                .await
-                .map(|()| Some(0));
+            abort_build(shared, row.id, &row.drvpath, &reason).await?;
+            return Ok(Some(Err(0)));
         }
     };
-    let build = Build {
+    Ok(Some(Ok(Build {
         id: row.id,
-        drv_path: drv_path.clone(),
+        drv_path,
         jobset_id: row.jobset_id,
         project: row.project,
         jobset: row.jobset,
@@ -308,62 +360,22 @@ async fn load_build(
         global_priority: row.globalpriority,
         max_silent_secs: row.maxsilent.unwrap_or(3600).max(0) as u32,
         timeout_secs: row.timeout.unwrap_or(36000).max(0) as u32,
-    };
-    // A step the plan relied on may finish while the plan is read: then
-    // read again (it is valid now, or failed).
+    })))
+}
+
+/// Loads one build on its own, reading it again while steps its plan
+/// relied on finish meanwhile. Returns how many derivations of its closure
+/// were built already, when it was read.
+async fn load_build(
+    shared: &Shared,
+    client: &mut DaemonClient,
+    build: Build,
+    drvpath: &str,
+) -> Result<Option<u32>, Fatal> {
     for _ in 0..5 {
-        match loader::plan(shared, client, &drv_path).await? {
-            Planned::Cached => {
-                return finish_cached(shared, client, &build)
-                    .await
-                    .map(|()| Some(1));
-            }
-            Planned::InDestination {
-                outputs,
-                size,
-                closure_size,
-            } => {
-                return finish_cached_in_destination(shared, &build, &outputs, size, closure_size)
-                    .await
-                    .map(|()| Some(1));
-            }
-            Planned::CachedFailure {
-                drv,
-                system,
-                outputs,
-            } => {
-                let step = CachedStep {
-                    drv: &drv,
-                    system: &system,
-                    outputs: &outputs,
-                };
-                return fail_cached(shared, &build, step).await.map(|()| Some(0));
-            }
-            Planned::Unloadable { reason } => {
-                return abort_build(shared, build.id, &row.drvpath, &reason)
-                    .await
-                    .map(|()| Some(0));
-            }
-            Planned::Steps(plan) => {
-                let cached = plan.cached;
-                let inserted = shared
-                    .state
-                    .build_loaded(build.clone(), plan, Instant::now());
-                match inserted {
-                    // The dispatcher is woken once the whole batch is in.
-                    Ok(adoptions) => {
-                        crate::tunnel::send_adoptions(&adoptions);
-                        return Ok(Some(cached));
-                    }
-                    Err(InsertError::Vanished(step)) => {
-                        tracing::debug!(
-                            build = build.id,
-                            "step {step} finished during loading; reloading"
-                        );
-                    }
-                    Err(InsertError::Duplicate(_)) => return Ok(None),
-                }
-            }
+        let planned = loader::plan(shared, client, &build.drv_path).await?;
+        if let Applied::Done(cached) = apply_plan(shared, client, &build, drvpath, planned).await? {
+            return Ok(cached);
         }
     }
     tracing::warn!(
@@ -371,6 +383,76 @@ async fn load_build(
         "the build's steps kept changing while it loaded; will retry on the next pass"
     );
     Ok(None)
+}
+
+/// What became of a build's plan.
+enum Applied {
+    /// Finished at once, or in the graph (with how many derivations of its
+    /// closure were built already; None when it was loaded already).
+    Done(Option<u32>),
+    /// A step the plan relied on finished while it was read.
+    Again,
+}
+
+/// Finishes the build at once when it is cached, failed before, or
+/// unloadable; otherwise adds it and its steps to the graph.
+async fn apply_plan(
+    shared: &Shared,
+    client: &mut DaemonClient,
+    build: &Build,
+    drvpath: &str,
+    planned: Planned,
+) -> Result<Applied, Fatal> {
+    match planned {
+        Planned::Cached => finish_cached(shared, client, build)
+            .await
+            .map(|()| Applied::Done(Some(1))),
+        Planned::InDestination {
+            outputs,
+            size,
+            closure_size,
+        } => finish_cached_in_destination(shared, build, &outputs, size, closure_size)
+            .await
+            .map(|()| Applied::Done(Some(1))),
+        Planned::CachedFailure {
+            drv,
+            system,
+            outputs,
+        } => {
+            let step = CachedStep {
+                drv: &drv,
+                system: &system,
+                outputs: &outputs,
+            };
+            fail_cached(shared, build, step)
+                .await
+                .map(|()| Applied::Done(Some(0)))
+        }
+        Planned::Unloadable { reason } => abort_build(shared, build.id, drvpath, &reason)
+            .await
+            .map(|()| Applied::Done(Some(0))),
+        Planned::Steps(plan) => {
+            let cached = plan.cached;
+            let inserted = shared
+                .state
+                .build_loaded(build.clone(), plan, Instant::now());
+            match inserted {
+                // The dispatcher is woken once the whole batch is in.
+                Ok(adoptions) => {
+                    crate::tunnel::send_adoptions(&adoptions);
+                    Ok(Applied::Done(Some(cached)))
+                }
+                Err(InsertError::Vanished(step)) => {
+                    tracing::debug!(
+                        build = build.id,
+                        "step {step} finished during loading; reloading"
+                    );
+                    Ok(Applied::Again)
+                }
+                Err(InsertError::Duplicate(_)) => Ok(Applied::Done(None)),
+            }
+        }
+    }
 }
 
 /// Every output of the build is valid already: a cached build (Hydra
@@ -574,9 +656,9 @@ async fn apply_changes(shared: &Shared, cursor: &mut SeqCursor) -> Result<(), Fa
                     .await?;
                 if let Some(row) = row {
                     let mut client = shared.store.client().await?;
-                    if let Some(cached) = load_build(shared, &mut client, row).await? {
-                        record_plans(shared, &[(*build, cached)]).await?;
-                    }
+                    let mut plans = Vec::new();
+                    load_chunk(shared, &mut client, vec![row], &mut plans).await?;
+                    record_plans(shared, &plans).await?;
                     shared.state.batch_loaded();
                 }
             }
