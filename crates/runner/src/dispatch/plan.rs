@@ -101,6 +101,31 @@ impl Decided {
     }
 }
 
+/// A runnable step in the round's queue: the greatest goes first (by
+/// [`OrderKey::dispatch_order`], then the step id, so equal keys go in
+/// a fixed order).
+struct Queued(OrderKey, StepId);
+
+impl Ord for Queued {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.0.dispatch_order(&self.0).then(other.1.cmp(&self.1))
+    }
+}
+
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for Queued {}
+
 /// A kind of step, as machines see it: its system and required features.
 type Kind<'a> = (&'a str, &'a [String]);
 
@@ -118,12 +143,17 @@ pub fn plan(
     // machine is remembered for the rest of the round.
     let outage = machines.is_empty();
     let mut supported: HashMap<Kind<'_>, bool> = HashMap::new();
-    let mut queue: Vec<(OrderKey, StepId)> = Vec::new();
+    let mut queue: Vec<Queued> = Vec::new();
     for (id, step) in graph.runnable() {
         let kind = (step.system.as_str(), step.required_features.as_slice());
         let any = *supported
             .entry(kind)
             .or_insert_with(|| machines.supports_any(&step.system, &step.required_features));
+        // Noted here, not where the step is given a machine: a round ends
+        // once every free slot is promised.
+        if any && step.unsupported_since.is_some() {
+            out.supported_again.push(id);
+        }
         match step.state {
             StepState::Runnable {
                 not_before: Some(t),
@@ -146,16 +176,22 @@ pub fn plan(
             StepState::Runnable { since, .. } => {
                 let waited = now.saturating_duration_since(since);
                 let bonus = aging_bonus(waited, policy.priority_aging_secs);
-                queue.push((OrderKey::new(&step.sched, shares, bonus), id));
+                queue.push(Queued(OrderKey::new(&step.sched, shares, bonus), id));
             }
-            _ => queue.push((OrderKey::new(&step.sched, shares, 0), id)),
+            _ => queue.push(Queued(OrderKey::new(&step.sched, shares, 0), id)),
         }
     }
-    queue.sort_by(|a, b| a.0.dispatch_order(&b.0));
+    // Taken first-first from a heap (made in linear time) until every
+    // free slot is promised: a round with a long queue and few free slots
+    // orders only what it dispatches.
+    let mut queue = std::collections::BinaryHeap::from(queue);
+    let mut free: u32 = machines.connected().map(|m| m.free_slots()).sum();
 
     let mut full: HashSet<Kind<'_>> = HashSet::new();
     let mut planned: HashMap<String, u32> = HashMap::new();
-    for (_, id) in queue {
+    while free > 0
+        && let Some(Queued(_, id)) = queue.pop()
+    {
         let step = graph.step(id).expect("runnable step");
         let kind = (step.system.as_str(), step.required_features.as_slice());
         let chosen = if full.contains(&kind) {
@@ -176,9 +212,6 @@ pub fn plan(
             // (those nobody supports were set aside before sorting): it
             // waits for that machine as for a busy one.
             Err(NoMachine::Unsupported | NoMachine::Busy) => {
-                if step.unsupported_since.is_some() {
-                    out.supported_again.push(id);
-                }
                 if full.insert(kind)
                     && let Some(t) = machines.next_rest_end(now)
                 {
@@ -186,10 +219,8 @@ pub fn plan(
                 }
             }
             Ok(machine) => {
-                if step.unsupported_since.is_some() {
-                    out.supported_again.push(id);
-                }
                 *planned.entry(machine.name.clone()).or_default() += 1;
+                free -= 1;
                 out.assignments.push((id, machine.name.clone()));
             }
         }
@@ -268,6 +299,31 @@ mod tests {
             .iter()
             .map(|(id, m)| (g.step(*id).unwrap().drv_path.name().to_owned(), m.clone()))
             .collect()
+    }
+
+    #[test]
+    fn a_round_without_free_slots_assigns_nothing_yet_notes_steps_supported_again() {
+        let mut g = Graph::default();
+        let waiting = add(&mut g, 1, "waiting", "x86_64-linux", 0, 0);
+        for i in 2..50 {
+            add(&mut g, i, &format!("s{i}"), "x86_64-linux", i, 0);
+        }
+        g.set_unsupported_since(waiting, Some(Instant::now()));
+        let mut ms = Machines::default();
+        let mut busy = machine("busy", &["x86_64-linux"], &[], 1.0, 1);
+        busy.running.insert(Uuid::new_v4());
+        ms.register(busy).unwrap();
+        let d = plan(&g, &ms, &Shares::default(), &policy(), Instant::now());
+        assert!(d.assignments.is_empty());
+        assert_eq!(
+            d.supported_again,
+            [waiting],
+            "a machine supports it, though none is free"
+        );
+        // One slot for 49 steps: the highest priority takes it.
+        ms.get_mut("busy").unwrap().running.clear();
+        let d = plan(&g, &ms, &Shares::default(), &policy(), Instant::now());
+        assert_eq!(names(&g, &d), [("s49.drv".into(), "busy".into())]);
     }
 
     #[test]

@@ -199,6 +199,10 @@ impl Graph {
         self.builds.len()
     }
 
+    pub fn runnable_count(&self) -> usize {
+        self.runnable.len()
+    }
+
     pub fn runnable(&self) -> impl Iterator<Item = (StepId, &Step)> + '_ {
         self.runnable.iter().map(|id| (*id, &*self.steps[id]))
     }

@@ -684,7 +684,7 @@ impl State {
         QueueCounts {
             builds: inner.graph.build_count(),
             steps: inner.graph.step_count(),
-            runnable: inner.graph.runnable().count(),
+            runnable: inner.graph.runnable_count(),
             running: inner.attempts.len(),
             machines: inner.machines.connected().count(),
         }
