@@ -78,6 +78,8 @@ pub async fn serve_inputs(
                 return;
             }
         }
+        // Every NAR was read whole: the connection is clean.
+        shared.store.release(client);
     });
     Ok(Box::pin(ReceiverStream::new(rx)))
 }
