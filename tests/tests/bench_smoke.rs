@@ -30,12 +30,18 @@ async fn bench(args: &[&str]) -> serde_json::Value {
 
 #[tokio::test]
 async fn makespan_compares_the_farm_with_local_nix() {
-    let v = bench(&["makespan", "--shapes", "deep,layered", "--size", "0.02"]).await;
+    let v = bench(&["makespan", "--shapes", "deep-3,layered", "--size", "0.02"]).await;
     let results = v["results"].as_array().unwrap();
     assert_eq!(results.len(), 2);
+    assert_eq!(results[0]["shape"], "deep-3", "a shape at a count of steps");
     for r in results {
         assert!(r["local_seconds"].as_f64().unwrap() > 0.0);
         assert!(r["ratio"].as_f64().unwrap() > 0.0);
+        let cpu = &r["cpu_ms_per_step"];
+        assert!(cpu["farm"].as_f64().unwrap() > 0.0, "{cpu}");
+        assert!(cpu["local"].as_f64().unwrap() >= 0.0, "{cpu}");
+        let kinds = cpu["farm_by_kind"].as_object().unwrap();
+        assert_eq!(kinds.len(), 3, "{cpu}");
     }
 }
 

@@ -33,7 +33,8 @@ struct Cli {
 enum Scenario {
     /// The same DAGs built by `nix-store --realise -j N` and by the farm.
     Makespan {
-        /// wide, deep, layered, mixed (comma-separated).
+        /// wide, deep, layered, mixed (comma-separated); wide-N, deep-N
+        /// for N steps.
         #[arg(long, default_value = "wide,deep,layered,mixed")]
         shapes: String,
         /// Scale of the shapes: 1.0 is the (1000 wide, 200 deep,
@@ -81,15 +82,31 @@ enum Scenario {
     },
 }
 
+/// `wide`, `deep`, `layered`, `mixed` at the sizes times `size`;
+/// `wide-N` and `deep-N` at N steps.
 fn shapes(list: &str, size: f64) -> Result<Vec<Dag>> {
     let n = |base: f64| ((base * size).round() as usize).max(2);
     list.split(',')
-        .map(|s| match s.trim() {
-            "wide" => Ok(Dag::wide(n(1000.0))),
-            "deep" => Ok(Dag::deep(n(200.0))),
-            "layered" => Ok(Dag::layered(10, n(100.0), 7)),
-            "mixed" => Ok(Dag::mixed(5, n(40.0), 11)),
-            other => anyhow::bail!("unknown shape {other:?}: wide, deep, layered or mixed"),
+        .map(|s| {
+            let s = s.trim();
+            let (name, count) = match s.split_once('-') {
+                Some((name, count)) => {
+                    let count: usize = count
+                        .parse()
+                        .map_err(|_| anyhow::anyhow!("{s:?}: the count after '-' is not a number"))?;
+                    (name, Some(count.max(2)))
+                }
+                None => (s, None),
+            };
+            match name {
+                "wide" => Ok(Dag::wide(count.unwrap_or_else(|| n(1000.0)))),
+                "deep" => Ok(Dag::deep(count.unwrap_or_else(|| n(200.0)))),
+                "layered" if count.is_none() => Ok(Dag::layered(10, n(100.0), 7)),
+                "mixed" if count.is_none() => Ok(Dag::mixed(5, n(40.0), 11)),
+                _ => anyhow::bail!(
+                    "unknown shape {s:?}: wide, deep, layered or mixed (wide-N and deep-N for N steps)"
+                ),
+            }
         })
         .collect()
 }
