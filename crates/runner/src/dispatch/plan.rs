@@ -144,11 +144,21 @@ pub fn plan(
     let outage = machines.is_empty();
     let mut supported: HashMap<Kind<'_>, bool> = HashMap::new();
     let mut queue: Vec<Queued> = Vec::new();
+    // The kind of the step before, and whether a machine supports it: a
+    // queue is mostly of a few kinds, so most steps are answered here.
+    let mut last: Option<(Kind<'_>, bool)> = None;
     for (id, step) in graph.runnable() {
         let kind = (step.system.as_str(), step.required_features.as_slice());
-        let any = *supported
-            .entry(kind)
-            .or_insert_with(|| machines.supports_any(&step.system, &step.required_features));
+        let any = match last {
+            Some((k, any)) if k == kind => any,
+            _ => {
+                let any = *supported.entry(kind).or_insert_with(|| {
+                    machines.supports_any(&step.system, &step.required_features)
+                });
+                last = Some((kind, any));
+                any
+            }
+        };
         // Noted here, not where the step is given a machine: a round ends
         // once every free slot is promised.
         if any && step.unsupported_since.is_some() {

@@ -7,6 +7,7 @@
 
 pub mod step;
 
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
@@ -126,10 +127,12 @@ pub struct Graph {
     /// Boxed: the table grows by doubling, and its slack then costs a
     /// pointer per empty slot instead of a whole step (a fifth of the
     /// memory per step at 300,000 steps).
-    steps: HashMap<StepId, Box<Step>>,
+    /// Keyed by ids the graph hands out itself, so a fast hash (a round
+    /// looks up every runnable step) is safe from crafted keys.
+    steps: FxHashMap<StepId, Box<Step>>,
     by_path: HashMap<StorePath, StepId>,
     builds: HashMap<BuildId, Build>,
-    runnable: HashSet<StepId>,
+    runnable: FxHashSet<StepId>,
     /// Steps in `Resolving` that the resolver has not taken yet.
     to_resolve: HashSet<StepId>,
     next_id: StepId,
