@@ -486,3 +486,81 @@ async fn a_step_follows_its_input_to_the_machine_that_built_it() {
     .unwrap();
     assert_eq!(fetched, 0, "no step fetched an input from the runner");
 }
+
+/// Builders' progress goes to PostgreSQL in batches: within one, each
+/// step ends with its last code, in order; a code a step has already, a
+/// finished step and a step that is gone change nothing; and only what
+/// changed is an event.
+#[tokio::test]
+async fn progress_written_in_a_batch_changes_running_steps_only_and_in_order() {
+    use hydra_queue_runner::events::{Kind, NewEvent};
+    use hydra_queue_runner::record::{ProgressUpdate, set_steps_progress};
+    let farm = Farm::start(|_| {}).await.expect("farm");
+    let pool = &farm.db.pool;
+    // A finished build, which the runner leaves alone, with three steps:
+    // preparing, building, finished.
+    let build: i32 = sqlx::query_scalar(
+        "insert into Builds (finished, timestamp, jobset_id, job, drvPath, system, startTime, stopTime, buildStatus)
+         values (1, 0, $1, 'progress', '/nix/store/x-progress.drv', 'x86_64-linux', 1, 1, 0) returning id",
+    )
+    .bind(farm.jobset_id)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    for (stepnr, busy) in [(1, 1), (2, 30), (3, 0)] {
+        sqlx::query(
+            "insert into BuildSteps (build, stepnr, type, drvPath, busy) values ($1, $2, 0, $3, $4)",
+        )
+        .bind(build)
+        .bind(stepnr)
+        .bind(format!("/nix/store/x-step{stepnr}.drv"))
+        .bind(busy)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+    let update = |stepnr: i32, busy: i32, phase: &str| ProgressUpdate {
+        build,
+        stepnr,
+        busy,
+        event: NewEvent::new(Kind::StepProgress, vec![build])
+            .drv(format!("/nix/store/x-step{stepnr}.drv"))
+            .detail(phase),
+    };
+    set_steps_progress(
+        pool,
+        vec![
+            update(1, 20, "sending-inputs"),
+            update(2, 30, "building"),
+            update(3, 40, "receiving-outputs"),
+            update(1, 30, "building"),
+            update(9, 30, "building"),
+        ],
+    )
+    .await
+    .unwrap();
+    let busy: Vec<(i32, i32)> =
+        sqlx::query_as("select stepnr, busy from BuildSteps where build = $1 order by stepnr")
+            .bind(build)
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert_eq!(busy, [(1, 30), (2, 30), (3, 0)]);
+    let events: Vec<(String, String)> = sqlx::query_as(
+        "select drv_path, detail from hqr_events where kind = 'step_progress' and $1 = any(builds) order by id",
+    )
+    .bind(build)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        events,
+        [
+            (
+                "/nix/store/x-step1.drv".to_owned(),
+                "sending-inputs".to_owned()
+            ),
+            ("/nix/store/x-step1.drv".to_owned(), "building".to_owned()),
+        ]
+    );
+}
