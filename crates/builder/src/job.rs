@@ -110,6 +110,10 @@ async fn work(ctx: &JobContext, job: &BuildJob, tie: &mut Tie) -> Result<(), Dro
                 Err(e) => {
                     tracing::warn!(attempt = %id, "job failed on this machine: {e}");
                     spool.close();
+                    // Its connection may have broken midway: it is not
+                    // given back for the next job (there are no outputs
+                    // to hold).
+                    roots = None;
                     (infrastructure(&e), None)
                 }
             }
