@@ -506,13 +506,38 @@ async fn cancelling_the_only_build_aborts_its_running_step() {
     assert_eq!(farm.statuses(&next).await.unwrap()["quick"], (0, 0));
 }
 
+/// Loaded in one chunk beside a build that is fine: a `.drv` that is gone,
+/// one that is no store path, and one whose file is in the store's
+/// directory but which the store does not hold (a file is read from disk
+/// only with the daemon's word that it is valid) are aborted with the
+/// reason, and the good build is built.
 #[tokio::test]
 async fn a_build_whose_drv_is_gone_or_malformed_is_aborted_with_the_reason() {
-    let farm = Farm::start(|_| {}).await.unwrap();
+    let mut farm = Farm::start(|_| {}).await.unwrap();
+    farm.add_builder(BuilderSpec::new("b1")).await.unwrap();
+    let good = farm
+        .runner_store
+        .instantiate(
+            r#"with prelude; { good = mkDrv { name = "good"; script = "echo good > $out"; }; }"#,
+            &["good"],
+        )
+        .await
+        .unwrap();
+    // The good derivation's text under a name the store never registered.
+    let text = std::fs::read(
+        farm.runner_store
+            .real_store_dir()
+            .join(good["good"].trim_start_matches("/nix/store/")),
+    )
+    .unwrap();
+    let stray = "7rjj86a15146cq1d3qy068lml7n8ykzm-stray.drv";
+    std::fs::write(farm.runner_store.real_store_dir().join(stray), text).unwrap();
     let gone = "/nix/store/7rjj86a15146cq1d3qy068lml7n8ykzm-collected.drv".to_owned();
     let drvs = [
         ("gone".to_owned(), gone),
         ("garbage".to_owned(), "not-a-store-path".to_owned()),
+        ("stray".to_owned(), format!("/nix/store/{stray}")),
+        ("good".to_owned(), good["good"].clone()),
     ]
     .into_iter()
     .collect();
@@ -523,6 +548,7 @@ async fn a_build_whose_drv_is_gone_or_malformed_is_aborted_with_the_reason() {
     for (job, needle) in [
         ("gone", "is not in the runner's store"),
         ("garbage", "is not a store path"),
+        ("stray", "is not in the runner's store"),
     ] {
         let (status, msg): (Option<i32>, Option<String>) = sqlx::query_as(
             "select b.buildStatus, s.errorMsg from Builds b join BuildSteps s on s.build = b.id where b.id = $1",
@@ -535,6 +561,7 @@ async fn a_build_whose_drv_is_gone_or_malformed_is_aborted_with_the_reason() {
         let msg = msg.unwrap();
         assert!(msg.contains(needle), "{job}: {msg}");
     }
+    assert_eq!(farm.statuses(&ids).await.unwrap()["good"], (0, 0));
 }
 
 /// Instantiates `expr`'s `job` and `decoy` and queues `job` alone: the
