@@ -529,7 +529,7 @@ async fn progress_written_in_a_batch_changes_running_steps_only_and_in_order() {
     };
     set_steps_progress(
         pool,
-        vec![
+        &[
             update(1, 20, "sending-inputs"),
             update(2, 30, "building"),
             update(3, 40, "receiving-outputs"),

@@ -314,7 +314,7 @@ pub struct ProgressUpdate {
 /// finished (`busy` 0) or gone, changes nothing and has no event.
 pub async fn set_steps_progress(
     pool: &sqlx::PgPool,
-    updates: Vec<ProgressUpdate>,
+    updates: &[ProgressUpdate],
 ) -> Result<(), sqlx::Error> {
     use std::collections::HashMap;
     let mut tx = pool.begin().await?;
@@ -346,7 +346,7 @@ pub async fn set_steps_progress(
         {
             *code = u.busy;
             *changed = true;
-            events.push(u.event);
+            events.push(u.event.clone());
         }
     }
     let mut set = (Vec::new(), Vec::new(), Vec::new());

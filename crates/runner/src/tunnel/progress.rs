@@ -43,16 +43,17 @@ pub async fn write(
 ) -> Result<(), Fatal> {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let updates = std::mem::take(&mut batch);
-        let written = crate::record::set_steps_progress(&shared.pool, updates.clone()).await;
+        let written = crate::record::set_steps_progress(&shared.pool, &batch).await;
         match written.map_err(Fatal::from) {
             Ok(()) => {}
             Err(e) if e.refused_data().is_some() => {
                 // One report the database refuses must not cost the others
                 // theirs: write them one at a time.
                 tracing::warn!("progress not recorded in a batch ({e}); one at a time");
-                for u in updates {
-                    let one = crate::record::set_steps_progress(&shared.pool, vec![u]).await;
+                for u in &batch {
+                    let one =
+                        crate::record::set_steps_progress(&shared.pool, std::slice::from_ref(u))
+                            .await;
                     match one.map_err(Fatal::from) {
                         Ok(()) => {}
                         Err(e) if e.refused_data().is_some() => {
@@ -64,6 +65,7 @@ pub async fn write(
             }
             Err(e) => return Err(e),
         }
+        batch.clear();
     }
     Ok(())
 }
