@@ -283,9 +283,9 @@ async fn load_chunk(
         let id = row.id;
         let drv = row.drvpath.clone();
         match to_build(shared, row).await {
-            Ok(Some(Ok(build))) => builds.push((build, drv)),
-            Ok(Some(Err(cached))) => plans.push((id, cached)),
-            Ok(None) => {}
+            Ok(Row::New(build)) => builds.push((build, drv)),
+            Ok(Row::Ended) => plans.push((id, 0)),
+            Ok(Row::Loaded) => {}
             Err(e) => refused_or_fatal(shared, id, &drv, e).await?,
         }
     }
@@ -333,22 +333,30 @@ async fn refused_or_fatal(shared: &Shared, id: BuildId, drv: &str, e: Fatal) -> 
     }
 }
 
-/// A queued row as the graph's build: None when it is loaded already;
-/// `Err(cached)` when it ended at once (its `.drv` path is not a store
-/// path).
-async fn to_build(shared: &Shared, row: QueuedBuild) -> Result<Option<Result<Build, u32>>, Fatal> {
+/// What a queued row is to loading.
+enum Row {
+    /// In the graph already.
+    Loaded,
+    /// Ended at once: its `.drv` path is not a store path (aborted).
+    Ended,
+    New(Build),
+}
+
+/// A queued row as the graph's build, unless it is loaded already or ends
+/// at once.
+async fn to_build(shared: &Shared, row: QueuedBuild) -> Result<Row, Fatal> {
     if shared.state.has_build(row.id) {
-        return Ok(None);
+        return Ok(Row::Loaded);
     }
     let drv_path = match shared.store.dir().parse_path(&row.drvpath) {
         Ok(p) => p,
         Err(e) => {
             let reason = format!("Builds.drvPath '{}' is not a store path: {e}", row.drvpath);
             abort_build(shared, row.id, &row.drvpath, &reason).await?;
-            return Ok(Some(Err(0)));
+            return Ok(Row::Ended);
         }
     };
-    Ok(Some(Ok(Build {
+    Ok(Row::New(Build {
         id: row.id,
         drv_path,
         jobset_id: row.jobset_id,
@@ -360,7 +368,7 @@ async fn to_build(shared: &Shared, row: QueuedBuild) -> Result<Option<Result<Bui
         global_priority: row.globalpriority,
         max_silent_secs: row.maxsilent.unwrap_or(3600).max(0) as u32,
         timeout_secs: row.timeout.unwrap_or(36000).max(0) as u32,
-    })))
+    }))
 }
 
 /// Loads one build on its own, reading it again while steps its plan
