@@ -284,3 +284,79 @@ async fn a_build_cancelled_while_its_builder_was_away_is_dropped_when_it_returns
         "the dropped build never finished"
     );
 }
+
+/// A runner killed while an output is uploading: the builder's next try
+/// (to the restarted runner) reads the output again on a new daemon
+/// connection, its old one being left inside the cut-off NAR, and the
+/// build succeeds once, with its output whole in the runner's store.
+#[tokio::test]
+async fn an_upload_cut_off_by_a_killed_runner_is_sent_again_whole() {
+    let db = TestDb::new().await;
+    let store = NixStore::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let setup = RunnerSetup::new(dir.path(), &store, &db.url).unwrap();
+    let runner = setup.start(&[]).await.unwrap();
+    let mut builder = BuilderProcess::start("one", &setup.address.to_string(), dir.path()).unwrap();
+    let jobset = create_jobset(&db.pool).await.unwrap();
+    // 256 MiB: its import into the runner's store takes long enough for
+    // the kill to land inside it.
+    let drvs = store
+        .instantiate(
+            r#"with prelude; { big = mkDrv { name = "big"; script = "head -c 268435456 /dev/zero > $out"; }; }"#,
+            &["big"],
+        )
+        .await
+        .unwrap();
+    let mut events = PgListener::connect_with(&db.pool).await.unwrap();
+    events.listen("hqr_events_written").await.unwrap();
+    let ids = queue_builds(&db.pool, &store, jobset, &drvs, |_| Default::default())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let uploading: bool = sqlx::query_scalar(
+            "select exists (select 1 from hqr_events where kind = 'step_progress' and detail = 'receiving-outputs')",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if uploading {
+            break;
+        }
+        tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .expect("the upload never began")
+            .unwrap();
+    }
+    runner.kill().await.unwrap();
+    builder
+        .wait_for_line("delivery failed", LIMIT)
+        .await
+        .unwrap();
+    let _runner = setup.start(&[]).await.unwrap();
+    wait_finished(&db.pool, [ids["big"]], LIMIT).await.unwrap();
+    let status: Option<i32> = sqlx::query_scalar("select buildStatus from Builds where id = $1")
+        .bind(ids["big"])
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, Some(0));
+    let out: String = sqlx::query_scalar("select path from BuildOutputs where build = $1")
+        .bind(ids["big"])
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let valid = store
+        .run("nix-store", &["--verify-path", &out])
+        .await
+        .is_ok();
+    assert!(valid, "the output in the runner's store is whole");
+    let attempts: i64 = sqlx::query_scalar("select count(*) from hqr_attempts")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        attempts, 1,
+        "built once: the job was re-adopted, not run again"
+    );
+}
