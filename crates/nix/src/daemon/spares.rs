@@ -3,8 +3,8 @@
 //! path of every step; so the next connection is made while the current
 //! one is in use. A connection is handed out again only when the code that
 //! used it gives it back ([`Spares::release`]) after its operations
-//! succeeded and without leaving state on it (temporary roots, settings);
-//! one that failed midway, or changed its settings, is dropped instead.
+//! succeeded, with no settings the next user would not set again; one
+//! that failed midway is dropped instead.
 //! A connection that holds temporary roots may be given back: they last
 //! until it closes, which is at most [`MAX_TEMP_ROOTS`] roots later, so
 //! what a job or an import rooted is collectable again soon after.
@@ -71,9 +71,11 @@ impl Spares {
         }
     }
 
-    /// Gives back a connection whose operations all succeeded and whose
-    /// settings are the defaults, for the next caller; one holding more
-    /// than [`MAX_TEMP_ROOTS`] temporary roots is closed instead.
+    /// Gives back a connection whose operations all succeeded, for the
+    /// next caller: its settings must be the defaults, or ones every
+    /// caller that depends on settings sets again (a builder's jobs set all
+    /// they build with). One holding more than [`MAX_TEMP_ROOTS`]
+    /// temporary roots is closed instead.
     pub fn release(&self, client: DaemonClient) {
         if client.temp_roots() > MAX_TEMP_ROOTS {
             return;
