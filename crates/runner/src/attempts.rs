@@ -57,6 +57,10 @@ pub struct Attempt {
     /// it. None for an attempt inherited from the runner before (the
     /// closure is computed again when asked).
     pub inputs: Option<std::sync::Arc<std::collections::HashSet<String>>>,
+    /// It was sent ahead of inputs its machine built and the runner did not
+    /// hold yet: `inputs` lacks them (and their closure) until the closure
+    /// is computed again, once they are verified.
+    pub ran_ahead: bool,
     /// When it is aborted if still running: the step's timeout plus
     /// `attempt_grace_secs`, from when it started on this runner. None
     /// when the step has no timeout (0, as Nix's `timeout`).
@@ -412,6 +416,7 @@ mod tests {
             log_bytes: 0,
             away: None,
             inputs: None,
+            ran_ahead: false,
             deadline: None,
         }
     }

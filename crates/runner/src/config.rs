@@ -138,6 +138,10 @@ pub struct RunnerConfig {
     /// seconds it waits (at most 20), so background work is never starved
     /// for ever; 0 turns aging off.
     pub priority_aging_secs: u64,
+    /// A dependent may start on the machine that built its inputs as soon
+    /// as it says they are built, before their outputs reach the runner
+    /// (its result is still recorded only after theirs).
+    pub run_ahead: bool,
     /// The PostgreSQL advisory lock that makes one runner active and any
     /// other a standby. Runners of one database must agree on it.
     pub advisory_lock_key: i64,
@@ -352,6 +356,11 @@ pub const KEYS: &[(&str, &str, bool)] = &[
         true,
     ),
     (
+        "run_ahead",
+        "a dependent starts on the machine that built its inputs before their outputs reach the runner (its result recorded only after theirs)",
+        true,
+    ),
+    (
         "advisory_lock_key",
         "PostgreSQL advisory lock that makes one runner active, the others standbys",
         false,
@@ -416,6 +425,7 @@ impl Default for RunnerConfig {
             builder_tokens_dir: None,
             client_tokens_dir: None,
             priority_aging_secs: 60,
+            run_ahead: true,
             advisory_lock_key: 0x4859_4452_4151_5252,
         }
     }

@@ -76,6 +76,9 @@ pub struct Assignment {
     /// Every live build that needs the step (for its events).
     pub builds: Vec<crate::graph::BuildId>,
     pub facts: SchedFacts,
+    /// It runs ahead of inputs the machine built and the runner's store
+    /// does not hold yet: the job names them, and the builder has them.
+    pub ahead: bool,
 }
 
 /// What one round does.
@@ -204,6 +207,9 @@ pub fn plan(
     {
         let step = graph.step(id).expect("runnable step");
         let kind = (step.system.as_str(), step.required_features.as_slice());
+        // A step ahead of its inputs' verification may go only where they
+        // are; its machine being busy says nothing of its kind's others.
+        let only = step.only_on();
         let chosen = if full.contains(&kind) {
             Err(NoMachine::Busy)
         } else {
@@ -215,9 +221,11 @@ pub fn plan(
                 &step.failed_on,
                 &step.inputs_on,
                 &planned,
+                only,
             )
         };
         match chosen {
+            Err(NoMachine::Unsupported | NoMachine::Busy) if only.is_some() => {}
             // No connected machine, but one that went away supports it
             // (those nobody supports were set aside before sorting): it
             // waits for that machine as for a busy one.

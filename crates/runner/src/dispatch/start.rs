@@ -39,9 +39,10 @@ pub async fn start_attempt(shared: &Shared, a: Assignment) -> Result<(), Fatal> 
         return Ok(());
     };
     crate::failpoint::stop_at("dispatch-recorded", &a.drv_path);
-    attempt.inputs = Some(std::sync::Arc::new(
-        job.job.input_paths.iter().cloned().collect(),
-    ));
+    // What `FetchInputs` serves: the job's inputs in the runner's store (a
+    // job that runs ahead also names outputs only its builder has).
+    attempt.inputs = Some(std::sync::Arc::new(job.closure));
+    attempt.ran_ahead = a.ahead;
     shared.logs.start(&a.drv_path).await?;
     // The machine may have left while the attempt was persisted: then its
     // departure took its attempts before this one was there.
@@ -67,6 +68,8 @@ pub async fn start_attempt(shared: &Shared, a: Assignment) -> Result<(), Fatal> 
 
 struct PreparedJob {
     job: Job,
+    /// The job's input closure in the runner's store.
+    closure: std::collections::HashSet<String>,
     /// Output name -> path where known (for BuildStepOutputs).
     outputs: Vec<(String, Option<String>)>,
 }
@@ -82,7 +85,8 @@ async fn prepare_job(
     a: &Assignment,
 ) -> Result<PreparedJob, PrepareError> {
     let dir = shared.store.dir();
-    let (drv, basic, closure) = job_inputs::of(shared, client, &a.drv_path).await?;
+    let inputs = job_inputs::of(shared, client, &a.drv_path, a.ahead).await?;
+    let (drv, basic) = (&inputs.drv, &inputs.basic);
     let outputs = drv
         .outputs
         .iter()
@@ -94,13 +98,19 @@ async fn prepare_job(
             attempt_id: a.attempt.to_string(),
             drv_path: dir.display(&a.drv_path),
             drv: basic.to_aterm(dir).into_bytes(),
-            input_paths: closure,
+            input_paths: inputs
+                .closure
+                .iter()
+                .chain(&inputs.on_builder)
+                .cloned()
+                .collect(),
             max_silent_secs: a.facts.max_silent_secs as u64,
             timeout_secs: a.facts.timeout_secs as u64,
             max_log_bytes: config.max_log_size,
             max_output_bytes: config.max_output_size,
         },
         outputs,
+        closure: inputs.closure.into_iter().collect(),
     })
 }
 
@@ -176,6 +186,7 @@ fn new_attempt(
         log_bytes: 0,
         away: None,
         inputs: None,
+        ran_ahead: false,
         deadline: (!timeout.is_zero()).then(|| std::time::Instant::now() + timeout + grace),
     }
 }

@@ -15,7 +15,7 @@ use hydra_nix::StorePath;
 use thiserror::Error;
 use uuid::Uuid;
 
-pub use step::{SchedFacts, Step, StepState, TransitionError};
+pub use step::{Ahead, SchedFacts, Step, StepState, TransitionError};
 
 pub type StepId = u64;
 pub type BuildId = i32;
@@ -355,8 +355,9 @@ impl Graph {
     }
 
     /// The links are whole: every input and dependent named is a step of
-    /// the graph, each link is known at both ends, and a running step
-    /// waits for no input.
+    /// the graph, each link is known at both ends, a runnable step is in
+    /// the queue, and a runnable or running step waits for no input unless
+    /// it runs ahead on the machine that built every input it waits for.
     pub fn check_links(&self) -> Result<(), String> {
         for (id, s) in &self.steps {
             for d in &s.deps {
@@ -381,8 +382,44 @@ impl Graph {
                     ));
                 }
             }
-            if s.running_attempt().is_some() && !s.deps.is_empty() {
-                return Err(format!("{} runs while it waits for inputs", s.drv_path));
+            let waits = !s.deps.is_empty();
+            let queued_or_running = s.is_runnable() || s.running_attempt().is_some();
+            match &s.ahead {
+                Ahead::No if queued_or_running && waits => {
+                    return Err(format!("{} runs while it waits for inputs", s.drv_path));
+                }
+                Ahead::On(m) => {
+                    if !queued_or_running || !waits {
+                        return Err(format!(
+                            "{} is ahead on {m} but not queued or waiting",
+                            s.drv_path
+                        ));
+                    }
+                    if let Some((_, runs_on)) = s.running_attempt()
+                        && runs_on != m
+                    {
+                        return Err(format!(
+                            "{} is ahead on {m} but runs on {runs_on}",
+                            s.drv_path
+                        ));
+                    }
+                    if let Some(d) = s.deps.iter().find(|d| self.steps[d].built_on() != Some(m)) {
+                        return Err(format!(
+                            "{} runs ahead on {m} of {}, which is not built there",
+                            s.drv_path, self.steps[d].drv_path
+                        ));
+                    }
+                }
+                Ahead::Broken if s.running_attempt().is_none() => {
+                    return Err(format!("{} is withdrawn but does not run", s.drv_path));
+                }
+                _ => {}
+            }
+            if s.is_runnable() != self.runnable.contains(id) {
+                return Err(format!(
+                    "{} is runnable but not queued, or the reverse",
+                    s.drv_path
+                ));
             }
         }
         Ok(())
@@ -481,23 +518,23 @@ impl Graph {
         Ok(())
     }
 
-    /// An attempt was aborted: the step goes back to its queue.
+    /// An attempt was aborted: the step goes back to its queue. Returns the
+    /// attempts of dependents that ran ahead of it, to withdraw.
     pub fn requeue(
         &mut self,
         drv: &StorePath,
         attempt: &Uuid,
         now: Instant,
         not_before: Option<Instant>,
-    ) -> Result<(), TransitionError> {
+    ) -> Result<Vec<Uuid>, TransitionError> {
         let Some(id) = self.step_id(drv) else {
-            return Ok(()); // dropped meanwhile: nothing to requeue
+            return Ok(Vec::new()); // dropped meanwhile: nothing to requeue
         };
         self.steps
             .get_mut(&id)
             .expect("step")
             .requeued(attempt, now, not_before)?;
-        self.runnable.insert(id);
-        Ok(())
+        Ok(self.back_in_queue(id, now))
     }
 
     /// An attempt that was never started: the step is runnable again,
@@ -516,8 +553,111 @@ impl Graph {
             .get_mut(&id)
             .expect("step")
             .not_started(attempt, now, not_before)?;
-        self.runnable.insert(id);
+        self.back_in_queue(id, now);
         Ok(())
+    }
+
+    /// `attempt` built its step on its machine; the outputs are on their
+    /// way. Returns the dependents that may now run ahead there.
+    pub fn step_built(
+        &mut self,
+        drv: &StorePath,
+        attempt: &Uuid,
+        now: Instant,
+    ) -> Result<Vec<StepId>, TransitionError> {
+        let Some(id) = self.step_of_attempt(drv, attempt) else {
+            return Ok(Vec::new());
+        };
+        let step = self.steps.get_mut(&id).expect("step");
+        if !step.built(attempt)? || step.built_on().is_none() {
+            return Ok(Vec::new());
+        }
+        let rdeps: Vec<StepId> = step.rdeps.iter().copied().collect();
+        Ok(rdeps
+            .into_iter()
+            .filter(|r| self.try_ahead(*r, now))
+            .collect())
+    }
+
+    /// A running-ahead attempt was withdrawn (its record closed): the step
+    /// waits for its inputs again, nothing counted. Returns attempts that
+    /// ran ahead of it in turn (none, when they were withdrawn with it).
+    pub fn withdraw(
+        &mut self,
+        drv: &StorePath,
+        attempt: &Uuid,
+        now: Instant,
+    ) -> Result<Vec<Uuid>, TransitionError> {
+        let Some(id) = self.step_of_attempt(drv, attempt) else {
+            return Ok(Vec::new());
+        };
+        self.steps
+            .get_mut(&id)
+            .expect("step")
+            .withdrawn(attempt, now)?;
+        let above = self.back_in_queue(id, now);
+        // Kept running only for a build removed since (a soft supersede).
+        self.drop_if_unneeded(id);
+        Ok(above)
+    }
+
+    /// A step whose attempt ended unbuilt is back in its queue (or waits,
+    /// if it had run ahead): dependents that ran ahead of it wait again
+    /// (their attempts returned, to withdraw), and it may run ahead itself.
+    fn back_in_queue(&mut self, id: StepId, now: Instant) -> Vec<Uuid> {
+        let withdrawn = self.withdraw_above(id);
+        if self.steps[&id].is_runnable() {
+            self.runnable.insert(id);
+        } else {
+            self.try_ahead(id, now);
+        }
+        withdrawn
+    }
+
+    /// Every step that ran ahead of `id`, transitively: runnable ones wait
+    /// again; running ones' attempts are returned, to withdraw.
+    fn withdraw_above(&mut self, id: StepId) -> Vec<Uuid> {
+        let mut withdrawn = Vec::new();
+        let mut todo: Vec<StepId> = self.steps[&id].rdeps.iter().copied().collect();
+        while let Some(r) = todo.pop() {
+            let rdep = self.steps.get_mut(&r).expect("rdep");
+            if rdep.only_on().is_none() {
+                continue;
+            }
+            match rdep.input_withdrawn() {
+                Some(attempt) => {
+                    withdrawn.push(attempt);
+                    todo.extend(rdep.rdeps.iter().copied());
+                }
+                None => {
+                    self.runnable.remove(&r);
+                }
+            }
+        }
+        withdrawn
+    }
+
+    /// Makes the waiting step `id` runnable ahead of its inputs, when every
+    /// one it waits for is built on one machine; true if it did.
+    fn try_ahead(&mut self, id: StepId, now: Instant) -> bool {
+        let step = &self.steps[&id];
+        if step.state != StepState::Waiting || step.needs_resolution || step.deps.is_empty() {
+            return false;
+        }
+        let mut on: Option<&str> = None;
+        for d in &step.deps {
+            match self.steps.get(d).and_then(|s| s.built_on()) {
+                Some(m) if on.is_none_or(|o| o == m) => on = Some(m),
+                _ => return false,
+            }
+        }
+        let machine = on.expect("some input").to_owned();
+        let step = self.steps.get_mut(&id).expect("step");
+        if step.inputs_built_ahead(&machine, now).is_err() {
+            return false;
+        }
+        self.runnable.insert(id);
+        true
     }
 
     /// The step that `attempt` runs, if it still does.
@@ -562,8 +702,14 @@ impl Graph {
             if let Some(machine) = &built_on {
                 rdep.input_built_on(machine);
             }
-            if rdep.deps.is_empty() {
+            if rdep.state != StepState::Waiting {
+                // It ran ahead of this input: its result may count once
+                // nothing else is left unverified.
+                rdep.inputs_verified();
+            } else if rdep.deps.is_empty() {
                 self.unblock(r, now)?;
+                unblocked.push(r);
+            } else if self.try_ahead(r, now) {
                 unblocked.push(r);
             }
         }
@@ -639,8 +785,10 @@ impl Graph {
 
     /// Drops `id` if no build needs it (a step kept running for a removed
     /// build, whose attempt was aborted). Returns whether it was dropped.
+    /// Its inputs that still run (it may have run ahead of them) stay
+    /// until their attempts end, as for the soft removal that kept it.
     pub fn drop_if_unneeded(&mut self, id: StepId) -> bool {
-        let dropped = self.drop_unneeded(vec![id], false);
+        let dropped = self.drop_unneeded(vec![id], true);
         !dropped.steps.is_empty()
     }
 

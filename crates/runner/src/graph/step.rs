@@ -4,13 +4,26 @@
 //! state: every transition is a named method that checks where the step is.
 //!
 //! ```text
-//!   Waiting ──inputs_built──▶ Runnable ──dispatched──▶ Running
-//!      │                        ▲  │                     │
-//!      │ inputs_built           │  └─finished_unbuilt─┐  ├─requeued──▶ Runnable (after backoff)
+//!   Waiting ──inputs_built──▶ Runnable ──dispatched──▶ Running ──built──▶ Running, built
+//!      │  ▲                     ▲  │                     │
+//!      │  │ inputs_built_ahead  │  └─finished_unbuilt─┐  ├─requeued──▶ Runnable (after backoff)
+//!      │  └─(ahead: on one ─────┤                     │  │             or Waiting (it ran ahead)
+//!      │     machine only)      │                     │  ├─withdrawn─▶ Waiting (ran ahead of an
+//!      │ inputs_built           │                     │  │             input that was requeued)
 //!      │ (CA: must resolve)     └─────────────────────┼──┤
 //!      ▼                                              ▼  ├─attempt_finished─▶ Finished
 //!   Resolving ──replaced / finished_unbuilt──────▶ Finished
 //! ```
+//!
+//! A dependent may run *ahead* of its inputs' verification: once every
+//! input it waits for is built on one machine (`built`: the builder said
+//! so, its outputs are on their way to the runner), it becomes runnable
+//! there and only there (`inputs_built_ahead`, [`Ahead::On`]), and its
+//! result is held until those inputs succeed (`inputs_verified`; until
+//! then `attempt_finished` refuses). Should one of them be requeued
+//! instead, a runnable dependent waits again, and a running one is marked
+//! [`Ahead::Broken`] (`input_withdrawn`) and then withdrawn (`withdrawn`),
+//! with nothing counted against it, since nothing of its own failed.
 //!
 //! A step whose derivation depends on floating content-addressed outputs
 //! (or has deferred outputs) is never dispatched as it is: once its inputs
@@ -43,10 +56,32 @@ pub enum StepState {
     /// Every input is built, but the derivation must be resolved before a
     /// builder may see it.
     Resolving,
-    /// Sent to a machine as `attempt`.
-    Running { attempt: Uuid, machine: String },
+    /// Sent to a machine as `attempt`; `built` once the machine said the
+    /// build succeeded and its outputs are on their way (dependents may
+    /// then run ahead there).
+    Running {
+        attempt: Uuid,
+        machine: String,
+        built: bool,
+    },
     /// Built or failed; about to leave the graph.
     Finished,
+}
+
+/// Whether a runnable or running step is ahead of its inputs'
+/// verification (see the module's head).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Ahead {
+    /// Its inputs are verified (or it waits for them).
+    #[default]
+    No,
+    /// Every input it still waits for is built on this machine, not yet
+    /// verified: only that machine may run it (it holds them), and its
+    /// result waits for them.
+    On(String),
+    /// An input it ran ahead of was requeued: its attempt is withdrawn,
+    /// and its result never counts.
+    Broken,
 }
 
 /// A transition that the step's state does not allow: a logic error in the
@@ -139,6 +174,8 @@ pub struct Step {
     /// Derivations that resolved to this one: their builds and dependents
     /// moved here, and they get this step's outputs as their realisations.
     pub resolved_from: Vec<StorePath>,
+    /// Whether it runs ahead of its inputs' verification.
+    pub ahead: Ahead,
 }
 
 impl Step {
@@ -158,6 +195,7 @@ impl Step {
             inputs_on: Vec::new(),
             needs_resolution: false,
             resolved_from: Vec::new(),
+            ahead: Ahead::No,
         }
     }
 
@@ -168,7 +206,30 @@ impl Step {
     /// The attempt running this step, if it runs.
     pub fn running_attempt(&self) -> Option<(&Uuid, &str)> {
         match &self.state {
-            StepState::Running { attempt, machine } => Some((attempt, machine)),
+            StepState::Running {
+                attempt, machine, ..
+            } => Some((attempt, machine)),
+            _ => None,
+        }
+    }
+
+    /// The machine that built the step, while its outputs are on their way
+    /// (and its result may still count).
+    pub fn built_on(&self) -> Option<&str> {
+        match &self.state {
+            StepState::Running {
+                machine,
+                built: true,
+                ..
+            } if self.ahead != Ahead::Broken => Some(machine),
+            _ => None,
+        }
+    }
+
+    /// The machine the step must run on, when it runs ahead of its inputs.
+    pub fn only_on(&self) -> Option<&str> {
+        match &self.ahead {
+            Ahead::On(m) => Some(m),
             _ => None,
         }
     }
@@ -213,6 +274,98 @@ impl Step {
         }
     }
 
+    /// Waiting -> Runnable on `machine` only: every input it waits for is
+    /// built there, not yet verified. Never for a step to resolve (that
+    /// needs its inputs' recorded outputs).
+    pub fn inputs_built_ahead(
+        &mut self,
+        machine: &str,
+        now: Instant,
+    ) -> Result<(), TransitionError> {
+        match self.state {
+            StepState::Waiting if !self.needs_resolution && !self.deps.is_empty() => {
+                self.state = StepState::Runnable {
+                    since: now,
+                    not_before: None,
+                };
+                self.ahead = Ahead::On(machine.to_owned());
+                Ok(())
+            }
+            _ => Err(self.refuse("run ahead of its inputs")),
+        }
+    }
+
+    /// The last input it ran ahead of succeeded: the step is an ordinary
+    /// runnable or running one, and its result may be recorded.
+    pub fn inputs_verified(&mut self) {
+        if self.deps.is_empty() && matches!(self.ahead, Ahead::On(_)) {
+            self.ahead = Ahead::No;
+        }
+    }
+
+    /// An input it ran ahead of is built no longer (requeued, withdrawn):
+    /// Runnable -> Waiting; a running step's attempt is to be withdrawn
+    /// (returned). Nothing for a step that is not ahead.
+    pub fn input_withdrawn(&mut self) -> Option<Uuid> {
+        if !matches!(self.ahead, Ahead::On(_)) {
+            return None;
+        }
+        match &self.state {
+            StepState::Runnable { .. } => {
+                self.state = StepState::Waiting;
+                self.ahead = Ahead::No;
+                None
+            }
+            StepState::Running { attempt, .. } => {
+                let attempt = *attempt;
+                self.ahead = Ahead::Broken;
+                Some(attempt)
+            }
+            _ => None,
+        }
+    }
+
+    /// Running (broken ahead) -> Waiting, or Runnable if its inputs were
+    /// built again meanwhile: the attempt was withdrawn; nothing is
+    /// counted against the step or its machine.
+    pub fn withdrawn(&mut self, attempt: &Uuid, now: Instant) -> Result<(), TransitionError> {
+        match &self.state {
+            StepState::Running { attempt: a, .. }
+                if a == attempt && self.ahead == Ahead::Broken =>
+            {
+                self.back_to_queue(now, None);
+                Ok(())
+            }
+            _ => Err(self.refuse("be withdrawn")),
+        }
+    }
+
+    /// After an attempt that did not build it: Runnable when nothing is
+    /// left to wait for, Waiting otherwise (it had run ahead).
+    fn back_to_queue(&mut self, now: Instant, not_before: Option<Instant>) {
+        self.ahead = Ahead::No;
+        self.state = if self.deps.is_empty() {
+            StepState::Runnable {
+                since: now,
+                not_before,
+            }
+        } else {
+            StepState::Waiting
+        };
+    }
+
+    /// Running -> Running, built: the machine built the step and sends its
+    /// outputs. Returns whether this is news (a builder says it again when
+    /// it delivers again).
+    pub fn built(&mut self, attempt: &Uuid) -> Result<bool, TransitionError> {
+        match &mut self.state {
+            StepState::Running {
+                attempt: a, built, ..
+            } if a == attempt => Ok(!std::mem::replace(built, true)),
+            _ => Err(self.refuse("be built by an attempt it does not run")),
+        }
+    }
+
     /// Resolving -> Finished: the resolved derivation's step takes over
     /// this one's builds and dependents.
     pub fn replaced(&mut self) -> Result<(), TransitionError> {
@@ -232,6 +385,7 @@ impl Step {
                 self.state = StepState::Running {
                     attempt,
                     machine: machine.to_owned(),
+                    built: false,
                 };
                 Ok(())
             }
@@ -240,7 +394,8 @@ impl Step {
     }
 
     /// Running -> Runnable: `attempt` was aborted (an infrastructure fault,
-    /// never a build failure); dispatch again, not before `not_before`.
+    /// never a build failure); dispatch again, not before `not_before`
+    /// (Waiting instead, if it had run ahead of inputs not verified yet).
     pub fn requeued(
         &mut self,
         attempt: &Uuid,
@@ -251,15 +406,13 @@ impl Step {
             StepState::Running {
                 attempt: a,
                 machine,
+                ..
             } if a == attempt => {
                 self.aborted_attempts += 1;
                 if !self.failed_on.contains(machine) {
                     self.failed_on.push(machine.clone());
                 }
-                self.state = StepState::Runnable {
-                    since: now,
-                    not_before,
-                };
+                self.back_to_queue(now, not_before);
                 Ok(())
             }
             _ => Err(self.refuse("be requeued")),
@@ -276,20 +429,18 @@ impl Step {
     ) -> Result<(), TransitionError> {
         match &self.state {
             StepState::Running { attempt: a, .. } if a == attempt => {
-                self.state = StepState::Runnable {
-                    since: now,
-                    not_before,
-                };
+                self.back_to_queue(now, not_before);
                 Ok(())
             }
             _ => Err(self.refuse("be put back unstarted")),
         }
     }
 
-    /// Running -> Finished: `attempt` built the step, or failed permanently.
+    /// Running -> Finished: `attempt` built the step, or failed permanently
+    /// (never while it is ahead of inputs not verified).
     pub fn attempt_finished(&mut self, attempt: &Uuid) -> Result<(), TransitionError> {
         match &self.state {
-            StepState::Running { attempt: a, .. } if a == attempt => {
+            StepState::Running { attempt: a, .. } if a == attempt && self.ahead == Ahead::No => {
                 self.state = StepState::Finished;
                 Ok(())
             }

@@ -453,3 +453,128 @@ fn a_dependent_remembers_which_machines_built_its_inputs() {
     held.sort();
     assert_eq!(held, [("m1".to_owned(), 2), ("m2".to_owned(), 1)]);
 }
+
+// Running ahead of inputs' verification.
+
+/// A chain `top -> mid -> base` in one build; `base` dispatched on `m`.
+fn chain_with_base_on(g: &mut Graph, machine: &str, now: Instant) -> (StepId, StepId, Uuid) {
+    g.insert_build(
+        build(1, "top"),
+        plan(&[("top", &["mid"]), ("mid", &["base"]), ("base", &[])]),
+        now,
+    )
+    .unwrap();
+    let base = g.step_id(&path("base")).unwrap();
+    let mid = g.step_id(&path("mid")).unwrap();
+    let a = Uuid::new_v4();
+    g.mark_dispatched(base, a, machine).unwrap();
+    (base, mid, a)
+}
+
+#[test]
+fn a_dependent_runs_ahead_only_on_the_machine_that_built_its_input() {
+    let mut g = Graph::default();
+    let now = Instant::now();
+    let (base, mid, a) = chain_with_base_on(&mut g, "m1", now);
+    assert!(runnable_names(&g).is_empty());
+    let ahead = g.step_built(&path("base"), &a, now).unwrap();
+    assert_eq!(ahead, [mid]);
+    assert_eq!(runnable_names(&g), ["mid.drv"]);
+    assert_eq!(g.step(mid).unwrap().only_on(), Some("m1"));
+    assert!(
+        g.step_built(&path("base"), &a, now).unwrap().is_empty(),
+        "said again, it is no news"
+    );
+    g.check_links().unwrap();
+    // Its input succeeds: an ordinary runnable step, on any machine.
+    let done = g.step_succeeded(base, Some(&a), now).unwrap();
+    assert!(done.unblocked.is_empty(), "it was runnable already");
+    assert_eq!(g.step(mid).unwrap().ahead, Ahead::No);
+    assert_eq!(runnable_names(&g), ["mid.drv"]);
+    g.check_links().unwrap();
+}
+
+#[test]
+fn a_result_ahead_of_its_inputs_cannot_be_recorded_until_they_succeed() {
+    let mut g = Graph::default();
+    let now = Instant::now();
+    let (base, mid, a) = chain_with_base_on(&mut g, "m1", now);
+    g.step_built(&path("base"), &a, now).unwrap();
+    let b = Uuid::new_v4();
+    g.mark_dispatched(mid, b, "m1").unwrap();
+    assert!(
+        g.step_succeeded(mid, Some(&b), now).is_err(),
+        "no success before the input's"
+    );
+    assert!(g.step_failed(mid, Some(&b)).is_err(), "nor a failure");
+    g.step_succeeded(base, Some(&a), now).unwrap();
+    g.step_succeeded(mid, Some(&b), now).unwrap();
+    assert_eq!(runnable_names(&g), ["top.drv"]);
+    g.check_links().unwrap();
+}
+
+#[test]
+fn an_aborted_input_sends_its_dependents_back_to_wait_and_withdraws_running_ones_uncounted() {
+    let mut g = Graph::default();
+    let now = Instant::now();
+    let (base, mid, a) = chain_with_base_on(&mut g, "m1", now);
+    let top = g.step_id(&path("top")).unwrap();
+    g.step_built(&path("base"), &a, now).unwrap();
+    let b = Uuid::new_v4();
+    g.mark_dispatched(mid, b, "m1").unwrap();
+    // mid is built too: top may run ahead of both.
+    assert_eq!(g.step_built(&path("mid"), &b, now).unwrap(), [top]);
+    assert_eq!(runnable_names(&g), ["top.drv"]);
+    g.check_links().unwrap();
+
+    // base's upload is refused: its attempt is aborted.
+    let withdrawn = g.requeue(&path("base"), &a, now, None).unwrap();
+    assert_eq!(withdrawn, [b], "mid's attempt is to be withdrawn");
+    assert_eq!(g.step(mid).unwrap().ahead, Ahead::Broken);
+    assert_eq!(
+        g.step(top).unwrap().state,
+        StepState::Waiting,
+        "top ran ahead of mid, which ran ahead of base"
+    );
+    assert_eq!(runnable_names(&g), ["base.drv"]);
+    assert!(g.step_succeeded(mid, Some(&b), now).is_err());
+    g.check_links().unwrap();
+
+    assert!(g.withdraw(&path("mid"), &b, now).unwrap().is_empty());
+    let mid_step = g.step(mid).unwrap();
+    assert_eq!(mid_step.state, StepState::Waiting);
+    assert_eq!(
+        (mid_step.aborted_attempts, mid_step.failed_on.len()),
+        (0, 0),
+        "nothing of mid's failed"
+    );
+    assert_eq!(g.step(base).unwrap().aborted_attempts, 1);
+    g.check_links().unwrap();
+}
+
+#[test]
+fn a_step_whose_inputs_are_built_on_two_machines_or_must_be_resolved_waits_for_them() {
+    let mut g = Graph::default();
+    let now = Instant::now();
+    let p = plan(&[("app", &["lib", "doc"]), ("lib", &[]), ("doc", &[])]);
+    g.insert_build(build(1, "app"), p, now).unwrap();
+    let mut other = plan(&[("ca-user", &["lib"])]);
+    other.new_steps[0].needs_resolution = true;
+    other.existing.insert(path("lib"));
+    g.insert_build(build(2, "ca-user"), other, now).unwrap();
+    let (lib, doc) = (
+        g.step_id(&path("lib")).unwrap(),
+        g.step_id(&path("doc")).unwrap(),
+    );
+    let (a, d) = (Uuid::new_v4(), Uuid::new_v4());
+    g.mark_dispatched(lib, a, "m1").unwrap();
+    g.mark_dispatched(doc, d, "m2").unwrap();
+    assert!(g.step_built(&path("lib"), &a, now).unwrap().is_empty());
+    assert!(g.step_built(&path("doc"), &d, now).unwrap().is_empty());
+    assert!(runnable_names(&g).is_empty());
+    // doc verified: app may now run ahead of lib, on lib's machine.
+    let done = g.step_succeeded(doc, Some(&d), now).unwrap();
+    assert_eq!(done.unblocked, [g.step_id(&path("app")).unwrap()]);
+    assert_eq!(g.step(done.unblocked[0]).unwrap().only_on(), Some("m1"));
+    g.check_links().unwrap();
+}

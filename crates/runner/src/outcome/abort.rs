@@ -11,6 +11,7 @@ use crate::attempts::Attempt;
 use crate::graph::Dropped;
 use crate::state::{AttemptEnd, Requeued};
 use crate::{Fatal, Shared};
+use uuid::Uuid;
 
 /// A builder fault ended `attempt`: record it as aborted (3) and requeue
 /// the step with backoff, or fail it as aborted after `max_tries`.
@@ -67,16 +68,70 @@ async fn requeue(
             .map_or(0, |s| s.aborted_attempts)
     }) + 1;
     let wait = config.retry_delay(tries);
-    match shared
+    let requeue = shared
         .state
-        .attempt_requeued(&attempt, wait, config.max_tries)
-    {
+        .attempt_requeued(&attempt, wait, config.max_tries);
+    let why = format!(
+        "withdrawn, to build again: it ran ahead of {}, whose attempt was aborted ({reason})",
+        attempt.drv_path
+    );
+    withdraw(shared, requeue.withdraw, &why).await?;
+    match requeue.then {
         Requeued::Queued | Requeued::Gone => Ok(()),
         Requeued::GiveUp { step, tries } => {
             let msg = format!("gave up after {tries} attempts; the last: {reason}");
             fail_step(shared, step, None, &Failure::unbuilt(give_up_as, &msg)).await
         }
     }
+}
+
+/// Attempts that ran ahead of an input that was requeued: stopped on their
+/// machines, their rows closed as aborted (3) with `reason`, and their
+/// steps back to waiting for their inputs, with nothing counted against
+/// step or machine (nothing of theirs failed). One that has not started
+/// yet is withdrawn when its builder reports ([`withdraw_reported`]).
+pub async fn withdraw(shared: &Shared, attempts: Vec<Uuid>, reason: &str) -> Result<(), Fatal> {
+    let mut todo = attempts;
+    while let Some(id) = todo.pop() {
+        let Some(attempt) = shared.state.take_attempt_by_id(&id) else {
+            continue;
+        };
+        todo.extend(withdraw_taken(shared, attempt, reason).await?);
+    }
+    Ok(())
+}
+
+/// A builder reported on (or uploaded for) an attempt that is to be
+/// withdrawn: it is, if `connection` still owns it.
+pub async fn withdraw_reported(shared: &Shared, id: &str, connection: &str) -> Result<(), Fatal> {
+    let Ok(attempt) = shared.state.take_attempt(id, connection) else {
+        return Ok(());
+    };
+    let reason = "withdrawn, to build again: an input it ran ahead of was aborted";
+    let above = withdraw_taken(shared, attempt, reason).await?;
+    withdraw(shared, above, reason).await
+}
+
+/// Withdraws a taken attempt; returns attempts that ran ahead of it, if
+/// any were left to withdraw.
+async fn withdraw_taken(
+    shared: &Shared,
+    attempt: Attempt,
+    reason: &str,
+) -> Result<Vec<Uuid>, Fatal> {
+    tracing::info!(drv = %attempt.drv_path, machine = %attempt.machine, attempt = %attempt.id, "{reason}");
+    if let Some(link) = shared.state.link_of(&attempt.machine) {
+        let _ = link.abort(&attempt.id.to_string(), reason);
+    }
+    close_attempt(
+        shared,
+        &attempt,
+        BuildStatus::Aborted,
+        reason,
+        AttemptEnd::Neutral,
+    )
+    .await?;
+    Ok(shared.state.attempt_withdrawn(&attempt))
 }
 
 /// Steps no live build needs any more: running ones are aborted on their

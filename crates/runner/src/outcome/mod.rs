@@ -16,7 +16,7 @@ mod abort;
 mod failure;
 mod outputs;
 
-pub use abort::{abort_attempt, drop_steps};
+pub use abort::{abort_attempt, drop_steps, withdraw_reported};
 pub use failure::{fail_unpreparable, fail_unresolvable, fail_unsupported};
 
 use std::time::Instant;

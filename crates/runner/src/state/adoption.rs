@@ -99,6 +99,7 @@ impl Inner {
                 why: "the runner restarted".to_owned(),
             }),
             inputs: None,
+            ran_ahead: false,
             deadline: (!timeout.is_zero()).then(|| Instant::now() + timeout + o.attempt_grace),
         };
         self.started_builds.insert(o.build);

@@ -403,13 +403,15 @@ impl Machines {
             avoid,
             &[],
             &HashMap::new(),
+            None,
         )
     }
 
     /// [`Machines::choose`], preferring (after `avoid`) the machines that
     /// hold the most of the step's inputs (`holding`: machine, inputs it
     /// built), with `planned` slots of some machines already promised (to
-    /// steps earlier in the same round).
+    /// steps earlier in the same round); only machine `only` when given (a
+    /// step running ahead of inputs that only that machine holds).
     #[allow(clippy::too_many_arguments)]
     pub fn choose_with(
         &self,
@@ -420,6 +422,7 @@ impl Machines {
         avoid: &[String],
         holding: &[(String, u32)],
         planned: &HashMap<String, u32>,
+        only: Option<&str>,
     ) -> Result<&Machine, NoMachine> {
         let mut supporting = self
             .by_name
@@ -434,7 +437,8 @@ impl Machines {
             |m: &Machine| (m.running.len() as u32 + taken(m)) as f32 / m.max_jobs.max(1) as f32;
         supporting
             .filter(|m| {
-                m.free_slots() > taken(m)
+                only.is_none_or(|o| o == m.name)
+                    && m.free_slots() > taken(m)
                     && m.has_disk(min_free_disk)
                     && !self.is_rested(&m.name, now)
                     && !self.drained.contains(&m.name)

@@ -280,7 +280,7 @@ fn a_step_goes_where_most_of_its_inputs_were_built_while_that_machine_has_a_slot
     let now = Instant::now();
     let holding = vec![("some".to_owned(), 1), ("near".to_owned(), 2)];
     let choose = |ms: &Machines, avoid: &[String], planned: &HashMap<String, u32>| {
-        ms.choose_with("x86_64-linux", &[], 0, now, avoid, &holding, planned)
+        ms.choose_with("x86_64-linux", &[], 0, now, avoid, &holding, planned, None)
             .map(|m| m.name.clone())
     };
     let none = HashMap::new();

@@ -91,6 +91,9 @@ pub struct State {
     inner: Mutex<Inner>,
     dispatcher: Notify,
     resolver: Notify,
+    /// Woken with every event that may let a result held for its inputs'
+    /// verification go on, or withdraw it.
+    verification: Notify,
 }
 
 /// How an attempt ended, for its machine's record.
@@ -104,6 +107,26 @@ pub enum AttemptEnd {
     /// Not the machine's doing (a transient failure of the build, a
     /// cancel): nothing is counted.
     Neutral,
+}
+
+/// What became of a step whose attempt was aborted, and the attempts of
+/// dependents that had run ahead of it (to withdraw, [`State::attempt_withdrawn`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Requeue {
+    pub then: Requeued,
+    pub withdraw: Vec<Uuid>,
+}
+
+/// Whether a running attempt's result may be recorded now, as far as its
+/// inputs go (see [`State::inputs_verified`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verification {
+    /// Every input it was built from is verified.
+    Verified,
+    /// An input it ran ahead of was requeued: it is to be withdrawn.
+    Withdrawn,
+    /// It does not run its step (any more).
+    NotRunning,
 }
 
 /// What became of a step whose attempt was aborted.
@@ -168,6 +191,7 @@ impl State {
     fn wake(&self) {
         self.dispatcher.notify_one();
         self.resolver.notify_one();
+        self.verification.notify_waiters();
     }
 
     /// Waits until something may have given the dispatcher work.
@@ -352,6 +376,7 @@ impl State {
                 builds,
                 runnable_since: step.runnable_since(now),
                 facts: step.sched.clone(),
+                ahead: step.only_on().is_some(),
             };
             graph
                 .mark_dispatched(id, assignment.attempt, &machine)
@@ -408,10 +433,81 @@ impl State {
     pub fn attempt_unprepared(&self, a: &Assignment) -> bool {
         let mut inner = self.lock();
         inner.machines.release(&a.machine, &a.attempt);
+        // Nothing ran ahead of an attempt that never started.
         inner
             .graph
             .requeue(&a.drv_path, &a.attempt, Instant::now(), None)
             .is_ok()
+    }
+
+    /// The builder that runs attempt `id` (owned by `connection`) built its
+    /// step and sends the outputs: dependents whose inputs are all built
+    /// there may start there now.
+    pub fn attempt_built(&self, id: &str, connection: &str) {
+        let ahead = {
+            let mut inner = self.lock();
+            let Ok(a) = inner.attempts.owned(id, connection) else {
+                return;
+            };
+            let (drv, attempt) = (a.drv_path.clone(), a.id);
+            inner
+                .graph
+                .step_built(&drv, &attempt, Instant::now())
+                .unwrap_or_default()
+        };
+        if !ahead.is_empty() {
+            self.wake();
+        }
+    }
+
+    /// Whether the result of attempt `id` (owned by `connection`) may be
+    /// recorded now, as far as its inputs go.
+    fn verification(&self, id: &str, connection: &str) -> Result<Verification, ()> {
+        let mut inner = self.lock();
+        let Ok(a) = inner.attempts.owned(id, connection) else {
+            return Ok(Verification::NotRunning);
+        };
+        let (drv, attempt) = (a.drv_path.clone(), a.id);
+        let graph = &inner.graph;
+        let Some(step) = graph.step_of_attempt(&drv, &attempt) else {
+            return Ok(Verification::NotRunning);
+        };
+        match graph.step(step).map(|s| &s.ahead) {
+            Some(crate::graph::Ahead::No) | None => Ok(Verification::Verified),
+            Some(crate::graph::Ahead::Broken) => Ok(Verification::Withdrawn),
+            Some(crate::graph::Ahead::On(_)) => Err(()),
+        }
+    }
+
+    /// Waits until the inputs attempt `id` ran ahead of are verified (at
+    /// once when it ran after them), or until it is to be withdrawn or no
+    /// longer runs: no result is recorded before the inputs it was built
+    /// from are.
+    pub async fn inputs_verified(&self, id: &str, connection: &str) -> Verification {
+        loop {
+            let woken = self.verification.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            match self.verification(id, connection) {
+                Ok(v) => return v,
+                Err(()) => woken.await,
+            }
+        }
+    }
+
+    /// A withdrawn attempt's records are closed (its slot freed): its step
+    /// waits for its inputs again, nothing counted against it. Returns
+    /// attempts that ran ahead of it and are to be withdrawn too.
+    pub fn attempt_withdrawn(&self, attempt: &Attempt) -> Vec<Uuid> {
+        let above = {
+            let mut inner = self.lock();
+            inner
+                .graph
+                .withdraw(&attempt.drv_path, &attempt.id, Instant::now())
+                .unwrap_or_default()
+        };
+        self.wake();
+        above
     }
 
     // Attempts, from builders' calls.
@@ -472,28 +568,32 @@ impl State {
     /// The ended `attempt`'s step goes back to its queue after `wait`; or
     /// gives up after `max_tries`; or is dropped when only a superseded
     /// build wanted it.
-    pub fn attempt_requeued(&self, attempt: &Attempt, wait: Duration, max_tries: u32) -> Requeued {
+    pub fn attempt_requeued(&self, attempt: &Attempt, wait: Duration, max_tries: u32) -> Requeue {
         let outcome = {
             let mut inner = self.lock();
             let graph = &mut inner.graph;
-            match graph.step_id(&attempt.drv_path) {
+            let mut withdraw = Vec::new();
+            let then = match graph.step_id(&attempt.drv_path) {
                 None => Requeued::Gone,
                 Some(id) => {
                     let tries = graph.step(id).map_or(0, |s| s.aborted_attempts) + 1;
                     let now = Instant::now();
-                    if graph
-                        .requeue(&attempt.drv_path, &attempt.id, now, Some(now + wait))
-                        .is_err()
-                        || graph.drop_if_unneeded(id)
-                    {
-                        Requeued::Gone
-                    } else if tries >= max_tries {
-                        Requeued::GiveUp { step: id, tries }
-                    } else {
-                        Requeued::Queued
+                    match graph.requeue(&attempt.drv_path, &attempt.id, now, Some(now + wait)) {
+                        Err(_) => Requeued::Gone,
+                        Ok(above) => {
+                            withdraw = above;
+                            if graph.drop_if_unneeded(id) {
+                                Requeued::Gone
+                            } else if tries >= max_tries {
+                                Requeued::GiveUp { step: id, tries }
+                            } else {
+                                Requeued::Queued
+                            }
+                        }
                     }
                 }
-            }
+            };
+            Requeue { then, withdraw }
         };
         self.wake();
         outcome

@@ -98,6 +98,7 @@ fn attempt_of(a: &Assignment) -> Attempt {
         log_bytes: 0,
         away: None,
         inputs: None,
+        ran_ahead: false,
         deadline: None,
     }
 }
@@ -108,6 +109,8 @@ enum Event {
         persist: Vec<bool>,
     },
     Abort(usize),
+    /// The builder says the attempt built its step (outputs on their way).
+    Built(usize),
     Succeed(usize),
     Fail(usize),
     MachineLeft(usize),
@@ -123,6 +126,7 @@ fn event() -> impl Strategy<Value = Event> {
         3 => proptest::collection::vec(proptest::bool::weighted(0.9), 0..6)
             .prop_map(|persist| Event::Round { persist }),
         2 => any::<usize>().prop_map(Event::Abort),
+        2 => any::<usize>().prop_map(Event::Built),
         3 => any::<usize>().prop_map(Event::Succeed),
         1 => any::<usize>().prop_map(Event::Fail),
         1 => (0..2usize).prop_map(Event::MachineLeft),
@@ -151,7 +155,39 @@ impl Runner {
     fn abort(&self, a: Attempt) {
         self.state
             .attempt_ended(&a, AttemptEnd::Aborted, &self.config, Instant::now());
-        self.state.attempt_requeued(&a, Duration::ZERO, 1000);
+        let requeue = self.state.attempt_requeued(&a, Duration::ZERO, 1000);
+        self.withdraw(requeue.withdraw);
+    }
+
+    fn withdraw(&self, mut todo: Vec<Uuid>) {
+        while let Some(id) = todo.pop() {
+            if let Some(a) = self.state.take_attempt_by_id(&id) {
+                self.state
+                    .attempt_ended(&a, AttemptEnd::Neutral, &self.config, Instant::now());
+                todo.extend(self.state.attempt_withdrawn(&a));
+            }
+        }
+    }
+
+    /// Whether a report for `id` may be applied now, as the tunnel waits
+    /// for its inputs (withdrawing it when one of them was aborted).
+    fn may_report(&self, id: &Uuid) -> bool {
+        let Some(conn) = self.state.read(|v| {
+            v.attempts
+                .iter()
+                .find(|a| a.id == *id)
+                .map(|a| a.connection.clone())
+        }) else {
+            return false;
+        };
+        match self.state.verification(&id.to_string(), &conn) {
+            Ok(Verification::Withdrawn) => {
+                self.withdraw(vec![*id]);
+                false
+            }
+            Ok(_) => true,
+            Err(()) => false,
+        }
     }
 
     fn close_dropped(&self, dropped: Dropped) {
@@ -186,8 +222,22 @@ impl Runner {
                     self.abort(a);
                 }
             }
+            Event::Built(i) => {
+                if let Some(id) = pick(*i) {
+                    let conn = self.state.read(|v| {
+                        v.attempts
+                            .iter()
+                            .find(|a| a.id == id)
+                            .map(|a| a.connection.clone())
+                    });
+                    if let Some(conn) = conn {
+                        self.state.attempt_built(&id.to_string(), &conn);
+                    }
+                }
+            }
             Event::Succeed(i) => {
-                if let Some(a) = pick(*i).and_then(|id| self.state.take_attempt_by_id(&id)) {
+                let reportable = pick(*i).filter(|id| self.may_report(id));
+                if let Some(a) = reportable.and_then(|id| self.state.take_attempt_by_id(&id)) {
                     if let Some(step) = self.state.step_of_attempt(&a.drv_path, &a.id) {
                         self.state
                             .step_succeeded(step, Some(&a.id), Instant::now())
@@ -202,7 +252,8 @@ impl Runner {
                 }
             }
             Event::Fail(i) => {
-                if let Some(a) = pick(*i).and_then(|id| self.state.take_attempt_by_id(&id)) {
+                let reportable = pick(*i).filter(|id| self.may_report(id));
+                if let Some(a) = reportable.and_then(|id| self.state.take_attempt_by_id(&id)) {
                     if let Some(step) = self.state.step_of_attempt(&a.drv_path, &a.id) {
                         let failed = self.state.step_failed(step, Some(&a.id)).unwrap();
                         self.close_dropped(failed.dropped);

@@ -28,6 +28,7 @@ use crate::attempts::OwnershipError;
 use crate::auth::bearer;
 use crate::events::{Kind, NewEvent};
 use crate::outcome::{self, ReportError};
+use crate::state::Verification;
 use crate::state::machines::Machine;
 use crate::{Fatal, Shared};
 
@@ -282,6 +283,9 @@ impl RunnerService for BuilderTunnel {
         let report = request.into_inner();
         let connection = report.machine_id.clone();
         let attempt_id = report.attempt_id.clone();
+        // A result, success or failure, is recorded only after the inputs
+        // its build ran ahead of are.
+        held_for_inputs(&self.shared, &attempt_id, &connection).await?;
         match outcome::on_report(&self.shared, &connection, report).await {
             Ok(()) => Ok(Response::new(CompletionAck {})),
             Err(ReportError::Ownership(OwnershipError::Unknown(id)))
@@ -425,6 +429,11 @@ async fn control_loop(
                     .machine_pinged(name, p.load1, disk, p.substituter_timeouts);
             }
             Some(builder_message::Msg::Progress(p)) => {
+                if p.phase() == Phase::ReceivingOutputs && shared.config().run_ahead {
+                    // Built, outputs on their way: dependents may start
+                    // on this machine, which has them.
+                    shared.state.attempt_built(&p.attempt_id, connection);
+                }
                 let row = shared
                     .state
                     .with_attempt(&p.attempt_id, connection, |a| {
@@ -448,6 +457,27 @@ async fn control_loop(
             Some(builder_message::Msg::Join(_)) | None => {
                 return "the builder sent a second Join or an empty message".into();
             }
+        }
+    }
+}
+
+/// Waits until the inputs attempt `id` ran ahead of are verified; refuses
+/// (and withdraws the attempt) when one of them was aborted instead.
+pub(crate) async fn held_for_inputs(
+    shared: &Shared,
+    id: &str,
+    connection: &str,
+) -> Result<(), Status> {
+    match shared.state.inputs_verified(id, connection).await {
+        Verification::Verified | Verification::NotRunning => Ok(()),
+        Verification::Withdrawn => {
+            if let Err(fatal) = outcome::withdraw_reported(shared, id, connection).await {
+                shared.die(fatal);
+                return Err(Status::unavailable("the runner is stopping"));
+            }
+            Err(Status::failed_precondition(
+                "withdrawn: an input this build ran ahead of was aborted; the step is built again",
+            ))
         }
     }
 }

@@ -33,10 +33,10 @@ pub async fn job_closure(
         shared.die(e.into());
         status
     })?;
-    match crate::job_inputs::of(shared, &mut client, drv_path).await {
-        Ok((_, _, closure)) => {
+    match crate::job_inputs::of(shared, &mut client, drv_path, false).await {
+        Ok(inputs) => {
             shared.store.release(client);
-            Ok(closure.into_iter().collect())
+            Ok(inputs.closure.into_iter().collect())
         }
         Err(e) => match e.into_reason() {
             Ok(reason) => Err(Status::failed_precondition(reason)),
@@ -114,6 +114,9 @@ pub async fn receive_output(
             ));
         }
     };
+    // Outputs may refer to inputs the build ran ahead of: they are imported
+    // once those are (the store takes no path before its references).
+    super::held_for_inputs(shared, &header.attempt_id, &header.machine_id).await?;
     let dir = shared.store.dir();
     let asked = shared
         .state
@@ -128,13 +131,15 @@ pub async fn receive_output(
                 .filter(|r| **r != header.store_path && !a.may_output(dir, r))
                 .cloned()
                 .collect();
-            (
-                asked,
-                floating,
-                outside,
-                a.inputs.clone(),
-                a.drv_path.clone(),
-            )
+            // Computed again for a job sent ahead: its inputs are in the
+            // runner's store now, with their closure.
+            let inputs = if std::mem::take(&mut a.ran_ahead) {
+                a.inputs = None;
+                None
+            } else {
+                a.inputs.clone()
+            };
+            (asked, floating, outside, inputs, a.drv_path.clone())
         });
     let (asked, floating, outside, inputs, drv_path) = match asked {
         Ok(asked) => asked,
@@ -158,7 +163,15 @@ pub async fn receive_output(
     if !outside.is_empty() {
         let inputs = match inputs {
             Some(i) => i,
-            None => Arc::new(job_closure(shared, &drv_path).await?),
+            None => {
+                let closure = Arc::new(job_closure(shared, &drv_path).await?);
+                let _ = shared
+                    .state
+                    .with_attempt(&header.attempt_id, &header.machine_id, |a| {
+                        a.inputs.get_or_insert_with(|| closure.clone());
+                    });
+                closure
+            }
         };
         if let Some(stray) = outside.iter().find(|r| !inputs.contains(*r)) {
             let reason = format!(
