@@ -916,3 +916,216 @@ async fn a_dynamic_derivation_is_aborted_with_a_clear_reason() {
         .unwrap();
     assert_eq!(farm.statuses(&ids).await.unwrap()["hi"], (0, 0));
 }
+
+// Dependents that run ahead of their inputs' verification.
+
+/// `top` needs `base`, both trivial; queued as two builds.
+const CHAIN: &str = r#"with prelude; rec {
+  base = mkDrv { name = "base"; script = "echo base > $out"; };
+  top = mkDrv { name = "top"; script = "cat ${base} > $out"; };
+}"#;
+
+impl Liar {
+    /// Says the job built its step and its outputs are on their way (as a
+    /// builder does before it uploads them).
+    async fn built(&self, job: &BuildJob) {
+        let progress = Progress {
+            attempt_id: job.attempt_id.clone(),
+            phase: Phase::ReceivingOutputs as i32,
+        };
+        self.control
+            .send(BuilderMessage {
+                msg: Some(builder_message::Msg::Progress(progress)),
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Waits for the runner to tell it to drop `attempt`.
+    async fn aborted(&mut self, attempt: &str) -> AbortJob {
+        loop {
+            let msg = self.inbound.message().await.unwrap().expect("an abort");
+            if let Some(runner_message::Msg::Abort(a)) = msg.msg
+                && a.attempt_id == attempt
+            {
+                return a;
+            }
+        }
+    }
+
+    /// Uploads `contents` as the job's `out` and reports success, on a
+    /// client of its own (the runner may hold either call).
+    fn deliver(
+        &self,
+        job: &BuildJob,
+        contents: &str,
+    ) -> tokio::task::JoinHandle<Result<(), tonic::Status>> {
+        let mut client = self.client.clone();
+        let machine_id = self.machine_id.clone();
+        let job = job.clone();
+        let nar = nar_of(contents);
+        tokio::spawn(async move {
+            let drv = Derivation::parse(&StoreDir::default(), &job.drv).unwrap();
+            let out = StoreDir::default().display(drv.outputs["out"].path().unwrap());
+            let header = NarChunk {
+                part: Some(nar_chunk::Part::Header(NarHeader {
+                    machine_id: machine_id.clone(),
+                    attempt_id: job.attempt_id.clone(),
+                    store_path: out.clone(),
+                    nar_hash: Hash::sha256(&nar).to_prefixed_base32(),
+                    nar_size: nar.len() as u64,
+                    ..Default::default()
+                })),
+            };
+            let data = NarChunk {
+                part: Some(nar_chunk::Part::Data(nar.clone())),
+            };
+            client
+                .upload_output(tokio_stream::iter(vec![header, data]))
+                .await?;
+            let report = CompletionReport {
+                machine_id,
+                attempt_id: job.attempt_id.clone(),
+                outcome: Outcome::Succeeded as i32,
+                outputs: vec![BuiltOutput {
+                    name: "out".into(),
+                    path: out,
+                    nar_hash: Hash::sha256(&nar).to_prefixed_base32(),
+                    nar_size: nar.len() as u64,
+                }],
+                ..Default::default()
+            };
+            client.complete(report).await.map(|_| ())
+        })
+    }
+}
+
+/// The path of a job's `out`.
+fn out_of(job: &BuildJob) -> String {
+    let drv = Derivation::parse(&StoreDir::default(), &job.drv).unwrap();
+    StoreDir::default().display(drv.outputs["out"].path().unwrap())
+}
+
+/// How long a held call is watched for not returning. Without the hold it
+/// returns in milliseconds.
+const HELD: Duration = Duration::from_secs(3);
+
+/// A dependent is sent to the machine that built its input as soon as that
+/// machine says it is built, before the input's outputs reach the runner;
+/// but the dependent's outputs and report are held until the input's are
+/// in the runner's store and recorded: no build succeeds before then.
+#[tokio::test]
+async fn a_dependent_runs_ahead_of_its_input_but_succeeds_only_after_it() {
+    let farm = Farm::start(|_| {}).await.unwrap();
+    let mut liar = Liar::join_declaring(&farm, "liar", 2).await;
+    let ids = farm.submit(CHAIN, &["base", "top"]).await.unwrap();
+    let base = liar.next_job().await;
+    assert!(base.drv_path.ends_with("-base.drv"), "{}", base.drv_path);
+    liar.built(&base).await;
+    let top = liar.next_job().await;
+    assert!(top.drv_path.ends_with("-top.drv"), "{}", top.drv_path);
+    let base_out = out_of(&base);
+    assert!(
+        top.input_paths.contains(&base_out),
+        "the job names the input its machine holds: {:?}",
+        top.input_paths
+    );
+    assert!(
+        farm.runner_store.read_store_file(&base_out).await.is_err(),
+        "the runner does not have the input yet"
+    );
+
+    let mut top_delivery = liar.deliver(&top, "base\n");
+    assert!(
+        tokio::time::timeout(HELD, &mut top_delivery).await.is_err(),
+        "the dependent's delivery is held while its input is unverified"
+    );
+    let finished: i64 = sqlx::query_scalar("select count(*) from Builds where finished = 1")
+        .fetch_one(&farm.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(finished, 0, "no build has succeeded");
+
+    liar.deliver(&base, "base\n").await.unwrap().unwrap();
+    top_delivery
+        .await
+        .unwrap()
+        .expect("delivered once the input is verified");
+    farm.wait_finished(ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    let statuses = farm.statuses(&ids).await.unwrap();
+    assert_eq!((statuses["base"], statuses["top"]), ((0, 0), (0, 0)));
+    let (base_stop, top_stop): (i32, i32) = sqlx::query_as(
+        "select (select stopTime from Builds where id = $1), (select stopTime from Builds where id = $2)",
+    )
+    .bind(ids["base"])
+    .bind(ids["top"])
+    .fetch_one(&farm.db.pool)
+    .await
+    .unwrap();
+    assert!(top_stop >= base_stop);
+    for out in [base_out, out_of(&top)] {
+        let contents = farm.runner_store.read_store_file(&out).await.unwrap();
+        assert_eq!(contents, b"base\n", "{out} is in the runner's store");
+    }
+}
+
+/// The input's upload turns out corrupt after the dependent started ahead
+/// of it: the input's attempt is aborted (a builder fault), the dependent's
+/// is withdrawn (its machine told to drop it, its row aborted), and both
+/// builds are built afterwards: neither fails.
+#[tokio::test]
+async fn a_corrupt_input_found_after_its_dependent_started_fails_neither_build() {
+    let mut farm = Farm::start(|c| c.machine_rest_after_failures = 10)
+        .await
+        .unwrap();
+    let mut liar = Liar::join_declaring(&farm, "liar", 2).await;
+    let ids = farm.submit(CHAIN, &["base", "top"]).await.unwrap();
+    let base = liar.next_job().await;
+    liar.built(&base).await;
+    let top = liar.next_job().await;
+    assert!(top.drv_path.ends_with("-top.drv"), "{}", top.drv_path);
+    let top_delivery = liar.deliver(&top, "base\n");
+
+    let status = liar
+        .upload(
+            &base,
+            nar_of("tampered\n"),
+            &Hash::sha256(nar_of("base\n")),
+        )
+        .await;
+    assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
+    // Refused, as withdrawn or (when the withdrawal came first) as an
+    // attempt that no longer runs; the abort says why.
+    let held = top_delivery
+        .await
+        .unwrap()
+        .expect_err("the dependent is withdrawn");
+    assert_eq!(held.code(), tonic::Code::FailedPrecondition, "{held:?}");
+    let abort = liar.aborted(&top.attempt_id).await;
+    assert!(abort.reason.contains("withdrawn"), "{}", abort.reason);
+
+    liar.leave();
+    honest_builder_finishes(&mut farm, &ids).await;
+    let statuses = farm.statuses(&ids).await.unwrap();
+    assert_eq!((statuses["base"], statuses["top"]), ((0, 0), (0, 0)));
+    let top_rows = steps(&farm, ids["top"]).await;
+    let liar_rows: Vec<_> = top_rows.iter().filter(|r| r.0 == "liar").collect();
+    assert!(
+        liar_rows
+            .iter()
+            .any(|r| r.1 == Some(3) && r.2.as_deref().is_some_and(|m| m.contains("withdrawn"))),
+        "{top_rows:?}"
+    );
+    assert!(
+        top_rows.iter().all(|r| matches!(r.1, Some(0) | Some(3))),
+        "nothing failed: {top_rows:?}"
+    );
+    let built = farm
+        .runner_store
+        .read_store_file(&out_of(&top))
+        .await
+        .unwrap();
+    assert_eq!(built, b"base\n", "the honest output");
+}

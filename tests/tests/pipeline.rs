@@ -487,6 +487,66 @@ async fn a_step_follows_its_input_to_the_machine_that_built_it() {
     assert_eq!(fetched, 0, "no step fetched an input from the runner");
 }
 
+/// With `run_ahead`, a dependent may start on the builder before its
+/// input's outputs reach the runner; a chain whose every output refers to
+/// its input is still imported references first and built once a step:
+/// no step row but the successful one, and the runner's store knows each
+/// output's reference.
+#[tokio::test]
+async fn a_chain_that_runs_ahead_is_imported_references_first_and_built_once() {
+    const CHAIN: &str = r#"with prelude; rec {
+      one = mkDrv { name = "one"; script = "echo one > $out"; };
+      two = mkDrv { name = "two"; script = "echo ${one} > $out"; };
+      three = mkDrv { name = "three"; script = "echo ${two} > $out"; };
+      four = mkDrv { name = "four"; script = "echo ${three} > $out"; };
+    }"#;
+    let mut farm = Farm::start(|c| assert!(c.run_ahead, "on by default"))
+        .await
+        .expect("farm");
+    farm.add_builder(BuilderSpec::new("solo").max_jobs(2))
+        .await
+        .unwrap();
+    let ids = farm.submit(CHAIN, &["four"]).await.unwrap();
+    farm.wait_finished(ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(farm.statuses(&ids).await.unwrap()["four"], (0, 0));
+    let steps: Vec<(String, Option<i32>)> = rows(
+        &farm,
+        "select substring(drvPath from '[^-]*$'), status from BuildSteps
+          where build = $1 order by stepnr",
+        ids["four"],
+    )
+    .await;
+    let mut names: Vec<&str> = steps.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["four.drv", "one.drv", "three.drv", "two.drv"],
+        "{steps:?}"
+    );
+    assert!(steps.iter().all(|(_, s)| *s == Some(0)), "{steps:?}");
+    let (top,): (String,) = sqlx::query_as("select path from BuildOutputs where build = $1")
+        .bind(ids["four"])
+        .fetch_one(&farm.db.pool)
+        .await
+        .unwrap();
+    let mut path = top;
+    for _ in 0..3 {
+        let refs = farm
+            .runner_store
+            .run("nix-store", &["--query", "--references", &path])
+            .await
+            .unwrap();
+        let input = String::from_utf8(farm.runner_store.read_store_file(&path).await.unwrap())
+            .unwrap()
+            .trim()
+            .to_owned();
+        assert_eq!(refs.trim(), input, "{path} refers to its input");
+        path = input;
+    }
+}
+
 /// Builders' progress goes to PostgreSQL in batches: within one, each
 /// step ends with its last code, in order; a code a step has already, a
 /// finished step and a step that is gone change nothing; and only what
