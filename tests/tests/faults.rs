@@ -1089,11 +1089,7 @@ async fn a_corrupt_input_found_after_its_dependent_started_fails_neither_build()
     let top_delivery = liar.deliver(&top, "base\n");
 
     let status = liar
-        .upload(
-            &base,
-            nar_of("tampered\n"),
-            &Hash::sha256(nar_of("base\n")),
-        )
+        .upload(&base, nar_of("tampered\n"), &Hash::sha256(nar_of("base\n")))
         .await;
     assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
     // Refused, as withdrawn or (when the withdrawal came first) as an

@@ -69,6 +69,7 @@ pub async fn run(dags: &[Dag], o: &Options) -> Result<Value> {
             ms(over.dispatch_to_start_p50),
             ms(over.input_transfer_p50),
             ms(over.completion_to_next_p50),
+            ms(over.built_to_next_p50),
             ms(over.build_p50),
             ms(over.outputs_p50),
         ]);
@@ -93,6 +94,7 @@ pub async fn run(dags: &[Dag], o: &Options) -> Result<Value> {
             "dispatch->start",
             "inputs",
             "done->next",
+            "built->next",
             "build",
             "outputs+done",
         ],
@@ -179,6 +181,9 @@ struct Overheads {
     input_transfer_p90: f64,
     completion_to_next_p50: f64,
     completion_to_next_p90: f64,
+    /// The last input built (its builder receiving outputs) to the step's
+    /// dispatch: what a chain waits when dependents run ahead.
+    built_to_next_p50: f64,
     /// The build itself (building -> receiving outputs).
     build_p50: f64,
     /// Output upload and the completion (receiving outputs -> finished).
@@ -197,6 +202,7 @@ impl Overheads {
             "input_transfer_p90": m(self.input_transfer_p90),
             "completion_to_next_dispatch_p50": m(self.completion_to_next_p50),
             "completion_to_next_dispatch_p90": m(self.completion_to_next_p90),
+            "built_to_next_dispatch_p50": m(self.built_to_next_p50),
             "build_p50": m(self.build_p50),
             "outputs_and_completion_p50": m(self.outputs_p50),
             "dispatch_to_builder_ack_p50": m(self.job_sent_p50),
@@ -236,6 +242,7 @@ async fn overheads(
     let mut to_start = Vec::new();
     let mut inputs = Vec::new();
     let mut to_next = Vec::new();
+    let mut built_to_next = Vec::new();
     let mut building = Vec::new();
     let mut outputs = Vec::new();
     let mut preparing = Vec::new();
@@ -262,6 +269,14 @@ async fn overheads(
         if let (Some(done), Some(s)) = (last_input, get(drv, "started")) {
             to_next.push((s - done) as f64 / 1000.0);
         }
+        let last_built = node
+            .deps
+            .iter()
+            .filter_map(|d| get(&drvs[&format!("n{d}")], "receiving"))
+            .max();
+        if let (Some(built), Some(s)) = (last_built, get(drv, "started")) {
+            built_to_next.push((s - built) as f64 / 1000.0);
+        }
     }
     Ok(Overheads {
         dispatch_to_start_p50: percentile(&to_start, 50.0),
@@ -270,6 +285,7 @@ async fn overheads(
         input_transfer_p90: percentile(&inputs, 90.0),
         completion_to_next_p50: percentile(&to_next, 50.0),
         completion_to_next_p90: percentile(&to_next, 90.0),
+        built_to_next_p50: percentile(&built_to_next, 50.0),
         build_p50: percentile(&building, 50.0),
         outputs_p50: percentile(&outputs, 50.0),
         job_sent_p50: percentile(&preparing, 50.0),

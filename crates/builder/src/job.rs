@@ -221,6 +221,13 @@ async fn execute(
         .build_derivation(&job.drv_path, &drv, BuildMode::Normal, &mut on_log)
         .await;
     spool.close();
+    if matches!(&built, Ok(r) if outcome_of(r.status) == Outcome::Succeeded) {
+        // Said as soon as the build succeeded, before the log's rest is
+        // sent and the outputs are rooted and measured: the runner may
+        // start dependents on this machine from now on (it records them
+        // only after these outputs are verified).
+        progress(tie, Phase::ReceivingOutputs);
+    }
     // The shipper ends once the whole log is with a runner, or when no
     // runner holds the job (delivery sends the rest then).
     let shipped = shipper.await.unwrap_or(None);
