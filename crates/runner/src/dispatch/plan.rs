@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use super::order::{OrderKey, Shares, aging_bonus};
 use crate::config::RunnerConfig;
-use crate::graph::{Build, Graph, SchedFacts, StepId, StepState};
+use crate::graph::{Build, Graph, KindCheck, SchedFacts, StepId, StepState};
 use crate::state::machines::{Machines, NoMachine};
 use crate::tunnel::BuilderLink;
 
@@ -54,6 +54,10 @@ pub struct Decided {
     pub newly_unsupported: Vec<StepId>,
     /// Steps that had been unsupported and are supported again.
     pub supported_again: Vec<StepId>,
+    /// What the round learnt of each kind it looked at: whether later
+    /// rounds may pass over it, until when, while it is unchanged, and
+    /// whether its steps carry unsupported-since marks.
+    pub kinds: Vec<KindCheck>,
     /// When to plan again without a wake-up (a backoff ends, a rest ends,
     /// a step has been unsupported long enough).
     pub next_deadline: Option<Instant>,
@@ -141,64 +145,87 @@ pub fn plan(
     now: Instant,
 ) -> Decided {
     let mut out = Decided::default();
-    // Steps no machine supports are set aside before sorting (a queue full
-    // of them must not slow every round); which kinds of step have no free
-    // machine is remembered for the rest of the round.
+    // Runnable steps come by kind: whether any machine supports a kind is
+    // asked once, a kind no machine supports is set aside before sorting
+    // (a queue full of them must not slow every round; one whose steps are
+    // all noted already is passed over whole), and which kinds have no
+    // free machine is remembered for the rest of the round.
     let outage = machines.is_empty();
-    let mut supported: HashMap<Kind<'_>, bool> = HashMap::new();
+    let mut free: u32 = machines.connected().map(|m| m.free_slots()).sum();
     let mut queue: Vec<Queued> = Vec::new();
-    // The kind of the step before, and whether a machine supports it: a
-    // queue is mostly of a few kinds, so most steps are answered here.
-    let mut last: Option<(Kind<'_>, bool)> = None;
-    for (id, step) in graph.runnable() {
-        let kind = (step.system.as_str(), step.required_features.as_slice());
-        let any = match last {
-            Some((k, any)) if k == kind => any,
-            _ => {
-                let any = *supported.entry(kind).or_insert_with(|| {
-                    machines.supports_any(&step.system, &step.required_features)
-                });
-                last = Some((kind, any));
-                any
+    for (kind, bucket) in graph.runnable_kinds() {
+        let any = machines.supports_any(&bucket.system, &bucket.features);
+        if !any && outage {
+            continue;
+        }
+        if !any && let Some(until) = bucket.quiet_until(now) {
+            out.due(until);
+            continue;
+        }
+        // With no free slot, a supported kind matters only for the marks
+        // of its steps from when it was not supported.
+        if any && free == 0 && !bucket.marked {
+            continue;
+        }
+        // When the kind must be looked at again: a step fails as
+        // unsupported, or a backoff ends (that step is noted then).
+        let mut next_look: Option<Instant> = None;
+        let mut failing = false;
+        for id in &bucket.steps {
+            let id = *id;
+            let step = graph.step(id).expect("runnable step");
+            // Noted here, not where the step is given a machine: a round
+            // ends once every free slot is promised.
+            if any && step.unsupported_since.is_some() {
+                out.supported_again.push(id);
             }
+            match step.state {
+                StepState::Runnable {
+                    not_before: Some(t),
+                    ..
+                } if t > now => {
+                    out.due(t);
+                    next_look = Some(next_look.map_or(t, |n: Instant| n.min(t)));
+                }
+                _ if !any => {
+                    let since = step.unsupported_since.unwrap_or(now);
+                    if step.unsupported_since.is_none() {
+                        out.newly_unsupported.push(id);
+                    }
+                    let fails_at = since + policy.max_unsupported;
+                    if now >= fails_at {
+                        out.unsupported.push(id);
+                        failing = true;
+                    } else {
+                        out.due(fails_at);
+                        next_look = Some(next_look.map_or(fails_at, |t| t.min(fails_at)));
+                    }
+                }
+                _ if free == 0 => {}
+                StepState::Runnable { since, .. } => {
+                    let waited = now.saturating_duration_since(since);
+                    let bonus = aging_bonus(waited, policy.priority_aging_secs);
+                    queue.push(Queued(OrderKey::new(&step.sched, shares, bonus), id));
+                }
+                _ => queue.push(Queued(OrderKey::new(&step.sched, shares, 0), id)),
+            }
+        }
+        // An unsupported kind none of whose steps fails now can be passed
+        // over until the first of them fails or ends its backoff.
+        let quiet = match (any, failing, next_look) {
+            (false, false, Some(t)) => Some((bucket.generation, t)),
+            _ => None,
         };
-        // Noted here, not where the step is given a machine: a round ends
-        // once every free slot is promised.
-        if any && step.unsupported_since.is_some() {
-            out.supported_again.push(id);
-        }
-        match step.state {
-            StepState::Runnable {
-                not_before: Some(t),
-                ..
-            } if t > now => out.due(t),
-            _ if !any => {
-                if outage {
-                    continue;
-                }
-                let since = step.unsupported_since.unwrap_or(now);
-                if step.unsupported_since.is_none() {
-                    out.newly_unsupported.push(id);
-                }
-                if now.duration_since(since) >= policy.max_unsupported {
-                    out.unsupported.push(id);
-                } else {
-                    out.due(since + policy.max_unsupported);
-                }
-            }
-            StepState::Runnable { since, .. } => {
-                let waited = now.saturating_duration_since(since);
-                let bonus = aging_bonus(waited, policy.priority_aging_secs);
-                queue.push(Queued(OrderKey::new(&step.sched, shares, bonus), id));
-            }
-            _ => queue.push(Queued(OrderKey::new(&step.sched, shares, 0), id)),
-        }
+        out.kinds.push(KindCheck {
+            kind,
+            quiet,
+            marked: !any,
+        });
     }
     // Taken first-first from a heap (made in linear time) until every
     // free slot is promised: a round with a long queue and few free slots
     // orders only what it dispatches.
     let mut queue = std::collections::BinaryHeap::from(queue);
-    let mut free: u32 = machines.connected().map(|m| m.free_slots()).sum();
 
     let mut full: HashSet<Kind<'_>> = HashSet::new();
     let mut planned: HashMap<String, u32> = HashMap::new();
@@ -487,5 +514,60 @@ mod tests {
             .unwrap();
         let d = plan(&g, &ms, &Shares::default(), &policy(), Instant::now());
         assert_eq!(names(&g, &d)[0].1, "kvm-box");
+    }
+
+    /// What `State::plan_round` does with a round's notes.
+    fn apply(g: &mut Graph, d: &Decided, now: Instant) {
+        for id in &d.newly_unsupported {
+            g.set_unsupported_since(*id, Some(now));
+        }
+        for id in &d.supported_again {
+            g.set_unsupported_since(*id, None);
+        }
+        for check in &d.kinds {
+            g.kind_checked(check);
+        }
+    }
+
+    #[test]
+    fn a_kind_no_machine_supports_is_passed_over_until_it_changes_or_its_first_step_fails() {
+        let mut g = Graph::default();
+        for i in 1..=100 {
+            add(&mut g, i, &format!("none{i}"), "bench-none", 0, 0);
+        }
+        let mut ms = Machines::default();
+        ms.register(machine("m", &["x86_64-linux"], &[], 1.0, 1))
+            .unwrap();
+        let t0 = Instant::now();
+        let d = plan(&g, &ms, &Shares::default(), &policy(), t0);
+        assert_eq!(d.newly_unsupported.len(), 100);
+        apply(&mut g, &d, t0);
+
+        // Nothing changed: the round passes over the kind, and knows when
+        // to come back.
+        let t1 = t0 + Duration::from_secs(1);
+        let d = plan(&g, &ms, &Shares::default(), &policy(), t1);
+        assert!(d.newly_unsupported.is_empty() && d.unsupported.is_empty());
+        assert!(d.kinds.is_empty(), "the kind was not looked at");
+        assert_eq!(d.next_deadline, Some(t0 + policy().max_unsupported));
+
+        // A step joins: the kind is looked at again, the newcomer noted.
+        let late = add(&mut g, 101, "none101", "bench-none", 0, 0);
+        let d = plan(&g, &ms, &Shares::default(), &policy(), t1);
+        assert_eq!(d.newly_unsupported, [late]);
+        apply(&mut g, &d, t1);
+
+        // Its first steps' time is up: they fail, the late one waits on.
+        let t2 = t0 + policy().max_unsupported;
+        let d = plan(&g, &ms, &Shares::default(), &policy(), t2);
+        assert_eq!(d.unsupported.len(), 100);
+        assert_eq!(d.next_deadline, Some(t1 + policy().max_unsupported));
+
+        // A machine for the kind joins: every step is supported again.
+        ms.register(machine("none", &["bench-none"], &[], 1.0, 1))
+            .unwrap();
+        let d = plan(&g, &ms, &Shares::default(), &policy(), t1);
+        assert_eq!(d.supported_again.len(), 101);
+        assert_eq!(d.assignments.len(), 1);
     }
 }

@@ -5,9 +5,10 @@
 //! behind one lock; nothing here awaits or touches the database: callers
 //! write PostgreSQL first and then apply the outcome here.
 
+pub mod runnable;
 pub mod step;
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
@@ -15,6 +16,7 @@ use hydra_nix::StorePath;
 use thiserror::Error;
 use uuid::Uuid;
 
+pub use runnable::{Bucket, KindCheck, KindId};
 pub use step::{Ahead, SchedFacts, Step, StepState, TransitionError};
 
 pub type StepId = u64;
@@ -132,7 +134,7 @@ pub struct Graph {
     steps: FxHashMap<StepId, Box<Step>>,
     by_path: HashMap<StorePath, StepId>,
     builds: HashMap<BuildId, Build>,
-    runnable: FxHashSet<StepId>,
+    runnable: runnable::Runnable,
     /// Steps in `Resolving` that the resolver has not taken yet.
     to_resolve: HashSet<StepId>,
     next_id: StepId,
@@ -207,7 +209,33 @@ impl Graph {
     }
 
     pub fn runnable(&self) -> impl Iterator<Item = (StepId, &Step)> + '_ {
-        self.runnable.iter().map(|id| (*id, &*self.steps[id]))
+        self.runnable
+            .buckets()
+            .flat_map(|(_, b)| b.steps.iter().map(|id| (*id, &*self.steps[id])))
+    }
+
+    /// The runnable steps by kind.
+    pub fn runnable_kinds(&self) -> impl Iterator<Item = (KindId, &Bucket)> + '_ {
+        self.runnable.buckets()
+    }
+
+    /// What a round learnt of a kind: later rounds may pass over it while
+    /// it is unchanged, and whether its steps carry unsupported marks.
+    pub fn kind_checked(&mut self, check: &KindCheck) {
+        let b = self.runnable.bucket_mut(check.kind);
+        b.quiet = check.quiet;
+        b.marked = check.marked;
+    }
+
+    fn queue(&mut self, id: StepId) {
+        let kind = self.steps[&id].kind;
+        self.runnable.insert(kind, id);
+    }
+
+    fn dequeue(&mut self, id: StepId) {
+        if let Some(s) = self.steps.get(&id) {
+            self.runnable.remove(s.kind, id);
+        }
     }
 
     /// Adds a build with the new steps its plan found. Returns the steps
@@ -239,6 +267,7 @@ impl Graph {
                     ns.required_features.clone(),
                 );
                 step.needs_resolution = ns.needs_resolution;
+                step.kind = self.runnable.kind_of(&ns.system, &ns.required_features);
                 self.steps.insert(id, Box::new(step));
                 self.by_path.insert(ns.drv_path.clone(), id);
                 created.push(id);
@@ -297,7 +326,7 @@ impl Graph {
         if step.is_resolving() {
             self.to_resolve.insert(id);
         } else {
-            self.runnable.insert(id);
+            self.queue(id);
         }
         Ok(())
     }
@@ -326,11 +355,12 @@ impl Graph {
             None => {
                 let t = self.next_id;
                 self.next_id += 1;
-                let step = Step::new(
+                let mut step = Step::new(
                     resolved.drv_path.clone(),
                     resolved.system,
                     resolved.required_features,
                 );
+                step.kind = self.runnable.kind_of(&step.system, &step.required_features);
                 self.steps.insert(t, Box::new(step));
                 self.by_path.insert(resolved.drv_path, t);
                 self.unblock(t, now)?;
@@ -415,7 +445,7 @@ impl Graph {
                 }
                 _ => {}
             }
-            if s.is_runnable() != self.runnable.contains(id) {
+            if s.is_runnable() != self.runnable.contains(s.kind, *id) {
                 return Err(format!(
                     "{} is runnable but not queued, or the reverse",
                     s.drv_path
@@ -514,7 +544,7 @@ impl Graph {
             .get_mut(&id)
             .expect("dispatching a step in the graph");
         step.dispatched(attempt, machine)?;
-        self.runnable.remove(&id);
+        self.dequeue(id);
         Ok(())
     }
 
@@ -607,7 +637,7 @@ impl Graph {
     fn back_in_queue(&mut self, id: StepId, now: Instant) -> Vec<Uuid> {
         let withdrawn = self.withdraw_above(id);
         if self.steps[&id].is_runnable() {
-            self.runnable.insert(id);
+            self.queue(id);
         } else {
             self.try_ahead(id, now);
         }
@@ -630,7 +660,7 @@ impl Graph {
                     todo.extend(rdep.rdeps.iter().copied());
                 }
                 None => {
-                    self.runnable.remove(&r);
+                    self.dequeue(r);
                 }
             }
         }
@@ -656,7 +686,7 @@ impl Graph {
         if step.inputs_built_ahead(&machine, now).is_err() {
             return false;
         }
-        self.runnable.insert(id);
+        self.queue(id);
         true
     }
 
@@ -848,7 +878,7 @@ impl Graph {
         for alias in &step.resolved_from {
             self.by_path.remove(alias);
         }
-        self.runnable.remove(&id);
+        self.runnable.remove(step.kind, id);
         self.to_resolve.remove(&id);
         step
     }
@@ -858,6 +888,9 @@ impl Graph {
     pub fn set_unsupported_since(&mut self, id: StepId, since: Option<Instant>) {
         if let Some(s) = self.steps.get_mut(&id) {
             s.unsupported_since = since;
+            if since.is_some() {
+                self.runnable.bucket_mut(s.kind).marked = true;
+            }
         }
     }
 }

@@ -176,6 +176,8 @@ pub struct Step {
     pub resolved_from: Vec<StorePath>,
     /// Whether it runs ahead of its inputs' verification.
     pub ahead: Ahead,
+    /// Its kind (system and features) as the graph's queue numbers it.
+    pub kind: super::KindId,
 }
 
 impl Step {
@@ -196,6 +198,7 @@ impl Step {
             needs_resolution: false,
             resolved_from: Vec::new(),
             ahead: Ahead::No,
+            kind: 0,
         }
     }
 

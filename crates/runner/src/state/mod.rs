@@ -344,6 +344,9 @@ impl State {
         for id in &decided.supported_again {
             graph.set_unsupported_since(*id, None);
         }
+        for check in &decided.kinds {
+            graph.kind_checked(check);
+        }
         let mut round = Round {
             unsupported: decided.unsupported,
             next_deadline: decided.next_deadline,
