@@ -53,9 +53,10 @@ pub struct Attempt {
     /// Its builder went away: the attempt waits for it to come back and
     /// re-adopt it until then, and is aborted after.
     pub away: Option<Away>,
-    /// The input closure sent with the job: all `FetchInputs` serves for
-    /// it. None for an attempt inherited from the runner before (the
-    /// closure is computed again when asked).
+    /// The job's input closure in the runner's store: all `FetchInputs`
+    /// serves for it, and what its outputs may refer to besides themselves.
+    /// None for an attempt inherited from the runner before (the closure is
+    /// computed again when asked).
     pub inputs: Option<std::sync::Arc<std::collections::HashSet<String>>>,
     /// It was sent ahead of inputs its machine built and the runner did not
     /// hold yet: `inputs` lacks them (and their closure) until the closure
