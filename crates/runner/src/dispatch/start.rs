@@ -50,6 +50,12 @@ pub async fn start_attempt(shared: &Shared, a: Assignment) -> Result<(), Fatal> 
         let reason = "the machine disconnected before the job was sent";
         return crate::outcome::abort_attempt(shared, *attempt, reason).await;
     }
+    // An input it was to run ahead of was aborted meanwhile: the job is
+    // not sent at all.
+    let id = a.attempt.to_string();
+    if shared.state.is_withdrawn(&id, &a.connection) {
+        return crate::outcome::withdraw_reported(shared, &id, &a.connection).await;
+    }
     tracing::info!(drv = %a.drv_path, machine = %a.machine, attempt = %a.attempt, "dispatched");
     let sent = a.link.send_job(job.job);
     shared

@@ -482,6 +482,13 @@ impl State {
         }
     }
 
+    /// Whether attempt `id` (owned by `connection`) is to be withdrawn: an
+    /// input it ran ahead of was aborted (while it was being persisted,
+    /// say, before the withdrawal could find it).
+    pub fn is_withdrawn(&self, id: &str, connection: &str) -> bool {
+        self.verification(id, connection) == Ok(Verification::Withdrawn)
+    }
+
     /// Waits until the inputs attempt `id` ran ahead of are verified (at
     /// once when it ran after them), or until it is to be withdrawn or no
     /// longer runs: no result is recorded before the inputs it was built

@@ -211,6 +211,11 @@ impl Runner {
                     if persist.get(i).copied().unwrap_or(true) {
                         if let Err(back) = self.state.attempt_started(attempt_of(a)) {
                             self.abort(*back);
+                        } else if self
+                            .state
+                            .is_withdrawn(&a.attempt.to_string(), &a.connection)
+                        {
+                            self.withdraw(vec![a.attempt]);
                         }
                     } else {
                         self.state.attempt_not_started(a, Duration::ZERO);
@@ -558,4 +563,50 @@ fn a_plan_made_before_its_step_succeeded_is_stale() {
     let stale = state.build_loaded(build(2), second, Instant::now());
     assert!(matches!(stale, Err(InsertError::Vanished(_))), "{stale:?}");
     assert_eq!(state.queue_counts().runnable, 0, "nothing to build twice");
+}
+
+#[test]
+fn an_attempt_whose_input_was_aborted_while_it_was_persisted_is_withdrawn_not_sent() {
+    let runner = Runner {
+        state: loaded(1),
+        config: RunnerConfig::default(),
+        names: ["m", "m"],
+    };
+    let mut m = machine("m", "m");
+    m.max_jobs = 3;
+    let conn = m.connection.clone();
+    runner.state.machine_joined(m, &[], || {}).unwrap();
+    let inputs = started_on_m(&runner.state);
+    assert_eq!(inputs.len(), 2, "b1-dep and shared");
+    for a in &inputs {
+        runner.state.attempt_built(&a.to_string(), &conn);
+    }
+    let round = runner
+        .state
+        .plan_round(&RunnerConfig::default(), Instant::now());
+    let [top] = &round.assignments[..] else {
+        panic!("b1-top runs ahead: {:?}", round.assignments);
+    };
+    assert!(top.ahead && top.drv_path == path("b1-top"));
+    // An input's upload is refused before the top's attempt is recorded.
+    let dep = runner.state.take_attempt_by_id(&inputs[0]).unwrap();
+    runner.abort(dep);
+    runner.state.attempt_started(attempt_of(top)).unwrap();
+    let id = top.attempt.to_string();
+    assert!(runner.state.is_withdrawn(&id, &conn));
+    runner.withdraw(vec![top.attempt]);
+    runner.state.check().unwrap();
+    let (state, tries) = runner.state.read(|v| {
+        let s = v
+            .graph
+            .step(v.graph.step_id(&path("b1-top")).unwrap())
+            .unwrap();
+        (s.state.clone(), s.aborted_attempts)
+    });
+    assert_eq!((state, tries), (crate::graph::StepState::Waiting, 0));
+    assert_eq!(
+        runner.state.queue_counts().running,
+        1,
+        "the other input runs on"
+    );
 }
