@@ -963,39 +963,15 @@ impl Liar {
         let mut client = self.client.clone();
         let machine_id = self.machine_id.clone();
         let job = job.clone();
-        let nar = nar_of(contents);
+        let contents = contents.to_owned();
         tokio::spawn(async move {
-            let drv = Derivation::parse(&StoreDir::default(), &job.drv).unwrap();
-            let out = StoreDir::default().display(drv.outputs["out"].path().unwrap());
-            let header = NarChunk {
-                part: Some(nar_chunk::Part::Header(NarHeader {
-                    machine_id: machine_id.clone(),
-                    attempt_id: job.attempt_id.clone(),
-                    store_path: out.clone(),
-                    nar_hash: Hash::sha256(&nar).to_prefixed_base32(),
-                    nar_size: nar.len() as u64,
-                    ..Default::default()
-                })),
-            };
-            let data = NarChunk {
-                part: Some(nar_chunk::Part::Data(nar.clone())),
-            };
-            client
-                .upload_output(tokio_stream::iter(vec![header, data]))
-                .await?;
-            let report = CompletionReport {
-                machine_id,
-                attempt_id: job.attempt_id.clone(),
-                outcome: Outcome::Succeeded as i32,
-                outputs: vec![BuiltOutput {
-                    name: "out".into(),
-                    path: out,
-                    nar_hash: Hash::sha256(&nar).to_prefixed_base32(),
-                    nar_size: nar.len() as u64,
-                }],
-                ..Default::default()
-            };
-            client.complete(report).await.map(|_| ())
+            hydra_testkit::load::deliver_single_file(
+                &mut client,
+                &machine_id,
+                &job,
+                contents.as_bytes(),
+            )
+            .await
         })
     }
 }

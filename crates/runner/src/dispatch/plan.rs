@@ -103,6 +103,21 @@ impl Round {
 }
 
 impl Decided {
+    /// Writes what the round noted onto the graph's steps and kinds (when
+    /// steps were first found unsupported, those supported again, which
+    /// kinds later rounds may pass over).
+    pub fn note_on(&self, graph: &mut Graph, now: Instant) {
+        for id in &self.newly_unsupported {
+            graph.set_unsupported_since(*id, Some(now));
+        }
+        for id in &self.supported_again {
+            graph.set_unsupported_since(*id, None);
+        }
+        for check in &self.kinds {
+            graph.kind_checked(check);
+        }
+    }
+
     fn due(&mut self, t: Instant) {
         self.next_deadline = Some(self.next_deadline.map_or(t, |d| d.min(t)));
     }
@@ -516,19 +531,6 @@ mod tests {
         assert_eq!(names(&g, &d)[0].1, "kvm-box");
     }
 
-    /// What `State::plan_round` does with a round's notes.
-    fn apply(g: &mut Graph, d: &Decided, now: Instant) {
-        for id in &d.newly_unsupported {
-            g.set_unsupported_since(*id, Some(now));
-        }
-        for id in &d.supported_again {
-            g.set_unsupported_since(*id, None);
-        }
-        for check in &d.kinds {
-            g.kind_checked(check);
-        }
-    }
-
     #[test]
     fn a_kind_no_machine_supports_is_passed_over_until_it_changes_or_its_first_step_fails() {
         let mut g = Graph::default();
@@ -541,7 +543,7 @@ mod tests {
         let t0 = Instant::now();
         let d = plan(&g, &ms, &Shares::default(), &policy(), t0);
         assert_eq!(d.newly_unsupported.len(), 100);
-        apply(&mut g, &d, t0);
+        d.note_on(&mut g, t0);
 
         // Nothing changed: the round passes over the kind, and knows when
         // to come back.
@@ -555,7 +557,7 @@ mod tests {
         let late = add(&mut g, 101, "none101", "bench-none", 0, 0);
         let d = plan(&g, &ms, &Shares::default(), &policy(), t1);
         assert_eq!(d.newly_unsupported, [late]);
-        apply(&mut g, &d, t1);
+        d.note_on(&mut g, t1);
 
         // Its first steps' time is up: they fail, the late one waits on.
         let t2 = t0 + policy().max_unsupported;

@@ -338,15 +338,7 @@ impl State {
         machines.forget_departed(now, memory);
         let policy = plan::Policy::of(config);
         let decided = plan::plan(graph, machines, shares, &policy, now);
-        for id in &decided.newly_unsupported {
-            graph.set_unsupported_since(*id, Some(now));
-        }
-        for id in &decided.supported_again {
-            graph.set_unsupported_since(*id, None);
-        }
-        for check in &decided.kinds {
-            graph.kind_checked(check);
-        }
+        decided.note_on(graph, now);
         let mut round = Round {
             unsupported: decided.unsupported,
             next_deadline: decided.next_deadline,
