@@ -261,22 +261,17 @@ async fn overheads(
         building.extend(span("building", "receiving"));
         outputs.extend(span("receiving", "finished"));
         preparing.extend(span("started", "preparing"));
-        let last_input = node
-            .deps
-            .iter()
-            .filter_map(|d| get(&drvs[&format!("n{d}")], "finished"))
-            .max();
-        if let (Some(done), Some(s)) = (last_input, get(drv, "started")) {
-            to_next.push((s - done) as f64 / 1000.0);
-        }
-        let last_built = node
-            .deps
-            .iter()
-            .filter_map(|d| get(&drvs[&format!("n{d}")], "receiving"))
-            .max();
-        if let (Some(built), Some(s)) = (last_built, get(drv, "started")) {
-            built_to_next.push((s - built) as f64 / 1000.0);
-        }
+        // From the last input reaching `what` to this step's dispatch.
+        let after_inputs = |what: &str| {
+            let last = node
+                .deps
+                .iter()
+                .filter_map(|d| get(&drvs[&format!("n{d}")], what))
+                .max()?;
+            Some((get(drv, "started")? - last) as f64 / 1000.0)
+        };
+        to_next.extend(after_inputs("finished"));
+        built_to_next.extend(after_inputs("receiving"));
     }
     Ok(Overheads {
         dispatch_to_start_p50: percentile(&to_start, 50.0),

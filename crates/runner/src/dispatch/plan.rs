@@ -98,8 +98,13 @@ pub struct Round {
 impl Round {
     /// The next round is due at `t` at the latest.
     pub fn due(&mut self, t: Instant) {
-        self.next_deadline = Some(self.next_deadline.map_or(t, |d| d.min(t)));
+        earliest(&mut self.next_deadline, t);
     }
+}
+
+/// Keeps in `at` the earlier of it and `t`.
+fn earliest(at: &mut Option<Instant>, t: Instant) {
+    *at = Some(at.map_or(t, |a| a.min(t)));
 }
 
 impl Decided {
@@ -119,7 +124,7 @@ impl Decided {
     }
 
     fn due(&mut self, t: Instant) {
-        self.next_deadline = Some(self.next_deadline.map_or(t, |d| d.min(t)));
+        earliest(&mut self.next_deadline, t);
     }
 }
 
@@ -200,7 +205,7 @@ pub fn plan(
                     ..
                 } if t > now => {
                     out.due(t);
-                    next_look = Some(next_look.map_or(t, |n: Instant| n.min(t)));
+                    earliest(&mut next_look, t);
                 }
                 _ if !any => {
                     let since = step.unsupported_since.unwrap_or(now);
@@ -213,7 +218,7 @@ pub fn plan(
                         failing = true;
                     } else {
                         out.due(fails_at);
-                        next_look = Some(next_look.map_or(fails_at, |t| t.min(fails_at)));
+                        earliest(&mut next_look, fails_at);
                     }
                 }
                 _ if free == 0 => {}

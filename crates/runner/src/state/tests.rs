@@ -610,3 +610,28 @@ fn an_attempt_whose_input_was_aborted_while_it_was_persisted_is_withdrawn_not_se
         "the other input runs on"
     );
 }
+
+#[test]
+fn only_the_connection_that_owns_an_attempt_can_say_it_is_built() {
+    let state = loaded(1);
+    let mut m = machine("m", "m");
+    m.max_jobs = 3;
+    let conn = m.connection.clone();
+    state.machine_joined(m, &[], || {}).unwrap();
+    let inputs = started_on_m(&state);
+    for a in &inputs {
+        state.attempt_built(&a.to_string(), "another-connection");
+        state.attempt_built("not\0an attempt", &conn);
+    }
+    let round = state.plan_round(&RunnerConfig::default(), Instant::now());
+    assert!(
+        round.assignments.is_empty(),
+        "nothing runs ahead on a claim not the owner's"
+    );
+    for a in &inputs {
+        state.attempt_built(&a.to_string(), &conn);
+    }
+    let round = state.plan_round(&RunnerConfig::default(), Instant::now());
+    assert_eq!(round.assignments.len(), 1, "the owner's word counts");
+    state.check().unwrap();
+}
