@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use hydra_nix::daemon::ROOTED_IDLE;
 use hydra_testkit::caches::{S3Server, from_cache};
 use hydra_testkit::process::{BuilderProcess, RunnerSetup};
 use hydra_testkit::{BuilderSpec, Farm, NixStore, create_jobset, queue_builds, wait_finished};
@@ -216,11 +217,24 @@ async fn a_build_whose_outputs_are_only_in_the_cache_is_a_cached_build() {
         .fetch_one(&farm.db.pool)
         .await
         .unwrap();
-    // The runner's store loses the output; the cache still has it.
-    farm.runner_store
-        .run("nix-store", &["--delete", &out])
-        .await
-        .unwrap();
+    // The runner's store loses the output; the cache still has it. The
+    // connection that imported it roots it until it has sat unused for
+    // ROOTED_IDLE: then it is collectable, however idle the runner is.
+    let deadline = std::time::Instant::now() + ROOTED_IDLE * 5;
+    loop {
+        match farm
+            .runner_store
+            .run("nix-store", &["--delete", &out])
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if std::time::Instant::now() < deadline => {
+                assert!(e.to_string().contains("still alive"), "{e}");
+                tokio::time::sleep(ROOTED_IDLE / 4).await;
+            }
+            Err(e) => panic!("the runner keeps the output alive: {e}"),
+        }
+    }
 
     let again = farm.queue(&drvs, |_| Default::default()).await.unwrap();
     farm.wait_finished(again.values().copied(), LIMIT)

@@ -17,7 +17,7 @@ mod wire;
 
 pub use client::{ClientSettings, DaemonClient, PROTOCOL_VERSION};
 pub use error::DaemonError;
-pub use spares::Spares;
+pub use spares::{ROOTED_IDLE, Spares};
 pub use types::{
     BuildMode, BuildResult, BuildStatus, LogLine, PathInfo, Realisation, references_first,
 };

@@ -6,21 +6,29 @@
 //! succeeded, with no settings the next user would not set again; one
 //! that failed midway is dropped instead.
 //! A connection that holds temporary roots may be given back: they last
-//! until it closes, which is at most [`MAX_TEMP_ROOTS`] roots later, so
-//! what a job or an import rooted is collectable again soon after.
+//! until it closes, which is at most [`MAX_TEMP_ROOTS`] roots later on a
+//! busy machine, or [`ROOTED_IDLE`] after it was given back on a quiet
+//! one, so what a job or an import rooted is collectable again soon after.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::{DaemonClient, DaemonError};
 
 /// A connection given back holding more temporary roots is closed.
 pub const MAX_TEMP_ROOTS: u32 = 256;
 
+/// A connection given back holding temporary roots is closed once it has
+/// been unused this long: otherwise an idle runner or builder would keep
+/// what it last imported or built from a garbage collection for as long
+/// as it runs.
+pub const ROOTED_IDLE: Duration = Duration::from_secs(2);
+
 pub struct Spares {
     socket: PathBuf,
-    ready: Mutex<Vec<DaemonClient>>,
+    ready: Mutex<Ready>,
     filling: AtomicBool,
     keep: usize,
     /// Set once a connection completed its handshake. Until then
@@ -32,6 +40,40 @@ pub struct Spares {
     first: tokio::sync::Mutex<()>,
 }
 
+/// The connections at hand, the last given back on top.
+#[derive(Default)]
+struct Ready {
+    spares: Vec<Spare>,
+    /// A task closes the rooted ones that sat unused for [`ROOTED_IDLE`].
+    sweeping: bool,
+}
+
+struct Spare {
+    client: DaemonClient,
+    since: Instant,
+}
+
+impl Ready {
+    fn pop(&mut self) -> Option<DaemonClient> {
+        self.spares.pop().map(|s| s.client)
+    }
+
+    fn len(&self) -> usize {
+        self.spares.len()
+    }
+
+    fn push(&mut self, client: DaemonClient) {
+        self.spares.push(Spare {
+            client,
+            since: Instant::now(),
+        });
+    }
+
+    fn any_rooted(&self) -> bool {
+        self.spares.iter().any(|s| s.client.temp_roots() > 0)
+    }
+}
+
 impl Spares {
     /// Keeps up to `keep` connections to the daemon at `socket`, a
     /// quarter of them made ahead (once the first is taken), the rest
@@ -39,7 +81,7 @@ impl Spares {
     pub fn new(socket: &Path, keep: usize) -> Arc<Spares> {
         Arc::new(Spares {
             socket: socket.to_owned(),
-            ready: Mutex::new(Vec::new()),
+            ready: Mutex::new(Ready::default()),
             filling: AtomicBool::new(false),
             keep,
             warmed: AtomicBool::new(false),
@@ -76,13 +118,38 @@ impl Spares {
     /// caller that depends on settings sets again (a builder's jobs set all
     /// they build with). One holding more than [`MAX_TEMP_ROOTS`]
     /// temporary roots is closed instead.
-    pub fn release(&self, client: DaemonClient) {
+    pub fn release(self: &Arc<Self>, client: DaemonClient) {
         if client.temp_roots() > MAX_TEMP_ROOTS {
             return;
         }
+        let rooted = client.temp_roots() > 0;
         let mut ready = self.ready.lock().expect("spares lock");
-        if ready.len() < self.keep {
-            ready.push(client);
+        if ready.len() >= self.keep {
+            return;
+        }
+        ready.push(client);
+        if rooted && !ready.sweeping {
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return;
+            };
+            ready.sweeping = true;
+            runtime.spawn(self.clone().sweep());
+        }
+    }
+
+    /// Closes the connections holding temporary roots that were not taken
+    /// again within [`ROOTED_IDLE`]; ends when none is left.
+    async fn sweep(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(ROOTED_IDLE).await;
+            let mut ready = self.ready.lock().expect("spares lock");
+            ready
+                .spares
+                .retain(|s| s.client.temp_roots() == 0 || s.since.elapsed() < ROOTED_IDLE);
+            if !ready.any_rooted() {
+                ready.sweeping = false;
+                return;
+            }
         }
     }
 
