@@ -590,11 +590,10 @@ async fn a_soft_supersede_lets_running_steps_finish_and_drops_the_rest() {
     .await
     .unwrap();
     assert_eq!(done, 0, "the running step finished and was recorded");
-    assert_eq!(
-        step_status(&farm, old, "-old.drv").await,
-        None,
-        "what had not started never ran"
-    );
+    // What had not started never ran: it has no row, or (sent ahead to
+    // the machine building its input, to start after it) a cancelled one.
+    let never_ran = step_status(&farm, old, "-old.drv").await;
+    assert!(matches!(never_ran, None | Some(4)), "{never_ran:?}");
     assert_eq!(build(&mut api, old).await.build_status, Some(4));
 }
 

@@ -32,6 +32,12 @@ impl Liar {
 
     /// Joins as `name`, declaring `max_jobs` slots.
     async fn join_declaring(farm: &Farm, name: &str, max_jobs: u32) -> Liar {
+        Self::join_with(farm, name, max_jobs, false).await
+    }
+
+    /// Joins as `name` with `max_jobs` slots; `follows`: it says it starts a
+    /// job after the local jobs the job names (`follows_local_jobs`).
+    async fn join_with(farm: &Farm, name: &str, max_jobs: u32, follows: bool) -> Liar {
         let url = format!("http://{}", farm.runner().addr);
         let mut client = RunnerServiceClient::connect(url).await.unwrap();
         let (control, rx) = mpsc::channel(16);
@@ -44,6 +50,7 @@ impl Liar {
                     max_jobs,
                     speed_factor: 100.0,
                     store_dir: "/nix/store".into(),
+                    follows_local_jobs: follows,
                     ..Default::default()
                 })),
             })
@@ -1045,6 +1052,95 @@ async fn a_dependent_runs_ahead_of_its_input_but_succeeds_only_after_it() {
         let contents = farm.runner_store.read_store_file(&out).await.unwrap();
         assert_eq!(contents, b"base\n", "{out} is in the runner's store");
     }
+}
+
+/// To a builder that starts a job after the local jobs it names, the
+/// dependent is sent while its input still builds there, naming that
+/// input's job; its result is held until the input's outputs are in the
+/// runner's store and recorded, as for a dependent sent once its input
+/// built.
+#[tokio::test]
+async fn a_dependent_is_sent_ahead_of_an_input_still_building_to_a_builder_that_follows_it() {
+    let farm = Farm::start(|_| {}).await.unwrap();
+    let mut liar = Liar::join_with(&farm, "liar", 2, true).await;
+    let ids = farm.submit(CHAIN, &["base", "top"]).await.unwrap();
+    let base = liar.next_job().await;
+    assert!(base.drv_path.ends_with("-base.drv"), "{}", base.drv_path);
+    assert!(base.after_attempts.is_empty());
+    // No word that the base is built: the dependent comes anyway.
+    let top = liar.next_job().await;
+    assert!(top.drv_path.ends_with("-top.drv"), "{}", top.drv_path);
+    assert_eq!(
+        top.after_attempts,
+        std::slice::from_ref(&base.attempt_id),
+        "it starts after the base's job"
+    );
+    assert!(top.input_paths.contains(&out_of(&base)));
+
+    let mut top_delivery = liar.deliver(&top, "base\n");
+    assert!(
+        tokio::time::timeout(HELD, &mut top_delivery).await.is_err(),
+        "the dependent's delivery is held while its input is unverified"
+    );
+    liar.built(&base).await;
+    liar.deliver(&base, "base\n").await.unwrap().unwrap();
+    top_delivery
+        .await
+        .unwrap()
+        .expect("delivered once the input is verified");
+    farm.wait_finished(ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    let statuses = farm.statuses(&ids).await.unwrap();
+    assert_eq!((statuses["base"], statuses["top"]), ((0, 0), (0, 0)));
+}
+
+/// The input a dependent was sent ahead of fails to build: the dependent's
+/// job is stopped, its build fails as a dependency failure (Hydra's 2), and
+/// no step row of it claims success or counts as its own failure.
+#[tokio::test]
+async fn a_dependent_sent_ahead_of_an_input_that_fails_is_stopped_and_fails_as_a_dependent() {
+    let farm = Farm::start(|_| {}).await.unwrap();
+    let mut liar = Liar::join_with(&farm, "liar", 2, true).await;
+    let ids = farm.submit(CHAIN, &["base", "top"]).await.unwrap();
+    let base = liar.next_job().await;
+    let top = liar.next_job().await;
+    assert_eq!(top.after_attempts, std::slice::from_ref(&base.attempt_id));
+    let report = CompletionReport {
+        machine_id: liar.machine_id.clone(),
+        attempt_id: base.attempt_id.clone(),
+        outcome: Outcome::Failed as i32,
+        error_msg: "builder for base failed with exit code 1".into(),
+        ..Default::default()
+    };
+    liar.client.complete(report).await.unwrap();
+    let abort = liar.aborted(&top.attempt_id).await;
+    assert!(!abort.reason.is_empty());
+    farm.wait_finished(ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    let statuses = farm.statuses(&ids).await.unwrap();
+    assert_eq!(statuses["base"].0, 1, "the base failed: {statuses:?}");
+    assert_eq!(
+        statuses["top"].0, 2,
+        "the top failed as a dependent: {statuses:?}"
+    );
+    let top_rows: Vec<(Option<i32>,)> = sqlx::query_as(
+        "select status from BuildSteps where drvPath like '%-top.drv' order by build, stepnr",
+    )
+    .fetch_all(&farm.db.pool)
+    .await
+    .unwrap();
+    assert!(!top_rows.is_empty(), "the dependent's attempt was recorded");
+    assert!(
+        top_rows
+            .iter()
+            .all(|(s,)| !matches!(s, Some(0) | Some(1) | None)),
+        "the dependent's rows neither succeed, fail as its own, nor stay busy: {top_rows:?}"
+    );
+    // Its delivery, should it come now, changes nothing.
+    let late = liar.deliver(&top, "base\n").await.unwrap();
+    assert!(late.is_err(), "{late:?}");
 }
 
 /// The input's upload turns out corrupt after the dependent started ahead

@@ -547,6 +547,62 @@ async fn a_chain_that_runs_ahead_is_imported_references_first_and_built_once() {
     }
 }
 
+/// A real builder is sent the dependent while its input still builds
+/// there (it starts it once the input is built): the dependent's step row
+/// appears while the input's is still busy, and both build once, right.
+#[tokio::test]
+async fn a_dependent_is_sent_while_its_input_builds_and_starts_after_it() {
+    const SLOW_CHAIN: &str = r#"with prelude; rec {
+      base = mkDrv { name = "base"; script = "sleep 2; echo base > $out"; };
+      top = mkDrv { name = "top"; script = "cat ${base} > $out"; };
+    }"#;
+    let mut farm = Farm::start(|_| {}).await.expect("farm");
+    farm.add_builder(BuilderSpec::new("solo").max_jobs(2))
+        .await
+        .unwrap();
+    let ids = farm.submit(SLOW_CHAIN, &["top"]).await.unwrap();
+    let base_busy_when_top_sent = hydra_testkit::eventually(LIMIT, || async {
+        let rows: Vec<(String, i32)> = rows(
+            &farm,
+            "select substring(drvPath from '[^-]*$'), busy from BuildSteps where build = $1",
+            ids["top"],
+        )
+        .await;
+        let busy = |name: &str| rows.iter().find(|(n, _)| n == name).map(|(_, b)| *b != 0);
+        Ok(busy("top.drv").map(|_| busy("base.drv")))
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        base_busy_when_top_sent,
+        Some(true),
+        "the dependent was sent while its input was building"
+    );
+    farm.wait_finished(ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(farm.statuses(&ids).await.unwrap()["top"], (0, 0));
+    let steps: Vec<(String, Option<i32>)> = rows(
+        &farm,
+        "select substring(drvPath from '[^-]*$'), status from BuildSteps
+          where build = $1 order by stepnr",
+        ids["top"],
+    )
+    .await;
+    assert_eq!(
+        steps,
+        [("base.drv".into(), Some(0)), ("top.drv".into(), Some(0))],
+        "each built once"
+    );
+    let (out,): (String,) = sqlx::query_as("select path from BuildOutputs where build = $1")
+        .bind(ids["top"])
+        .fetch_one(&farm.db.pool)
+        .await
+        .unwrap();
+    let contents = farm.runner_store.read_store_file(&out).await.unwrap();
+    assert_eq!(contents, b"base\n", "built from its input's output");
+}
+
 /// Builders' progress goes to PostgreSQL in batches: within one, each
 /// step ends with its last code, in order; a code a step has already, a
 /// finished step and a step that is gone change nothing; and only what

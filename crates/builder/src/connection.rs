@@ -327,6 +327,7 @@ fn join_message(
             store_dir: config.store_dir.clone(),
             instance_id: instance_id.to_owned(),
             held,
+            follows_local_jobs: true,
         })),
     }
 }

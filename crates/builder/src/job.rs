@@ -171,6 +171,10 @@ async fn execute(
     let drv = Derivation::parse(&dir, &job.drv).map_err(|e| JobError::BadJob(e.to_string()))?;
     let limits = job.limits.unwrap_or_default();
     progress(tie, Phase::Preparing);
+    if !job.after_attempts.is_empty() {
+        tracing::debug!(attempt = %job.attempt_id, after = ?job.after_attempts, "waiting for the local jobs that build its inputs");
+        ctx.jobs.after(&job.after_attempts).await;
+    }
     // One connection for the whole job: it roots the inputs, builds, roots
     // the outputs and then holds them through the delivery. A connection
     // is a fork of the daemon and an opening of its store: three a job
@@ -220,6 +224,8 @@ async fn execute(
     let built = daemon
         .build_derivation(&job.drv_path, &drv, BuildMode::Normal, &mut on_log)
         .await;
+    // Jobs sent to start after this one may start now.
+    ctx.jobs.settled(&job.attempt_id);
     spool.close();
     if matches!(&built, Ok(r) if outcome_of(r.status) == Outcome::Succeeded) {
         // Said as soon as the build succeeded, before the log's rest is

@@ -56,6 +56,9 @@ struct Entry {
     drv_path: String,
     finished: bool,
     holder: watch::Sender<Holder>,
+    /// True once its build ended (built or not): jobs sent to start after
+    /// it wait for this ([`Jobs::after`]).
+    settled: watch::Sender<bool>,
     task: Option<tokio::task::AbortHandle>,
 }
 
@@ -151,6 +154,7 @@ impl Jobs {
                 drv_path: drv_path.to_owned(),
                 finished,
                 holder: tx,
+                settled: watch::channel(finished).0,
                 task: Some(handle.abort_handle()),
             },
         );
@@ -173,6 +177,33 @@ impl Jobs {
     pub fn finished(&self, id: &str) {
         if let Some(e) = self.entries.lock().get_mut(id) {
             e.finished = true;
+            e.settled.send_replace(true);
+        }
+    }
+
+    /// The job's build ended, built or not: its outputs, if any, are in
+    /// this machine's store, and jobs sent to start after it may start.
+    pub fn settled(&self, id: &str) {
+        if let Some(e) = self.entries.lock().get(id) {
+            e.settled.send_replace(true);
+        }
+    }
+
+    /// Waits until each of the jobs `ids` has settled (built or not), been
+    /// dropped, or was never held: a job the runner sent ahead of local
+    /// jobs that build its inputs starts then. Should one of them have
+    /// failed, the job finds the input missing and says so; the runner,
+    /// which holds its result until its inputs succeed, never records it.
+    pub async fn after(&self, ids: &[String]) {
+        let waits: Vec<watch::Receiver<bool>> = {
+            let entries = self.entries.lock();
+            ids.iter()
+                .filter_map(|id| entries.get(id).map(|e| e.settled.subscribe()))
+                .collect()
+        };
+        for mut settled in waits {
+            // An error: the job's entry is gone (dropped, or delivered).
+            let _ = settled.wait_for(|s| *s).await;
         }
     }
 

@@ -101,12 +101,13 @@ pub async fn explain(shared: &Shared, req: ExplainRequest) -> Result<ExplainResp
             .graph
             .steps_of_build(id)
             .into_iter()
-            .filter_map(|s| v.graph.step(s))
-            .filter(|s| {
+            .filter_map(|id| v.graph.step(id).map(|s| (id, s)))
+            .filter(|(_, s)| {
                 req.drv_path.is_empty() || shared.store.dir().display(&s.drv_path) == req.drv_path
             })
-            .map(|s| {
-                let mut e = explain_step(s, v.machines, config.min_free_disk, now);
+            .map(|(id, s)| {
+                let sent_ahead = v.graph.follows_unbuilt(id);
+                let mut e = explain_step(s, sent_ahead, v.machines, config.min_free_disk, now);
                 e.drv_path = shared.store.dir().display(&s.drv_path);
                 e
             })
@@ -151,8 +152,11 @@ async fn explain_absent(shared: &Shared, id: i32) -> Result<ExplainResponse, Api
     })
 }
 
+/// `sent_ahead`: the step goes (or went) to the machine building its
+/// inputs, ahead of them; it waits for them there, whatever its state.
 fn explain_step(
     step: &Step,
+    sent_ahead: bool,
     machines: &crate::state::machines::Machines,
     min_free_disk: u64,
     now: Instant,
@@ -162,6 +166,20 @@ fn explain_step(
         ..Default::default()
     };
     let (reason, detail): (&str, String) = match &step.state {
+        _ if sent_ahead => {
+            e.waiting_for = step.deps.len() as u32;
+            let on = step.only_on().unwrap_or_default();
+            let n = step.deps.len();
+            let detail = match &step.state {
+                StepState::Running { .. } => format!(
+                    "sent to {on}, which builds its {n} dependencies and starts it once they are built"
+                ),
+                _ => format!(
+                    "waiting for {n} dependencies building on {on}; it is sent there ahead of them when a slot is free"
+                ),
+            };
+            ("waiting-for-dependencies", detail)
+        }
         StepState::Running { machine, .. } => ("running", format!("running on {machine}")),
         StepState::Waiting => {
             e.waiting_for = step.deps.len() as u32;

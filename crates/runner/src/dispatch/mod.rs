@@ -29,6 +29,7 @@ pub async fn run(shared: Arc<Shared>) -> Result<(), Fatal> {
         expire_adoptions(&shared, began).await?;
         let round = shared.state.plan_round(&shared.config(), began);
         shared.metrics.round_seconds.lock().observe(began.elapsed());
+        crate::tunnel::send_adoptions(&round.adoptions);
         for step in round.unsupported {
             crate::outcome::fail_unsupported(&shared, step).await?;
         }

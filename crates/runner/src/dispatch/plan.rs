@@ -83,6 +83,9 @@ pub struct Assignment {
     /// It runs ahead of inputs the machine built and the runner's store
     /// does not hold yet: the job names them, and the builder has them.
     pub ahead: bool,
+    /// Attempts on the same machine building inputs that have not built
+    /// yet: the builder starts the job after them.
+    pub after: Vec<Uuid>,
 }
 
 /// What one round does.
@@ -93,6 +96,9 @@ pub struct Round {
     pub unsupported: Vec<StepId>,
     /// When the next round is due without a wake-up.
     pub next_deadline: Option<Instant>,
+    /// Inherited attempts taken up for steps that became runnable: their
+    /// builders are to be told.
+    pub adoptions: Vec<crate::state::Adoption>,
 }
 
 impl Round {
@@ -128,14 +134,23 @@ impl Decided {
     }
 }
 
-/// A runnable step in the round's queue: the greatest goes first (by
+/// A runnable step in the round's queue: the greatest goes first (steps
+/// that could build at once before those sent ahead of inputs that are
+/// still building, which would hold a slot while they wait; then by
 /// [`OrderKey::dispatch_order`], then the step id, so equal keys go in
 /// a fixed order).
-struct Queued(OrderKey, StepId);
+struct Queued {
+    can_build_now: bool,
+    key: OrderKey,
+    id: StepId,
+}
 
 impl Ord for Queued {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        other.0.dispatch_order(&self.0).then(other.1.cmp(&self.1))
+        self.can_build_now
+            .cmp(&other.can_build_now)
+            .then(other.key.dispatch_order(&self.key))
+            .then(other.id.cmp(&self.id))
     }
 }
 
@@ -225,9 +240,17 @@ pub fn plan(
                 StepState::Runnable { since, .. } => {
                     let waited = now.saturating_duration_since(since);
                     let bonus = aging_bonus(waited, policy.priority_aging_secs);
-                    queue.push(Queued(OrderKey::new(&step.sched, shares, bonus), id));
+                    queue.push(Queued {
+                        can_build_now: !graph.follows_unbuilt(id),
+                        key: OrderKey::new(&step.sched, shares, bonus),
+                        id,
+                    });
                 }
-                _ => queue.push(Queued(OrderKey::new(&step.sched, shares, 0), id)),
+                _ => queue.push(Queued {
+                    can_build_now: !graph.follows_unbuilt(id),
+                    key: OrderKey::new(&step.sched, shares, 0),
+                    id,
+                }),
             }
         }
         // An unsupported kind none of whose steps fails now can be passed
@@ -250,7 +273,7 @@ pub fn plan(
     let mut full: HashSet<Kind<'_>> = HashSet::new();
     let mut planned: HashMap<String, u32> = HashMap::new();
     while free > 0
-        && let Some(Queued(_, id)) = queue.pop()
+        && let Some(Queued { id, .. }) = queue.pop()
     {
         let step = graph.step(id).expect("runnable step");
         let kind = (step.system.as_str(), step.required_features.as_slice());
@@ -319,6 +342,7 @@ mod tests {
             free_disk: None,
             substituter_timeouts: 0,
             link: BuilderLink::detached(),
+            follows_local_jobs: true,
         }
     }
 
@@ -576,5 +600,64 @@ mod tests {
         let d = plan(&g, &ms, &Shares::default(), &policy(), t1);
         assert_eq!(d.supported_again.len(), 101);
         assert_eq!(d.assignments.len(), 1);
+    }
+
+    #[test]
+    fn a_step_sent_ahead_of_an_input_still_building_takes_only_a_slot_nothing_else_wants() {
+        let mut g = Graph::default();
+        g.machine_follows("m", true);
+        let build = Build {
+            id: 1,
+            drv_path: path("app"),
+            jobset_id: 1,
+            project: "p".into(),
+            jobset: "j".into(),
+            job: "app".into(),
+            timestamp: 0,
+            local_priority: 0,
+            global_priority: 100,
+            max_silent_secs: 60,
+            timeout_secs: 60,
+        };
+        let step = |name: &str, inputs: Vec<StorePath>| NewStep {
+            drv_path: path(name),
+            system: "x86_64-linux".into(),
+            required_features: vec![],
+            inputs,
+            needs_resolution: false,
+        };
+        let plan_of_app = LoadPlan {
+            new_steps: vec![step("app", vec![path("lib")]), step("lib", vec![])],
+            ..LoadPlan::default()
+        };
+        g.insert_build(build, plan_of_app, Instant::now()).unwrap();
+        add(&mut g, 2, "other", "x86_64-linux", 0, 0);
+        let lib = g.step_id(&path("lib")).unwrap();
+        let a = Uuid::new_v4();
+        g.mark_dispatched(lib, a, "m").unwrap();
+        assert!(
+            g.send_dependents_ahead(lib, Instant::now()),
+            "app may follow lib on m"
+        );
+        let mut ms = Machines::default();
+        let mut m = machine("m", &["x86_64-linux"], &[], 1.0, 2);
+        m.running.insert(a);
+        ms.register(m).unwrap();
+        let d = plan(&g, &ms, &Shares::default(), &policy(), Instant::now());
+        assert_eq!(
+            names(&g, &d),
+            [("other.drv".into(), "m".into())],
+            "a step that can build now goes first, whatever the priorities"
+        );
+        ms.get_mut("m").unwrap().max_jobs = 3;
+        let d = plan(&g, &ms, &Shares::default(), &policy(), Instant::now());
+        assert_eq!(
+            names(&g, &d),
+            [
+                ("other.drv".into(), "m".into()),
+                ("app.drv".into(), "m".into())
+            ]
+        );
+        assert_eq!(g.unbuilt_inputs(g.step_id(&path("app")).unwrap()), [a]);
     }
 }

@@ -1,6 +1,7 @@
 //! Starting an attempt: persist it, then send the job.
 
 use hydra_nix::daemon::DaemonClient;
+use uuid::Uuid;
 
 use super::Assignment;
 use crate::attempts::{self, Attempt};
@@ -114,6 +115,7 @@ async fn prepare_job(
             timeout_secs: a.facts.timeout_secs as u64,
             max_log_bytes: config.max_log_size,
             max_output_bytes: config.max_output_size,
+            after_attempts: a.after.iter().map(Uuid::to_string).collect(),
         },
         outputs,
         closure: inputs.closure.into_iter().collect(),

@@ -138,6 +138,10 @@ pub struct Graph {
     /// Steps in `Resolving` that the resolver has not taken yet.
     to_resolve: HashSet<StepId>,
     next_id: StepId,
+    /// Machines whose builders start a job after the local jobs it names
+    /// (Join.follows_local_jobs): a dependent may be sent there while its
+    /// inputs still build there.
+    follow_on: HashSet<String>,
 }
 
 impl Graph {
@@ -433,9 +437,14 @@ impl Graph {
                             s.drv_path
                         ));
                     }
-                    if let Some(d) = s.deps.iter().find(|d| self.steps[d].built_on() != Some(m)) {
+                    let runs_there = |d: &StepId| {
+                        let dep = &self.steps[d];
+                        dep.ahead != Ahead::Broken
+                            && dep.running_attempt().is_some_and(|(_, on)| on == m)
+                    };
+                    if let Some(d) = s.deps.iter().find(|d| !runs_there(d)) {
                         return Err(format!(
-                            "{} runs ahead on {m} of {}, which is not built there",
+                            "{} runs ahead on {m} of {}, which does not run there",
                             s.drv_path, self.steps[d].drv_path
                         ));
                     }
@@ -546,6 +555,84 @@ impl Graph {
         step.dispatched(attempt, machine)?;
         self.dequeue(id);
         Ok(())
+    }
+
+    /// The running step `id`'s dependents whose every other input is built
+    /// or runs on the same machine become runnable there, ahead of it, if
+    /// that machine starts a job after the local jobs it names. Returns
+    /// whether any did.
+    pub fn send_dependents_ahead(&mut self, id: StepId, now: Instant) -> bool {
+        let Some(step) = self.steps.get(&id) else {
+            return false;
+        };
+        if self.ahead_source(step).is_none() {
+            return false;
+        }
+        let rdeps: Vec<StepId> = step.rdeps.iter().copied().collect();
+        rdeps
+            .into_iter()
+            .fold(false, |any, r| self.try_ahead(r, now) | any)
+    }
+
+    /// Whether the builder of `machine` starts jobs after the local jobs
+    /// they name (it said so when it joined).
+    pub fn machine_follows(&mut self, machine: &str, follows: bool) {
+        if follows {
+            self.follow_on.insert(machine.to_owned());
+        } else {
+            self.follow_on.remove(machine);
+        }
+    }
+
+    /// The attempts building inputs of `id` that have not built yet: a job
+    /// sent ahead of them starts after them on its machine.
+    pub fn unbuilt_inputs(&self, id: StepId) -> Vec<Uuid> {
+        let Some(step) = self.steps.get(&id) else {
+            return Vec::new();
+        };
+        let mut attempts: Vec<Uuid> = step
+            .deps
+            .iter()
+            .filter_map(|d| {
+                let dep = &self.steps[d];
+                match &dep.state {
+                    StepState::Running {
+                        attempt,
+                        built: false,
+                        ..
+                    } => Some(*attempt),
+                    _ => None,
+                }
+            })
+            .collect();
+        attempts.sort();
+        attempts
+    }
+
+    /// Whether `id` runs ahead of an input that has not even built yet.
+    pub fn follows_unbuilt(&self, id: StepId) -> bool {
+        self.steps[&id].only_on().is_some()
+            && self.steps[&id]
+                .deps
+                .iter()
+                .any(|d| self.steps[d].built_on().is_none())
+    }
+
+    /// Where dependents of `s` may run ahead of it: where it was built
+    /// (its outputs on their way), or where it runs on a machine that
+    /// starts a dependent's job once it has built.
+    fn ahead_source<'a>(&self, s: &'a Step) -> Option<&'a str> {
+        if let Some(m) = s.built_on() {
+            return Some(m);
+        }
+        match &s.state {
+            StepState::Running { machine, .. }
+                if s.ahead != Ahead::Broken && self.follow_on.contains(machine) =>
+            {
+                Some(machine)
+            }
+            _ => None,
+        }
     }
 
     /// An attempt was aborted: the step goes back to its queue. Returns the
@@ -668,7 +755,9 @@ impl Graph {
     }
 
     /// Makes the waiting step `id` runnable ahead of its inputs, when every
-    /// one it waits for is built on one machine; true if it did.
+    /// one it waits for is built on one machine, or runs there and the
+    /// machine starts dependents after it ([`Graph::machine_follows`]);
+    /// true if it did.
     fn try_ahead(&mut self, id: StepId, now: Instant) -> bool {
         let step = &self.steps[&id];
         if step.state != StepState::Waiting || step.needs_resolution || step.deps.is_empty() {
@@ -676,7 +765,7 @@ impl Graph {
         }
         let mut on: Option<&str> = None;
         for d in &step.deps {
-            match self.steps.get(d).and_then(|s| s.built_on()) {
+            match self.steps.get(d).and_then(|s| self.ahead_source(s)) {
                 Some(m) if on.is_none_or(|o| o == m) => on = Some(m),
                 _ => return false,
             }
@@ -855,7 +944,9 @@ impl Graph {
             if live_top || !step.rdeps.is_empty() {
                 continue;
             }
-            if keep_running && step.running_attempt().is_some() {
+            // A step sent ahead of inputs that have not built is not
+            // building yet: it goes, like the steps that never started.
+            if keep_running && step.running_attempt().is_some() && !self.follows_unbuilt(id) {
                 continue;
             }
             let step = self.remove_step(id);

@@ -17,10 +17,12 @@
 //!
 //! A dependent may run *ahead* of its inputs' verification: once every
 //! input it waits for is built on one machine (`built`: the builder said
-//! so, its outputs are on their way to the runner), it becomes runnable
-//! there and only there (`inputs_built_ahead`, [`Ahead::On`]), and its
-//! result is held until those inputs succeed (`inputs_verified`; until
-//! then `attempt_finished` refuses). Should one of them be requeued
+//! so, its outputs are on their way to the runner), or runs there and the
+//! machine's builder starts a job after the local jobs it names (the job
+//! then names them), it becomes runnable there and only there
+//! (`inputs_built_ahead`, [`Ahead::On`]), and its result is held until
+//! those inputs succeed (`inputs_verified`; until then `attempt_finished`
+//! refuses). Should one of them be requeued
 //! instead, a runnable dependent waits again, and a running one is marked
 //! [`Ahead::Broken`] (`input_withdrawn`) and then withdrawn (`withdrawn`),
 //! with nothing counted against it, since nothing of its own failed.
@@ -76,8 +78,9 @@ pub enum Ahead {
     #[default]
     No,
     /// Every input it still waits for is built on this machine, not yet
-    /// verified: only that machine may run it (it holds them), and its
-    /// result waits for them.
+    /// verified, or builds there (the machine starts the job after them):
+    /// only that machine may run it (it holds them), and its result waits
+    /// for them.
     On(String),
     /// An input it ran ahead of was requeued: its attempt is withdrawn,
     /// and its result never counts.
@@ -278,8 +281,9 @@ impl Step {
     }
 
     /// Waiting -> Runnable on `machine` only: every input it waits for is
-    /// built there, not yet verified. Never for a step to resolve (that
-    /// needs its inputs' recorded outputs).
+    /// built there, not yet verified, or builds there on a machine that
+    /// starts the job after it. Never for a step to resolve (that needs its
+    /// inputs' recorded outputs).
     pub fn inputs_built_ahead(
         &mut self,
         machine: &str,

@@ -69,6 +69,13 @@ impl Inner {
         let step = self.graph.step(id)?;
         let drv = step.drv_path.clone();
         let timeout = Duration::from_secs(step.sched.timeout_secs.into());
+        // Runnable only ahead of its inputs on another machine: the
+        // inherited attempt cannot be this step's (it expires).
+        if let Some(on) = step.only_on()
+            && self.inherited.get(&drv).is_some_and(|o| o.machine != on)
+        {
+            return None;
+        }
         let o = self.inherited.remove(&drv)?;
         let (owner, builds) = self.graph.owner_and_dependents(id)?;
         let _ = owner;
@@ -118,6 +125,27 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Takes up the inherited attempts of steps that became runnable since
+    /// they loaded (a dependent the runner before sent ahead of an input,
+    /// runnable again once that input built or runs here again).
+    pub(super) fn adopt_inherited_runnable(&mut self) -> Vec<Adoption> {
+        if self.inherited.is_empty() {
+            return Vec::new();
+        }
+        let runnable: Vec<StepId> = self
+            .inherited
+            .keys()
+            .filter_map(|drv| self.graph.step_id(drv))
+            .filter(|id| self.graph.step(*id).is_some_and(|s| s.is_runnable()))
+            .collect();
+        runnable
+            .into_iter()
+            .filter_map(|id| self.adopt_inherited(id))
+            .collect()
+    }
+}
+
 impl State {
     /// The attempts a runner before this one left open: each waits for its
     /// builder (until its deadline) and is taken up when its step loads.
@@ -161,7 +189,9 @@ impl State {
                 machine.connection.clone(),
                 machine.link.clone(),
             );
+            let follows = machine.follows_local_jobs;
             inner.machines.register(machine)?;
+            inner.graph.machine_follows(&name, follows);
             on_joined();
             let declared: HashSet<&str> = held.iter().map(String::as_str).collect();
             let mut matched: HashSet<String> = HashSet::new();

@@ -29,6 +29,10 @@ pub struct Machine {
     pub substituter_timeouts: u64,
     /// Where jobs, aborts and settings go.
     pub link: BuilderLink,
+    /// The builder starts a job after local jobs it names
+    /// (Join.follows_local_jobs): dependents may be sent to it while their
+    /// inputs still build there.
+    pub follows_local_jobs: bool,
 }
 
 /// System and features, as Hydra matches them: the system is one of the

@@ -25,6 +25,7 @@ fn machine(
         free_disk: None,
         substituter_timeouts: 0,
         link: BuilderLink::detached(),
+        follows_local_jobs: true,
     }
 }
 

@@ -326,6 +326,9 @@ impl State {
     /// taken), and what no machine supports is marked so.
     pub fn plan_round(&self, config: &RunnerConfig, now: Instant) -> Round {
         let mut inner = self.lock();
+        let memory = Duration::from_secs(config.machine_memory_secs);
+        inner.machines.forget_departed(now, memory);
+        let adoptions = inner.adopt_inherited_runnable();
         let Inner {
             graph,
             machines,
@@ -334,14 +337,13 @@ impl State {
             inherited,
             ..
         } = &mut *inner;
-        let memory = Duration::from_secs(config.machine_memory_secs);
-        machines.forget_departed(now, memory);
         let policy = plan::Policy::of(config);
         let decided = plan::plan(graph, machines, shares, &policy, now);
         decided.note_on(graph, now);
         let mut round = Round {
             unsupported: decided.unsupported,
             next_deadline: decided.next_deadline,
+            adoptions,
             ..Round::default()
         };
         if let Some(t) = machines.next_forgotten(memory) {
@@ -353,6 +355,7 @@ impl State {
         if let Some(t) = inherited.values().map(|o| o.deadline).min() {
             round.due(t);
         }
+        let mut ahead_of_dispatched = false;
         for (id, machine) in decided.assignments {
             let step = graph.step(id).expect("a planned step is in the graph");
             let (owner, builds) = graph
@@ -372,16 +375,25 @@ impl State {
                 runnable_since: step.runnable_since(now),
                 facts: step.sched.clone(),
                 ahead: step.only_on().is_some(),
+                after: graph.unbuilt_inputs(id),
             };
             graph
                 .mark_dispatched(id, assignment.attempt, &machine)
                 .expect("a planned step is runnable");
+            if config.run_ahead {
+                ahead_of_dispatched |= graph.send_dependents_ahead(id, now);
+            }
             machines
                 .get_mut(&machine)
                 .expect("a planned machine")
                 .running
                 .insert(assignment.attempt);
             round.assignments.push(assignment);
+        }
+        // Dependents that may now be sent ahead of what was just planned
+        // are planned in the next round, once these jobs are sent.
+        if ahead_of_dispatched {
+            self.wake();
         }
         round
     }

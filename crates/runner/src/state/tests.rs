@@ -36,6 +36,16 @@ fn machine(name: &str, instance: &str) -> Machine {
         free_disk: None,
         substituter_timeouts: 0,
         link: BuilderLink::detached(),
+        follows_local_jobs: false,
+    }
+}
+
+/// The property test's machines: `m2` starts jobs after the local jobs
+/// they name, so dependents are sent there ahead of inputs still building.
+fn farm_machine(name: &str) -> Machine {
+    Machine {
+        follows_local_jobs: name == "m2",
+        ..machine(name, name)
     }
 }
 
@@ -295,7 +305,7 @@ impl Runner {
                 held.push(Uuid::new_v4().to_string()); // one the runner never had
                 let joined = self
                     .state
-                    .machine_joined(machine(name, name), &held, || {})
+                    .machine_joined(farm_machine(name), &held, || {})
                     .unwrap();
                 assert_eq!(joined.unknown.len(), 1, "only the made-up one is unknown");
                 for a in joined.lost {
@@ -327,7 +337,7 @@ proptest! {
             names: ["m1", "m2"],
         };
         for name in runner.names {
-            runner.state.machine_joined(machine(name, name), &[], || {}).unwrap();
+            runner.state.machine_joined(farm_machine(name), &[], || {}).unwrap();
         }
         for (n, e) in events.iter().enumerate() {
             runner.apply(e);
@@ -634,4 +644,50 @@ fn only_the_connection_that_owns_an_attempt_can_say_it_is_built() {
     let round = state.plan_round(&RunnerConfig::default(), Instant::now());
     assert_eq!(round.assignments.len(), 1, "the owner's word counts");
     state.check().unwrap();
+}
+
+#[test]
+fn a_dependent_is_sent_ahead_of_inputs_still_building_only_to_a_machine_that_follows_them() {
+    let runner = Runner {
+        state: loaded(1),
+        config: RunnerConfig::default(),
+        names: ["m", "m"],
+    };
+    let mut m = machine("m", "m");
+    m.max_jobs = 3;
+    m.follows_local_jobs = true;
+    runner.state.machine_joined(m, &[], || {}).unwrap();
+    let inputs = started_on_m(&runner.state);
+    assert_eq!(inputs.len(), 2, "b1-dep and shared");
+    // Neither input has built: the top goes to the same machine, to start
+    // after both.
+    let round = runner.state.plan_round(&runner.config, Instant::now());
+    let [top] = &round.assignments[..] else {
+        panic!("b1-top is sent ahead: {:?}", round.assignments);
+    };
+    assert!(top.ahead && top.drv_path == path("b1-top"));
+    let mut after = inputs.clone();
+    after.sort();
+    assert_eq!(top.after, after, "the job names the local jobs it follows");
+    runner.state.attempt_started(attempt_of(top)).unwrap();
+    runner.state.check().unwrap();
+    let conn = top.connection.clone();
+    let id = top.attempt.to_string();
+    assert_eq!(
+        runner.state.verification(&id, &conn),
+        Err(()),
+        "its result waits for its inputs"
+    );
+    // One input is aborted: the top is withdrawn, nothing counted.
+    let aborted = runner.state.take_attempt_by_id(&inputs[0]).unwrap();
+    runner.abort(aborted);
+    runner.state.check().unwrap();
+    let (state, tries) = runner.state.read(|v| {
+        let s = v
+            .graph
+            .step(v.graph.step_id(&path("b1-top")).unwrap())
+            .unwrap();
+        (s.state.clone(), s.aborted_attempts)
+    });
+    assert_eq!((state, tries), (crate::graph::StepState::Waiting, 0));
 }

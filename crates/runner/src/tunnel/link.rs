@@ -43,6 +43,9 @@ pub struct Job {
     pub timeout_secs: u64,
     pub max_log_bytes: u64,
     pub max_output_bytes: u64,
+    /// Jobs of the same builder that build inputs of this one: it starts
+    /// once they have built.
+    pub after_attempts: Vec<String>,
 }
 
 /// The runner's end of one builder's control stream.
@@ -95,6 +98,7 @@ impl BuilderLink {
                 max_log_bytes: job.max_log_bytes,
                 max_output_bytes: job.max_output_bytes,
             }),
+            after_attempts: job.after_attempts,
         }))
     }
 

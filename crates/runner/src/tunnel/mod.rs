@@ -132,6 +132,7 @@ impl RunnerService for BuilderTunnel {
             free_disk: None,
             substituter_timeouts: 0,
             link,
+            follows_local_jobs: join.follows_local_jobs,
         };
         // The welcome is queued before any job can be (the channel is
         // fresh, so this cannot fail).
