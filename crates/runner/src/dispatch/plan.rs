@@ -338,6 +338,7 @@ mod tests {
             max_jobs: jobs,
             speed_factor: speed,
             running: Default::default(),
+            uploading: Default::default(),
             load1: 0.0,
             free_disk: None,
             substituter_timeouts: 0,

@@ -14,7 +14,9 @@ impl State {
     /// 3. a step that runs on a connected machine holds one of its slots;
     /// 4. an attempt that is not away is owned by its machine's current
     ///    connection; an away one's machine is not connected;
-    /// 5. the graph's links are whole (`Graph::check_links`).
+    /// 5. the graph's links are whole (`Graph::check_links`);
+    /// 6. a slot freed for building by a built attempt is one of the
+    ///    machine's running attempts, whose step was built there.
     pub fn check(&self) -> Result<(), String> {
         let inner = self.lock();
         inner.graph.check_links()?;
@@ -56,6 +58,19 @@ impl State {
                 if !runs_here {
                     return Err(format!(
                         "machine {} holds a slot for {slot}, which no step runs",
+                        m.name
+                    ));
+                }
+            }
+            for up in &m.uploading {
+                let built_here = inner.graph.steps().any(|(_, s)| {
+                    matches!(&s.state, crate::graph::StepState::Running {
+                        attempt, machine, built: true,
+                    } if attempt == up && *machine == m.name)
+                });
+                if !m.running.contains(up) || !built_here {
+                    return Err(format!(
+                        "machine {} frees the build slot of {up}, which is not built there",
                         m.name
                     ));
                 }

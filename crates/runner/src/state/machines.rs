@@ -22,6 +22,11 @@ pub struct Machine {
     pub max_jobs: u32,
     pub speed_factor: f32,
     pub running: HashSet<Uuid>,
+    /// Those of `running` whose builder said they are built: they send
+    /// their outputs and no longer take a build slot (a dependent may be
+    /// sent into it, to start as soon as its input, building next to it,
+    /// is built).
+    pub uploading: HashSet<Uuid>,
     pub load1: f32,
     /// Unknown until the first ping.
     pub free_disk: Option<u64>,
@@ -63,8 +68,14 @@ impl Machine {
         )
     }
 
+    /// Slots not taken by an attempt that is building (or about to).
     pub fn free_slots(&self) -> u32 {
-        self.max_jobs.saturating_sub(self.running.len() as u32)
+        self.max_jobs.saturating_sub(self.building())
+    }
+
+    /// Attempts that hold a build slot: running, not yet built.
+    pub fn building(&self) -> u32 {
+        (self.running.len() - self.running.intersection(&self.uploading).count()) as u32
     }
 
     pub fn has_disk(&self, min_free: u64) -> bool {
@@ -243,6 +254,17 @@ impl Machines {
     pub fn release(&mut self, name: &str, attempt: &Uuid) {
         if let Some(m) = self.by_name.get_mut(name) {
             m.running.remove(attempt);
+            m.uploading.remove(attempt);
+        }
+    }
+
+    /// `attempt` on `name` is built and sends its outputs: its build slot
+    /// is free (the attempt still runs until it ends).
+    pub fn built(&mut self, name: &str, attempt: &Uuid) {
+        if let Some(m) = self.by_name.get_mut(name)
+            && m.running.contains(attempt)
+        {
+            m.uploading.insert(*attempt);
         }
     }
 
@@ -437,8 +459,7 @@ impl Machines {
             return Err(NoMachine::Unsupported);
         }
         let taken = |m: &Machine| planned.get(&m.name).copied().unwrap_or(0);
-        let load =
-            |m: &Machine| (m.running.len() as u32 + taken(m)) as f32 / m.max_jobs.max(1) as f32;
+        let load = |m: &Machine| (m.building() + taken(m)) as f32 / m.max_jobs.max(1) as f32;
         supporting
             .filter(|m| {
                 only.is_none_or(|o| o == m.name)

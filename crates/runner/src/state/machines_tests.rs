@@ -21,6 +21,7 @@ fn machine(
         max_jobs: jobs,
         speed_factor: speed,
         running: HashSet::new(),
+        uploading: HashSet::new(),
         load1: 0.0,
         free_disk: None,
         substituter_timeouts: 0,

@@ -449,22 +449,19 @@ impl State {
 
     /// The builder that runs attempt `id` (owned by `connection`) built its
     /// step and sends the outputs: dependents whose inputs are all built
-    /// there may start there now.
+    /// there may start there now, and its build slot is free (the attempt
+    /// runs on until its outputs are in).
     pub fn attempt_built(&self, id: &str, connection: &str) {
-        let ahead = {
+        {
             let mut inner = self.lock();
             let Ok(a) = inner.attempts.owned(id, connection) else {
                 return;
             };
-            let (drv, attempt) = (a.drv_path.clone(), a.id);
-            inner
-                .graph
-                .step_built(&drv, &attempt, Instant::now())
-                .unwrap_or_default()
-        };
-        if !ahead.is_empty() {
-            self.wake();
+            let (drv, attempt, machine) = (a.drv_path.clone(), a.id, a.machine.clone());
+            inner.machines.built(&machine, &attempt);
+            let _ = inner.graph.step_built(&drv, &attempt, Instant::now());
         }
+        self.wake();
     }
 
     /// Whether the result of attempt `id` (owned by `connection`) may be

@@ -32,6 +32,7 @@ fn machine(name: &str, instance: &str) -> Machine {
         max_jobs: 2,
         speed_factor: 1.0,
         running: Default::default(),
+        uploading: Default::default(),
         load1: 0.0,
         free_disk: None,
         substituter_timeouts: 0,
@@ -690,4 +691,29 @@ fn a_dependent_is_sent_ahead_of_inputs_still_building_only_to_a_machine_that_fol
         (s.state.clone(), s.aborted_attempts)
     });
     assert_eq!((state, tries), (crate::graph::StepState::Waiting, 0));
+}
+
+#[test]
+fn a_built_attempt_sending_its_outputs_frees_its_build_slot_but_still_runs() {
+    let state = loaded(2);
+    let mut m = machine("m", "m");
+    m.max_jobs = 1;
+    let conn = m.connection.clone();
+    state.machine_joined(m, &[], || {}).unwrap();
+    let first = started_on_m(&state);
+    assert_eq!(first.len(), 1);
+    let round = state.plan_round(&RunnerConfig::default(), Instant::now());
+    assert!(round.assignments.is_empty(), "the one slot builds");
+    state.attempt_built(&first[0].to_string(), &conn);
+    let round = state.plan_round(&RunnerConfig::default(), Instant::now());
+    assert_eq!(round.assignments.len(), 1, "the slot builds the next step");
+    state.attempt_started(attempt_of(&round.assignments[0])).unwrap();
+    state.check().unwrap();
+    let (running, building) = state.read(|v| {
+        let m = v.machines.get("m").unwrap();
+        (m.running.len(), m.building())
+    });
+    assert_eq!((running, building), (2, 1), "one uploads, one builds");
+    let round = state.plan_round(&RunnerConfig::default(), Instant::now());
+    assert!(round.assignments.is_empty(), "no more than max_jobs build");
 }

@@ -128,6 +128,7 @@ impl RunnerService for BuilderTunnel {
                 1.0
             },
             running: Default::default(),
+            uploading: Default::default(),
             load1: 0.0,
             free_disk: None,
             substituter_timeouts: 0,
