@@ -174,6 +174,7 @@ async fn execute(
     if !job.after_attempts.is_empty() {
         tracing::debug!(attempt = %job.attempt_id, after = ?job.after_attempts, "waiting for the local jobs that build its inputs");
         ctx.jobs.after(&job.after_attempts).await;
+        tracing::debug!(attempt = %job.attempt_id, "the local jobs it follows have built");
     }
     // One connection for the whole job: it roots the inputs, builds, roots
     // the outputs and then holds them through the delivery. A connection
@@ -213,6 +214,7 @@ async fn execute(
         limits.max_log_bytes.to_string(),
     );
     daemon.set_options(&settings).await?;
+    tracing::debug!(attempt = %job.attempt_id, "building");
     let shipper = tokio::spawn(ship_live(tie.clone(), spool.clone()));
     let log_to = spool.clone();
     let mut on_log = move |line: LogLine| {
@@ -226,6 +228,7 @@ async fn execute(
         .await;
     // Jobs sent to start after this one may start now.
     ctx.jobs.settled(&job.attempt_id);
+    tracing::debug!(attempt = %job.attempt_id, "build ended");
     spool.close();
     if matches!(&built, Ok(r) if outcome_of(r.status) == Outcome::Succeeded) {
         // Said as soon as the build succeeded, before the log's rest is

@@ -707,7 +707,9 @@ fn a_built_attempt_sending_its_outputs_frees_its_build_slot_but_still_runs() {
     state.attempt_built(&first[0].to_string(), &conn);
     let round = state.plan_round(&RunnerConfig::default(), Instant::now());
     assert_eq!(round.assignments.len(), 1, "the slot builds the next step");
-    state.attempt_started(attempt_of(&round.assignments[0])).unwrap();
+    state
+        .attempt_started(attempt_of(&round.assignments[0]))
+        .unwrap();
     state.check().unwrap();
     let (running, building) = state.read(|v| {
         let m = v.machines.get("m").unwrap();
