@@ -276,13 +276,18 @@ pub async fn emit_queued_once(pool: &PgPool, ids: &[BuildId]) -> Result<(), sqlx
     if ids.is_empty() {
         return Ok(());
     }
-    let fresh: Vec<i32> = sqlx::query_scalar(
+    // Written so that the second half is an index scan of
+    // `hqr_events_queued` for these ids: as `not exists` per id, the
+    // planner read every `queued` event, a cost that grew with the queue.
+    let mut fresh: Vec<i32> = sqlx::query_scalar(
         "select b from unnest($1::integer[]) b
-          where not exists (select 1 from hqr_events e where e.kind = 'queued' and e.builds[1] = b)",
+         except
+         select e.builds[1] from hqr_events e where e.kind = 'queued' and e.builds[1] = any($1)",
     )
     .bind(ids)
     .fetch_all(pool)
     .await?;
+    fresh.sort_unstable();
     let events: Vec<NewEvent> = fresh
         .into_iter()
         .map(|b| NewEvent::new(Kind::Queued, vec![b]))

@@ -44,6 +44,8 @@ pub async fn submit(shared: &Shared, req: SubmitRequest) -> Result<SubmitRespons
     for path in &paths {
         queued.push(read_queued(shared, &mut client, path, &req.job).await?);
     }
+    // Every read succeeded (a refused request drops its connection).
+    shared.store.release(client);
     let class = PriorityClass::from_wire(req.priority());
     let nonzero = |v: u32| (v > 0).then_some(v as i32);
 

@@ -225,6 +225,9 @@ async fn load_builds(shared: &Shared, rows: Vec<QueuedBuild>) -> Result<(), Fata
         loop {
             let chunk: Vec<QueuedBuild> = queue.lock().by_ref().take(CHUNK).collect();
             if chunk.is_empty() {
+                // Its reads all succeeded: the next pass need not fork a
+                // daemon process for its own.
+                shared.store.release(client);
                 return Ok::<_, Fatal>(plans);
             }
             let n = chunk.len();
@@ -666,6 +669,7 @@ async fn apply_changes(shared: &Shared, cursor: &mut SeqCursor) -> Result<(), Fa
                     let mut client = shared.store.client().await?;
                     let mut plans = Vec::new();
                     load_chunk(shared, &mut client, vec![row], &mut plans).await?;
+                    shared.store.release(client);
                     record_plans(shared, &plans).await?;
                     shared.state.batch_loaded();
                 }
