@@ -983,6 +983,27 @@ impl Liar {
     }
 }
 
+/// The input is delivered: the dependent's held delivery then goes
+/// through, and both builds succeed.
+async fn both_succeed_once_the_input_is_delivered(
+    farm: &Farm,
+    liar: &Liar,
+    base: &BuildJob,
+    top_delivery: tokio::task::JoinHandle<Result<(), tonic::Status>>,
+    ids: &std::collections::BTreeMap<String, i32>,
+) {
+    liar.deliver(base, "base\n").await.unwrap().unwrap();
+    top_delivery
+        .await
+        .unwrap()
+        .expect("delivered once the input is verified");
+    farm.wait_finished(ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    let statuses = farm.statuses(ids).await.unwrap();
+    assert_eq!((statuses["base"], statuses["top"]), ((0, 0), (0, 0)));
+}
+
 /// The path of a job's `out`.
 fn out_of(job: &BuildJob) -> String {
     let drv = Derivation::parse(&StoreDir::default(), &job.drv).unwrap();
@@ -1029,16 +1050,7 @@ async fn a_dependent_runs_ahead_of_its_input_but_succeeds_only_after_it() {
         .unwrap();
     assert_eq!(finished, 0, "no build has succeeded");
 
-    liar.deliver(&base, "base\n").await.unwrap().unwrap();
-    top_delivery
-        .await
-        .unwrap()
-        .expect("delivered once the input is verified");
-    farm.wait_finished(ids.values().copied(), LIMIT)
-        .await
-        .unwrap();
-    let statuses = farm.statuses(&ids).await.unwrap();
-    assert_eq!((statuses["base"], statuses["top"]), ((0, 0), (0, 0)));
+    both_succeed_once_the_input_is_delivered(&farm, &liar, &base, top_delivery, &ids).await;
     let (base_stop, top_stop): (i32, i32) = sqlx::query_as(
         "select (select stopTime from Builds where id = $1), (select stopTime from Builds where id = $2)",
     )
@@ -1083,16 +1095,7 @@ async fn a_dependent_is_sent_ahead_of_an_input_still_building_to_a_builder_that_
         "the dependent's delivery is held while its input is unverified"
     );
     liar.built(&base).await;
-    liar.deliver(&base, "base\n").await.unwrap().unwrap();
-    top_delivery
-        .await
-        .unwrap()
-        .expect("delivered once the input is verified");
-    farm.wait_finished(ids.values().copied(), LIMIT)
-        .await
-        .unwrap();
-    let statuses = farm.statuses(&ids).await.unwrap();
-    assert_eq!((statuses["base"], statuses["top"]), ((0, 0), (0, 0)));
+    both_succeed_once_the_input_is_delivered(&farm, &liar, &base, top_delivery, &ids).await;
 }
 
 /// The input a dependent was sent ahead of fails to build: the dependent's

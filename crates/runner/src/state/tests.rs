@@ -349,6 +349,25 @@ proptest! {
     }
 }
 
+/// One build (`loaded(1)`) and machine `m` with three slots, joined
+/// (`follows`: it starts jobs after the local jobs they name); returns the
+/// runner and the machine's connection.
+fn one_build_on_m(follows: bool) -> (Runner, String) {
+    let runner = Runner {
+        state: loaded(1),
+        config: RunnerConfig::default(),
+        names: ["m", "m"],
+    };
+    let m = Machine {
+        max_jobs: 3,
+        follows_local_jobs: follows,
+        ..machine("m", "m")
+    };
+    let conn = m.connection.clone();
+    runner.state.machine_joined(m, &[], || {}).unwrap();
+    (runner, conn)
+}
+
 /// Starts every attempt a round plans on one machine `m`; returns them.
 fn started_on_m(state: &State) -> Vec<Uuid> {
     let round = state.plan_round(&RunnerConfig::default(), Instant::now());
@@ -578,15 +597,7 @@ fn a_plan_made_before_its_step_succeeded_is_stale() {
 
 #[test]
 fn an_attempt_whose_input_was_aborted_while_it_was_persisted_is_withdrawn_not_sent() {
-    let runner = Runner {
-        state: loaded(1),
-        config: RunnerConfig::default(),
-        names: ["m", "m"],
-    };
-    let mut m = machine("m", "m");
-    m.max_jobs = 3;
-    let conn = m.connection.clone();
-    runner.state.machine_joined(m, &[], || {}).unwrap();
+    let (runner, conn) = one_build_on_m(false);
     let inputs = started_on_m(&runner.state);
     assert_eq!(inputs.len(), 2, "b1-dep and shared");
     for a in &inputs {
@@ -649,15 +660,7 @@ fn only_the_connection_that_owns_an_attempt_can_say_it_is_built() {
 
 #[test]
 fn a_dependent_is_sent_ahead_of_inputs_still_building_only_to_a_machine_that_follows_them() {
-    let runner = Runner {
-        state: loaded(1),
-        config: RunnerConfig::default(),
-        names: ["m", "m"],
-    };
-    let mut m = machine("m", "m");
-    m.max_jobs = 3;
-    m.follows_local_jobs = true;
-    runner.state.machine_joined(m, &[], || {}).unwrap();
+    let (runner, _) = one_build_on_m(true);
     let inputs = started_on_m(&runner.state);
     assert_eq!(inputs.len(), 2, "b1-dep and shared");
     // Neither input has built: the top goes to the same machine, to start
