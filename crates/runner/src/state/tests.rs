@@ -368,6 +368,20 @@ fn one_build_on_m(follows: bool) -> (Runner, String) {
     (runner, conn)
 }
 
+/// Step `name` waits for its inputs again, no aborted attempt counted
+/// against it (it was withdrawn).
+fn assert_waits_with_nothing_counted(state: &State, name: &str) {
+    let (now, tries) = state.read(|v| {
+        let s = v.graph.step(v.graph.step_id(&path(name)).unwrap()).unwrap();
+        (s.state.clone(), s.aborted_attempts)
+    });
+    assert_eq!(
+        (now, tries),
+        (crate::graph::StepState::Waiting, 0),
+        "{name}"
+    );
+}
+
 /// Starts every attempt a round plans on one machine `m`; returns them.
 fn started_on_m(state: &State) -> Vec<Uuid> {
     let round = state.plan_round(&RunnerConfig::default(), Instant::now());
@@ -618,14 +632,7 @@ fn an_attempt_whose_input_was_aborted_while_it_was_persisted_is_withdrawn_not_se
     assert!(runner.state.is_withdrawn(&id, &conn));
     runner.withdraw(vec![top.attempt]);
     runner.state.check().unwrap();
-    let (state, tries) = runner.state.read(|v| {
-        let s = v
-            .graph
-            .step(v.graph.step_id(&path("b1-top")).unwrap())
-            .unwrap();
-        (s.state.clone(), s.aborted_attempts)
-    });
-    assert_eq!((state, tries), (crate::graph::StepState::Waiting, 0));
+    assert_waits_with_nothing_counted(&runner.state, "b1-top");
     assert_eq!(
         runner.state.queue_counts().running,
         1,
@@ -686,14 +693,7 @@ fn a_dependent_is_sent_ahead_of_inputs_still_building_only_to_a_machine_that_fol
     let aborted = runner.state.take_attempt_by_id(&inputs[0]).unwrap();
     runner.abort(aborted);
     runner.state.check().unwrap();
-    let (state, tries) = runner.state.read(|v| {
-        let s = v
-            .graph
-            .step(v.graph.step_id(&path("b1-top")).unwrap())
-            .unwrap();
-        (s.state.clone(), s.aborted_attempts)
-    });
-    assert_eq!((state, tries), (crate::graph::StepState::Waiting, 0));
+    assert_waits_with_nothing_counted(&runner.state, "b1-top");
 }
 
 #[test]
