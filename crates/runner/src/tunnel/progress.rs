@@ -1,8 +1,9 @@
 //! Builders' progress reports (`BuildSteps.busy` and a `step_progress`
 //! event each), written by one task in batches: under load, a transaction
 //! per report was most of the runner's transactions (four a step), and a
-//! builder's control stream waited on each. Whatever reports pile up
-//! while one batch is written go in the next, in order.
+//! builder's control stream waited on each. A batch is what piled up
+//! while the one before was written, and what came within [`GATHER`] of
+//! its first report, in order.
 
 use std::sync::Arc;
 
@@ -15,6 +16,13 @@ use crate::{Fatal, Shared};
 const CAPACITY: usize = 4096;
 /// At most this many reports a transaction.
 const MAX_BATCH: usize = 512;
+/// How long reports gather after the first of a batch: on a busy farm the
+/// reports of several steps come within milliseconds of each other (one
+/// step built, the next building, the one after that preparing), and one
+/// transaction serves them all, every change still an event. Kept short
+/// so that a report is written long before its step's completion (an
+/// upload and import), which would make it moot.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(3);
 
 /// Where control streams queue progress reports.
 #[derive(Clone)]
@@ -43,6 +51,12 @@ pub async fn write(
 ) -> Result<(), Fatal> {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        tokio::time::sleep(GATHER).await;
+        while batch.len() < MAX_BATCH
+            && let Ok(more) = queue.try_recv()
+        {
+            batch.push(more);
+        }
         let written = crate::record::set_steps_progress(&shared.pool, &batch).await;
         match written.map_err(Fatal::from) {
             Ok(()) => {}
