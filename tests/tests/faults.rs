@@ -983,6 +983,32 @@ impl Liar {
     }
 }
 
+/// `CHAIN` queued on a farm whose one builder (2 slots) follows local
+/// jobs: the base's job comes, then, with no word that the base is built,
+/// the top's, naming the base's job as the one it starts after.
+async fn chain_sent_ahead() -> (
+    Farm,
+    Liar,
+    std::collections::BTreeMap<String, i32>,
+    BuildJob,
+    BuildJob,
+) {
+    let farm = Farm::start(|_| {}).await.unwrap();
+    let mut liar = Liar::join_with(&farm, "liar", 2, true).await;
+    let ids = farm.submit(CHAIN, &["base", "top"]).await.unwrap();
+    let base = liar.next_job().await;
+    assert!(base.drv_path.ends_with("-base.drv"), "{}", base.drv_path);
+    assert!(base.after_attempts.is_empty());
+    let top = liar.next_job().await;
+    assert!(top.drv_path.ends_with("-top.drv"), "{}", top.drv_path);
+    assert_eq!(
+        top.after_attempts,
+        std::slice::from_ref(&base.attempt_id),
+        "it starts after the base's job"
+    );
+    (farm, liar, ids, base, top)
+}
+
 /// The input is delivered: the dependent's held delivery then goes
 /// through, and both builds succeed.
 async fn both_succeed_once_the_input_is_delivered(
@@ -1073,20 +1099,7 @@ async fn a_dependent_runs_ahead_of_its_input_but_succeeds_only_after_it() {
 /// built.
 #[tokio::test]
 async fn a_dependent_is_sent_ahead_of_an_input_still_building_to_a_builder_that_follows_it() {
-    let farm = Farm::start(|_| {}).await.unwrap();
-    let mut liar = Liar::join_with(&farm, "liar", 2, true).await;
-    let ids = farm.submit(CHAIN, &["base", "top"]).await.unwrap();
-    let base = liar.next_job().await;
-    assert!(base.drv_path.ends_with("-base.drv"), "{}", base.drv_path);
-    assert!(base.after_attempts.is_empty());
-    // No word that the base is built: the dependent comes anyway.
-    let top = liar.next_job().await;
-    assert!(top.drv_path.ends_with("-top.drv"), "{}", top.drv_path);
-    assert_eq!(
-        top.after_attempts,
-        std::slice::from_ref(&base.attempt_id),
-        "it starts after the base's job"
-    );
+    let (farm, liar, ids, base, top) = chain_sent_ahead().await;
     assert!(top.input_paths.contains(&out_of(&base)));
 
     let mut top_delivery = liar.deliver(&top, "base\n");
@@ -1103,12 +1116,7 @@ async fn a_dependent_is_sent_ahead_of_an_input_still_building_to_a_builder_that_
 /// no step row of it claims success or counts as its own failure.
 #[tokio::test]
 async fn a_dependent_sent_ahead_of_an_input_that_fails_is_stopped_and_fails_as_a_dependent() {
-    let farm = Farm::start(|_| {}).await.unwrap();
-    let mut liar = Liar::join_with(&farm, "liar", 2, true).await;
-    let ids = farm.submit(CHAIN, &["base", "top"]).await.unwrap();
-    let base = liar.next_job().await;
-    let top = liar.next_job().await;
-    assert_eq!(top.after_attempts, std::slice::from_ref(&base.attempt_id));
+    let (farm, mut liar, ids, base, top) = chain_sent_ahead().await;
     let report = CompletionReport {
         machine_id: liar.machine_id.clone(),
         attempt_id: base.attempt_id.clone(),

@@ -123,9 +123,7 @@ impl Inner {
             link,
         })
     }
-}
 
-impl Inner {
     /// Takes up the inherited attempts of steps that became runnable since
     /// they loaded (a dependent the runner before sent ahead of an input,
     /// runnable again once that input built or runs here again).
