@@ -127,19 +127,45 @@ impl LocalStore {
         client: &mut DaemonClient,
         path: &StorePath,
     ) -> Result<(Derivation, Validity), StoreError> {
-        let file = self.real_dir.join(path.to_string());
-        match tokio::fs::read(&file).await {
-            Ok(bytes) => {
-                let drv = Derivation::parse(&self.dir, &bytes).map_err(|e| {
-                    StoreError::BadDerivation {
-                        path: self.dir.display(path),
-                        message: e.to_string(),
-                    }
-                })?;
-                Ok((drv, Validity::Unchecked))
-            }
-            Err(_) => Ok((self.read_derivation(client, path).await?, Validity::Valid)),
+        let mut read = self.read_derivation_files(vec![path.clone()]).await;
+        match read.pop().flatten() {
+            Some(parsed) => Ok((parsed?, Validity::Unchecked)),
+            None => Ok((self.read_derivation(client, path).await?, Validity::Valid)),
         }
+    }
+
+    /// [`LocalStore::read_derivation_file`] for many `.drv`s at once, in
+    /// one blocking task: loading reads hundreds of thousands, and a hop to
+    /// the blocking pool for each cost more than the read itself. One entry
+    /// per path, in order: `None` where the file could not be read (the
+    /// caller asks the daemon), else the parsed derivation, still
+    /// `Unchecked`.
+    pub async fn read_derivation_files(
+        &self,
+        paths: Vec<StorePath>,
+    ) -> Vec<Option<Result<Derivation, StoreError>>> {
+        let dir = self.dir.clone();
+        let real = self.real_dir.clone();
+        let n = paths.len();
+        let read = move || {
+            paths
+                .iter()
+                .map(|path| {
+                    let bytes = std::fs::read(real.join(path.to_string())).ok()?;
+                    Some(
+                        Derivation::parse(&dir, &bytes).map_err(|e| StoreError::BadDerivation {
+                            path: dir.display(path),
+                            message: e.to_string(),
+                        }),
+                    )
+                })
+                .collect()
+        };
+        // A pool that cannot run the task (the runtime shutting down):
+        // every file through the daemon.
+        tokio::task::spawn_blocking(read)
+            .await
+            .unwrap_or_else(|_| (0..n).map(|_| None).collect())
     }
 
     /// Writes `drv` (a resolved derivation) into the store as Nix would,
@@ -232,4 +258,43 @@ pub enum ExportError<E> {
     Store(#[from] DaemonError),
     #[error(transparent)]
     Consumer(E),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DRV: &str = r#"Derive([("out","/nix/store/0g4kw7209n7k4kfk64by9qfsqg4l5yq0-x","","")],[],[],"x86_64-linux","/bin/sh",[],[("name","x"),("out","/nix/store/0g4kw7209n7k4kfk64by9qfsqg4l5yq0-x")])"#;
+
+    fn path(hash_char: char, name: &str) -> StorePath {
+        StorePath::from_base_name(&format!("{}-{name}", hash_char.to_string().repeat(32))).unwrap()
+    }
+
+    /// One entry per path, in order: parsed, refused as not a derivation,
+    /// or `None` (to be read through the daemon) when there is no file.
+    #[tokio::test]
+    async fn derivation_files_are_read_in_order_and_missing_ones_left_to_the_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        let (good, bad, absent) = (
+            path('a', "good.drv"),
+            path('b', "bad.drv"),
+            path('c', "absent.drv"),
+        );
+        std::fs::write(dir.path().join(good.to_string()), DRV).unwrap();
+        std::fs::write(dir.path().join(bad.to_string()), b"Derive(\0\xff").unwrap();
+        let store = LocalStore::new("/nonexistent".into(), Some(dir.path().to_owned()));
+
+        let read = store
+            .read_derivation_files(vec![absent.clone(), good.clone(), bad.clone()])
+            .await;
+
+        assert_eq!(read.len(), 3);
+        assert!(read[0].is_none(), "no file: through the daemon");
+        let drv = read[1].as_ref().unwrap().as_ref().unwrap();
+        assert_eq!(drv.platform, "x86_64-linux");
+        match read[2].as_ref().unwrap() {
+            Err(StoreError::BadDerivation { path, .. }) => assert!(path.ends_with("-bad.drv")),
+            other => panic!("garbage parsed: {other:?}"),
+        }
+    }
 }

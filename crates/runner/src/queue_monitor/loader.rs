@@ -151,18 +151,26 @@ async fn read_level(
     paths: impl Iterator<Item = &StorePath>,
 ) -> Result<(HashMap<StorePath, Read>, HashSet<String>), Fatal> {
     let dir = shared.store.dir();
-    let mut reads = HashMap::new();
+    let mut distinct = HashSet::new();
+    let paths: Vec<StorePath> = paths.filter(|p| distinct.insert(*p)).cloned().collect();
+    let files = shared.store.read_derivation_files(paths.clone()).await;
+    let mut reads = HashMap::with_capacity(paths.len());
     let mut ask = Vec::new();
-    for path in paths {
-        if reads.contains_key(path) {
-            continue;
-        }
-        let read = match shared.store.read_derivation_file(client, path).await {
+    for (path, file) in paths.into_iter().zip(files) {
+        let read = match file {
+            Some(parsed) => parsed.map(|drv| (drv, Validity::Unchecked)),
+            None => shared
+                .store
+                .read_derivation(client, &path)
+                .await
+                .map(|drv| (drv, Validity::Valid)),
+        };
+        let read = match read {
             Ok((drv, validity)) => {
-                let paths = realisations::output_paths(&shared.pool, dir, path, &drv).await?;
+                let paths = realisations::output_paths(&shared.pool, dir, &path, &drv).await?;
                 let unchecked = validity == Validity::Unchecked;
                 if unchecked {
-                    ask.push(dir.display(path));
+                    ask.push(dir.display(&path));
                 }
                 if paths.values().all(Option::is_some) {
                     ask.extend(paths.values().flatten().cloned());
@@ -180,7 +188,7 @@ async fn read_level(
             },
             Err(e) => return Err(e.into()),
         };
-        reads.insert(path.clone(), read);
+        reads.insert(path, read);
     }
     let valid = if ask.is_empty() {
         Default::default()
