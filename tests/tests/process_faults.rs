@@ -62,6 +62,7 @@ struct SlowJobSite {
     db: TestDb,
     _store: NixStore,
     _dir: tempfile::TempDir,
+    setup: RunnerSetup,
     runner: RunnerProcess,
     builders: Vec<BuilderProcess>,
     /// Holds the first build until opened.
@@ -96,6 +97,7 @@ impl SlowJobSite {
             db,
             _store: store,
             _dir: dir,
+            setup,
             runner,
             builders,
             gate,
@@ -137,6 +139,56 @@ async fn a_builder_killed_mid_build_has_its_step_retried_on_the_other() {
     );
     assert_ne!(rows[1].0, name, "retried on the other machine");
     assert_eq!(rows[1].1, Some(0));
+}
+
+/// What the builder's job journal is for: a job it finished while no
+/// runner held it outlives a restart of the builder's process, and the
+/// next runner records it as built there, once (a lost record would make
+/// the attempt lost and the step retried: two rows).
+#[tokio::test]
+async fn a_job_finished_while_no_runner_held_it_outlives_a_restart_of_its_builder() {
+    let SlowJobSite {
+        db,
+        setup,
+        runner,
+        mut builders,
+        gate,
+        build,
+        _store,
+        _dir,
+    } = SlowJobSite::start("", &["one"]).await;
+    runner.kill().await.unwrap();
+    gate.open(LIMIT).await.unwrap();
+    let builder = &mut builders[0];
+    builder
+        .wait_for_line("its report is kept for the runner that adopts it", LIMIT)
+        .await
+        .unwrap();
+
+    builder.restart().await.unwrap();
+    builder
+        .wait_for_line(
+            "holding a finished job from before this builder restarted",
+            LIMIT,
+        )
+        .await
+        .unwrap();
+    let _runner = setup.start(&[]).await.unwrap();
+
+    wait_finished(&db.pool, [build], LIMIT).await.unwrap();
+    let rows = steps(&db.pool, build).await;
+    assert_eq!(rows.len(), 1, "delivered, not retried: {rows:?}");
+    assert_eq!(
+        (rows[0].0.as_str(), rows[0].1),
+        ("one", Some(0)),
+        "{rows:?}"
+    );
+    let status: Option<i32> = sqlx::query_scalar("select buildStatus from Builds where id = $1")
+        .bind(build)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, Some(0));
 }
 
 #[tokio::test]

@@ -123,6 +123,8 @@ async fn work(ctx: &JobContext, job: &BuildJob, tie: &mut Tie) -> Result<(), Dro
     record.report = Some(stored.clone());
     if let Err(e) = ctx.jobs.records.finished(&record) {
         tracing::warn!(attempt = %id, "cannot keep the job's report ({e}): it will not survive a restart of this builder");
+    } else if tie.current().is_none() {
+        tracing::info!(attempt = %id, "the job ended while no runner holds it: its report is kept for the runner that adopts it");
     }
     ctx.jobs.finished(id);
     let spool = Spool::finished(&ctx.jobs.records.log_path(id))
@@ -394,7 +396,13 @@ async fn ship_live(mut tie: Tie, spool: Arc<Spool>) -> Option<(u64, u64)> {
                 return None;
             }
             Err(_) if spool.is_closed() => return None,
-            Err(_) => tie.moved_on(generation, RETRY_PATIENCE).await.ok()?,
+            // Not past the build's end: a job whose runner went away
+            // records its report at once and waits for a runner in its
+            // delivery, not here.
+            Err(_) => tokio::select! {
+                moved = tie.moved_on(generation, RETRY_PATIENCE) => moved.ok()?,
+                _ = wait_closed(&spool) => {}
+            },
         }
     }
 }
