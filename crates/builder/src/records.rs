@@ -276,9 +276,14 @@ impl Records {
 
 /// One line, appended whole (`O_APPEND`, one write).
 fn append(file: &mut std::fs::File, line: &Line) -> std::io::Result<()> {
+    file.write_all(&line_bytes(line)?)
+}
+
+/// `line` as the journal holds it: JSON and a newline.
+fn line_bytes(line: &Line) -> std::io::Result<Vec<u8>> {
     let mut bytes = serde_json::to_vec(line).map_err(std::io::Error::other)?;
     bytes.push(b'\n');
-    file.write_all(&bytes)
+    Ok(bytes)
 }
 
 /// The live jobs of the journal at `path` (none when there is none). A
@@ -338,17 +343,13 @@ fn rewrite(
             },
             drv: b64().encode(drv),
         };
-        let mut line = serde_json::to_vec(&started).map_err(std::io::Error::other)?;
-        line.push(b'\n');
-        f.write_all(&line)?;
+        f.write_all(&line_bytes(&started)?)?;
         if let Some(report) = &record.report {
             let finished = Line::Finished {
                 attempt_id: record.attempt_id.clone(),
                 report: report.clone(),
             };
-            let mut line = serde_json::to_vec(&finished).map_err(std::io::Error::other)?;
-            line.push(b'\n');
-            f.write_all(&line)?;
+            f.write_all(&line_bytes(&finished)?)?;
         }
     }
     f.into_inner().map_err(|e| e.into_error())?.sync_all()?;

@@ -127,20 +127,38 @@ impl LocalStore {
         client: &mut DaemonClient,
         path: &StorePath,
     ) -> Result<(Derivation, Validity), StoreError> {
-        let mut read = self.read_derivation_files(vec![path.clone()]).await;
-        match read.pop().flatten() {
-            Some(parsed) => Ok((parsed?, Validity::Unchecked)),
-            None => Ok((self.read_derivation(client, path).await?, Validity::Valid)),
-        }
+        let mut read = self.read_derivations(client, vec![path.clone()]).await;
+        read.pop().expect("one read per path")
     }
 
-    /// [`LocalStore::read_derivation_file`] for many `.drv`s at once, in
-    /// one blocking task: loading reads hundreds of thousands, and a hop to
+    /// [`LocalStore::read_derivation_file`] for many `.drv`s: the files in
+    /// one blocking task ([`LocalStore::read_derivation_files`]), those that
+    /// cannot be read here through the daemon. One result per path, in order.
+    pub async fn read_derivations(
+        &self,
+        client: &mut DaemonClient,
+        paths: Vec<StorePath>,
+    ) -> Vec<Result<(Derivation, Validity), StoreError>> {
+        let files = self.read_derivation_files(paths.clone()).await;
+        let mut out = Vec::with_capacity(paths.len());
+        for (path, file) in paths.iter().zip(files) {
+            out.push(match file {
+                Some(parsed) => parsed.map(|drv| (drv, Validity::Unchecked)),
+                None => self
+                    .read_derivation(client, path)
+                    .await
+                    .map(|drv| (drv, Validity::Valid)),
+            });
+        }
+        out
+    }
+
+    /// The files of many `.drv`s at once, in one blocking task: loading reads hundreds of thousands, and a hop to
     /// the blocking pool for each cost more than the read itself. One entry
     /// per path, in order: `None` where the file could not be read (the
     /// caller asks the daemon), else the parsed derivation, still
     /// `Unchecked`.
-    pub async fn read_derivation_files(
+    async fn read_derivation_files(
         &self,
         paths: Vec<StorePath>,
     ) -> Vec<Option<Result<Derivation, StoreError>>> {
@@ -161,8 +179,8 @@ impl LocalStore {
                 })
                 .collect()
         };
-        // A pool that cannot run the task (the runtime shutting down):
-        // every file through the daemon.
+        // The task did not finish (the runtime is shutting down, or a
+        // parse panicked): every file through the daemon.
         tokio::task::spawn_blocking(read)
             .await
             .unwrap_or_else(|_| (0..n).map(|_| None).collect())

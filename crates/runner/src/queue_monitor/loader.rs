@@ -153,18 +153,10 @@ async fn read_level(
     let dir = shared.store.dir();
     let mut distinct = HashSet::new();
     let paths: Vec<StorePath> = paths.filter(|p| distinct.insert(*p)).cloned().collect();
-    let files = shared.store.read_derivation_files(paths.clone()).await;
+    let read = shared.store.read_derivations(client, paths.clone()).await;
     let mut reads = HashMap::with_capacity(paths.len());
     let mut ask = Vec::new();
-    for (path, file) in paths.into_iter().zip(files) {
-        let read = match file {
-            Some(parsed) => parsed.map(|drv| (drv, Validity::Unchecked)),
-            None => shared
-                .store
-                .read_derivation(client, &path)
-                .await
-                .map(|drv| (drv, Validity::Valid)),
-        };
+    for (path, read) in paths.into_iter().zip(read) {
         let read = match read {
             Ok((drv, validity)) => {
                 let paths = realisations::output_paths(&shared.pool, dir, &path, &drv).await?;
