@@ -146,7 +146,7 @@ async fn a_builder_killed_mid_build_has_its_step_retried_on_the_other() {
 /// next runner records it as built there, once (a lost record would make
 /// the attempt lost and the step retried: two rows).
 #[tokio::test]
-async fn a_job_finished_while_no_runner_held_it_outlives_a_restart_of_its_builder() {
+async fn a_job_finished_while_no_runner_held_it_outlives_a_restart_of_its_builder_and_a_gc() {
     let SlowJobSite {
         db,
         setup,
@@ -164,8 +164,19 @@ async fn a_job_finished_while_no_runner_held_it_outlives_a_restart_of_its_builde
         .wait_for_line("its report is kept for the runner that adopts it", LIMIT)
         .await
         .unwrap();
+    builder
+        .wait_for_line(
+            "the outputs are held from garbage collection until a runner has them",
+            LIMIT,
+        )
+        .await
+        .unwrap();
 
-    builder.restart().await.unwrap();
+    // A garbage collection while the builder is down leaves the output
+    // that no runner has yet: the job is delivered, not built again.
+    builder.kill().await.unwrap();
+    builder.store.run("nix-store", &["--gc"]).await.unwrap();
+    builder.start_again().unwrap();
     builder
         .wait_for_line(
             "holding a finished job from before this builder restarted",

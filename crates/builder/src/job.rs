@@ -3,9 +3,9 @@
 //! outputs, the report) to whichever runner holds the job then.
 //!
 //! Inputs and outputs are held as temporary roots on a daemon connection
-//! kept open for the whole job, and finished outputs also as indirect
-//! roots under `state_dir`, so no garbage collection takes them before a
-//! runner has them. A job outlives the connection that sent it: a call
+//! kept open for the whole job, and finished outputs that no runner has
+//! taken within a second also as indirect roots under `state_dir`, so no
+//! garbage collection takes them before a runner has them. A job outlives the connection that sent it: a call
 //! that fails because the runner went away waits for the job to be
 //! adopted again ([`Tie::owner`]) and is made again.
 
@@ -173,18 +173,33 @@ async fn execute(
     let drv = Derivation::parse(&dir, &job.drv).map_err(|e| JobError::BadJob(e.to_string()))?;
     let limits = job.limits.unwrap_or_default();
     progress(tie, Phase::Preparing);
-    if !job.after_attempts.is_empty() {
-        tracing::debug!(attempt = %job.attempt_id, after = ?job.after_attempts, "waiting for the local jobs that build its inputs");
-        ctx.jobs.after(&job.after_attempts).await;
-        tracing::debug!(attempt = %job.attempt_id, "the local jobs it follows have built");
-    }
     // One connection for the whole job: it roots the inputs, builds, roots
     // the outputs and then holds them through the delivery. A connection
     // is a fork of the daemon and an opening of its store: three a job
     // were most of the farm's own CPU per step.
     let daemon = roots_out.insert(ctx.daemon.take().await?);
+    // Rooted and configured before waiting for the local jobs it follows
+    // (a root may name a path not built yet): a chain's next build then
+    // starts one round trip after its input's, not four.
     for p in &job.input_paths {
         daemon.add_temp_root(p).await?;
+    }
+    let mut settings = ClientSettings {
+        max_silent_time: limits.max_silent_secs,
+        ..ClientSettings::default()
+    };
+    settings
+        .overrides
+        .insert("timeout".into(), limits.timeout_secs.to_string());
+    settings.overrides.insert(
+        "max-build-log-size".into(),
+        limits.max_log_bytes.to_string(),
+    );
+    daemon.set_options(&settings).await?;
+    if !job.after_attempts.is_empty() {
+        tracing::debug!(attempt = %job.attempt_id, after = ?job.after_attempts, "waiting for the local jobs that build its inputs");
+        ctx.jobs.after(&job.after_attempts).await;
+        tracing::debug!(attempt = %job.attempt_id, "the local jobs it follows have built");
     }
     let valid = daemon.query_valid_paths(&job.input_paths).await?;
     let missing: Vec<String> = job
@@ -204,18 +219,6 @@ async fn execute(
         }
     }
     progress(tie, Phase::Building);
-    let mut settings = ClientSettings {
-        max_silent_time: limits.max_silent_secs,
-        ..ClientSettings::default()
-    };
-    settings
-        .overrides
-        .insert("timeout".into(), limits.timeout_secs.to_string());
-    settings.overrides.insert(
-        "max-build-log-size".into(),
-        limits.max_log_bytes.to_string(),
-    );
-    daemon.set_options(&settings).await?;
     tracing::debug!(attempt = %job.attempt_id, "building");
     let shipper = tokio::spawn(ship_live(tie.clone(), spool.clone()));
     let log_to = spool.clone();
@@ -280,7 +283,6 @@ async fn execute(
             },
         };
         daemon.add_temp_root(&path).await?;
-        hold_output(ctx, daemon, &job.attempt_id, name, &path).await;
         let info = daemon.require_path_info(&path).await?;
         outputs.push((name.clone(), info));
     }
@@ -317,21 +319,47 @@ fn built_outputs(outputs: &[(String, hydra_nix::daemon::PathInfo)]) -> Vec<Built
         .collect()
 }
 
-/// Makes a finished output an indirect root (a symlink under
-/// `state_dir/gcroots`), so it outlives this process until a runner has
-/// it. Best effort: the temporary root holds it while the process lives.
-async fn hold_output(ctx: &JobContext, roots: &mut DaemonClient, id: &str, name: &str, path: &str) {
-    let link = ctx.jobs.records.root_link(id, name);
-    let _ = std::fs::remove_file(&link);
-    let made = match std::os::unix::fs::symlink(path, &link) {
-        Ok(()) => roots
-            .add_indirect_root(&link)
-            .await
-            .map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
+/// How long a finished job's outputs are held by this process's
+/// temporary roots alone. A delivery that takes longer (no runner holds
+/// the job, a slow upload) makes them indirect roots, which outlive a
+/// restart of this builder. Most deliveries end well before: the two links
+/// a root costs were a sizeable part of a trivial job's CPU, and an output
+/// lost to a garbage collection that falls between a crash within this
+/// second and the restart costs a rebuild, not a wrong result (the
+/// delivery fails and the runner retries the step).
+const HOLD_AFTER: Duration = Duration::from_secs(1);
+
+/// Makes finished outputs indirect roots (symlinks under
+/// `state_dir/gcroots`), so they outlive this process until a runner has
+/// them. Best effort: the temporary roots hold them while the process
+/// lives.
+async fn hold_outputs(ctx: &JobContext, id: &str, outputs: &[(String, String)]) {
+    let mut roots = match ctx.daemon.take().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(attempt = %id, "cannot root the outputs ({e}): they are held only while this process lives");
+            return;
+        }
     };
-    if let Err(e) = made {
-        tracing::warn!(attempt = %id, "cannot root {path} at {}: {e}", link.display());
+    let mut all = true;
+    for (name, path) in outputs {
+        let link = ctx.jobs.records.root_link(id, name);
+        let _ = std::fs::remove_file(&link);
+        let made = match std::os::unix::fs::symlink(path, &link) {
+            Ok(()) => roots
+                .add_indirect_root(&link)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = made {
+            all = false;
+            tracing::warn!(attempt = %id, "cannot root {path} at {}: {e}", link.display());
+        }
+    }
+    if all {
+        tracing::info!(attempt = %id, "the outputs are held from garbage collection until a runner has them");
+        ctx.daemon.release(roots);
     }
 }
 
@@ -573,6 +601,35 @@ async fn deliver(
     id: &str,
     tie: &mut Tie,
     spool: Option<&Spool>,
+    report: StoredReport,
+    shipped: Option<(u64, u64)>,
+    roots: Option<DaemonClient>,
+) -> Result<(), Dropped> {
+    let outputs: Vec<(String, String)> = if report.outcome == Outcome::Succeeded as i32 {
+        report
+            .outputs
+            .iter()
+            .map(|(name, path, _, _)| (name.clone(), path.clone()))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let delivery = deliver_until_done(ctx, id, tie, spool, report, shipped, roots);
+    tokio::pin!(delivery);
+    if !outputs.is_empty() {
+        tokio::select! {
+            done = &mut delivery => return done,
+            () = tokio::time::sleep(HOLD_AFTER) => hold_outputs(ctx, id, &outputs).await,
+        }
+    }
+    delivery.await
+}
+
+async fn deliver_until_done(
+    ctx: &JobContext,
+    id: &str,
+    tie: &mut Tie,
+    spool: Option<&Spool>,
     mut report: StoredReport,
     mut shipped: Option<(u64, u64)>,
     roots: Option<DaemonClient>,
@@ -667,8 +724,7 @@ async fn deliver_once(
         if sent.is_err() {
             // A transfer cut off midway leaves the connection inside a
             // NAR: the next try gets a new one, rooted before this one
-            // (and its roots) goes (the indirect roots hold the outputs
-            // meanwhile).
+            // (and its roots) goes.
             *roots = root_outputs(ctx, report).await;
         }
         sent?;

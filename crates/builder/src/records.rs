@@ -5,10 +5,11 @@
 //!   derivation's path, when, and the ATerm text the runner sent), it
 //!   finished (its report), it was forgotten. Rewritten with only the
 //!   live jobs when the builder starts and when forgotten lines pile up;
-//! - `logs/<attempt>.log`: the whole build log;
-//! - `gcroots/<attempt>-<output>`: symlinks to finished outputs, registered
-//!   with the nix-daemon as indirect roots, so a garbage collection cannot
-//!   take a result no runner has yet.
+//! - `logs/<attempt>.log`: the whole build log (none for a silent build);
+//! - `gcroots/<attempt>-<output>`: symlinks to finished outputs that no
+//!   runner took within a second, registered with the nix-daemon as
+//!   indirect roots, so a garbage collection cannot take a result no runner
+//!   has yet.
 //!
 //! One file for every job's record, appended to, rather than files of
 //! each job written whole: making a file is the costly part (on a

@@ -15,38 +15,39 @@ pub const CHUNK: usize = 64 << 10;
 
 pub struct Spool {
     path: PathBuf,
-    file: Mutex<std::fs::File>,
+    /// Made at the first byte: a silent build makes no file (a file made
+    /// costs more CPU than the rest of a trivial job's bookkeeping).
+    file: Mutex<Option<std::fs::File>>,
     len: AtomicU64,
     closed: AtomicBool,
     grown: Notify,
 }
 
 impl Spool {
-    /// A new, empty log (truncating one left by an earlier run).
+    /// A new, empty log (removing one left by an earlier run).
     pub fn create(path: &Path) -> std::io::Result<Spool> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(path)?;
-        Ok(Self::with(path, file, 0, false))
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        Ok(Self::with(path, None, 0, false))
     }
 
     /// The complete log of a job that finished before this process started
     /// (empty when there is none).
     pub fn finished(path: &Path) -> std::io::Result<Spool> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .append(true)
-            .open(path)?;
+        let file = match std::fs::OpenOptions::new().read(true).open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Self::with(path, None, 0, true));
+            }
+            Err(e) => return Err(e),
+        };
         let len = file.metadata()?.len();
-        Ok(Self::with(path, file, len, true))
+        Ok(Self::with(path, Some(file), len, true))
     }
 
-    fn with(path: &Path, file: std::fs::File, len: u64, closed: bool) -> Spool {
+    fn with(path: &Path, file: Option<std::fs::File>, len: u64, closed: bool) -> Spool {
         Spool {
             path: path.to_owned(),
             file: Mutex::new(file),
@@ -63,9 +64,21 @@ impl Spool {
     /// Appends a piece of the log. A log that cannot be written is lost
     /// from here on (the build goes on; the runner keeps what it got).
     pub fn append(&self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
         let mut f = self.file.lock();
         let at = self.len.load(Ordering::Acquire);
-        let written = f.seek(SeekFrom::Start(at)).and_then(|_| f.write_all(bytes));
+        let written = match &mut *f {
+            Some(f) => f.seek(SeekFrom::Start(at)).and_then(|_| f.write_all(bytes)),
+            None => std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .read(true)
+                .write(true)
+                .open(&self.path)
+                .and_then(|new| f.insert(new).write_all(bytes)),
+        };
         match written {
             Ok(()) => {
                 self.len.fetch_add(bytes.len() as u64, Ordering::AcqRel);
@@ -104,6 +117,7 @@ impl Spool {
         let want = ((len - offset) as usize).min(CHUNK);
         let mut buf = vec![0; want];
         let mut f = self.file.lock();
+        let f = f.as_mut().expect("a log with bytes has its file");
         f.seek(SeekFrom::Start(offset))?;
         f.read_exact(&mut buf)?;
         Ok(buf)
@@ -147,5 +161,21 @@ mod tests {
         assert_eq!(reopened.len(), 13);
         assert!(reopened.is_closed());
         assert_eq!(reopened.read_at(6).unwrap(), b"second\n");
+    }
+
+    #[tokio::test]
+    async fn a_silent_build_leaves_no_file_and_reads_back_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.log");
+        std::fs::write(&path, "left by an earlier run\n").unwrap();
+        let spool = Spool::create(&path).unwrap();
+        assert!(!path.exists(), "an earlier run's log is not this job's");
+        spool.append(b"");
+        spool.close();
+        assert!(!path.exists(), "no byte, no file");
+        let reopened = Spool::finished(&path).unwrap();
+        assert!(reopened.is_empty() && reopened.is_closed());
+        assert!(reopened.read_at(0).unwrap().is_empty());
+        assert!(!path.exists(), "reading an empty log makes none");
     }
 }

@@ -186,6 +186,10 @@ impl LogStore {
         }
         if self.compression == LogCompression::Zstd {
             match std::fs::File::open(&plain) {
+                // An empty log stays plain: nothing to compress, and a
+                // compressed one would cost a second file, a sync and a
+                // rename for every silent step.
+                Ok(file) if file.metadata().map_err(io)?.len() == 0 => {}
                 Ok(file) => {
                     // Streamed through a temporary file renamed into place:
                     // a log of any size costs a buffer, and a reader never
@@ -310,6 +314,19 @@ mod tests {
         assert_eq!(logs.read(&drv).unwrap(), b"line 1\nline 2\n");
         assert_eq!(logs.read_from(&drv, 7).unwrap(), b"line 2\n");
         assert_eq!(logs.read_from(&drv, 99).unwrap(), b"");
+    }
+
+    #[tokio::test]
+    async fn an_empty_log_stays_plain_and_reads_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = LogStore::new(dir.path(), LogCompression::Zstd);
+        let drv = StorePath::from_base_name("7rjj86a15146cq1d3qy068lml7n8ykzm-hello.drv").unwrap();
+        logs.start(&drv).await.unwrap();
+        let named = logs.finish(&drv).await.unwrap();
+        assert_eq!(std::fs::read(&named).unwrap(), b"");
+        assert!(!logs.path(&drv).with_extension("drv.zst").exists());
+        assert!(logs.exists(&drv));
+        assert_eq!(logs.read(&drv).unwrap(), b"");
     }
 
     #[tokio::test]

@@ -313,6 +313,16 @@ impl BuilderProcess {
         wait_for(&mut self.lines, needle, limit, &self.name).await
     }
 
+    /// The same builder again after [`kill`](Self::kill): the same
+    /// configuration, store and state directory.
+    pub fn start_again(&mut self) -> Result<()> {
+        let (child, lines) =
+            Self::spawn(&self.name, &self.store, &self.config, &self.urls, &self.env)?;
+        self.child = child;
+        self.lines = lines;
+        Ok(())
+    }
+
     /// SIGKILL, as a crashed machine; waits until it is gone.
     pub async fn kill(&mut self) -> Result<()> {
         self.child.kill().await?;

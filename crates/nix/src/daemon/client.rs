@@ -61,7 +61,7 @@ enum Op {
 }
 
 /// Settings sent with `SetOptions`; limits apply to the builds that follow.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientSettings {
     pub keep_failed: bool,
     pub keep_going: bool,
@@ -111,6 +111,10 @@ pub struct DaemonClient {
     /// left by an import, as Nix roots what it adds): they last until the
     /// connection closes.
     temp_roots: u32,
+    /// What the last `SetOptions` on this connection set: the daemon keeps
+    /// it for the connection's life, so the same settings again are not
+    /// sent (a round trip per build on a reused connection).
+    applied: Option<ClientSettings>,
 }
 
 impl DaemonClient {
@@ -142,6 +146,7 @@ impl DaemonClient {
             features: BTreeSet::new(),
             store_dir: StoreDir::default(),
             temp_roots: 0,
+            applied: None,
         };
         write_u64(&mut c.w, WORKER_MAGIC_1).await?;
         c.w.flush().await?;
@@ -210,6 +215,11 @@ impl DaemonClient {
     }
 
     pub async fn set_options(&mut self, s: &ClientSettings) -> Result<(), DaemonError> {
+        if self.applied.as_ref() == Some(s) {
+            return Ok(());
+        }
+        // Unknown until the daemon has taken all of it.
+        self.applied = None;
         self.op(Op::SetOptions).await?;
         for v in [
             s.keep_failed as u64,
@@ -232,7 +242,9 @@ impl DaemonClient {
             write_bytes(&mut self.w, k.as_bytes()).await?;
             write_bytes(&mut self.w, v.as_bytes()).await?;
         }
-        self.process_stderr(&mut |_| {}).await
+        self.process_stderr(&mut |_| {}).await?;
+        self.applied = Some(s.clone());
+        Ok(())
     }
 
     pub async fn is_valid_path(&mut self, path: &str) -> Result<bool, DaemonError> {
@@ -839,6 +851,24 @@ mod tests {
             drop(client);
             let sent = peer.await.unwrap();
             assert!(sent.is_empty(), "this client offers no features: {sent:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn settings_already_in_force_on_the_connection_are_not_sent_again() {
+        // The daemon answers two SetOptions: a third sent would wait forever.
+        let mut then = Vec::new();
+        write_u64(&mut then, STDERR_LAST).await.unwrap();
+        write_u64(&mut then, STDERR_LAST).await.unwrap();
+        let (mut client, _peer) = fake_daemon(38, &[], then).await;
+        let mut limits = ClientSettings::default();
+        limits.overrides.insert("timeout".into(), "60".into());
+        let quick = std::time::Duration::from_secs(5);
+        for settings in [&limits, &limits, &ClientSettings::default()] {
+            tokio::time::timeout(quick, client.set_options(settings))
+                .await
+                .expect("the same settings again cost no round trip")
+                .unwrap();
         }
     }
 
