@@ -184,12 +184,17 @@ pub async fn emit(tx: &mut PgConnection, events: &[NewEvent]) -> Result<(), sqlx
                 .map(|d| crate::outside::display_text(d, crate::outside::ERROR_MSG_MAX))
         })
         .collect();
+    // The sequencer's wake-up rides on the insert: one statement, not two,
+    // of the several each step's transactions make.
     sqlx::query(
-        "insert into hqr_events (kind, builds, drv_path, machine, status, detail)
-         select e.kind, e.builds::integer[], e.drv, e.machine, e.status, e.detail
-           from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::integer[], $6::text[])
-                  with ordinality as e(kind, builds, drv, machine, status, detail, ord)
-          order by e.ord",
+        "with written as (
+           insert into hqr_events (kind, builds, drv_path, machine, status, detail)
+           select e.kind, e.builds::integer[], e.drv, e.machine, e.status, e.detail
+             from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::integer[], $6::text[])
+                    with ordinality as e(kind, builds, drv, machine, status, detail, ord)
+            order by e.ord
+           returning 1)
+         select pg_notify('hqr_events_written', '')",
     )
     .bind(&kinds)
     .bind(&builds)
@@ -199,9 +204,6 @@ pub async fn emit(tx: &mut PgConnection, events: &[NewEvent]) -> Result<(), sqlx
     .bind(&details)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("select pg_notify('hqr_events_written', '')")
-        .execute(&mut *tx)
-        .await?;
     Ok(())
 }
 

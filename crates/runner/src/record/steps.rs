@@ -5,7 +5,7 @@
 use hydra_db::status::BuildStatus;
 use sqlx::PgConnection;
 
-use super::{error_text, notify, now};
+use super::{error_text, now};
 use crate::graph::BuildId;
 
 /// A BuildSteps row to create.
@@ -37,28 +37,33 @@ pub async fn create_build_step(
     tx: &mut PgConnection,
     row: &NewStepRow<'_>,
 ) -> Result<Option<i32>, sqlx::Error> {
-    let exists: Option<i32> =
-        sqlx::query_scalar("select id from Builds where id = $1 for key share")
-            .bind(row.build)
-            .fetch_optional(&mut *tx)
-            .await?;
-    if exists.is_none() {
-        return Ok(None);
-    }
+    let busy = row.status.is_none();
+    let (names, paths): (Vec<&str>, Vec<Option<&str>>) = row
+        .outputs
+        .iter()
+        .map(|(name, path)| (name.as_str(), path.as_deref()))
+        .unzip();
     loop {
-        let stepnr: i32 = sqlx::query_scalar(
-            "select coalesce(max(stepnr), 0) + 1 from BuildSteps where build = $1",
+        // One statement (the lock, the number, both rows, the
+        // notification): a dispatch's transaction made five of them.
+        let (present, stepnr, _notified): (bool, Option<i32>, i64) = sqlx::query_as(
+            "with build as (select id from Builds where id = $1 for key share),
+                  next as (select coalesce(max(stepnr), 0) + 1 as stepnr from BuildSteps where build = $1),
+                  step as (
+                    insert into BuildSteps (build, stepnr, type, drvPath, busy, startTime, system, status, propagatedFrom, errorMsg, stopTime, machine, resolvedDrvPath)
+                    select build.id, next.stepnr, 0, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11 from build, next
+                    on conflict do nothing
+                    returning stepnr),
+                  outputs as (
+                    insert into BuildStepOutputs (build, stepnr, name, path)
+                    select $1, step.stepnr, o.name, o.path
+                      from step, unnest($12::text[], $13::text[]) as o(name, path))
+             select exists (select 1 from build),
+                    (select stepnr from step),
+                    (select count(pg_notify('step_started', $1::text || chr(9) || stepnr::text))
+                       from step where $3 = 1)",
         )
         .bind(row.build)
-        .fetch_one(&mut *tx)
-        .await?;
-        let busy = row.status.is_none();
-        let inserted = sqlx::query(
-            "insert into BuildSteps (build, stepnr, type, drvPath, busy, startTime, system, status, propagatedFrom, errorMsg, stopTime, machine, resolvedDrvPath)
-             values ($1, $2, 0, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) on conflict do nothing",
-        )
-        .bind(row.build)
-        .bind(stepnr)
         .bind(row.drv_path)
         .bind(if busy { 1 } else { 0 })
         .bind(row.start_time)
@@ -69,26 +74,15 @@ pub async fn create_build_step(
         .bind(if busy { None } else { row.start_time })
         .bind(row.machine)
         .bind(row.resolved_drv_path)
-        .execute(&mut *tx)
+        .bind(&names)
+        .bind(&paths)
+        .fetch_one(&mut *tx)
         .await?;
-        if inserted.rows_affected() == 0 {
-            continue; // another writer took this number
+        match (present, stepnr) {
+            (false, _) => return Ok(None),
+            (true, Some(n)) => return Ok(Some(n)),
+            (true, None) => continue, // another writer took this number
         }
-        for (name, path) in row.outputs {
-            sqlx::query(
-                "insert into BuildStepOutputs (build, stepnr, name, path) values ($1, $2, $3, $4)",
-            )
-            .bind(row.build)
-            .bind(stepnr)
-            .bind(name)
-            .bind(path)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if busy {
-            notify(tx, "step_started", &format!("{}\t{stepnr}", row.build)).await?;
-        }
-        return Ok(Some(stepnr));
     }
 }
 
@@ -265,10 +259,22 @@ pub async fn finish_build_step(
     stepnr: i32,
     r: &StepResult<'_>,
 ) -> Result<(), sqlx::Error> {
+    let (names, paths): (Vec<&str>, Vec<&str>) = r
+        .outputs
+        .iter()
+        .map(|(name, path)| (name.as_str(), path.as_str()))
+        .unzip();
+    // One statement: the row, its outputs' paths and the notification.
     sqlx::query(
-        "update BuildSteps set busy = 0, status = $1, errorMsg = $4, startTime = $5, stopTime = $6, machine = $7,
-                timesBuilt = $8, isNonDeterministic = $9
-         where build = $2 and stepnr = $3",
+        "with step as (
+           update BuildSteps set busy = 0, status = $1, errorMsg = $4, startTime = $5, stopTime = $6, machine = $7,
+                  timesBuilt = $8, isNonDeterministic = $9
+            where build = $2 and stepnr = $3),
+              outputs as (
+           update BuildStepOutputs o set path = v.path
+             from unnest($10::text[], $11::text[]) as v(name, path)
+            where o.build = $2 and o.stepnr = $3 and o.name = v.name)
+         select pg_notify('step_finished', $12)",
     )
     .bind(r.status.code())
     .bind(build)
@@ -279,25 +285,12 @@ pub async fn finish_build_step(
     .bind(r.machine)
     .bind(r.times_built)
     .bind(r.is_non_deterministic)
+    .bind(&names)
+    .bind(&paths)
+    .bind(format!("{build}\t{stepnr}\t{}", r.log_file))
     .execute(&mut *tx)
-    .await?;
-    for (name, path) in r.outputs {
-        sqlx::query(
-            "update BuildStepOutputs set path = $4 where build = $1 and stepnr = $2 and name = $3",
-        )
-        .bind(build)
-        .bind(stepnr)
-        .bind(name)
-        .bind(path)
-        .execute(&mut *tx)
-        .await?;
-    }
-    notify(
-        tx,
-        "step_finished",
-        &format!("{build}\t{stepnr}\t{}", r.log_file),
-    )
     .await
+    .map(|_| ())
 }
 
 /// A running step's new progress (`busy`) code, with its event.
