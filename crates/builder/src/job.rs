@@ -181,9 +181,7 @@ async fn execute(
     // Rooted and configured before waiting for the local jobs it follows
     // (a root may name a path not built yet): a chain's next build then
     // starts one round trip after its input's, not four.
-    for p in &job.input_paths {
-        daemon.add_temp_root(p).await?;
-    }
+    daemon.add_temp_roots(&job.input_paths).await?;
     let mut settings = ClientSettings {
         max_silent_time: limits.max_silent_secs,
         ..ClientSettings::default()

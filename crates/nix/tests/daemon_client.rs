@@ -217,6 +217,40 @@ async fn a_malformed_path_is_refused_before_it_reaches_the_daemon() {
 }
 
 #[tokio::test]
+async fn many_temporary_roots_sent_ahead_of_their_answers_hold_through_a_gc() {
+    let store = NixStore::start().unwrap();
+    let count = hydra_nix::daemon::PIPELINED * 2 + 3;
+    let names: Vec<String> = (0..=count).map(|i| format!("d{i}")).collect();
+    let expr: String = names
+        .iter()
+        .map(|n| format!("{n} = mkDrv {{ name = \"{n}\"; script = \"echo > $out\"; }};\n"))
+        .collect();
+    let attrs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let paths = store
+        .instantiate(&format!("with prelude; {{ {expr} }}"), &attrs)
+        .await
+        .unwrap();
+    let (last, rooted) = attrs.split_last().unwrap();
+    let rooted: Vec<String> = rooted.iter().map(|a| paths[*a].clone()).collect();
+    let mut client = connect(&store).await;
+    client.add_temp_roots(&rooted).await.unwrap();
+    assert_eq!(client.temp_roots() as usize, rooted.len());
+
+    store.run("nix-store", &["--gc"]).await.unwrap();
+    let valid = client.query_valid_paths(&rooted).await.unwrap();
+    assert_eq!(
+        valid.len(),
+        rooted.len(),
+        "every rooted path outlived the GC"
+    );
+    assert!(
+        !client.is_valid_path(&paths[*last]).await.unwrap(),
+        "the one left unrooted went: the GC did run"
+    );
+    assert_connection_usable(&mut client).await;
+}
+
+#[tokio::test]
 async fn builds_a_derivation_through_the_client_with_its_log() {
     let store = NixStore::start().unwrap();
     let paths = store

@@ -60,6 +60,11 @@ enum Op {
     QueryRealisation = 43,
 }
 
+/// How many requests [`DaemonClient::add_temp_roots`] sends ahead of their
+/// answers: few enough that neither side's socket buffer fills while the
+/// other is still writing (a request is under 300 bytes, an answer 16).
+pub const PIPELINED: usize = 128;
+
 /// Settings sent with `SetOptions`; limits apply to the builds that follow.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientSettings {
@@ -527,6 +532,27 @@ impl DaemonClient {
         write_bytes(&mut self.w, path.as_bytes()).await?;
         self.process_stderr(&mut |_| {}).await?;
         read_u64(&mut self.r).await?;
+        Ok(())
+    }
+
+    /// Temporary roots for many paths, each batch of requests sent before
+    /// their answers are read: a round trip for every [`PIPELINED`] paths
+    /// rather than for each (a job's inputs may be thousands of paths).
+    pub async fn add_temp_roots(&mut self, paths: &[String]) -> Result<(), DaemonError> {
+        for batch in paths.chunks(PIPELINED) {
+            for p in batch {
+                self.check_path(p)?;
+            }
+            for p in batch {
+                self.temp_roots += 1;
+                self.op(Op::AddTempRoot).await?;
+                write_bytes(&mut self.w, p.as_bytes()).await?;
+            }
+            for _ in batch {
+                self.process_stderr(&mut |_| {}).await?;
+                read_u64(&mut self.r).await?;
+            }
+        }
         Ok(())
     }
 

@@ -15,7 +15,7 @@ mod spares;
 mod types;
 mod wire;
 
-pub use client::{ClientSettings, DaemonClient, PROTOCOL_VERSION};
+pub use client::{ClientSettings, DaemonClient, PIPELINED, PROTOCOL_VERSION};
 pub use error::DaemonError;
 pub use spares::{ROOTED_IDLE, Spares};
 pub use types::{
