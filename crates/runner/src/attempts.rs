@@ -66,6 +66,10 @@ pub struct Attempt {
     /// `attempt_grace_secs`, from when it started on this runner. None
     /// when the step has no timeout (0, as Nix's `timeout`).
     pub deadline: Option<std::time::Instant>,
+    /// The progress code (`BuildSteps.busy`) last queued for its row:
+    /// `Preparing` as dispatch writes it, 0 when unknown (inherited). A
+    /// report of the code it has already is not written again.
+    pub busy: i32,
 }
 
 /// Why and until when an attempt's builder is away.
@@ -98,6 +102,13 @@ impl Attempt {
 }
 
 impl Attempt {
+    /// The builder reports progress code `busy`: false when the row has it
+    /// already (a builder's first report, `Preparing`, is what dispatch
+    /// wrote), so it costs no write.
+    pub fn progressed(&mut self, busy: i32) -> bool {
+        std::mem::replace(&mut self.busy, busy) != busy
+    }
+
     /// Whether `path` is one of the step's output paths fixed by its
     /// `.drv` (input-addressed or fixed-output), not one learnt after the
     /// build (a floating CA output, which must prove its content address).
@@ -418,8 +429,30 @@ mod tests {
             away: None,
             inputs: None,
             ran_ahead: false,
+            busy: hydra_db::status::StepProgress::Preparing.code(),
             deadline: None,
         }
+    }
+
+    #[test]
+    fn a_progress_code_the_row_has_already_is_not_written_again() {
+        use hydra_db::status::StepProgress;
+        let mut a = attempt("conn-1");
+        assert!(
+            !a.progressed(StepProgress::Preparing.code()),
+            "dispatch wrote it"
+        );
+        assert!(a.progressed(StepProgress::Building.code()));
+        assert!(!a.progressed(StepProgress::Building.code()));
+        assert!(a.progressed(StepProgress::ReceivingOutputs.code()));
+        let mut inherited = Attempt {
+            busy: 0,
+            ..attempt("conn-1")
+        };
+        assert!(
+            inherited.progressed(StepProgress::Preparing.code()),
+            "an inherited row's code is unknown"
+        );
     }
 
     #[test]

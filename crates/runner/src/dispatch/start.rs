@@ -195,6 +195,7 @@ fn new_attempt(
         away: None,
         inputs: None,
         ran_ahead: false,
+        busy: hydra_db::status::StepProgress::Preparing.code(),
         deadline: (!timeout.is_zero()).then(|| std::time::Instant::now() + timeout + grace),
     }
 }

@@ -107,6 +107,7 @@ impl Inner {
             }),
             inputs: None,
             ran_ahead: false,
+            busy: 0,
             deadline: (!timeout.is_zero()).then(|| Instant::now() + timeout + o.attempt_grace),
         };
         self.started_builds.insert(o.build);

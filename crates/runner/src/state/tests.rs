@@ -110,6 +110,7 @@ fn attempt_of(a: &Assignment) -> Attempt {
         away: None,
         inputs: None,
         ran_ahead: false,
+        busy: hydra_db::status::StepProgress::Preparing.code(),
         deadline: None,
     }
 }

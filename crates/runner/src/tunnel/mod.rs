@@ -439,13 +439,17 @@ async fn control_loop(
                 let row = shared
                     .state
                     .with_attempt(&p.attempt_id, connection, |a| {
+                        if !a.progressed(busy_code(p.phase())) {
+                            return None;
+                        }
                         let event = NewEvent::new(Kind::StepProgress, a.builds.clone())
                             .drv(shared.store.dir().display(&a.drv_path))
                             .machine(a.machine.as_str())
                             .detail(phase_name(p.phase()));
-                        (a.build, a.stepnr, event)
+                        Some((a.build, a.stepnr, event))
                     })
-                    .ok();
+                    .ok()
+                    .flatten();
                 if let Some((build, stepnr, event)) = row {
                     let update = crate::record::ProgressUpdate {
                         build,
