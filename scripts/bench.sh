@@ -29,7 +29,7 @@ case "${1:-quick}" in
     run scale --builders 100 --steps 10000 --seconds 20
     ;;
   full)
-    run makespan --shapes wide-200,wide-1000,deep-100,deep-200,layered,mixed
+    run makespan --shapes wide-200,wide-1000,deep-100,deep-200,layered,mixed --repeat 3
     run latency
     run transfer
     run ingest

@@ -46,6 +46,11 @@ enum Scenario {
         jobs: u32,
         #[arg(long, default_value_t = 2)]
         builders: u32,
+        /// Pairs of runs (local Nix, then the farm) of each shape: the row
+        /// is the pair of the median ratio, with the range beside it (the
+        /// VM's speed drifts by tens of percent within minutes).
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
     },
     /// Queued builds (three derivations each) loaded into the graph, and
     /// again after a restart.
@@ -143,9 +148,14 @@ async fn main() -> Result<()> {
             size,
             jobs,
             builders,
+            repeat,
         } => {
             let dags = shapes(&list, size)?;
-            let o = makespan::Options { jobs, builders };
+            let o = makespan::Options {
+                jobs,
+                builders,
+                repeat: repeat.max(1),
+            };
             ("makespan", makespan::run(&dags, &o).await?)
         }
         Scenario::Probe => ("probe", probe().await?),

@@ -17,6 +17,49 @@ use crate::report::{ms, percentile, table};
 pub struct Options {
     pub jobs: u32,
     pub builders: u32,
+    /// Pairs of runs of each shape.
+    pub repeat: u32,
+}
+
+/// One pair: local Nix, then the farm, on freshly salted derivations.
+struct Pair {
+    local: f64,
+    local_cpu: cpu::Spent,
+    farm: f64,
+    over: Overheads,
+    farm_cpu: cpu::Spent,
+}
+
+impl Pair {
+    fn ratio(&self) -> f64 {
+        self.farm / self.local
+    }
+}
+
+async fn pair(dag: &Dag, o: &Options, n: u32) -> Result<Pair> {
+    let salt = uuid_like();
+    let of = if o.repeat > 1 {
+        format!(" (pair {n} of {})", o.repeat)
+    } else {
+        String::new()
+    };
+    eprintln!(
+        "[makespan] {}{of}: local nix-store --realise -j {}",
+        dag.shape, o.jobs
+    );
+    let (local, local_cpu) = local_nix(dag, &salt, o.jobs).await?;
+    eprintln!(
+        "[makespan] {}{of}: the farm ({} builders, {} slots in all)",
+        dag.shape, o.builders, o.jobs
+    );
+    let (farm, over, farm_cpu) = farm(dag, &salt, o).await?;
+    Ok(Pair {
+        local,
+        local_cpu,
+        farm,
+        over,
+        farm_cpu,
+    })
 }
 
 pub async fn run(dags: &[Dag], o: &Options) -> Result<Value> {
@@ -24,17 +67,20 @@ pub async fn run(dags: &[Dag], o: &Options) -> Result<Value> {
     let mut rows = Vec::new();
     let mut cpu_rows = Vec::new();
     for dag in dags {
-        let salt = uuid_like();
-        eprintln!(
-            "[makespan] {}: local nix-store --realise -j {}",
-            dag.shape, o.jobs
-        );
-        let (local, local_cpu) = local_nix(dag, &salt, o.jobs).await?;
-        eprintln!(
-            "[makespan] {}: the farm ({} builders, {} slots in all)",
-            dag.shape, o.builders, o.jobs
-        );
-        let (farm, over, farm_cpu) = farm(dag, &salt, o).await?;
+        let mut pairs = Vec::new();
+        for n in 1..=o.repeat {
+            pairs.push(pair(dag, o, n).await?);
+        }
+        let ratios: Vec<f64> = pairs.iter().map(Pair::ratio).collect();
+        pairs.sort_by(|a, b| a.ratio().total_cmp(&b.ratio()));
+        let (lowest, highest) = (pairs[0].ratio(), pairs[pairs.len() - 1].ratio());
+        let Pair {
+            local,
+            local_cpu,
+            farm,
+            over,
+            farm_cpu,
+        } = pairs.swap_remove(pairs.len() / 2);
         let ratio = farm / local;
         let steps = dag.nodes.len() as f64;
         let per_step = |s: f64| s * 1000.0 / steps;
@@ -66,6 +112,7 @@ pub async fn run(dags: &[Dag], o: &Options) -> Result<Value> {
             format!("{local:.2}"),
             format!("{farm:.2}"),
             format!("{ratio:.2}"),
+            format!("{lowest:.2}-{highest:.2}"),
             ms(over.dispatch_to_start_p50),
             ms(over.input_transfer_p50),
             ms(over.completion_to_next_p50),
@@ -76,7 +123,7 @@ pub async fn run(dags: &[Dag], o: &Options) -> Result<Value> {
         results.push(json!({
             "shape": dag.shape, "steps": dag.nodes.len() + 1, "jobs": o.jobs,
             "builders": o.builders, "local_seconds": local, "farm_seconds": farm,
-            "ratio": ratio, "overheads_ms": over.to_json(),
+            "ratio": ratio, "ratios_of_pairs": ratios, "overheads_ms": over.to_json(),
             "cpu_ms_per_step": {
                 "local": per_step(local_cpu.machine), "farm": per_step(farm_cpu.machine),
                 "farm_own": own, "farm_by_kind": kinds,
@@ -84,13 +131,15 @@ pub async fn run(dags: &[Dag], o: &Options) -> Result<Value> {
         }));
     }
     table(
-        "makespan: local Nix vs the farm (seconds; overheads are medians in ms)",
+        "makespan: local Nix vs the farm (seconds; the pair of the median ratio, and the \
+         range of all pairs; overheads are medians in ms)",
         &[
             "shape",
             "steps",
             "local",
             "farm",
             "farm/local",
+            "range",
             "dispatch->start",
             "inputs",
             "done->next",
