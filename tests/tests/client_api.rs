@@ -758,3 +758,42 @@ async fn a_watcher_that_stops_reading_then_resumes_misses_nothing() {
         );
     }
 }
+
+/// The sequencer's numbering, on its own: committed events get contiguous
+/// numbers after the highest given, in the order they were written, and
+/// other processes hear of each numbered batch; a pass with nothing to
+/// number tells nobody.
+#[tokio::test]
+async fn committed_events_are_numbered_in_order_and_other_processes_told() {
+    use hydra_queue_runner::events::{self, Kind, NewEvent};
+    let db = hydra_testkit::TestDb::new().await;
+    let mut told = sqlx::postgres::PgListener::connect_with(&db.pool)
+        .await
+        .unwrap();
+    told.listen("hqr_events").await.unwrap();
+    assert!(events::number_committed(&db.pool).await.unwrap().is_empty());
+
+    for round in 0..2 {
+        let written: Vec<NewEvent> = (0..3)
+            .map(|i| {
+                let mut e = NewEvent::new(Kind::StepProgress, vec![1]);
+                e.detail = Some(format!("{round}.{i}"));
+                e
+            })
+            .collect();
+        events::emit_now(&db.pool, &written).await.unwrap();
+        let numbered = events::number_committed(&db.pool).await.unwrap();
+        let seqs: Vec<i64> = numbered.iter().map(|r| r.seq).collect();
+        let base = round * 3;
+        assert_eq!(seqs, vec![base + 1, base + 2, base + 3]);
+        let details: Vec<String> = numbered.iter().filter_map(|r| r.detail.clone()).collect();
+        assert_eq!(details, ["0", "1", "2"].map(|i| format!("{round}.{i}")));
+        tokio::time::timeout(LIMIT, told.recv())
+            .await
+            .expect("a numbered batch is told")
+            .unwrap();
+        // Exactly one notification a batch: the empty pass before the
+        // first batch told nobody, or a second would be waiting now.
+        assert!(told.next_buffered().is_none(), "round {round}");
+    }
+}

@@ -241,26 +241,24 @@ pub async fn sequencer(shared: Arc<Shared>) -> Result<(), Fatal> {
 /// Numbers the committed events that have no number yet, in id order,
 /// after the highest number given; returns them, in order, once committed.
 pub async fn number_committed(pool: &PgPool) -> Result<Vec<EventRow>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    // One statement, its own transaction: done once its answer is read
+    // (the rows come before the commit's acknowledgement, which ends the
+    // answer). The notification, for watchers of other processes (this
+    // runner's hear from the sequencer directly), is an init plan, run
+    // only when there is a row to answer with.
     let mut rows: Vec<EventRow> = sqlx::query_as(
         "with todo as (select id from hqr_events where seq is null order by id limit $1),
-              top as (select coalesce(max(seq), 0) as top from hqr_events)
-         update hqr_events e set seq = top.top + n.rn
-           from (select id, row_number() over (order by id) as rn from todo) n, top
-          where e.id = n.id
-         returning e.seq, e.kind, e.builds, e.at_ms, e.drv_path, e.machine, e.status, e.detail",
+              top as (select coalesce(max(seq), 0) as top from hqr_events),
+              numbered as (
+                update hqr_events e set seq = top.top + n.rn
+                  from (select id, row_number() over (order by id) as rn from todo) n, top
+                 where e.id = n.id
+                returning e.seq, e.kind, e.builds, e.at_ms, e.drv_path, e.machine, e.status, e.detail)
+         select numbered.*, (select count(pg_notify('hqr_events', ''))) as told from numbered",
     )
     .bind(SEQUENCER_BATCH)
-    .fetch_all(&mut *tx)
+    .fetch_all(pool)
     .await?;
-    if !rows.is_empty() {
-        // For watchers of other processes (none of this runner's own
-        // need it; they hear from the sequencer directly).
-        sqlx::query("select pg_notify('hqr_events', '')")
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.commit().await?;
     rows.sort_by_key(|r| r.seq);
     Ok(rows)
 }
