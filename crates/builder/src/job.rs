@@ -5,9 +5,10 @@
 //! Inputs and outputs are held as temporary roots on a daemon connection
 //! kept open for the whole job, and finished outputs that no runner has
 //! taken within a second also as indirect roots under `state_dir`, so no
-//! garbage collection takes them before a runner has them. A job outlives the connection that sent it: a call
-//! that fails because the runner went away waits for the job to be
-//! adopted again ([`Tie::owner`]) and is made again.
+//! garbage collection takes them before a runner has them. A job outlives
+//! the connection that sent it: a call that fails because the runner went
+//! away waits for the job to be adopted again ([`Tie::owner`]) and is made
+//! again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -593,7 +594,8 @@ enum Undelivered {
 /// Delivers a finished job: the rest of its log, its outputs (for a
 /// success) and its report, to whichever runner holds it, until one takes
 /// the report or the job is dropped. The report is accepted once per
-/// attempt; a runner that had it already says so.
+/// attempt; a runner that had it already says so. Outputs still
+/// undelivered after [`HOLD_AFTER`] are made indirect roots meanwhile.
 async fn deliver(
     ctx: &JobContext,
     id: &str,
@@ -623,6 +625,7 @@ async fn deliver(
     delivery.await
 }
 
+/// The delivery's tries, each to the runner that holds the job then.
 async fn deliver_until_done(
     ctx: &JobContext,
     id: &str,
