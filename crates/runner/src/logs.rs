@@ -291,11 +291,17 @@ mod tests {
         }
     }
 
+    /// A log store in a fresh directory, and the derivation the tests log.
+    fn fixture(compression: LogCompression) -> (tempfile::TempDir, LogStore, StorePath) {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = LogStore::new(dir.path(), compression);
+        let drv = StorePath::from_base_name("7rjj86a15146cq1d3qy068lml7n8ykzm-hello.drv").unwrap();
+        (dir, logs, drv)
+    }
+
     #[tokio::test]
     async fn a_log_reads_the_same_while_running_and_after_compression() {
-        let dir = tempfile::tempdir().unwrap();
-        let logs = LogStore::new(dir.path(), LogCompression::Zstd);
-        let drv = StorePath::from_base_name("7rjj86a15146cq1d3qy068lml7n8ykzm-hello.drv").unwrap();
+        let (_dir, logs, drv) = fixture(LogCompression::Zstd);
         assert_eq!(logs.read(&drv), None);
         logs.start(&drv).await.unwrap();
         logs.append(&drv, "line 1\n".into()).await.unwrap();
@@ -318,9 +324,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_empty_log_stays_plain_and_reads_empty() {
-        let dir = tempfile::tempdir().unwrap();
-        let logs = LogStore::new(dir.path(), LogCompression::Zstd);
-        let drv = StorePath::from_base_name("7rjj86a15146cq1d3qy068lml7n8ykzm-hello.drv").unwrap();
+        let (_dir, logs, drv) = fixture(LogCompression::Zstd);
         logs.start(&drv).await.unwrap();
         let named = logs.finish(&drv).await.unwrap();
         assert_eq!(std::fs::read(&named).unwrap(), b"");
@@ -331,9 +335,7 @@ mod tests {
 
     #[tokio::test]
     async fn with_no_compression_the_plain_log_stays_and_a_bzip2_one_is_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let logs = LogStore::new(dir.path(), LogCompression::None);
-        let drv = StorePath::from_base_name("7rjj86a15146cq1d3qy068lml7n8ykzm-hello.drv").unwrap();
+        let (_dir, logs, drv) = fixture(LogCompression::None);
         logs.start(&drv).await.unwrap();
         logs.append(&drv, bytes::Bytes::from_static(b"caf\xe9\n"))
             .await

@@ -899,6 +899,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_root_refused_midway_through_a_pipelined_batch_is_an_error_not_a_hang() {
+        // The daemon roots the first path and refuses the second (its
+        // answers to the rest never come): the client reports the refusal
+        // as the daemon said it, without waiting for the answers it lacks.
+        let mut then = Vec::new();
+        write_u64(&mut then, STDERR_LAST).await.unwrap();
+        write_u64(&mut then, 1).await.unwrap();
+        write_u64(&mut then, STDERR_ERROR).await.unwrap();
+        write_bytes(&mut then, b"Error").await.unwrap();
+        write_u64(&mut then, 0).await.unwrap(); // level
+        write_bytes(&mut then, b"Error").await.unwrap();
+        write_bytes(&mut then, b"cannot add a root").await.unwrap();
+        write_u64(&mut then, 0).await.unwrap(); // no position
+        write_u64(&mut then, 0).await.unwrap(); // no traces
+        let (mut client, _peer) = fake_daemon(38, &[], then).await;
+        let paths: Vec<String> = (0..5)
+            .map(|i| format!("/nix/store/{}-p{i}", "0".repeat(32)))
+            .collect();
+        let err = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            client.add_temp_roots(&paths),
+        )
+        .await
+        .expect("no wait for answers the daemon never sends")
+        .unwrap_err();
+        assert!(err.to_string().contains("cannot add a root"), "{err}");
+    }
+
+    #[tokio::test]
     async fn a_newer_daemon_is_spoken_to_at_this_clients_version() {
         let (client, _peer) = fake_daemon(40, &[], Vec::new()).await;
         assert_eq!(client.protocol_minor(), PROTOCOL_VERSION & 0xff);
