@@ -679,4 +679,35 @@ async fn progress_written_in_a_batch_changes_running_steps_only_and_in_order() {
             ("/nix/store/x-step1.drv".to_owned(), "building".to_owned()),
         ]
     );
+
+    // Within a batch, a code is compared with the step's code at that
+    // point of the batch, not with the row's before it: back and forth is
+    // two changes, a repeat none.
+    set_steps_progress(
+        pool,
+        &[
+            update(2, 30, "building"),
+            update(2, 20, "sending-inputs"),
+            update(2, 20, "sending-inputs"),
+            update(2, 30, "building"),
+        ],
+    )
+    .await
+    .unwrap();
+    let step2: i32 =
+        sqlx::query_scalar("select busy from BuildSteps where build = $1 and stepnr = 2")
+            .bind(build)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(step2, 30);
+    let events: Vec<String> = sqlx::query_scalar(
+        "select detail from hqr_events where kind = 'step_progress' and $1 = any(builds)
+            and drv_path = '/nix/store/x-step2.drv' order by id",
+    )
+    .bind(build)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(events, ["sending-inputs", "building"]);
 }

@@ -268,21 +268,9 @@ impl Attempts {
     }
 }
 
-/// Persists a new attempt.
-pub async fn persist(tx: &mut PgConnection, a: &Attempt) -> Result<(), sqlx::Error> {
-    sqlx::query("insert into hqr_attempts (id, build, stepnr, drv_path, machine) values ($1, $2, $3, $4, $5)")
-        .bind(a.id)
-        .bind(a.build)
-        .bind(a.stepnr)
-        .bind(a.drv_path.to_string())
-        .bind(&a.machine)
-        .execute(tx)
-        .await
-        .map(|_| ())
-}
-
-/// Records how an attempt ended (a BuildSteps status code).
-pub async fn close(tx: &mut PgConnection, id: &Uuid, outcome: i32) -> Result<(), sqlx::Error> {
+/// Records how an attempt ended (a BuildSteps status code). A finished
+/// step row closes its attempt itself (`record::finish_build_step`).
+async fn close(tx: &mut PgConnection, id: &Uuid, outcome: i32) -> Result<(), sqlx::Error> {
     sqlx::query("update hqr_attempts set finished_at = now(), outcome = $2 where id = $1 and finished_at is null")
         .bind(id)
         .bind(outcome)

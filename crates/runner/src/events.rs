@@ -164,46 +164,82 @@ pub struct EventRow {
     pub detail: Option<String>,
 }
 
+/// Events as the columns of `hqr_events`, one array each, for a statement
+/// that inserts them with `unnest` (in the order given).
+pub struct EventColumns<'a> {
+    pub kinds: Vec<&'a str>,
+    /// Each as an integer array's text (`{1,2}`): arrays of arrays cannot
+    /// be bound.
+    pub builds: Vec<String>,
+    pub drvs: Vec<Option<&'a str>>,
+    pub machines: Vec<Option<&'a str>>,
+    pub statuses: Vec<Option<i32>>,
+    pub details: Vec<Option<String>>,
+}
+
+impl<'a> EventColumns<'a> {
+    pub fn new(events: impl IntoIterator<Item = &'a NewEvent>) -> EventColumns<'a> {
+        let mut c = EventColumns {
+            kinds: Vec::new(),
+            builds: Vec::new(),
+            drvs: Vec::new(),
+            machines: Vec::new(),
+            statuses: Vec::new(),
+            details: Vec::new(),
+        };
+        for e in events {
+            c.kinds.push(e.kind.as_str());
+            c.builds.push(int_array(&e.builds));
+            c.drvs.push(e.drv_path.as_deref());
+            c.machines.push(e.machine.as_deref());
+            c.statuses.push(e.status);
+            // Details are often a builder's or Nix's text: cleaned at the
+            // boundary (crate::outside), as every text that reaches a
+            // column is.
+            c.details.push(
+                e.detail
+                    .as_deref()
+                    .map(|d| crate::outside::display_text(d, crate::outside::ERROR_MSG_MAX)),
+            );
+        }
+        c
+    }
+
+    /// Binds the six arrays, in the order of the columns above.
+    pub fn bind<'q>(
+        &'q self,
+        q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        q.bind(&self.kinds)
+            .bind(&self.builds)
+            .bind(&self.drvs)
+            .bind(&self.machines)
+            .bind(&self.statuses)
+            .bind(&self.details)
+    }
+}
+
 /// Writes `events` in `tx`; the sequencer numbers them once it commits.
 pub async fn emit(tx: &mut PgConnection, events: &[NewEvent]) -> Result<(), sqlx::Error> {
     if events.is_empty() {
         return Ok(());
     }
-    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
-    let builds: Vec<String> = events.iter().map(|e| int_array(&e.builds)).collect();
-    let drvs: Vec<Option<&str>> = events.iter().map(|e| e.drv_path.as_deref()).collect();
-    let machines: Vec<Option<&str>> = events.iter().map(|e| e.machine.as_deref()).collect();
-    let statuses: Vec<Option<i32>> = events.iter().map(|e| e.status).collect();
-    // Details are often a builder's or Nix's text: cleaned at the boundary
-    // (crate::outside), as every text that reaches a column is.
-    let details: Vec<Option<String>> = events
-        .iter()
-        .map(|e| {
-            e.detail
-                .as_deref()
-                .map(|d| crate::outside::display_text(d, crate::outside::ERROR_MSG_MAX))
-        })
-        .collect();
+    let columns = EventColumns::new(events);
     // The sequencer's wake-up rides on the insert: one statement, not two,
     // of the several each step's transactions make.
-    sqlx::query(
-        "with written as (
-           insert into hqr_events (kind, builds, drv_path, machine, status, detail)
-           select e.kind, e.builds::integer[], e.drv, e.machine, e.status, e.detail
-             from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::integer[], $6::text[])
-                    with ordinality as e(kind, builds, drv, machine, status, detail, ord)
-            order by e.ord
-           returning 1)
-         select pg_notify('hqr_events_written', '')",
-    )
-    .bind(&kinds)
-    .bind(&builds)
-    .bind(&drvs)
-    .bind(&machines)
-    .bind(&statuses)
-    .bind(&details)
-    .execute(&mut *tx)
-    .await?;
+    columns
+        .bind(sqlx::query(
+            "with written as (
+               insert into hqr_events (kind, builds, drv_path, machine, status, detail)
+               select e.kind, e.builds::integer[], e.drv, e.machine, e.status, e.detail
+                 from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::integer[], $6::text[])
+                        with ordinality as e(kind, builds, drv, machine, status, detail, ord)
+                order by e.ord
+               returning 1)
+             select pg_notify('hqr_events_written', '')",
+        ))
+        .execute(&mut *tx)
+        .await?;
     Ok(())
 }
 

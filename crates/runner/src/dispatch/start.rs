@@ -4,10 +4,10 @@ use hydra_nix::daemon::DaemonClient;
 use uuid::Uuid;
 
 use super::Assignment;
-use crate::attempts::{self, Attempt};
-use crate::events::{self, Kind, NewEvent};
+use crate::attempts::Attempt;
+use crate::events::{Kind, NewEvent};
 use crate::job_inputs::{self, PrepareError};
-use crate::record::{self, NewStepRow};
+use crate::record::{self, Dispatch, NewStepRow};
 use crate::tunnel::Job;
 use crate::{Fatal, Shared};
 
@@ -126,8 +126,8 @@ async fn prepare_job(
 /// planned again (the queue monitor drops the build meanwhile).
 const OWNER_GONE_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Writes the busy step row and the attempt, in one transaction. None
-/// when the owner build is gone.
+/// Writes the busy step row, the attempt and the step's event: one
+/// statement, so no transaction. None when the owner build is gone.
 async fn persist(
     shared: &Shared,
     a: &Assignment,
@@ -135,40 +135,40 @@ async fn persist(
 ) -> Result<Option<Attempt>, Fatal> {
     let start_time = record::now();
     let drv = shared.store.dir().display(&a.drv_path);
-    let first_step = !shared.state.build_started_before(a.owner.id);
-    let attempt = in_transaction!(shared, |tx| {
-        let stepnr = record::create_build_step(
-            &mut tx,
-            &NewStepRow {
-                build: a.owner.id,
-                drv_path: &drv,
-                system: &a.system,
-                status: None,
-                machine: &a.machine,
-                start_time: Some(start_time),
-                error_msg: None,
-                propagated_from: None,
-                outputs,
-                resolved_drv_path: None,
-            },
-        )
-        .await?;
-        let Some(stepnr) = stepnr else {
-            return Ok(None);
-        };
-        let grace = std::time::Duration::from_secs(shared.config().attempt_grace_secs);
-        let attempt = new_attempt(a, stepnr, start_time, outputs, grace);
-        attempts::persist(&mut tx, &attempt).await?;
-        if first_step {
-            record::notify_build_started(&mut tx, a.owner.id).await?;
-        }
-        let started = NewEvent::new(Kind::StepStarted, a.builds.clone())
-            .drv(drv.as_str())
-            .machine(a.machine.as_str());
-        events::emit(&mut tx, &[started]).await?;
-        Ok(Some(attempt))
-    })?;
-    Ok(attempt)
+    let base_name = a.drv_path.to_string();
+    let started = NewEvent::new(Kind::StepStarted, a.builds.clone())
+        .drv(drv.as_str())
+        .machine(a.machine.as_str());
+    let row = NewStepRow {
+        build: a.owner.id,
+        drv_path: &drv,
+        system: &a.system,
+        status: None,
+        machine: &a.machine,
+        start_time: Some(start_time),
+        error_msg: None,
+        propagated_from: None,
+        outputs,
+        resolved_drv_path: None,
+        dispatch: Some(Dispatch {
+            attempt: &a.attempt,
+            drv_base_name: &base_name,
+            event: &started,
+            first_of_build: !shared.state.build_started_before(a.owner.id),
+        }),
+    };
+    let asked = std::time::Instant::now();
+    let mut db = shared.pool.acquire().await?;
+    shared
+        .metrics
+        .pool_wait_seconds
+        .lock()
+        .observe(asked.elapsed());
+    let Some(stepnr) = record::create_build_step(&mut db, &row).await? else {
+        return Ok(None);
+    };
+    let grace = std::time::Duration::from_secs(shared.config().attempt_grace_secs);
+    Ok(Some(new_attempt(a, stepnr, start_time, outputs, grace)))
 }
 
 fn new_attempt(

@@ -6,7 +6,7 @@
 
 use hydra_db::status::BuildStatus;
 
-use crate::attempts::{self, Attempt};
+use crate::attempts::Attempt;
 use crate::events::{self, Kind, NewEvent};
 use crate::graph::{Build, StepId};
 use crate::record::{self, NewStepRow, StepResult};
@@ -160,6 +160,7 @@ async fn write_failure(
         (Some((a, log_file)), _) => {
             record::finish_build_step(
                 tx,
+                &a.id,
                 a.build,
                 a.stepnr,
                 &StepResult {
@@ -172,10 +173,10 @@ async fn write_failure(
                     is_non_deterministic: f.is_non_deterministic,
                     log_file,
                     outputs: &[],
+                    event: None,
                 },
             )
             .await?;
-            attempts::close(tx, &a.id, f.status.code()).await?;
             crate::uploads::enqueue_log(tx, &shared.config().destinations, &drv_full).await?;
             Some(a.build)
         }
@@ -201,6 +202,7 @@ async fn write_failure(
                     propagated_from,
                     outputs: &[],
                     resolved_drv_path: None,
+                    dispatch: None,
                 },
             )
             .await?;

@@ -25,7 +25,7 @@ use hydra_db::status::BuildStatus;
 use hydra_proto::v1::{CompletionReport, Outcome};
 use thiserror::Error;
 
-use crate::attempts::{self, Attempt, OwnershipError};
+use crate::attempts::{Attempt, OwnershipError};
 use crate::events;
 use crate::graph::Build;
 use crate::outside::{self, OutsideError};
@@ -122,10 +122,10 @@ pub async fn abandon_inherited(
         is_non_deterministic: None,
         log_file: &log_file.display().to_string(),
         outputs: &[],
+        event: None,
     };
     in_transaction!(shared, |tx| {
-        record::finish_build_step(&mut tx, open.build, open.stepnr, &result).await?;
-        attempts::close(&mut tx, &open.id, BuildStatus::Aborted.code()).await?;
+        record::finish_build_step(&mut tx, &open.id, open.build, open.stepnr, &result).await?;
         Ok(())
     })?;
     Ok(())
@@ -234,6 +234,8 @@ pub(super) async fn close_attempt(
     how: AttemptEnd,
 ) -> Result<(), Fatal> {
     let log_file = shared.logs.finish(&attempt.drv_path).await?;
+    let drv = shared.store.dir().display(&attempt.drv_path);
+    let finished = events::step_finished(&drv, attempt, &[], status, Some(reason));
     let result = StepResult {
         status,
         error_msg: Some(reason),
@@ -244,13 +246,11 @@ pub(super) async fn close_attempt(
         is_non_deterministic: None,
         log_file: &log_file.display().to_string(),
         outputs: &[],
+        event: Some(&finished),
     };
     in_transaction!(shared, |tx| {
-        record::finish_build_step(&mut tx, attempt.build, attempt.stepnr, &result).await?;
-        attempts::close(&mut tx, &attempt.id, status.code()).await?;
-        let drv = shared.store.dir().display(&attempt.drv_path);
-        let finished = events::step_finished(&drv, attempt, &[], status, Some(reason));
-        events::emit(&mut tx, &[finished]).await?;
+        record::finish_build_step(&mut tx, &attempt.id, attempt.build, attempt.stepnr, &result)
+            .await?;
         Ok(())
     })?;
     ended(shared, attempt, how);

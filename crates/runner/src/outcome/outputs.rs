@@ -8,7 +8,7 @@ use hydra_nix::daemon::DaemonClient;
 use uuid::Uuid;
 
 use super::{CheckedReport, abort_attempt, ended, write_success};
-use crate::attempts::{self, Attempt};
+use crate::attempts::Attempt;
 use crate::events;
 use crate::graph::StepId;
 use crate::nix_support::{BuildOutputInfo, OutputScan, scan_nar};
@@ -229,9 +229,17 @@ pub async fn succeed(
         outputs: &paths,
         except: Some(attempt.build),
     };
+    let finished = events::step_finished(
+        &drv_full,
+        &attempt,
+        &done.needed_by,
+        BuildStatus::Success,
+        None,
+    );
     let written = in_transaction!(shared, |tx| {
         record::finish_build_step(
             &mut tx,
+            &attempt.id,
             attempt.build,
             attempt.stepnr,
             &StepResult {
@@ -244,25 +252,20 @@ pub async fn succeed(
                 is_non_deterministic: report.is_non_deterministic.then_some(true),
                 log_file: &log_file,
                 outputs: &paths,
+                event: Some(&finished),
             },
         )
         .await?;
-        attempts::close(&mut tx, &attempt.id, BuildStatus::Success.code()).await?;
-        let drv = shared.store.dir().display(&attempt.drv_path);
-        crate::uploads::enqueue_log(&mut tx, &shared.config().destinations, &drv).await?;
-        events::emit(
-            &mut tx,
-            &[events::step_finished(
-                &shared.store.dir().display(&attempt.drv_path),
-                &attempt,
-                &done.needed_by,
-                BuildStatus::Success,
-                None,
-            )],
-        )
-        .await?;
+        crate::uploads::enqueue_log(&mut tx, &shared.config().destinations, &drv_full).await?;
         record_realisations(shared, &mut tx, &realised, &paths, &measured.closure).await?;
-        record::record_resolved_terminal(&mut tx, &terminal).await?;
+        // Only a derivation others resolved to can be the terminal of a
+        // status-13 row: its graph step then lists them. (A resolution
+        // made after `finishing` is met by `apply_success`; one recorded
+        // before a restart is redone when its build loads again, and
+        // finds these outputs valid: an early cutoff writes the row.)
+        if !done.resolved_from.is_empty() {
+            record::record_resolved_terminal(&mut tx, &terminal).await?;
+        }
         write_success(&mut tx, &done.direct, attempt.build, &success).await?;
         Ok(())
     });

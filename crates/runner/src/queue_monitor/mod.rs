@@ -565,6 +565,7 @@ async fn fail_cached(shared: &Shared, build: &Build, step: CachedStep<'_>) -> Re
                 propagated_from,
                 outputs: step.outputs,
                 resolved_drv_path: None,
+                dispatch: None,
             },
         )
         .await?;
@@ -600,6 +601,7 @@ async fn abort_build(
                 propagated_from: None,
                 outputs: &[],
                 resolved_drv_path: None,
+                dispatch: None,
             },
         )
         .await?;

@@ -25,10 +25,27 @@ pub struct NewStepRow<'a> {
     /// check `(status = 13) = (resolvedDrvPath is not null)` holds for
     /// every row, so both are written by the one insert.
     pub resolved_drv_path: Option<&'a str>,
+    /// The dispatch that makes a busy row, written by the same statement.
+    pub dispatch: Option<Dispatch<'a>>,
+}
+
+/// What a dispatch writes with its busy row: a dispatch is then one
+/// statement, where it was four and a transaction.
+pub struct Dispatch<'a> {
+    /// The attempt (`hqr_attempts`, on the row's machine); it takes the
+    /// step number the row gets.
+    pub attempt: &'a uuid::Uuid,
+    /// The derivation's base name (as the runner's tables keep it).
+    pub drv_base_name: &'a str,
+    /// The step's `step_started` event.
+    pub event: &'a crate::events::NewEvent,
+    /// The build's first step: Hydra's `build_started` is notified.
+    pub first_of_build: bool,
 }
 
 /// Creates a BuildSteps row with the next free step number of its build
-/// and its BuildStepOutputs; notifies `step_started` for a busy row.
+/// and its BuildStepOutputs (and what its dispatch writes, if any);
+/// notifies `step_started` for a busy row.
 /// Returns None when the build is gone (deleted, with its jobset or
 /// project, while its steps ran, as Hydra's web interface can): the row
 /// is not written. The build's row is locked against deletion until the
@@ -43,10 +60,12 @@ pub async fn create_build_step(
         .iter()
         .map(|(name, path)| (name.as_str(), path.as_deref()))
         .unzip();
+    let dispatch = row.dispatch.as_ref();
+    let events = crate::events::EventColumns::new(dispatch.map(|d| d.event));
     loop {
-        // One statement (the lock, the number, both rows, the
-        // notification): a dispatch's transaction made five of them.
-        let (present, stepnr, _notified): (bool, Option<i32>, i64) = sqlx::query_as(
+        // One statement (the lock, the number, both rows, the dispatch's
+        // attempt and event, the notifications).
+        let q = sqlx::query(
             "with build as (select id from Builds where id = $1 for key share),
                   next as (select coalesce(max(stepnr), 0) + 1 as stepnr from BuildSteps where build = $1),
                   step as (
@@ -57,11 +76,24 @@ pub async fn create_build_step(
                   outputs as (
                     insert into BuildStepOutputs (build, stepnr, name, path)
                     select $1, step.stepnr, o.name, o.path
-                      from step, unnest($12::text[], $13::text[]) as o(name, path))
+                      from step, unnest($12::text[], $13::text[]) as o(name, path)),
+                  attempt as (
+                    insert into hqr_attempts (id, build, stepnr, drv_path, machine)
+                    select $14, $1, step.stepnr, $15, $10 from step where $14 is not null),
+                  written as (
+                    insert into hqr_events (kind, builds, drv_path, machine, status, detail)
+                    select e.kind, e.builds::integer[], e.drv, e.machine, e.status, e.detail
+                      from step, unnest($16::text[], $17::text[], $18::text[], $19::text[], $20::integer[], $21::text[])
+                             with ordinality as e(kind, builds, drv, machine, status, detail, ord)
+                     order by e.ord
+                    returning 1)
              select exists (select 1 from build),
                     (select stepnr from step),
                     (select count(pg_notify('step_started', $1::text || chr(9) || stepnr::text))
-                       from step where $3 = 1)",
+                       from step where $3 = 1),
+                    (select count(pg_notify('hqr_events_written', ''))
+                       from (select 1 from written limit 1) w),
+                    (select count(pg_notify('build_started', $1::text)) from step where $22)",
         )
         .bind(row.build)
         .bind(row.drv_path)
@@ -76,8 +108,15 @@ pub async fn create_build_step(
         .bind(row.resolved_drv_path)
         .bind(&names)
         .bind(&paths)
-        .fetch_one(&mut *tx)
-        .await?;
+        .bind(dispatch.map(|d| d.attempt))
+        .bind(dispatch.map(|d| d.drv_base_name));
+        let r = events
+            .bind(q)
+            .bind(dispatch.is_some_and(|d| d.first_of_build))
+            .fetch_one(&mut *tx)
+            .await?;
+        use sqlx::Row;
+        let (present, stepnr): (bool, Option<i32>) = (r.try_get(0)?, r.try_get(1)?);
         match (present, stepnr) {
             (false, _) => return Ok(None),
             (true, Some(n)) => return Ok(Some(n)),
@@ -123,6 +162,7 @@ pub async fn record_resolution(
             propagated_from: None,
             outputs,
             resolved_drv_path: Some(resolved_base_name),
+            dispatch: None,
         },
     )
     .await
@@ -185,6 +225,7 @@ pub async fn record_resolved_terminal(
                 propagated_from: None,
                 outputs: &outputs,
                 resolved_drv_path: None,
+                dispatch: None,
             },
         )
         .await?
@@ -250,11 +291,15 @@ pub struct StepResult<'a> {
     pub log_file: &'a str,
     /// Known output paths (CA outputs learnt from the build).
     pub outputs: &'a [(String, String)],
+    /// The step's `step_finished` event, written by the same statement.
+    pub event: Option<&'a crate::events::NewEvent>,
 }
 
-/// Closes a busy step row; notifies `step_finished`.
+/// Closes a busy step row and the attempt that ran it (`hqr_attempts`,
+/// with the row's status as its outcome); notifies `step_finished`.
 pub async fn finish_build_step(
     tx: &mut PgConnection,
+    attempt: &uuid::Uuid,
     build: BuildId,
     stepnr: i32,
     r: &StepResult<'_>,
@@ -264,8 +309,10 @@ pub async fn finish_build_step(
         .iter()
         .map(|(name, path)| (name.as_str(), path.as_str()))
         .unzip();
-    // One statement: the row, its outputs' paths and the notification.
-    sqlx::query(
+    let events = crate::events::EventColumns::new(r.event);
+    // One statement: the row, its outputs' paths, the attempt, the event
+    // and the notifications.
+    let q = sqlx::query(
         "with step as (
            update BuildSteps set busy = 0, status = $1, errorMsg = $4, startTime = $5, stopTime = $6, machine = $7,
                   timesBuilt = $8, isNonDeterministic = $9
@@ -273,8 +320,19 @@ pub async fn finish_build_step(
               outputs as (
            update BuildStepOutputs o set path = v.path
              from unnest($10::text[], $11::text[]) as v(name, path)
-            where o.build = $2 and o.stepnr = $3 and o.name = v.name)
-         select pg_notify('step_finished', $12)",
+            where o.build = $2 and o.stepnr = $3 and o.name = v.name),
+              attempt as (
+           update hqr_attempts set finished_at = now(), outcome = $1
+            where id = $13 and finished_at is null),
+              written as (
+           insert into hqr_events (kind, builds, drv_path, machine, status, detail)
+           select e.kind, e.builds::integer[], e.drv, e.machine, e.status, e.detail
+             from unnest($14::text[], $15::text[], $16::text[], $17::text[], $18::integer[], $19::text[])
+                    with ordinality as e(kind, builds, drv, machine, status, detail, ord)
+            order by e.ord
+           returning 1)
+         select pg_notify('step_finished', $12),
+                (select count(pg_notify('hqr_events_written', '')) from (select 1 from written limit 1) w)",
     )
     .bind(r.status.code())
     .bind(build)
@@ -288,9 +346,8 @@ pub async fn finish_build_step(
     .bind(&names)
     .bind(&paths)
     .bind(format!("{build}\t{stepnr}\t{}", r.log_file))
-    .execute(&mut *tx)
-    .await
-    .map(|_| ())
+    .bind(attempt);
+    events.bind(q).execute(&mut *tx).await.map(|_| ())
 }
 
 /// A running step's new progress (`busy`) code, with its event.
@@ -303,65 +360,66 @@ pub struct ProgressUpdate {
 }
 
 /// Sets the progress codes of running steps, in the order given, in one
-/// transaction: a code a step has already, and any code of a step that is
-/// finished (`busy` 0) or gone, changes nothing and has no event.
+/// statement (it locks the rows in key order, so two writers never wait
+/// on each other in a cycle): a code a step has already, and any code of
+/// a step that is finished (`busy` 0) or gone, changes nothing and has no
+/// event.
 pub async fn set_steps_progress(
     pool: &sqlx::PgPool,
     updates: &[ProgressUpdate],
 ) -> Result<(), sqlx::Error> {
     use std::collections::HashMap;
-    let mut tx = pool.begin().await?;
-    let mut keys: Vec<(BuildId, i32)> = updates.iter().map(|u| (u.build, u.stepnr)).collect();
-    keys.sort_unstable();
-    keys.dedup();
-    let (builds, stepnrs): (Vec<BuildId>, Vec<i32>) = keys.into_iter().unzip();
-    // Locked in key order, so two writers never wait on each other in a cycle.
-    let rows: Vec<(BuildId, i32, i32)> = sqlx::query_as(
-        "select s.build, s.stepnr, s.busy from BuildSteps s
-           join unnest($1::integer[], $2::integer[]) as v(build, stepnr)
-             on s.build = v.build and s.stepnr = v.stepnr
-          order by s.build, s.stepnr
-            for update of s",
-    )
-    .bind(&builds)
-    .bind(&stepnrs)
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut busy: HashMap<(BuildId, i32), (i32, bool)> = rows
-        .into_iter()
-        .map(|(b, n, busy)| ((b, n), (busy, false)))
-        .collect();
-    let mut events = Vec::new();
+    // In order, an update that repeats the step's previous one in the
+    // batch changes nothing; of the rest, only each step's first can equal
+    // the row's code (each later one differs from the one before it), so
+    // the statement needs the row's code only for the first.
+    let mut last: HashMap<(BuildId, i32), i32> = HashMap::new();
+    let mut kept: Vec<(&ProgressUpdate, bool)> = Vec::new();
     for u in updates {
-        if let Some((code, changed)) = busy.get_mut(&(u.build, u.stepnr))
-            && *code != 0
-            && *code != u.busy
-        {
-            *code = u.busy;
-            *changed = true;
-            events.push(u.event.clone());
+        match last.insert((u.build, u.stepnr), u.busy) {
+            Some(prev) if prev == u.busy => {}
+            prev => kept.push((u, prev.is_none())),
         }
     }
-    let mut set = (Vec::new(), Vec::new(), Vec::new());
-    for ((b, n), (code, changed)) in busy {
-        if changed {
-            set.0.push(b);
-            set.1.push(n);
-            set.2.push(code);
-        }
+    if kept.is_empty() {
+        return Ok(());
     }
-    if !set.0.is_empty() {
-        sqlx::query(
-            "update BuildSteps s set busy = v.busy
-               from unnest($1::integer[], $2::integer[], $3::integer[]) as v(build, stepnr, busy)
-              where s.build = v.build and s.stepnr = v.stepnr",
-        )
-        .bind(&set.0)
-        .bind(&set.1)
-        .bind(&set.2)
-        .execute(&mut *tx)
+    let builds: Vec<BuildId> = kept.iter().map(|(u, _)| u.build).collect();
+    let stepnrs: Vec<i32> = kept.iter().map(|(u, _)| u.stepnr).collect();
+    let codes: Vec<i32> = kept.iter().map(|(u, _)| u.busy).collect();
+    let firsts: Vec<bool> = kept.iter().map(|(_, first)| *first).collect();
+    let events = crate::events::EventColumns::new(kept.iter().map(|(u, _)| &u.event));
+    events
+        .bind(sqlx::query(
+            "with v as (
+               select * from unnest($7::integer[], $8::integer[], $9::integer[], $10::boolean[],
+                                    $1::text[], $2::text[], $3::text[], $4::text[], $5::integer[], $6::text[])
+                        with ordinality as v(build, stepnr, busy, first, kind, builds, drv, machine, status, detail, ord)),
+                  locked as (
+               select s.build, s.stepnr, s.busy from BuildSteps s
+                where (s.build, s.stepnr) in (select build, stepnr from v)
+                order by s.build, s.stepnr
+                  for update of s),
+                  changed as (
+               select v.* from v join locked l on l.build = v.build and l.stepnr = v.stepnr
+                where l.busy <> 0 and (not v.first or v.busy <> l.busy)),
+                  set_busy as (
+               update BuildSteps s set busy = c.busy
+                 from (select distinct on (build, stepnr) build, stepnr, busy from changed
+                        order by build, stepnr, ord desc) c
+                where s.build = c.build and s.stepnr = c.stepnr),
+                  written as (
+               insert into hqr_events (kind, builds, drv_path, machine, status, detail)
+               select c.kind, c.builds::integer[], c.drv, c.machine, c.status, c.detail
+                 from changed c order by c.ord
+               returning 1)
+             select count(pg_notify('hqr_events_written', '')) from (select 1 from written limit 1) w",
+        ))
+        .bind(&builds)
+        .bind(&stepnrs)
+        .bind(&codes)
+        .bind(&firsts)
+        .execute(pool)
         .await?;
-    }
-    crate::events::emit(&mut tx, &events).await?;
-    tx.commit().await
+    Ok(())
 }
