@@ -146,6 +146,18 @@ impl Shared {
         self.config.read().clone()
     }
 
+    /// A connection of the pool, for work that is one statement and needs
+    /// no transaction (the wait is measured as `in_transaction!`'s is).
+    pub async fn connection(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, Fatal> {
+        let asked = std::time::Instant::now();
+        let db = self.pool.acquire().await?;
+        self.metrics
+            .pool_wait_seconds
+            .lock()
+            .observe(asked.elapsed());
+        Ok(db)
+    }
+
     /// Installs a reloaded configuration.
     pub fn set_config(&self, config: RunnerConfig) {
         *self.config.write() = Arc::new(config);

@@ -157,13 +157,7 @@ async fn persist(
             first_of_build: !shared.state.build_started_before(a.owner.id),
         }),
     };
-    let asked = std::time::Instant::now();
-    let mut db = shared.pool.acquire().await?;
-    shared
-        .metrics
-        .pool_wait_seconds
-        .lock()
-        .observe(asked.elapsed());
+    let mut db = shared.connection().await?;
     let Some(stepnr) = record::create_build_step(&mut db, &row).await? else {
         return Ok(None);
     };

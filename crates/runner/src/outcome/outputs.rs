@@ -236,39 +236,51 @@ pub async fn succeed(
         BuildStatus::Success,
         None,
     );
-    let written = in_transaction!(shared, |tx| {
-        record::finish_build_step(
-            &mut tx,
-            &attempt.id,
-            attempt.build,
-            attempt.stepnr,
-            &StepResult {
-                status: BuildStatus::Success,
-                error_msg: None,
-                start_time,
-                stop_time,
-                machine: &attempt.machine,
-                times_built: report.times_built,
-                is_non_deterministic: report.is_non_deterministic.then_some(true),
-                log_file: &log_file,
-                outputs: &paths,
-                event: Some(&finished),
-            },
-        )
-        .await?;
-        crate::uploads::enqueue_log(&mut tx, &shared.config().destinations, &drv_full).await?;
-        record_realisations(shared, &mut tx, &realised, &paths, &measured.closure).await?;
-        // Only a derivation others resolved to can be the terminal of a
-        // status-13 row: its graph step then lists them. (A resolution
-        // made after `finishing` is met by `apply_success`; one recorded
-        // before a restart is redone when its build loads again, and
-        // finds these outputs valid: an early cutoff writes the row.)
-        if !done.resolved_from.is_empty() {
-            record::record_resolved_terminal(&mut tx, &terminal).await?;
+    let result = StepResult {
+        status: BuildStatus::Success,
+        error_msg: None,
+        start_time,
+        stop_time,
+        machine: &attempt.machine,
+        times_built: report.times_built,
+        is_non_deterministic: report.is_non_deterministic.then_some(true),
+        log_file: &log_file,
+        outputs: &paths,
+        event: Some(&finished),
+    };
+    let destinations = &shared.config().destinations;
+    // Only a derivation others resolved to can be the terminal of a
+    // status-13 row: its graph step then lists them. (A resolution made
+    // after `finishing` is met by `apply_success`; one recorded before a
+    // restart is redone when its build loads again, and finds these
+    // outputs valid: an early cutoff writes the row.)
+    let resolved_to = !done.resolved_from.is_empty();
+    // Most steps of a large DAG are no build's top level, feed no cache
+    // and realise nothing: their close is the one statement, with no
+    // transaction around it.
+    let alone =
+        destinations.is_empty() && realised.is_empty() && !resolved_to && done.direct.is_empty();
+    let written = if alone {
+        async {
+            let mut db = shared.connection().await?;
+            record::finish_build_step(&mut db, &attempt.id, attempt.build, attempt.stepnr, &result)
+                .await?;
+            Ok::<(), Fatal>(())
         }
-        write_success(&mut tx, &done.direct, attempt.build, &success).await?;
-        Ok(())
-    });
+        .await
+    } else {
+        in_transaction!(shared, |tx| {
+            record::finish_build_step(&mut tx, &attempt.id, attempt.build, attempt.stepnr, &result)
+                .await?;
+            crate::uploads::enqueue_log(&mut tx, destinations, &drv_full).await?;
+            record_realisations(shared, &mut tx, &realised, &paths, &measured.closure).await?;
+            if resolved_to {
+                record::record_resolved_terminal(&mut tx, &terminal).await?;
+            }
+            write_success(&mut tx, &done.direct, attempt.build, &success).await?;
+            Ok(())
+        })
+    };
     // What the build put in its outputs (`nix-support`) reaches Hydra's
     // tables here: should the database refuse it, the attempt ends as a
     // fault and is retried, up to `max_tries`; the runner carries on.
