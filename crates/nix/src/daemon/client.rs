@@ -265,6 +265,10 @@ impl DaemonClient {
         &mut self,
         paths: &[String],
     ) -> Result<BTreeSet<String>, DaemonError> {
+        // Nothing to ask is no round trip (a job without inputs asks so).
+        if paths.is_empty() {
+            return Ok(BTreeSet::new());
+        }
         paths.iter().try_for_each(|p| self.check_path(p))?;
         self.op(Op::QueryValidPaths).await?;
         write_strings(&mut self.w, paths).await?;
@@ -896,6 +900,22 @@ mod tests {
                 .expect("the same settings again cost no round trip")
                 .unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn asking_about_no_paths_costs_no_round_trip() {
+        // The daemon answers nothing: an op sent would wait forever.
+        let (mut client, _peer) = fake_daemon(38, &[], Vec::new()).await;
+        let quick = std::time::Duration::from_secs(5);
+        let valid = tokio::time::timeout(quick, client.query_valid_paths(&[]))
+            .await
+            .expect("no paths, no question")
+            .unwrap();
+        assert!(valid.is_empty());
+        tokio::time::timeout(quick, client.add_temp_roots(&[]))
+            .await
+            .expect("no roots, no question")
+            .unwrap();
     }
 
     #[tokio::test]
