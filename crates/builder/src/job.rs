@@ -416,6 +416,12 @@ async fn ship_live(mut tie: Tie, spool: Arc<Spool>) -> Option<(u64, u64)> {
             }
         };
         let generation = owner.session.generation;
+        // The call opens at the log's first byte past what the runner has:
+        // a silent build's log (most steps of a large DAG) costs no call.
+        spool.wait_beyond(owner.log_offset).await;
+        if spool.len() <= owner.log_offset {
+            return Some((generation, owner.log_offset)); // closed, nothing new
+        }
         match stream_log(&owner, &tie.attempt_id, &spool, owner.log_offset, true).await {
             Ok(length) => return Some((generation, length)),
             Err(s) if !is_transport(&s) => {
