@@ -12,7 +12,7 @@
 //! misses nothing and sees nothing twice. `hqr_events`, notified by the
 //! sequencer, wakes the watchers.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use sqlx::PgConnection;
@@ -227,21 +227,34 @@ pub async fn emit(tx: &mut PgConnection, events: &[NewEvent]) -> Result<(), sqlx
     let columns = EventColumns::new(events);
     // The sequencer's wake-up rides on the insert: one statement, not two,
     // of the several each step's transactions make.
-    columns
-        .bind(sqlx::query(
-            "with written as (
-               insert into hqr_events (kind, builds, drv_path, machine, status, detail)
-               select e.kind, e.builds::integer[], e.drv, e.machine, e.status, e.detail
-                 from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::integer[], $6::text[])
-                        with ordinality as e(kind, builds, drv, machine, status, detail, ord)
-                order by e.ord
-               returning 1)
-             select pg_notify('hqr_events_written', '')",
-        ))
-        .execute(&mut *tx)
-        .await?;
+    static SQL: LazyLock<String> =
+        LazyLock::new(|| format!("with {} select {TELL_SEQUENCER}", written_cte(1, None)));
+    columns.bind(sqlx::query(&SQL)).execute(&mut *tx).await?;
     Ok(())
 }
+
+/// The `written` CTE of a statement that inserts the events bound as
+/// [`EventColumns`] at parameters `$first` to `$first + 5`, in their
+/// order; with `gate`, only if the CTE named so has a row.
+pub fn written_cte(first: usize, gate: Option<&str>) -> String {
+    let [kind, builds, drv, machine, status, detail] = std::array::from_fn(|i| first + i);
+    let gate = gate.map(|g| format!("{g}, ")).unwrap_or_default();
+    format!(
+        "written as (
+           insert into hqr_events (kind, builds, drv_path, machine, status, detail)
+           select e.kind, e.builds::integer[], e.drv, e.machine, e.status, e.detail
+             from {gate}unnest(${kind}::text[], ${builds}::text[], ${drv}::text[], ${machine}::text[],
+                               ${status}::integer[], ${detail}::text[])
+                    with ordinality as e(kind, builds, drv, machine, status, detail, ord)
+            order by e.ord
+           returning 1)"
+    )
+}
+
+/// A select-list item that wakes the sequencer, once, when `written`
+/// wrote a row.
+pub const TELL_SEQUENCER: &str =
+    "(select count(pg_notify('hqr_events_written', '')) from (select 1 from written limit 1) w)";
 
 /// Numbers committed events as they come, for as long as the runner runs
 /// (the active runner only: one sequencer per database), and hands every

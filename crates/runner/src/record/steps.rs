@@ -6,7 +6,9 @@ use hydra_db::status::BuildStatus;
 use sqlx::PgConnection;
 
 use super::{error_text, now};
+use crate::events::{TELL_SEQUENCER, written_cte};
 use crate::graph::BuildId;
+use std::sync::LazyLock;
 
 /// A BuildSteps row to create.
 pub struct NewStepRow<'a> {
@@ -65,51 +67,48 @@ pub async fn create_build_step(
     loop {
         // One statement (the lock, the number, both rows, the dispatch's
         // attempt and event, the notifications).
-        let q = sqlx::query(
-            "with build as (select id from Builds where id = $1 for key share),
-                  next as (select coalesce(max(stepnr), 0) + 1 as stepnr from BuildSteps where build = $1),
-                  step as (
-                    insert into BuildSteps (build, stepnr, type, drvPath, busy, startTime, system, status, propagatedFrom, errorMsg, stopTime, machine, resolvedDrvPath)
-                    select build.id, next.stepnr, 0, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11 from build, next
-                    on conflict do nothing
-                    returning stepnr),
-                  outputs as (
-                    insert into BuildStepOutputs (build, stepnr, name, path)
-                    select $1, step.stepnr, o.name, o.path
-                      from step, unnest($12::text[], $13::text[]) as o(name, path)),
-                  attempt as (
-                    insert into hqr_attempts (id, build, stepnr, drv_path, machine)
-                    select $14, $1, step.stepnr, $15, $10 from step where $14 is not null),
-                  written as (
-                    insert into hqr_events (kind, builds, drv_path, machine, status, detail)
-                    select e.kind, e.builds::integer[], e.drv, e.machine, e.status, e.detail
-                      from step, unnest($16::text[], $17::text[], $18::text[], $19::text[], $20::integer[], $21::text[])
-                             with ordinality as e(kind, builds, drv, machine, status, detail, ord)
-                     order by e.ord
-                    returning 1)
-             select exists (select 1 from build),
-                    (select stepnr from step),
-                    (select count(pg_notify('step_started', $1::text || chr(9) || stepnr::text))
-                       from step where $3 = 1),
-                    (select count(pg_notify('hqr_events_written', ''))
-                       from (select 1 from written limit 1) w),
-                    (select count(pg_notify('build_started', $1::text)) from step where $22)",
-        )
-        .bind(row.build)
-        .bind(row.drv_path)
-        .bind(if busy { 1 } else { 0 })
-        .bind(row.start_time)
-        .bind(row.system)
-        .bind(row.status.map(|s| s.code()))
-        .bind(row.propagated_from)
-        .bind(row.error_msg.filter(|m| !m.is_empty()).map(error_text))
-        .bind(if busy { None } else { row.start_time })
-        .bind(row.machine)
-        .bind(row.resolved_drv_path)
-        .bind(&names)
-        .bind(&paths)
-        .bind(dispatch.map(|d| d.attempt))
-        .bind(dispatch.map(|d| d.drv_base_name));
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "with build as (select id from Builds where id = $1 for key share),
+                      next as (select coalesce(max(stepnr), 0) + 1 as stepnr from BuildSteps where build = $1),
+                      step as (
+                        insert into BuildSteps (build, stepnr, type, drvPath, busy, startTime, system, status, propagatedFrom, errorMsg, stopTime, machine, resolvedDrvPath)
+                        select build.id, next.stepnr, 0, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11 from build, next
+                        on conflict do nothing
+                        returning stepnr),
+                      outputs as (
+                        insert into BuildStepOutputs (build, stepnr, name, path)
+                        select $1, step.stepnr, o.name, o.path
+                          from step, unnest($12::text[], $13::text[]) as o(name, path)),
+                      attempt as (
+                        insert into hqr_attempts (id, build, stepnr, drv_path, machine)
+                        select $14, $1, step.stepnr, $15, $10 from step where $14 is not null),
+                      {}
+                 select exists (select 1 from build),
+                        (select stepnr from step),
+                        (select count(pg_notify('step_started', $1::text || chr(9) || stepnr::text))
+                           from step where $3 = 1),
+                        {TELL_SEQUENCER},
+                        (select count(pg_notify('build_started', $1::text)) from step where $22)",
+                written_cte(16, Some("step"))
+            )
+        });
+        let q = sqlx::query(&SQL)
+            .bind(row.build)
+            .bind(row.drv_path)
+            .bind(if busy { 1 } else { 0 })
+            .bind(row.start_time)
+            .bind(row.system)
+            .bind(row.status.map(|s| s.code()))
+            .bind(row.propagated_from)
+            .bind(row.error_msg.filter(|m| !m.is_empty()).map(error_text))
+            .bind(if busy { None } else { row.start_time })
+            .bind(row.machine)
+            .bind(row.resolved_drv_path)
+            .bind(&names)
+            .bind(&paths)
+            .bind(dispatch.map(|d| d.attempt))
+            .bind(dispatch.map(|d| d.drv_base_name));
         let r = events
             .bind(q)
             .bind(dispatch.is_some_and(|d| d.first_of_build))
@@ -312,8 +311,9 @@ pub async fn finish_build_step(
     let events = crate::events::EventColumns::new(r.event);
     // One statement: the row, its outputs' paths, the attempt, the event
     // and the notifications.
-    let q = sqlx::query(
-        "with step as (
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "with step as (
            update BuildSteps set busy = 0, status = $1, errorMsg = $4, startTime = $5, stopTime = $6, machine = $7,
                   timesBuilt = $8, isNonDeterministic = $9
             where build = $2 and stepnr = $3),
@@ -324,29 +324,25 @@ pub async fn finish_build_step(
               attempt as (
            update hqr_attempts set finished_at = now(), outcome = $1
             where id = $13 and finished_at is null),
-              written as (
-           insert into hqr_events (kind, builds, drv_path, machine, status, detail)
-           select e.kind, e.builds::integer[], e.drv, e.machine, e.status, e.detail
-             from unnest($14::text[], $15::text[], $16::text[], $17::text[], $18::integer[], $19::text[])
-                    with ordinality as e(kind, builds, drv, machine, status, detail, ord)
-            order by e.ord
-           returning 1)
-         select pg_notify('step_finished', $12),
-                (select count(pg_notify('hqr_events_written', '')) from (select 1 from written limit 1) w)",
-    )
-    .bind(r.status.code())
-    .bind(build)
-    .bind(stepnr)
-    .bind(r.error_msg.filter(|m| !m.is_empty()).map(error_text))
-    .bind(r.start_time)
-    .bind(r.stop_time)
-    .bind(r.machine)
-    .bind(r.times_built)
-    .bind(r.is_non_deterministic)
-    .bind(&names)
-    .bind(&paths)
-    .bind(format!("{build}\t{stepnr}\t{}", r.log_file))
-    .bind(attempt);
+              {}
+         select pg_notify('step_finished', $12), {TELL_SEQUENCER}",
+            written_cte(14, None)
+        )
+    });
+    let q = sqlx::query(&SQL)
+        .bind(r.status.code())
+        .bind(build)
+        .bind(stepnr)
+        .bind(r.error_msg.filter(|m| !m.is_empty()).map(error_text))
+        .bind(r.start_time)
+        .bind(r.stop_time)
+        .bind(r.machine)
+        .bind(r.times_built)
+        .bind(r.is_non_deterministic)
+        .bind(&names)
+        .bind(&paths)
+        .bind(format!("{build}\t{stepnr}\t{}", r.log_file))
+        .bind(attempt);
     events.bind(q).execute(&mut *tx).await.map(|_| ())
 }
 
