@@ -14,17 +14,32 @@
 //!
 //! [`Runner::start`] runs them all; `hydra-queue-runner serve` wraps it.
 
-/// Runs `$body` in a transaction of `$shared.pool` bound to `$tx` (the body
-/// evaluates to `Result<T, Fatal>`, `?` inside it leaves the body) and
-/// commits. A serialization failure or deadlock rolls it back and runs it
-/// again, up to five times: PostgreSQL asks for exactly that, and only
-/// then is a database error fatal. How long `begin` waited for a
-/// connection goes to `/metrics` (`hqr_db_pool_wait_seconds`).
-macro_rules! in_transaction {
-    ($shared:expr, |$tx:ident| $body:block) => {{
+/// Evaluates `$attempt` (a `Result<T, Fatal>`) again while it fails with
+/// a serialization failure or deadlock, up to five times: PostgreSQL asks
+/// for exactly that, and only then is a database error fatal.
+macro_rules! retrying_transient {
+    ($attempt:expr) => {{
         let mut tries = 0u32;
         loop {
             tries += 1;
+            match $attempt {
+                Err($crate::Fatal::Database(e)) if tries < 5 && hydra_db::is_transient(&e) => {
+                    tracing::warn!("database conflict, running the statements again: {e}");
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+
+/// Runs `$body` in a transaction of `$shared.pool` bound to `$tx` (the body
+/// evaluates to `Result<T, Fatal>`, `?` inside it leaves the body) and
+/// commits; a transient failure runs it again (`retrying_transient!`). How
+/// long `begin` waited for a connection goes to `/metrics`
+/// (`hqr_db_pool_wait_seconds`).
+macro_rules! in_transaction {
+    ($shared:expr, |$tx:ident| $body:block) => {{
+        retrying_transient!({
             let asked = std::time::Instant::now();
             let mut $tx = $shared.pool.begin().await?;
             $shared
@@ -33,17 +48,24 @@ macro_rules! in_transaction {
                 .lock()
                 .observe(asked.elapsed());
             let result: Result<_, $crate::Fatal> = async { $body }.await;
-            let result = match result {
+            match result {
                 Ok(v) => $tx.commit().await.map(|()| v).map_err($crate::Fatal::from),
                 Err(e) => Err(e),
-            };
-            match result {
-                Err($crate::Fatal::Database(e)) if tries < 5 && hydra_db::is_transient(&e) => {
-                    tracing::warn!("database conflict, running the transaction again: {e}");
-                }
-                other => break other,
             }
-        }
+        })
+    }};
+}
+
+/// Runs `$body`, work of one statement that needs no transaction, on a
+/// connection of `$shared.pool` bound to `$db` (`Shared::connection`); a
+/// transient failure runs it again (`retrying_transient!`).
+macro_rules! on_connection {
+    ($shared:expr, |$db:ident| $body:block) => {{
+        retrying_transient!({
+            let mut $db = $shared.connection().await?;
+            let result: Result<_, $crate::Fatal> = async { $body }.await;
+            result
+        })
     }};
 }
 
@@ -147,7 +169,8 @@ impl Shared {
     }
 
     /// A connection of the pool, for work that is one statement and needs
-    /// no transaction (the wait is measured as `in_transaction!`'s is).
+    /// no transaction (`on_connection!`; the wait is measured as
+    /// `in_transaction!`'s is).
     pub async fn connection(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, Fatal> {
         let asked = std::time::Instant::now();
         let db = self.pool.acquire().await?;

@@ -157,8 +157,10 @@ async fn persist(
             first_of_build: !shared.state.build_started_before(a.owner.id),
         }),
     };
-    let mut db = shared.connection().await?;
-    let Some(stepnr) = record::create_build_step(&mut db, &row).await? else {
+    let stepnr = on_connection!(shared, |db| {
+        Ok(record::create_build_step(&mut db, &row).await?)
+    })?;
+    let Some(stepnr) = stepnr else {
         return Ok(None);
     };
     let grace = std::time::Duration::from_secs(shared.config().attempt_grace_secs);

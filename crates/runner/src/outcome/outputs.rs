@@ -261,13 +261,11 @@ pub async fn succeed(
     let alone =
         destinations.is_empty() && realised.is_empty() && !resolved_to && done.direct.is_empty();
     let written = if alone {
-        async {
-            let mut db = shared.connection().await?;
+        on_connection!(shared, |db| {
             record::finish_build_step(&mut db, &attempt.id, attempt.build, attempt.stepnr, &result)
                 .await?;
-            Ok::<(), Fatal>(())
-        }
-        .await
+            Ok(())
+        })
     } else {
         in_transaction!(shared, |tx| {
             record::finish_build_step(&mut tx, &attempt.id, attempt.build, attempt.stepnr, &result)

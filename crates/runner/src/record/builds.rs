@@ -216,10 +216,3 @@ pub async fn notify_build_finished(
     }
     notify(tx, "build_finished", &payload).await
 }
-
-pub async fn notify_build_started(
-    tx: &mut PgConnection,
-    build: BuildId,
-) -> Result<(), sqlx::Error> {
-    notify(tx, "build_started", &build.to_string()).await
-}

@@ -3,7 +3,7 @@
 //! runner's record of refused reports.
 
 use hydra_db::status::BuildStatus;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, Row};
 
 use super::{error_text, now};
 use crate::events::{TELL_SEQUENCER, written_cte};
@@ -114,7 +114,6 @@ pub async fn create_build_step(
             .bind(dispatch.is_some_and(|d| d.first_of_build))
             .fetch_one(&mut *tx)
             .await?;
-        use sqlx::Row;
         let (present, stepnr): (bool, Option<i32>) = (r.try_get(0)?, r.try_get(1)?);
         match (present, stepnr) {
             (false, _) => return Ok(None),
@@ -385,8 +384,8 @@ pub async fn set_steps_progress(
     let codes: Vec<i32> = kept.iter().map(|(u, _)| u.busy).collect();
     let firsts: Vec<bool> = kept.iter().map(|(_, first)| *first).collect();
     let events = crate::events::EventColumns::new(kept.iter().map(|(u, _)| &u.event));
-    events
-        .bind(sqlx::query(
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
             "with v as (
                select * from unnest($7::integer[], $8::integer[], $9::integer[], $10::boolean[],
                                     $1::text[], $2::text[], $3::text[], $4::text[], $5::integer[], $6::text[])
@@ -409,8 +408,11 @@ pub async fn set_steps_progress(
                select c.kind, c.builds::integer[], c.drv, c.machine, c.status, c.detail
                  from changed c order by c.ord
                returning 1)
-             select count(pg_notify('hqr_events_written', '')) from (select 1 from written limit 1) w",
-        ))
+             select {TELL_SEQUENCER}"
+        )
+    });
+    events
+        .bind(sqlx::query(&SQL))
         .bind(&builds)
         .bind(&stepnrs)
         .bind(&codes)
