@@ -261,6 +261,66 @@ async fn two_builds_sharing_a_dependency_build_it_once() {
     assert_eq!(rows, 1, "the shared step is recorded in one build");
 }
 
+/// A conflict PostgreSQL reports (serialization failure, deadlock) asks
+/// for the statement again: every writer of build steps (dispatch, the
+/// progress writer, the completion) runs it again, and the builds finish
+/// as if nothing happened rather than the runner stopping.
+#[tokio::test]
+async fn conflicts_on_build_steps_are_retried_and_cost_no_build() {
+    let farm = farm_with_two_builders().await;
+    // The first row write of each kind to BuildSteps fails as a
+    // serialization failure would: a dispatch's insert, a progress
+    // report's update, a completion's close (a sequence per kind counts
+    // the writes, and is not rolled back with them).
+    for sql in [
+        "create sequence hq_test_dispatch",
+        "create sequence hq_test_progress",
+        "create sequence hq_test_close",
+        "create function hq_test_conflict() returns trigger language plpgsql as $$
+         declare kind text := case when TG_OP = 'INSERT' then 'dispatch'
+                                   when new.busy = 0 then 'close' else 'progress' end;
+         begin
+           if nextval(('hq_test_' || kind)::regclass) = 1 then
+             raise exception 'injected conflict on a %', kind using errcode = '40001';
+           end if;
+           return new;
+         end $$",
+        "create trigger hq_test_conflict before insert or update on BuildSteps
+         for each row execute function hq_test_conflict()",
+    ] {
+        sqlx::query(sql).execute(&farm.db.pool).await.unwrap();
+    }
+    let ids = farm.submit(SHARED, &["left", "right"]).await.unwrap();
+    farm.wait_finished(ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        farm.statuses(&ids)
+            .await
+            .unwrap()
+            .values()
+            .collect::<Vec<_>>(),
+        [&(0, 0), &(0, 0)]
+    );
+    for kind in ["dispatch", "progress", "close"] {
+        let writes: i64 = sqlx::query_scalar(&format!("select last_value from hq_test_{kind}"))
+            .fetch_one(&farm.db.pool)
+            .await
+            .unwrap();
+        assert!(
+            writes >= 2,
+            "a {kind} met its conflict and was written after it ({writes} tries)"
+        );
+    }
+    let unfinished: i64 = sqlx::query_scalar(
+        "select count(*) from BuildSteps where busy <> 0 or status is distinct from 0",
+    )
+    .fetch_one(&farm.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(unfinished, 0, "every step closed as succeeded");
+}
+
 #[tokio::test]
 async fn a_second_evaluation_finishes_as_cached_builds_without_building() {
     let farm = farm_with_two_builders().await;
@@ -643,24 +703,20 @@ async fn progress_written_in_a_batch_changes_running_steps_only_and_in_order() {
             .drv(format!("/nix/store/x-step{stepnr}.drv"))
             .detail(phase),
     };
-    let codes = || async {
-        sqlx::query_as::<_, (i32, i32)>(
+    let codes = || {
+        rows::<(i32, i32)>(
+            &farm,
             "select stepnr, busy from BuildSteps where build = $1 order by stepnr",
+            build,
         )
-        .bind(build)
-        .fetch_all(pool)
-        .await
-        .unwrap()
     };
     // (derivation, phase) of every progress event of the build, in order.
-    let events = || async {
-        sqlx::query_as::<_, (String, String)>(
+    let events = || {
+        rows::<(String, String)>(
+            &farm,
             "select drv_path, detail from hqr_events where kind = 'step_progress' and $1 = any(builds) order by id",
+            build,
         )
-        .bind(build)
-        .fetch_all(pool)
-        .await
-        .unwrap()
     };
     let step = |n: i32| format!("/nix/store/x-step{n}.drv");
     set_steps_progress(

@@ -57,18 +57,26 @@ pub async fn write(
         {
             batch.push(more);
         }
-        let written = crate::record::set_steps_progress(&shared.pool, &batch).await;
-        match written.map_err(Fatal::from) {
+        // A conflict (serialization failure, deadlock) is PostgreSQL asking
+        // for the statement again, as for every writer of the runner.
+        let written = retrying_transient!(
+            crate::record::set_steps_progress(&shared.pool, &batch)
+                .await
+                .map_err(Fatal::from)
+        );
+        match written {
             Ok(()) => {}
             Err(e) if e.refused_data().is_some() => {
                 // One report the database refuses must not cost the others
                 // theirs: write them one at a time.
                 tracing::warn!("progress not recorded in a batch ({e}); one at a time");
                 for u in &batch {
-                    let one =
+                    let one = retrying_transient!(
                         crate::record::set_steps_progress(&shared.pool, std::slice::from_ref(u))
-                            .await;
-                    match one.map_err(Fatal::from) {
+                            .await
+                            .map_err(Fatal::from)
+                    );
+                    match one {
                         Ok(()) => {}
                         Err(e) if e.refused_data().is_some() => {
                             tracing::warn!("progress not recorded: {e}");
