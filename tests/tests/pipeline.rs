@@ -665,8 +665,9 @@ async fn a_dependent_is_sent_while_its_input_builds_and_starts_after_it() {
 
 /// Builders' progress goes to PostgreSQL in batches: within one, each
 /// step ends with its last code, in order; a code a step has already, a
-/// finished step and a step that is gone change nothing; and only what
-/// changed is an event.
+/// finished step and a step that is gone change nothing; only what
+/// changed is an event; and an event is timed when its report came, not
+/// when its batch was written.
 #[tokio::test]
 async fn progress_written_in_a_batch_changes_running_steps_only_and_in_order() {
     use hydra_queue_runner::events::{Kind, NewEvent};
@@ -702,6 +703,7 @@ async fn progress_written_in_a_batch_changes_running_steps_only_and_in_order() {
         event: NewEvent::new(Kind::StepProgress, vec![build])
             .drv(format!("/nix/store/x-step{stepnr}.drv"))
             .detail(phase),
+        received: std::time::Instant::now(),
     };
     let codes = || {
         rows::<(i32, i32)>(
@@ -762,4 +764,23 @@ async fn progress_written_in_a_batch_changes_running_steps_only_and_in_order() {
         .map(|(_, phase)| phase)
         .collect();
     assert_eq!(of_step2, ["sending-inputs", "building"]);
+
+    // A report that waited 5 s for its batch is an event of 5 s ago.
+    let waited = ProgressUpdate {
+        received: std::time::Instant::now() - Duration::from_secs(5),
+        ..update(1, 40, "receiving-outputs")
+    };
+    set_steps_progress(pool, &[waited]).await.unwrap();
+    let age_ms: i64 = sqlx::query_scalar(
+        "select (extract(epoch from clock_timestamp()) * 1000)::bigint - at_ms from hqr_events
+          where kind = 'step_progress' and $1 = any(builds) and detail = 'receiving-outputs'",
+    )
+    .bind(build)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(
+        (5_000..60_000).contains(&age_ms),
+        "the event is timed at the report's receipt: {age_ms} ms ago"
+    );
 }

@@ -29,8 +29,12 @@ const SEQUENCER_BATCH: i64 = 10_000;
 /// How long the sequencer lets events gather after a notification: a
 /// busy farm writes several events a step, each notifying, and numbering
 /// them a transaction each was a third of PostgreSQL's work on a chain.
-/// Watchers see an event this much later at most.
-const SEQUENCER_GATHER: Duration = Duration::from_millis(5);
+/// Watchers see an event this much later at most (plus a numbering pass);
+/// an event's time (`at_ms`) is its write's, not its numbering's. 20 ms
+/// rather than 5 took wide-200's ratio to local Nix from about 1.35x to
+/// 1.28x in an A/B run (README), for a delay no watcher of build steps
+/// notices.
+const SEQUENCER_GATHER: Duration = Duration::from_millis(20);
 
 /// What happened; the `kind` column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

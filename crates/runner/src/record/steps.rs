@@ -352,6 +352,12 @@ pub struct ProgressUpdate {
     pub stepnr: i32,
     pub busy: i32,
     pub event: crate::events::NewEvent,
+    /// When the runner received the report: the event's time is the
+    /// database's clock at the write less the report's age. Reports wait
+    /// up to the writer's gather window for their batch, and the write's
+    /// time alone would blur the phases of a short step into one instant;
+    /// an age keeps every event's time on the one clock, the database's.
+    pub received: std::time::Instant,
 }
 
 /// Sets the progress codes of running steps, in the order given, in one
@@ -383,13 +389,17 @@ pub async fn set_steps_progress(
     let stepnrs: Vec<i32> = kept.iter().map(|(u, _)| u.stepnr).collect();
     let codes: Vec<i32> = kept.iter().map(|(u, _)| u.busy).collect();
     let firsts: Vec<bool> = kept.iter().map(|(_, first)| *first).collect();
+    let ages_ms: Vec<i64> = kept
+        .iter()
+        .map(|(u, _)| u.received.elapsed().as_millis() as i64)
+        .collect();
     let events = crate::events::EventColumns::new(kept.iter().map(|(u, _)| &u.event));
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(
             "with v as (
-               select * from unnest($7::integer[], $8::integer[], $9::integer[], $10::boolean[],
+               select * from unnest($7::integer[], $8::integer[], $9::integer[], $10::boolean[], $11::bigint[],
                                     $1::text[], $2::text[], $3::text[], $4::text[], $5::integer[], $6::text[])
-                        with ordinality as v(build, stepnr, busy, first, kind, builds, drv, machine, status, detail, ord)),
+                        with ordinality as v(build, stepnr, busy, first, age_ms, kind, builds, drv, machine, status, detail, ord)),
                   locked as (
                select s.build, s.stepnr, s.busy from BuildSteps s
                 where (s.build, s.stepnr) in (select build, stepnr from v)
@@ -404,8 +414,10 @@ pub async fn set_steps_progress(
                         order by build, stepnr, ord desc) c
                 where s.build = c.build and s.stepnr = c.stepnr),
                   written as (
-               insert into hqr_events (kind, builds, drv_path, machine, status, detail)
-               select c.kind, c.builds::integer[], c.drv, c.machine, c.status, c.detail
+               insert into hqr_events (kind, builds, at_ms, drv_path, machine, status, detail)
+               select c.kind, c.builds::integer[],
+                      (extract(epoch from clock_timestamp()) * 1000)::bigint - c.age_ms,
+                      c.drv, c.machine, c.status, c.detail
                  from changed c order by c.ord
                returning 1)
              select {TELL_SEQUENCER}"
@@ -417,6 +429,7 @@ pub async fn set_steps_progress(
         .bind(&stepnrs)
         .bind(&codes)
         .bind(&firsts)
+        .bind(&ages_ms)
         .execute(pool)
         .await?;
     Ok(())

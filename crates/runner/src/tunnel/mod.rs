@@ -456,6 +456,7 @@ async fn control_loop(
                         stepnr,
                         busy: busy_code(p.phase()),
                         event,
+                        received: std::time::Instant::now(),
                     };
                     shared.progress.report(update).await;
                 }
