@@ -232,9 +232,9 @@ const SHARED: &str = r#"with prelude; rec {
   fails = mkDrv { name = "fails"; script = "echo going to fail; exit 1"; };
 }"#;
 
-#[tokio::test]
-async fn two_builds_sharing_a_dependency_build_it_once() {
-    let farm = farm_with_two_builders().await;
+/// Submits `left` and `right` of [`SHARED`] and waits until both have
+/// succeeded.
+async fn build_left_and_right(farm: &Farm) {
     let ids = farm.submit(SHARED, &["left", "right"]).await.unwrap();
     farm.wait_finished(ids.values().copied(), LIMIT)
         .await
@@ -247,12 +247,21 @@ async fn two_builds_sharing_a_dependency_build_it_once() {
             .collect::<Vec<_>>(),
         [&(0, 0), &(0, 0)]
     );
-    let attempts: i64 =
-        sqlx::query_scalar("select count(*) from hqr_attempts where drv_path like '%-shared.drv'")
-            .fetch_one(&farm.db.pool)
-            .await
-            .unwrap();
-    assert_eq!(attempts, 1);
+}
+
+/// How many attempts the shared step of [`SHARED`] had.
+async fn attempts_at_shared(farm: &Farm) -> i64 {
+    sqlx::query_scalar("select count(*) from hqr_attempts where drv_path like '%-shared.drv'")
+        .fetch_one(&farm.db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn two_builds_sharing_a_dependency_build_it_once() {
+    let farm = farm_with_two_builders().await;
+    build_left_and_right(&farm).await;
+    assert_eq!(attempts_at_shared(&farm).await, 1);
     let rows: i64 =
         sqlx::query_scalar("select count(*) from BuildSteps where drvPath like '%-shared.drv'")
             .fetch_one(&farm.db.pool)
@@ -290,18 +299,7 @@ async fn conflicts_on_build_steps_are_retried_and_cost_no_build() {
     ] {
         sqlx::query(sql).execute(&farm.db.pool).await.unwrap();
     }
-    let ids = farm.submit(SHARED, &["left", "right"]).await.unwrap();
-    farm.wait_finished(ids.values().copied(), LIMIT)
-        .await
-        .unwrap();
-    assert_eq!(
-        farm.statuses(&ids)
-            .await
-            .unwrap()
-            .values()
-            .collect::<Vec<_>>(),
-        [&(0, 0), &(0, 0)]
-    );
+    build_left_and_right(&farm).await;
     for kind in ["dispatch", "progress", "close"] {
         let writes: i64 = sqlx::query_scalar(&format!("select last_value from hq_test_{kind}"))
             .fetch_one(&farm.db.pool)
@@ -319,6 +317,11 @@ async fn conflicts_on_build_steps_are_retried_and_cost_no_build() {
     .await
     .unwrap();
     assert_eq!(unfinished, 0, "every step closed as succeeded");
+    assert_eq!(
+        attempts_at_shared(&farm).await,
+        1,
+        "the shared step was built once: a retried write repeats no build"
+    );
 }
 
 #[tokio::test]
