@@ -787,3 +787,58 @@ async fn progress_written_in_a_batch_changes_running_steps_only_and_in_order() {
         "the event is timed at the report's receipt: {age_ms} ms ago"
     );
 }
+
+/// The runner keeps every log; a builder's nix-daemon keeps a copy of its
+/// own only when the builder is told to (`keep_build_logs`).
+#[tokio::test]
+async fn a_builders_daemon_keeps_no_log_of_its_own_unless_asked() {
+    const TWO: &str = r#"with prelude; {
+      lean = mkDrv { name = "lean"; requiredSystemFeatures = [ "benchmark" ]; script = "echo in lean; echo lean > $out"; };
+      kept = mkDrv { name = "kept"; requiredSystemFeatures = [ "big-parallel" ]; script = "echo in kept; echo kept > $out"; };
+    }"#;
+    let mut farm = Farm::start(|_| {}).await.expect("farm");
+    farm.add_builder(BuilderSpec::new("lean").features(&["benchmark"]))
+        .await
+        .unwrap();
+    farm.add_builder(
+        BuilderSpec::new("keeper")
+            .features(&["big-parallel"])
+            .keeping_build_logs(),
+    )
+    .await
+    .unwrap();
+    let drvs = farm
+        .runner_store
+        .instantiate(TWO, &["lean", "kept"])
+        .await
+        .unwrap();
+    let ids = farm.queue(&drvs, |_| Default::default()).await.unwrap();
+    farm.wait_finished(ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(farm.statuses(&ids).await.unwrap()["lean"], (0, 0));
+    assert_eq!(farm.statuses(&ids).await.unwrap()["kept"], (0, 0));
+    // The names of the log files under a store's log directory.
+    let logs_in = |store: &hydra_testkit::NixStore| -> Vec<String> {
+        let Ok(dirs) = std::fs::read_dir(store.build_logs_dir()) else {
+            return Vec::new();
+        };
+        dirs.flatten()
+            .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+            .map(|f| f.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert_eq!(logs_in(&farm.builders[0].store), Vec::<String>::new());
+    let kept = logs_in(&farm.builders[1].store);
+    assert!(
+        kept.iter().any(|f| f.contains("-kept.drv")),
+        "the keeper's daemon has its log: {kept:?}"
+    );
+    for name in ["lean", "kept"] {
+        let log = farm.log_of(&drvs[name]).unwrap();
+        assert!(
+            log.is_some_and(|l| l.contains(&format!("in {name}"))),
+            "the runner has the log of {name}"
+        );
+    }
+}

@@ -68,6 +68,10 @@ pub struct BuilderConfig {
     /// How long a job no runner holds (the runner went away) keeps
     /// running, or keeps its result, before it is dropped.
     pub orphan_grace_secs: u64,
+    /// Whether this machine's nix-daemon also keeps each build's log (in
+    /// its log directory). The runner keeps every log it is sent, so off
+    /// by default: a kept log is a file and a compression stream a build.
+    pub keep_build_logs: bool,
 }
 
 /// Every key with what it means; defaults come from
@@ -138,6 +142,10 @@ pub const KEYS: &[(&str, &str)] = &[
         "orphan_grace_secs",
         "how long a job keeps running, or keeps its result, with no runner",
     ),
+    (
+        "keep_build_logs",
+        "whether the local nix-daemon also keeps each build's log (the runner keeps them all)",
+    ),
 ];
 
 impl Default for BuilderConfig {
@@ -165,6 +173,7 @@ impl Default for BuilderConfig {
             substituter_timeout_secs: 10.0,
             state_dir: "/var/lib/hydra-builder".into(),
             orphan_grace_secs: 600,
+            keep_build_logs: false,
         }
     }
 }

@@ -55,6 +55,7 @@ pub async fn run(config: BuilderConfig) -> Result<(), BuilderError> {
         ),
         substituters,
         jobs,
+        keep_build_logs: config.keep_build_logs,
     });
     recover(&ctx).await;
     let urls = config.urls();

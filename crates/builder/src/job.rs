@@ -36,6 +36,8 @@ pub struct JobContext {
     /// Binary caches tried before the runner for missing inputs.
     pub substituters: Option<Arc<crate::substitute::Substituters>>,
     pub jobs: Arc<Jobs>,
+    /// Whether the local daemon keeps its own copy of build logs.
+    pub keep_build_logs: bool,
 }
 
 /// How long a failed call waits for the job to move to another
@@ -194,6 +196,10 @@ async fn execute(
         "max-build-log-size".into(),
         limits.max_log_bytes.to_string(),
     );
+    // The runner keeps the log; a copy here is a file a build.
+    settings
+        .overrides
+        .insert("keep-build-log".into(), ctx.keep_build_logs.to_string());
     daemon.set_options(&settings).await?;
     if !job.after_attempts.is_empty() {
         tracing::debug!(attempt = %job.attempt_id, after = ?job.after_attempts, "waiting for the local jobs that build its inputs");

@@ -47,6 +47,7 @@ pub struct BuilderSpec {
     pub mandatory_features: Vec<String>,
     pub max_jobs: u32,
     pub speed_factor: f32,
+    pub keep_build_logs: bool,
 }
 
 impl BuilderSpec {
@@ -59,6 +60,7 @@ impl BuilderSpec {
             mandatory_features: Vec::new(),
             max_jobs: 1,
             speed_factor: 1.0,
+            keep_build_logs: false,
         }
     }
 
@@ -74,6 +76,12 @@ impl BuilderSpec {
 
     pub fn speed(mut self, s: f32) -> Self {
         self.speed_factor = s;
+        self
+    }
+
+    /// Its nix-daemon keeps build logs of its own too.
+    pub fn keeping_build_logs(mut self) -> Self {
+        self.keep_build_logs = true;
         self
     }
 }
@@ -192,6 +200,7 @@ impl Farm {
             mandatory_features: spec.mandatory_features.clone(),
             max_jobs: spec.max_jobs,
             speed_factor: spec.speed_factor,
+            keep_build_logs: spec.keep_build_logs,
             nix_daemon_socket: store.socket().to_owned(),
             reconnect_min_secs: 0.1,
             reconnect_max_secs: 1.0,

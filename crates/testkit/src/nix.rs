@@ -207,6 +207,12 @@ impl NixStore {
     }
 
     /// The daemon's socket: give it to our client or to Nix's tools.
+    /// Where this store's nix-daemon keeps build logs (`<hash>-<name>.drv`
+    /// files, compressed, under two-letter directories).
+    pub fn build_logs_dir(&self) -> PathBuf {
+        self.root.join("nix/var/log/nix/drvs")
+    }
+
     pub fn socket(&self) -> &Path {
         &self.socket
     }
