@@ -69,6 +69,14 @@ async fn rows<T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin
         .unwrap()
 }
 
+/// The one number `sql` (with no parameters) answers.
+async fn number(farm: &Farm, sql: &str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(&farm.db.pool)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_jobset_ends_with_the_statuses_outputs_and_steps_hydra_writes() {
     let farm = farm_with_two_builders().await;
@@ -211,17 +219,9 @@ async fn a_jobset_ends_with_the_statuses_outputs_and_steps_hydra_writes() {
     assert_eq!(kvm, vec![("kvm-builder".into(),)]);
 
     // Finished builds carry start/stop times and a pending notification.
-    let unstamped: i64 = sqlx::query_scalar(
-        "select count(*) from Builds where startTime is null or stopTime is null or notificationPendingSince is null",
-    )
-    .fetch_one(&farm.db.pool)
-    .await
-    .unwrap();
+    let unstamped: i64 = number(&farm, "select count(*) from Builds where startTime is null or stopTime is null or notificationPendingSince is null").await;
     assert_eq!(unstamped, 0);
-    let busy: i64 = sqlx::query_scalar("select count(*) from BuildSteps where busy != 0")
-        .fetch_one(&farm.db.pool)
-        .await
-        .unwrap();
+    let busy: i64 = number(&farm, "select count(*) from BuildSteps where busy != 0").await;
     assert_eq!(busy, 0);
 }
 
@@ -251,10 +251,11 @@ async fn build_left_and_right(farm: &Farm) {
 
 /// How many attempts the shared step of [`SHARED`] had.
 async fn attempts_at_shared(farm: &Farm) -> i64 {
-    sqlx::query_scalar("select count(*) from hqr_attempts where drv_path like '%-shared.drv'")
-        .fetch_one(&farm.db.pool)
-        .await
-        .unwrap()
+    number(
+        farm,
+        "select count(*) from hqr_attempts where drv_path like '%-shared.drv'",
+    )
+    .await
 }
 
 #[tokio::test]
@@ -262,11 +263,11 @@ async fn two_builds_sharing_a_dependency_build_it_once() {
     let farm = farm_with_two_builders().await;
     build_left_and_right(&farm).await;
     assert_eq!(attempts_at_shared(&farm).await, 1);
-    let rows: i64 =
-        sqlx::query_scalar("select count(*) from BuildSteps where drvPath like '%-shared.drv'")
-            .fetch_one(&farm.db.pool)
-            .await
-            .unwrap();
+    let rows: i64 = number(
+        &farm,
+        "select count(*) from BuildSteps where drvPath like '%-shared.drv'",
+    )
+    .await;
     assert_eq!(rows, 1, "the shared step is recorded in one build");
 }
 
@@ -310,12 +311,11 @@ async fn conflicts_on_build_steps_are_retried_and_cost_no_build() {
             "a {kind} met its conflict and was written after it ({writes} tries)"
         );
     }
-    let unfinished: i64 = sqlx::query_scalar(
+    let unfinished: i64 = number(
+        &farm,
         "select count(*) from BuildSteps where busy <> 0 or status is distinct from 0",
     )
-    .fetch_one(&farm.db.pool)
-    .await
-    .unwrap();
+    .await;
     assert_eq!(unfinished, 0, "every step closed as succeeded");
     assert_eq!(
         attempts_at_shared(&farm).await,
@@ -336,10 +336,7 @@ async fn a_second_evaluation_finishes_as_cached_builds_without_building() {
     farm.wait_finished(first.values().copied(), LIMIT)
         .await
         .unwrap();
-    let attempts_before: i64 = sqlx::query_scalar("select count(*) from hqr_attempts")
-        .fetch_one(&farm.db.pool)
-        .await
-        .unwrap();
+    let attempts_before: i64 = number(&farm, "select count(*) from hqr_attempts").await;
 
     let second = farm.queue(&drvs, |_| Default::default()).await.unwrap();
     farm.wait_finished(second.values().copied(), LIMIT)
@@ -349,10 +346,7 @@ async fn a_second_evaluation_finishes_as_cached_builds_without_building() {
     assert_eq!(statuses["left"], (0, 1));
     assert_eq!(statuses["right"], (0, 1));
     assert_eq!(statuses["fails"], (1, 1), "a cached failure (FailedPaths)");
-    let attempts_after: i64 = sqlx::query_scalar("select count(*) from hqr_attempts")
-        .fetch_one(&farm.db.pool)
-        .await
-        .unwrap();
+    let attempts_after: i64 = number(&farm, "select count(*) from hqr_attempts").await;
     assert_eq!(attempts_after, attempts_before, "nothing was built again");
     let steps: Vec<(i32, Option<i32>)> =
         sqlx::query_as("select build, status from BuildSteps where build = any($1) order by build")
@@ -541,12 +535,7 @@ async fn a_step_follows_its_input_to_the_machine_that_built_it() {
         ],
         "the chain stays where its inputs are, though 'fast' is faster and free"
     );
-    let fetched: i64 = sqlx::query_scalar(
-        "select count(*) from hqr_events where kind = 'step_progress' and detail = 'sending-inputs'",
-    )
-    .fetch_one(&farm.db.pool)
-    .await
-    .unwrap();
+    let fetched: i64 = number(&farm, "select count(*) from hqr_events where kind = 'step_progress' and detail = 'sending-inputs'").await;
     assert_eq!(fetched, 0, "no step fetched an input from the runner");
 }
 
