@@ -69,6 +69,22 @@ async fn rows<T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin
         .unwrap()
 }
 
+/// Instantiates `jobs` of `expr` in the runner's store, queues one build
+/// of each and waits until they have finished: their derivations and
+/// build ids, by job.
+async fn instantiate_and_build(
+    farm: &Farm,
+    expr: &str,
+    jobs: &[&str],
+) -> (BTreeMap<String, String>, BTreeMap<String, i32>) {
+    let drvs = farm.runner_store.instantiate(expr, jobs).await.unwrap();
+    let ids = farm.queue(&drvs, |_| Default::default()).await.unwrap();
+    farm.wait_finished(ids.values().copied(), LIMIT)
+        .await
+        .unwrap();
+    (drvs, ids)
+}
+
 /// The one number `sql` (with no parameters) answers.
 async fn number(farm: &Farm, sql: &str) -> i64 {
     sqlx::query_scalar(sql)
@@ -327,15 +343,7 @@ async fn conflicts_on_build_steps_are_retried_and_cost_no_build() {
 #[tokio::test]
 async fn a_second_evaluation_finishes_as_cached_builds_without_building() {
     let farm = farm_with_two_builders().await;
-    let drvs = farm
-        .runner_store
-        .instantiate(SHARED, &["left", "right", "fails"])
-        .await
-        .unwrap();
-    let first = farm.queue(&drvs, |_| Default::default()).await.unwrap();
-    farm.wait_finished(first.values().copied(), LIMIT)
-        .await
-        .unwrap();
+    let (drvs, _) = instantiate_and_build(&farm, SHARED, &["left", "right", "fails"]).await;
     let attempts_before: i64 = number(&farm, "select count(*) from hqr_attempts").await;
 
     let second = farm.queue(&drvs, |_| Default::default()).await.unwrap();
@@ -373,15 +381,7 @@ async fn a_second_evaluation_finishes_as_cached_builds_without_building() {
 #[tokio::test]
 async fn logs_of_successful_and_failed_steps_are_kept() {
     let farm = farm_with_two_builders().await;
-    let drvs = farm
-        .runner_store
-        .instantiate(SHARED, &["shared", "fails"])
-        .await
-        .unwrap();
-    let ids = farm.queue(&drvs, |_| Default::default()).await.unwrap();
-    farm.wait_finished(ids.values().copied(), LIMIT)
-        .await
-        .unwrap();
+    let (drvs, _) = instantiate_and_build(&farm, SHARED, &["shared", "fails"]).await;
     let ok = farm
         .log_of(&drvs["shared"])
         .unwrap()
@@ -796,15 +796,7 @@ async fn a_builders_daemon_keeps_no_log_of_its_own_unless_asked() {
     )
     .await
     .unwrap();
-    let drvs = farm
-        .runner_store
-        .instantiate(TWO, &["lean", "kept"])
-        .await
-        .unwrap();
-    let ids = farm.queue(&drvs, |_| Default::default()).await.unwrap();
-    farm.wait_finished(ids.values().copied(), LIMIT)
-        .await
-        .unwrap();
+    let (drvs, ids) = instantiate_and_build(&farm, TWO, &["lean", "kept"]).await;
     assert_eq!(farm.statuses(&ids).await.unwrap()["lean"], (0, 0));
     assert_eq!(farm.statuses(&ids).await.unwrap()["kept"], (0, 0));
     // The names of the log files under a store's log directory.
