@@ -250,6 +250,77 @@ async fn many_temporary_roots_sent_ahead_of_their_answers_hold_through_a_gc() {
     assert_connection_usable(&mut client).await;
 }
 
+/// Path infos asked a batch at a time answer as one question a path
+/// would, in order, `None` for a path that is not valid; answers far
+/// larger than the requests (a `.drv` with hundreds of references, asked
+/// hundreds of times) do not stall the connection.
+#[tokio::test]
+async fn path_infos_asked_ahead_of_their_answers_match_one_at_a_time() {
+    let store = NixStore::start().unwrap();
+    let count = 300;
+    let names: Vec<String> = (0..count).map(|i| format!("d{i}")).collect();
+    let mut expr: String = names
+        .iter()
+        .map(|n| format!("{n} = mkDrv {{ name = \"{n}\"; script = \"echo > $out\"; }};\n"))
+        .collect();
+    let all: Vec<String> = names.iter().map(|n| format!("${{{n}}}")).collect();
+    expr.push_str(&format!(
+        "wide = mkDrv {{ name = \"wide\"; script = \"echo {} > $out\"; }};\n",
+        all.join(" ")
+    ));
+    let mut attrs: Vec<&str> = names.iter().map(String::as_str).collect();
+    attrs.push("wide");
+    let paths = store
+        .instantiate(&format!("with prelude; rec {{ {expr} }}"), &attrs)
+        .await
+        .unwrap();
+    let wide = paths["wide"].clone();
+    let missing = "/nix/store/00000000000000000000000000000000-missing".to_owned();
+    let mut asked = Vec::new();
+    for i in 0..hydra_nix::daemon::PIPELINED * 2 + 3 {
+        asked.push(if i % 50 == 7 {
+            missing.clone()
+        } else {
+            wide.clone()
+        });
+        asked.push(paths[&names[i % count]].clone());
+    }
+    let mut client = connect(&store).await;
+    let batched = client.query_path_infos(&asked).await.unwrap();
+    assert_eq!(batched.len(), asked.len());
+    let wide_info = client.query_path_info(&wide).await.unwrap().unwrap();
+    assert!(wide_info.references.len() >= count, "the wide .drv names every input");
+    for (path, got) in asked.iter().zip(&batched) {
+        let one = client.query_path_info(path).await.unwrap();
+        assert_eq!(got.as_ref().map(|i| &i.path), one.as_ref().map(|i| &i.path));
+        assert_eq!(
+            got.as_ref().map(|i| (&i.references, i.nar_size, &i.nar_hash)),
+            one.as_ref().map(|i| (&i.references, i.nar_size, &i.nar_hash)),
+            "{path}"
+        );
+    }
+    assert!(batched.iter().any(Option::is_none), "the missing path answered None");
+
+    // The closure, asked a level at a time, is the closure one path at a time.
+    let closure = client.query_closure(std::slice::from_ref(&wide)).await.unwrap();
+    let mut expected = std::collections::BTreeSet::new();
+    let mut todo = vec![wide.clone()];
+    while let Some(p) = todo.pop() {
+        if expected.insert(p.clone()) {
+            let info = client.require_path_info(&p).await.unwrap();
+            todo.extend(info.references);
+        }
+    }
+    assert_eq!(closure.keys().cloned().collect::<std::collections::BTreeSet<_>>(), expected);
+    assert!(closure.len() > count);
+    let err = client
+        .query_closure(&[wide.clone(), missing.clone()])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("missing"), "{err}");
+    assert_connection_usable(&mut client).await;
+}
+
 #[tokio::test]
 async fn builds_a_derivation_through_the_client_with_its_log() {
     let store = NixStore::start().unwrap();

@@ -1,4 +1,4 @@
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
@@ -9,6 +9,14 @@ use super::wire::*;
 use crate::derivation::aterm::output_fields;
 use crate::hash::{Hash, HashAlgo};
 use crate::{Derivation, StoreDir};
+
+/// The error for a path that is not valid where one was required.
+fn not_valid(path: &str) -> DaemonError {
+    DaemonError::Nix {
+        message: format!("path '{path}' is not valid"),
+        traces: vec![],
+    }
+}
 
 const WORKER_MAGIC_1: u64 = 0x6e697863;
 const WORKER_MAGIC_2: u64 = 0x6478696f;
@@ -60,9 +68,11 @@ enum Op {
     QueryRealisation = 43,
 }
 
-/// How many requests [`DaemonClient::add_temp_roots`] sends ahead of their
-/// answers: few enough that neither side's socket buffer fills while the
-/// other is still writing (a request is under 300 bytes, an answer 16).
+/// How many requests [`DaemonClient::add_temp_roots`] and
+/// [`DaemonClient::query_path_infos`] send ahead of their answers: few
+/// enough that the requests (each under 300 bytes) fit in the socket's
+/// buffer, so this side's writes finish and it reads while the daemon
+/// answers, however large the answers.
 pub const PIPELINED: usize = 128;
 
 /// Settings sent with `SetOptions`; limits apply to the builds that follow.
@@ -283,6 +293,47 @@ impl DaemonClient {
         self.op(Op::QueryPathInfo).await?;
         write_bytes(&mut self.w, path.as_bytes()).await?;
         self.process_stderr(&mut |_| {}).await?;
+        self.read_path_info(path).await
+    }
+
+    /// Path info of each of `paths` (`None` where not valid), in their
+    /// order, each batch of [`PIPELINED`] requests sent before their
+    /// answers are read: a round trip a batch rather than a path (a
+    /// closure level, or a job's inputs, may be hundreds of paths). A Nix
+    /// error on one path is returned after the batch's other answers are
+    /// read, so the connection stays usable.
+    pub async fn query_path_infos(
+        &mut self,
+        paths: &[String],
+    ) -> Result<Vec<Option<PathInfo>>, DaemonError> {
+        let mut infos = Vec::with_capacity(paths.len());
+        for batch in paths.chunks(PIPELINED) {
+            for p in batch {
+                self.check_path(p)?;
+            }
+            for p in batch {
+                self.op(Op::QueryPathInfo).await?;
+                write_bytes(&mut self.w, p.as_bytes()).await?;
+            }
+            let mut first_error = None;
+            for p in batch {
+                match self.process_stderr(&mut |_| {}).await {
+                    Ok(()) => infos.push(self.read_path_info(p).await?),
+                    Err(e @ DaemonError::Nix { .. }) => {
+                        first_error.get_or_insert(e);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if let Some(e) = first_error {
+                return Err(e);
+            }
+        }
+        Ok(infos)
+    }
+
+    /// The answer to a `QueryPathInfo` of `path`, after its stderr.
+    async fn read_path_info(&mut self, path: &str) -> Result<Option<PathInfo>, DaemonError> {
         if !read_bool(&mut self.r).await? {
             return Ok(None);
         }
@@ -313,32 +364,33 @@ impl DaemonClient {
     pub async fn require_path_info(&mut self, path: &str) -> Result<PathInfo, DaemonError> {
         self.query_path_info(path)
             .await?
-            .ok_or_else(|| DaemonError::Nix {
-                message: format!("path '{path}' is not valid"),
-                traces: vec![],
-            })
+            .ok_or_else(|| not_valid(path))
     }
 
     /// The closure of `paths` under references (the paths included), with
     /// each path's info. A path that is not valid is an error naming it.
+    /// Asked a level at a time ([`Self::query_path_infos`]): as many round
+    /// trips as the closure is deep, not as it is large.
     pub async fn query_closure(
         &mut self,
         paths: &[String],
     ) -> Result<BTreeMap<String, PathInfo>, DaemonError> {
         let mut closure = BTreeMap::new();
-        let mut queue: VecDeque<String> = paths.iter().cloned().collect();
-        while let Some(p) = queue.pop_front() {
-            if closure.contains_key(&p) {
-                continue;
+        let mut level: Vec<String> = paths.to_vec();
+        level.sort();
+        level.dedup();
+        while !level.is_empty() {
+            let infos = self.query_path_infos(&level).await?;
+            let mut next = BTreeSet::new();
+            for (path, info) in level.into_iter().zip(infos) {
+                let info = info.ok_or_else(|| not_valid(&path))?;
+                next.extend(info.references.iter().cloned());
+                closure.insert(path, info);
             }
-            let info = self.require_path_info(&p).await?;
-            queue.extend(
-                info.references
-                    .iter()
-                    .filter(|r| !closure.contains_key(*r))
-                    .cloned(),
-            );
-            closure.insert(p, info);
+            level = next
+                .into_iter()
+                .filter(|p| !closure.contains_key(p))
+                .collect();
         }
         Ok(closure)
     }
