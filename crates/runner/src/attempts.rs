@@ -58,10 +58,11 @@ pub struct Attempt {
     /// None for an attempt inherited from the runner before (the closure is
     /// computed again when asked).
     pub inputs: Option<std::sync::Arc<std::collections::HashSet<String>>>,
-    /// It was sent ahead of inputs its machine built and the runner did not
-    /// hold yet: `inputs` lacks them (and their closure) until the closure
-    /// is computed again, once they are verified.
-    pub ran_ahead: bool,
+    /// The inputs' outputs it was sent ahead of (its machine built them;
+    /// the runner did not hold them yet): `inputs` lacks them and their
+    /// closure until an output refers outside `inputs`, by when they are
+    /// verified and their closure is added.
+    pub ran_ahead_of: Vec<String>,
     /// When it is aborted if still running: the step's timeout plus
     /// `attempt_grace_secs`, from when it started on this runner. None
     /// when the step has no timeout (0, as Nix's `timeout`).
@@ -416,7 +417,7 @@ mod tests {
             log_bytes: 0,
             away: None,
             inputs: None,
-            ran_ahead: false,
+            ran_ahead_of: Vec::new(),
             busy: hydra_db::status::StepProgress::Preparing.code(),
             deadline: None,
         }

@@ -119,11 +119,14 @@ pub async fn input_paths(
 ) -> Result<InputPaths, RealisationError> {
     let dir = shared.store.dir();
     let mut found = InputPaths::new();
-    for (input, wanted) in &drv.input_drvs {
-        // A derivation's file is named by its contents: one read here is
-        // the derivation the daemon would give (a half-written file does
-        // not parse), and its validity matters only for building it.
-        let (input_drv, _) = shared.store.read_derivation_file(client, input).await?;
+    // A derivation's file is named by its contents: one read here is the
+    // derivation the daemon would give (a half-written file does not
+    // parse), and its validity matters only for building it. All in one
+    // go: a step may have hundreds of inputs.
+    let inputs: Vec<StorePath> = drv.input_drvs.keys().cloned().collect();
+    let read = shared.store.read_derivations(client, inputs).await;
+    for ((input, wanted), read) in drv.input_drvs.iter().zip(read) {
+        let (input_drv, _) = read?;
         let paths = output_paths(&shared.pool, dir, input, &input_drv).await?;
         for output in wanted {
             let path =

@@ -43,7 +43,7 @@ pub async fn start_attempt(shared: &Shared, a: Assignment) -> Result<(), Fatal> 
     // What `FetchInputs` serves: the job's inputs in the runner's store (a
     // job that runs ahead also names outputs only its builder has).
     attempt.inputs = Some(std::sync::Arc::new(job.closure));
-    attempt.ran_ahead = a.ahead;
+    attempt.ran_ahead_of = job.on_builder;
     shared.logs.start(&a.drv_path).await?;
     // The machine may have left while the attempt was persisted: then its
     // departure took its attempts before this one was there.
@@ -79,6 +79,8 @@ struct PreparedJob {
     closure: std::collections::HashSet<String>,
     /// Output name -> path where known (for BuildStepOutputs).
     outputs: Vec<(String, Option<String>)>,
+    /// Inputs' outputs only the builder holds yet (a job sent ahead).
+    on_builder: Vec<String>,
 }
 
 /// Re-reads the `.drv` and turns it into the job a builder needs: the
@@ -119,6 +121,7 @@ async fn prepare_job(
         },
         outputs,
         closure: inputs.closure.into_iter().collect(),
+        on_builder: inputs.on_builder,
     })
 }
 
@@ -190,7 +193,7 @@ fn new_attempt(
         log_bytes: 0,
         away: None,
         inputs: None,
-        ran_ahead: false,
+        ran_ahead_of: Vec::new(),
         busy: hydra_db::status::StepProgress::Preparing.code(),
         deadline: (!timeout.is_zero()).then(|| std::time::Instant::now() + timeout + grace),
     }

@@ -106,7 +106,7 @@ impl Inner {
                 why: "the runner restarted".to_owned(),
             }),
             inputs: None,
-            ran_ahead: false,
+            ran_ahead_of: Vec::new(),
             busy: 0,
             deadline: (!timeout.is_zero()).then(|| Instant::now() + timeout + o.attempt_grace),
         };

@@ -109,7 +109,7 @@ fn attempt_of(a: &Assignment) -> Attempt {
         log_bytes: 0,
         away: None,
         inputs: None,
-        ran_ahead: false,
+        ran_ahead_of: Vec::new(),
         busy: hydra_db::status::StepProgress::Preparing.code(),
         deadline: None,
     }

@@ -21,6 +21,34 @@ use crate::attempts::Upload;
 use crate::nix_support::{OutputScan, scan_nar};
 use crate::{Fatal, Shared};
 
+/// The closure of `paths` in the runner's store.
+async fn closure_of(
+    shared: &Shared,
+    paths: &[String],
+) -> Result<std::collections::HashSet<String>, Status> {
+    let mut client = shared.store.client().await.map_err(|e| {
+        let status = Status::unavailable(e.to_string());
+        shared.die(e.into());
+        status
+    })?;
+    match client.query_closure(paths).await {
+        Ok(closure) => {
+            shared.store.release(client);
+            Ok(closure.into_keys().collect())
+        }
+        Err(e) => {
+            let e = crate::store::StoreError::from(e);
+            if e.is_infrastructure() {
+                let status = Status::unavailable(e.to_string());
+                shared.die(e.into());
+                Err(status)
+            } else {
+                Err(Status::failed_precondition(e.to_string()))
+            }
+        }
+    }
+}
+
 /// The input closure of the job at `drv_path`, computed again (for an
 /// attempt inherited from the runner before, whose job this runner did not
 /// send).
@@ -60,14 +88,15 @@ pub async fn serve_inputs(
             .map_err(|e| Status::invalid_argument(format!("{p}: {e}")))?;
     }
     let mut client = store_client(&shared).await?;
+    let answers = client
+        .query_path_infos(&paths)
+        .await
+        .map_err(|e| Status::internal(format!("querying the inputs' path infos: {e}")))?;
     let mut infos = Vec::with_capacity(paths.len());
-    for p in &paths {
-        let info = client
-            .query_path_info(p)
-            .await
-            .map_err(|e| Status::internal(format!("querying {p}: {e}")))?
-            .ok_or_else(|| Status::not_found(format!("{p} is not in the runner's store")))?;
-        infos.push(info);
+    for (p, info) in paths.iter().zip(answers) {
+        infos.push(
+            info.ok_or_else(|| Status::not_found(format!("{p} is not in the runner's store")))?,
+        );
     }
     let ordered = references_first(infos);
     let (tx, rx) = mpsc::channel(16);
@@ -131,17 +160,10 @@ pub async fn receive_output(
                 .filter(|r| **r != header.store_path && !a.may_output(dir, r))
                 .cloned()
                 .collect();
-            // Computed again for a job sent ahead: its inputs are in the
-            // runner's store now, with their closure.
-            let inputs = if std::mem::take(&mut a.ran_ahead) {
-                a.inputs = None;
-                None
-            } else {
-                a.inputs.clone()
-            };
-            (asked, floating, outside, inputs, a.drv_path.clone())
+            let ahead_of = a.ran_ahead_of.clone();
+            (asked, floating, outside, a.inputs.clone(), ahead_of, a.drv_path.clone())
         });
-    let (asked, floating, outside, inputs, drv_path) = match asked {
+    let (asked, floating, outside, inputs, ahead_of, drv_path) = match asked {
         Ok(asked) => asked,
         Err(e) => {
             let (conn, id) = (&header.machine_id, &header.attempt_id);
@@ -162,7 +184,22 @@ pub async fn receive_output(
     }
     if !outside.is_empty() {
         let inputs = match inputs {
-            Some(i) => i,
+            Some(i) if ahead_of.is_empty() || outside.iter().all(|r| i.contains(r)) => i,
+            // A job sent ahead: the inputs it ran ahead of are in the
+            // runner's store now (`held_for_inputs`), and their closure
+            // joins the job's.
+            Some(i) => {
+                let mut all = closure_of(shared, &ahead_of).await?;
+                all.extend(i.iter().cloned());
+                let all = Arc::new(all);
+                let _ = shared
+                    .state
+                    .with_attempt(&header.attempt_id, &header.machine_id, |a| {
+                        a.inputs = Some(all.clone());
+                        a.ran_ahead_of.clear();
+                    });
+                all
+            }
             None => {
                 let closure = Arc::new(job_closure(shared, &drv_path).await?);
                 let _ = shared
