@@ -539,6 +539,91 @@ async fn a_step_follows_its_input_to_the_machine_that_built_it() {
     assert_eq!(fetched, 0, "no step fetched an input from the runner");
 }
 
+/// A step whose inputs are all on another machine fetches them from the
+/// runner: small ones imported beside each other, each once the inputs it
+/// refers to are in, a large one streamed alone between them. The
+/// builder's store then holds every input with the runner's NAR hash and
+/// references.
+#[tokio::test]
+async fn a_step_fetches_many_inputs_that_refer_to_each_other_intact() {
+    let mut expr = String::from(
+        r#"with prelude; rec {
+      a = mkDrv { name = "a"; requiredSystemFeatures = [ "kvm" ]; script = "echo a > $out"; };
+      b = mkDrv { name = "b"; requiredSystemFeatures = [ "kvm" ]; script = "echo ${a} > $out"; };
+      c = mkDrv { name = "c"; requiredSystemFeatures = [ "kvm" ]; script = "echo ${b} > $out"; };
+      big = mkDrv { name = "big"; requiredSystemFeatures = [ "kvm" ]; script = "echo ${c} > $out; head -c 3000000 /dev/zero >> $out"; };
+      after-big = mkDrv { name = "after-big"; requiredSystemFeatures = [ "kvm" ]; script = "echo ${big} > $out"; };
+"#,
+    );
+    let leaves: Vec<String> = (0..24).map(|i| format!("leaf{i}")).collect();
+    for (i, leaf) in leaves.iter().enumerate() {
+        // Every third leaf refers to the chain's end: it waits for it.
+        let refers = if i % 3 == 0 { "${c} " } else { "" };
+        expr.push_str(&format!(
+            "      {leaf} = mkDrv {{ name = \"{leaf}\"; requiredSystemFeatures = [ \"kvm\" ]; script = \"echo {refers}{i} > $out\"; }};\n"
+        ));
+    }
+    let every: Vec<String> = ["a", "b", "c", "big", "after-big"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(leaves.iter().cloned())
+        .collect();
+    let uses: Vec<String> = every.iter().map(|n| format!("${{{n}}}")).collect();
+    expr.push_str(&format!(
+        "      top = mkDrv {{ name = \"top\"; requiredSystemFeatures = [ \"big-parallel\" ]; script = \"echo {} > $out\"; }};\n    }}",
+        uses.join(" ")
+    ));
+    let mut farm = Farm::start(|_| {}).await.expect("farm");
+    farm.add_builder(BuilderSpec::new("near").features(&["kvm"]))
+        .await
+        .unwrap();
+    farm.add_builder(BuilderSpec::new("far").features(&["big-parallel"]))
+        .await
+        .unwrap();
+    let (_, ids) = instantiate_and_build(&farm, &expr, &["top"]).await;
+    assert_eq!(farm.statuses(&ids).await.unwrap()["top"], (0, 0));
+    let top_machine: Vec<(String,)> = rows(
+        &farm,
+        "select machine from BuildSteps where build = $1 and drvPath like '%-top.drv'",
+        ids["top"],
+    )
+    .await;
+    assert_eq!(top_machine, [("far".to_owned(),)]);
+
+    let mut runner = hydra_nix::daemon::DaemonClient::connect(farm.runner_store.socket())
+        .await
+        .unwrap();
+    let out: String = sqlx::query_scalar("select path from BuildOutputs where build = $1")
+        .bind(ids["top"])
+        .fetch_one(&farm.db.pool)
+        .await
+        .unwrap();
+    let closure = runner.query_closure(std::slice::from_ref(&out)).await.unwrap();
+    assert_eq!(closure.len(), every.len() + 1, "top's output refers to every input");
+    let far = &farm.builders[1];
+    assert_eq!(far.spec.name, "far");
+    let mut there = hydra_nix::daemon::DaemonClient::connect(far.store.socket())
+        .await
+        .unwrap();
+    for (path, info) in &closure {
+        let copy = there
+            .query_path_info(path)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{path} is not on the builder that used it"));
+        assert_eq!(
+            (&copy.nar_hash, &copy.references, copy.nar_size),
+            (&info.nar_hash, &info.references, info.nar_size),
+            "{path}"
+        );
+    }
+    let big = closure
+        .values()
+        .find(|i| i.path.split_once('-').is_some_and(|(_, name)| name == "big"))
+        .unwrap();
+    assert!(big.nar_size > 1 << 20, "the large input is streamed, not held whole");
+}
+
 /// With `run_ahead`, a dependent may start on the builder before its
 /// input's outputs reach the runner; a chain whose every output refers to
 /// its input is still imported references first and built once a step:

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hydra_nix::daemon::{
-    BuildMode, BuildStatus, ClientSettings, DaemonClient, DaemonError, LogLine, PathInfo,
+    BuildMode, BuildStatus, ClientSettings, DaemonClient, DaemonError, LogLine, PathInfo, Spares,
     references_first,
 };
 use hydra_nix::{Derivation, StoreDir};
@@ -220,7 +220,7 @@ async fn execute(
             None => missing,
         };
         if !missing.is_empty() {
-            fetch_inputs_across(tie, job, daemon, missing).await?;
+            fetch_inputs_across(tie, job, daemon, &ctx.daemon, missing).await?;
         }
     }
     progress(tie, Phase::Building);
@@ -505,6 +505,7 @@ async fn fetch_inputs_across(
     tie: &mut Tie,
     job: &BuildJob,
     daemon: &mut DaemonClient,
+    spares: &Arc<Spares>,
     missing: Vec<String>,
 ) -> Result<(), JobError> {
     let mut tries = 0;
@@ -521,7 +522,7 @@ async fn fetch_inputs_across(
         if still.is_empty() {
             return Ok(());
         }
-        match fetch_inputs(&owner, job, daemon, still).await {
+        match fetch_inputs(&owner, job, daemon, spares, still).await {
             Err(JobError::Transfer(s)) if is_transport(&s) && tries < RETRIES_PER_CONNECTION => {
                 tries += 1;
                 tracing::warn!(attempt = %job.attempt_id, "fetching inputs failed ({}); trying again", s.message());
@@ -533,14 +534,26 @@ async fn fetch_inputs_across(
     }
 }
 
-/// Fetches `paths` from the runner and imports them, references first (the
-/// runner sends them in that order).
+/// NARs up to this size are read whole and imported beside others, each
+/// on a daemon connection of its own (a daemon connection is a process:
+/// a job that needs a hundred small inputs from the runner imported them
+/// one after another on one core). A larger one streams into the job's
+/// connection, alone.
+const BUFFERED_NAR: u64 = 1 << 20;
+/// Imports under way at once in one fetch.
+const CONCURRENT_IMPORTS: usize = 4;
+
+/// Fetches `paths` from the runner and imports them. The runner sends
+/// references first; a path's import starts once every reference it has
+/// among `paths` is imported.
 async fn fetch_inputs(
     owner: &Owner,
     job: &BuildJob,
     daemon: &mut DaemonClient,
+    spares: &Arc<Spares>,
     paths: Vec<String>,
 ) -> Result<(), JobError> {
+    let mut imports = Imports::new(spares.clone(), paths.iter().cloned().collect());
     let req = FetchInputsRequest {
         machine_id: owner.session.machine_id.clone(),
         attempt_id: job.attempt_id.clone(),
@@ -556,6 +569,13 @@ async fn fetch_inputs(
         let info = h
             .path_info(&StoreDir::default())
             .map_err(|e| JobError::BadHeader(e.to_string()))?;
+        if info.nar_size <= BUFFERED_NAR {
+            let (nar, following) = read_whole_nar(&mut stream, &info).await?;
+            next = following;
+            imports.start(info, nar).await?;
+            continue;
+        }
+        imports.finish().await?;
         let (mut w, mut r) = tokio::io::duplex(CHUNK);
         let feed = async {
             use tokio::io::AsyncWriteExt;
@@ -569,12 +589,7 @@ async fn fetch_inputs(
                             break; // the import stopped; its error says why
                         }
                     }
-                    Some(nar_chunk::Part::Data(_)) => {
-                        return Err(JobError::BadHeader(format!(
-                            "more data than the {} bytes announced",
-                            info.nar_size
-                        )));
-                    }
+                    Some(nar_chunk::Part::Data(_)) => return Err(more_than_announced(&info)),
                     other => {
                         following = Some(NarChunk { part: other });
                         break;
@@ -588,8 +603,118 @@ async fn fetch_inputs(
         let (fed, imported) = tokio::join!(feed, import);
         next = fed?;
         imported?;
+        imports.imported(info.path);
     }
-    Ok(())
+    imports.finish().await
+}
+
+fn more_than_announced(info: &PathInfo) -> JobError {
+    JobError::BadHeader(format!(
+        "more data than the {} bytes announced for {}",
+        info.nar_size, info.path
+    ))
+}
+
+/// Reads the NAR whose header announced `info` whole (at most
+/// [`BUFFERED_NAR`] bytes); returns it and the message after it.
+async fn read_whole_nar(
+    stream: &mut tonic::Streaming<NarChunk>,
+    info: &PathInfo,
+) -> Result<(Vec<u8>, Option<NarChunk>), JobError> {
+    let mut nar = Vec::with_capacity(info.nar_size as usize);
+    while let Some(c) = stream.message().await? {
+        match c.part {
+            Some(nar_chunk::Part::Data(d)) if (nar.len() + d.len()) as u64 <= info.nar_size => {
+                nar.extend_from_slice(&d);
+            }
+            Some(nar_chunk::Part::Data(_)) => return Err(more_than_announced(info)),
+            other => return Ok((nar, Some(NarChunk { part: other }))),
+        }
+    }
+    Ok((nar, None))
+}
+
+/// The imports of one fetch that run beside each other: each on a
+/// connection of its own, started once the references it has among the
+/// fetched paths are in. Dropped, it stops those under way.
+struct Imports {
+    spares: Arc<Spares>,
+    /// The paths this fetch brings.
+    fetched: std::collections::HashSet<String>,
+    /// Those of them imported.
+    done: std::collections::HashSet<String>,
+    running: tokio::task::JoinSet<Result<(String, DaemonClient), JobError>>,
+    /// Connections whose import ended, for the next.
+    idle: Vec<DaemonClient>,
+}
+
+impl Imports {
+    fn new(spares: Arc<Spares>, fetched: std::collections::HashSet<String>) -> Imports {
+        Imports {
+            spares,
+            fetched,
+            done: Default::default(),
+            running: Default::default(),
+            idle: Vec::new(),
+        }
+    }
+
+    /// Starts importing `nar` as `info` once its fetched references are in
+    /// and a place is free. Should a reference never come (the runner sent
+    /// it out of order, or not at all), the import starts when nothing else
+    /// runs, and the daemon's refusal names it.
+    async fn start(&mut self, info: PathInfo, nar: Vec<u8>) -> Result<(), JobError> {
+        while !self.running.is_empty()
+            && (self.running.len() >= CONCURRENT_IMPORTS || self.waits_for_reference(&info))
+        {
+            self.one_ended().await?;
+        }
+        let mut daemon = match self.idle.pop() {
+            Some(d) => d,
+            None => self.spares.take().await?,
+        };
+        self.running.spawn(async move {
+            daemon
+                .add_to_store_nar(&info, &mut nar.as_slice(), false, true)
+                .await?;
+            Ok((info.path, daemon))
+        });
+        Ok(())
+    }
+
+    fn waits_for_reference(&self, info: &PathInfo) -> bool {
+        info.references
+            .iter()
+            .any(|r| *r != info.path && self.fetched.contains(r) && !self.done.contains(r))
+    }
+
+    /// An import made elsewhere (streamed on the job's connection).
+    fn imported(&mut self, path: String) {
+        self.done.insert(path);
+    }
+
+    async fn one_ended(&mut self) -> Result<(), JobError> {
+        let Some(ended) = self.running.join_next().await else {
+            return Ok(());
+        };
+        let (path, daemon) = ended.map_err(|e| {
+            JobError::Daemon(DaemonError::Protocol(format!("an import task failed: {e}")))
+        })??;
+        self.done.insert(path);
+        self.idle.push(daemon);
+        Ok(())
+    }
+
+    /// Waits for every import under way; gives their connections back.
+    async fn finish(&mut self) -> Result<(), JobError> {
+        while !self.running.is_empty() {
+            self.one_ended().await?;
+        }
+        for daemon in self.idle.drain(..) {
+            self.spares.release(daemon);
+        }
+        Ok(())
+    }
 }
 
 /// Why one delivery try did not end the job.
