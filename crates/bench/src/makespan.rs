@@ -66,6 +66,7 @@ pub async fn run(dags: &[Dag], o: &Options) -> Result<Value> {
     let mut results = Vec::new();
     let mut rows = Vec::new();
     let mut cpu_rows = Vec::new();
+    let mut end_rows = Vec::new();
     for dag in dags {
         let mut pairs = Vec::new();
         for n in 1..=o.repeat {
@@ -82,6 +83,17 @@ pub async fn run(dags: &[Dag], o: &Options) -> Result<Value> {
             farm_cpu,
         } = pairs.swap_remove(pairs.len() / 2);
         let ratio = farm / local;
+        end_rows.push(vec![
+            dag.shape.clone(),
+            ms(over.phases.to_loaded),
+            ms(over.phases.to_first_dispatch),
+            ms(over.phases.last_built_to_top),
+            ms(over.phases.top_inputs),
+            ms(over.phases.top_fetch),
+            ms(over.phases.top_build),
+            ms(over.phases.top_outputs),
+            ms(over.phases.top_done),
+        ]);
         let steps = dag.nodes.len() as f64;
         let per_step = |s: f64| s * 1000.0 / steps;
         let own = per_step(farm_cpu.machine - local_cpu.machine);
@@ -149,6 +161,23 @@ pub async fn run(dags: &[Dag], o: &Options) -> Result<Value> {
         ],
         &rows,
     );
+    table(
+        "makespan: the farm's run's ends (ms, the median pair): queued -> loaded, -> first dispatch; \
+         last node built -> `all` dispatched; `all`'s inputs (dispatch -> building, of which the fetch); `all`'s \
+         build, outputs (-> step finished) and the build's completion",
+        &[
+            "shape",
+            "loaded",
+            "first dispatch",
+            "last built->all",
+            "all's inputs",
+            "fetch",
+            "all's build",
+            "outputs",
+            "completion",
+        ],
+        &end_rows,
+    );
     let mut header = vec!["shape", "local", "farm", "farm's own"];
     header.extend(cpu::KINDS);
     table(
@@ -203,6 +232,7 @@ async fn farm(dag: &Dag, salt: &str, o: &Options) -> Result<(f64, Overheads, cpu
     let top = [("all".to_owned(), drvs["all"].clone())].into();
     let cpu_before = cpu::Sample::now();
     let began = Instant::now();
+    let began_ms = epoch_ms();
     let ids = farm.queue(&top, |_| Default::default()).await?;
     farm.wait_finished(ids.values().copied(), Duration::from_secs(3600))
         .await?;
@@ -218,7 +248,8 @@ async fn farm(dag: &Dag, salt: &str, o: &Options) -> Result<(f64, Overheads, cpu
             dag.shape
         );
     }
-    let over = overheads(&farm, dag, &drvs).await?;
+    let mut over = overheads(&farm, dag, &drvs).await?;
+    over.phases = phases(&farm, dag, &drvs, began_ms).await?;
     Ok((makespan, over, spent))
 }
 
@@ -239,6 +270,31 @@ struct Overheads {
     outputs_p50: f64,
     /// Dispatch to the builder's first progress message.
     job_sent_p50: f64,
+    /// Where the run's fixed costs go, in ms (not per step).
+    phases: Phases,
+}
+
+/// The run's ends: what it costs before the first step starts and after
+/// the last of the DAG's own steps is built, when `all` (which needs every
+/// node) fetches the inputs its builder lacks, builds and completes.
+#[derive(Debug, Default)]
+struct Phases {
+    /// The build inserted -> the runner's first dispatch.
+    to_first_dispatch: f64,
+    /// The build inserted -> loaded (its `queued` event).
+    to_loaded: f64,
+    /// The last node built (its builder receiving outputs) -> `all` dispatched.
+    last_built_to_top: f64,
+    /// `all`: dispatch -> building (mostly its inputs' transfer).
+    top_inputs: f64,
+    /// `all`: the part of that from `sending-inputs` (the fetch itself).
+    top_fetch: f64,
+    /// `all`: building -> its builder receiving outputs.
+    top_build: f64,
+    /// `all`: receiving outputs -> its step finished.
+    top_outputs: f64,
+    /// `all`'s step finished -> the build completed.
+    top_done: f64,
 }
 
 impl Overheads {
@@ -255,8 +311,76 @@ impl Overheads {
             "build_p50": m(self.build_p50),
             "outputs_and_completion_p50": m(self.outputs_p50),
             "dispatch_to_builder_ack_p50": m(self.job_sent_p50),
+            "phases": {
+                "to_first_dispatch": m(self.phases.to_first_dispatch),
+                "to_loaded": m(self.phases.to_loaded),
+                "last_built_to_top_dispatch": m(self.phases.last_built_to_top),
+                "top_inputs": m(self.phases.top_inputs),
+                "top_fetch": m(self.phases.top_fetch),
+                "top_build": m(self.phases.top_build),
+                "top_outputs": m(self.phases.top_outputs),
+                "top_done": m(self.phases.top_done),
+            },
         })
     }
+}
+
+fn epoch_ms() -> i64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    since.as_millis() as i64
+}
+
+/// The run's fixed costs from the event log (whose times are the
+/// database's clock, on this machine the bench's too).
+async fn phases(
+    farm: &Farm,
+    dag: &Dag,
+    drvs: &std::collections::BTreeMap<String, String>,
+    began_ms: i64,
+) -> Result<Phases> {
+    let rows: Vec<(String, Option<String>, Option<String>, i64)> = sqlx::query_as(
+        "select kind, drv_path, detail, at_ms from hqr_events order by id",
+    )
+    .fetch_all(&farm.db.pool)
+    .await?;
+    let first = |kind: &str, drv: Option<&str>, detail: Option<&str>| {
+        rows.iter()
+            .filter(|(k, d, det, _)| {
+                k == kind
+                    && drv.is_none_or(|x| d.as_deref() == Some(x))
+                    && detail.is_none_or(|x| det.as_deref() == Some(x))
+            })
+            .map(|r| r.3)
+            .min()
+    };
+    let top = drvs["all"].as_str();
+    let last_built = (0..dag.nodes.len())
+        .filter_map(|i| first("step_progress", Some(&drvs[&format!("n{i}")]), Some("receiving-outputs")))
+        .max();
+    let secs = |a: Option<i64>, b: Option<i64>| match (a, b) {
+        (Some(a), Some(b)) => (b - a) as f64 / 1000.0,
+        _ => f64::NAN,
+    };
+    let top_started = first("step_started", Some(top), None);
+    let top_building = first("step_progress", Some(top), Some("building"));
+    let top_received = first("step_progress", Some(top), Some("receiving-outputs"));
+    let top_finished = first("step_finished", Some(top), None);
+    let done = first("completed", None, None);
+    Ok(Phases {
+        to_first_dispatch: secs(Some(began_ms), first("step_started", None, None)),
+        to_loaded: secs(Some(began_ms), first("queued", None, None)),
+        last_built_to_top: secs(last_built, top_started),
+        top_inputs: secs(top_started, top_building),
+        top_fetch: secs(
+            first("step_progress", Some(top), Some("sending-inputs")),
+            top_building,
+        ),
+        top_build: secs(top_building, top_received),
+        top_outputs: secs(top_received, top_finished),
+        top_done: secs(top_finished, done),
+    })
 }
 
 /// Per step, from the event log: dispatch (`step_started`) to the builder
@@ -333,5 +457,6 @@ async fn overheads(
         build_p50: percentile(&building, 50.0),
         outputs_p50: percentile(&outputs, 50.0),
         job_sent_p50: percentile(&preparing, 50.0),
+        phases: Phases::default(),
     })
 }
