@@ -540,10 +540,9 @@ async fn a_step_follows_its_input_to_the_machine_that_built_it() {
 }
 
 /// A step whose inputs are all on another machine fetches them from the
-/// runner: small ones imported beside each other, each once the inputs it
-/// refers to are in, a large one streamed alone between them. The
-/// builder's store then holds every input with the runner's NAR hash and
-/// references.
+/// runner, references first: small ones read whole while the one before
+/// imports, a large one streamed between them. The builder's store then
+/// holds every input with the runner's NAR hash and references.
 #[tokio::test]
 async fn a_step_fetches_many_inputs_that_refer_to_each_other_intact() {
     let mut expr = String::from(
@@ -598,8 +597,15 @@ async fn a_step_fetches_many_inputs_that_refer_to_each_other_intact() {
         .fetch_one(&farm.db.pool)
         .await
         .unwrap();
-    let closure = runner.query_closure(std::slice::from_ref(&out)).await.unwrap();
-    assert_eq!(closure.len(), every.len() + 1, "top's output refers to every input");
+    let closure = runner
+        .query_closure(std::slice::from_ref(&out))
+        .await
+        .unwrap();
+    assert_eq!(
+        closure.len(),
+        every.len() + 1,
+        "top's output refers to every input"
+    );
     let far = &farm.builders[1];
     assert_eq!(far.spec.name, "far");
     let mut there = hydra_nix::daemon::DaemonClient::connect(far.store.socket())
@@ -619,9 +625,16 @@ async fn a_step_fetches_many_inputs_that_refer_to_each_other_intact() {
     }
     let big = closure
         .values()
-        .find(|i| i.path.split_once('-').is_some_and(|(_, name)| name == "big"))
+        .find(|i| {
+            i.path
+                .split_once('-')
+                .is_some_and(|(_, name)| name == "big")
+        })
         .unwrap();
-    assert!(big.nar_size > 1 << 20, "the large input is streamed, not held whole");
+    assert!(
+        big.nar_size > 1 << 20,
+        "the large input is streamed, not held whole"
+    );
 }
 
 /// With `run_ahead`, a dependent may start on the builder before its
