@@ -340,11 +340,10 @@ async fn phases(
     drvs: &std::collections::BTreeMap<String, String>,
     began_ms: i64,
 ) -> Result<Phases> {
-    let rows: Vec<(String, Option<String>, Option<String>, i64)> = sqlx::query_as(
-        "select kind, drv_path, detail, at_ms from hqr_events order by id",
-    )
-    .fetch_all(&farm.db.pool)
-    .await?;
+    let rows: Vec<(String, Option<String>, Option<String>, i64)> =
+        sqlx::query_as("select kind, drv_path, detail, at_ms from hqr_events order by id")
+            .fetch_all(&farm.db.pool)
+            .await?;
     let first = |kind: &str, drv: Option<&str>, detail: Option<&str>| {
         rows.iter()
             .filter(|(k, d, det, _)| {
@@ -357,7 +356,13 @@ async fn phases(
     };
     let top = drvs["all"].as_str();
     let last_built = (0..dag.nodes.len())
-        .filter_map(|i| first("step_progress", Some(&drvs[&format!("n{i}")]), Some("receiving-outputs")))
+        .filter_map(|i| {
+            first(
+                "step_progress",
+                Some(&drvs[&format!("n{i}")]),
+                Some("receiving-outputs"),
+            )
+        })
         .max();
     let secs = |a: Option<i64>, b: Option<i64>| match (a, b) {
         (Some(a), Some(b)) => (b - a) as f64 / 1000.0,

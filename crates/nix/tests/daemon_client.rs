@@ -289,20 +289,31 @@ async fn path_infos_asked_ahead_of_their_answers_match_one_at_a_time() {
     let batched = client.query_path_infos(&asked).await.unwrap();
     assert_eq!(batched.len(), asked.len());
     let wide_info = client.query_path_info(&wide).await.unwrap().unwrap();
-    assert!(wide_info.references.len() >= count, "the wide .drv names every input");
+    assert!(
+        wide_info.references.len() >= count,
+        "the wide .drv names every input"
+    );
     for (path, got) in asked.iter().zip(&batched) {
         let one = client.query_path_info(path).await.unwrap();
         assert_eq!(got.as_ref().map(|i| &i.path), one.as_ref().map(|i| &i.path));
         assert_eq!(
-            got.as_ref().map(|i| (&i.references, i.nar_size, &i.nar_hash)),
-            one.as_ref().map(|i| (&i.references, i.nar_size, &i.nar_hash)),
+            got.as_ref()
+                .map(|i| (&i.references, i.nar_size, &i.nar_hash)),
+            one.as_ref()
+                .map(|i| (&i.references, i.nar_size, &i.nar_hash)),
             "{path}"
         );
     }
-    assert!(batched.iter().any(Option::is_none), "the missing path answered None");
+    assert!(
+        batched.iter().any(Option::is_none),
+        "the missing path answered None"
+    );
 
     // The closure, asked a level at a time, is the closure one path at a time.
-    let closure = client.query_closure(std::slice::from_ref(&wide)).await.unwrap();
+    let closure = client
+        .query_closure(std::slice::from_ref(&wide))
+        .await
+        .unwrap();
     let mut expected = std::collections::BTreeSet::new();
     let mut todo = vec![wide.clone()];
     while let Some(p) = todo.pop() {
@@ -311,7 +322,13 @@ async fn path_infos_asked_ahead_of_their_answers_match_one_at_a_time() {
             todo.extend(info.references);
         }
     }
-    assert_eq!(closure.keys().cloned().collect::<std::collections::BTreeSet<_>>(), expected);
+    assert_eq!(
+        closure
+            .keys()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>(),
+        expected
+    );
     assert!(closure.len() > count);
     let err = client
         .query_closure(&[wide.clone(), missing.clone()])

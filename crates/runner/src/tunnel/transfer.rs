@@ -161,7 +161,14 @@ pub async fn receive_output(
                 .cloned()
                 .collect();
             let ahead_of = a.ran_ahead_of.clone();
-            (asked, floating, outside, a.inputs.clone(), ahead_of, a.drv_path.clone())
+            (
+                asked,
+                floating,
+                outside,
+                a.inputs.clone(),
+                ahead_of,
+                a.drv_path.clone(),
+            )
         });
     let (asked, floating, outside, inputs, ahead_of, drv_path) = match asked {
         Ok(asked) => asked,
