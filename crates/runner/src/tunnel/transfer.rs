@@ -26,27 +26,13 @@ async fn closure_of(
     shared: &Shared,
     paths: &[String],
 ) -> Result<std::collections::HashSet<String>, Status> {
-    let mut client = shared.store.client().await.map_err(|e| {
-        let status = Status::unavailable(e.to_string());
-        shared.die(e.into());
-        status
-    })?;
-    match client.query_closure(paths).await {
-        Ok(closure) => {
-            shared.store.release(client);
-            Ok(closure.into_keys().collect())
-        }
-        Err(e) => {
-            let e = crate::store::StoreError::from(e);
-            if e.is_infrastructure() {
-                let status = Status::unavailable(e.to_string());
-                shared.die(e.into());
-                Err(status)
-            } else {
-                Err(Status::failed_precondition(e.to_string()))
-            }
-        }
-    }
+    let mut client = store_client(shared).await?;
+    let closure = client
+        .query_closure(paths)
+        .await
+        .map_err(|e| unprepared(shared, crate::store::StoreError::from(e).into()))?;
+    shared.store.release(client);
+    Ok(closure.into_keys().collect())
 }
 
 /// The input closure of the job at `drv_path`, computed again (for an
@@ -56,23 +42,23 @@ pub async fn job_closure(
     shared: &Shared,
     drv_path: &hydra_nix::StorePath,
 ) -> Result<std::collections::HashSet<String>, Status> {
-    let mut client = shared.store.client().await.map_err(|e| {
-        let status = Status::unavailable(e.to_string());
-        shared.die(e.into());
-        status
-    })?;
-    match crate::job_inputs::of(shared, &mut client, drv_path, false).await {
-        Ok(inputs) => {
-            shared.store.release(client);
-            Ok(inputs.closure.into_iter().collect())
+    let mut client = store_client(shared).await?;
+    let inputs = crate::job_inputs::of(shared, &mut client, drv_path, false)
+        .await
+        .map_err(|e| unprepared(shared, e))?;
+    shared.store.release(client);
+    Ok(inputs.closure.into_iter().collect())
+}
+
+/// A job's inputs could not be read: the step's problem is the call's
+/// failed precondition; a fault of the runner's store stops the runner.
+fn unprepared(shared: &Shared, e: crate::job_inputs::PrepareError) -> Status {
+    match e.into_reason() {
+        Ok(reason) => Status::failed_precondition(reason),
+        Err(fatal) => {
+            shared.die(fatal);
+            Status::unavailable("the runner is stopping")
         }
-        Err(e) => match e.into_reason() {
-            Ok(reason) => Err(Status::failed_precondition(reason)),
-            Err(fatal) => {
-                shared.die(fatal);
-                Err(Status::unavailable("the runner is stopping"))
-            }
-        },
     }
 }
 
