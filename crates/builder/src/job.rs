@@ -536,18 +536,11 @@ async fn fetch_inputs_across(
 
 /// NARs up to this size are read whole off the stream and imported on a
 /// daemon connection of their own, so the next one is read while one
-/// imports. A larger one streams into the job's connection, alone.
+/// imports ([`Import`]). A larger one streams into the job's connection.
 const BUFFERED_NAR: u64 = 1 << 20;
-/// Imports under way at once in one fetch. One: the store's database
-/// takes one writer at a time, and imports side by side only contend for
-/// it. Measured on wide-200's `all` (about 100 inputs fetched): a median
-/// of 79 ms with one at a time, 109 with two, 95-133 with four, 100-258
-/// with eight.
-const CONCURRENT_IMPORTS: usize = 1;
 
-/// Fetches `paths` from the runner and imports them. The runner sends
-/// references first; a path's import starts once every reference it has
-/// among `paths` is imported (implied while one import runs at a time).
+/// Fetches `paths` from the runner and imports them, one after another in
+/// the order the runner sends them: references first.
 async fn fetch_inputs(
     owner: &Owner,
     job: &BuildJob,
@@ -555,7 +548,7 @@ async fn fetch_inputs(
     spares: &Arc<Spares>,
     paths: Vec<String>,
 ) -> Result<(), JobError> {
-    let mut imports = Imports::new(spares.clone(), paths.iter().cloned().collect());
+    let mut import = Import::new(spares.clone());
     let req = FetchInputsRequest {
         machine_id: owner.session.machine_id.clone(),
         attempt_id: job.attempt_id.clone(),
@@ -574,10 +567,10 @@ async fn fetch_inputs(
         if info.nar_size <= BUFFERED_NAR {
             let (nar, following) = read_whole_nar(&mut stream, &info).await?;
             next = following;
-            imports.start(info, nar).await?;
+            import.start(info, nar).await?;
             continue;
         }
-        imports.finish().await?;
+        import.finish().await?;
         let (mut w, mut r) = tokio::io::duplex(CHUNK);
         let feed = async {
             use tokio::io::AsyncWriteExt;
@@ -605,9 +598,8 @@ async fn fetch_inputs(
         let (fed, imported) = tokio::join!(feed, import);
         next = fed?;
         imported?;
-        imports.imported(info.path);
     }
-    imports.finish().await
+    import.finish().await
 }
 
 fn more_than_announced(info: &PathInfo) -> JobError {
@@ -636,43 +628,34 @@ async fn read_whole_nar(
     Ok((nar, None))
 }
 
-/// The imports of one fetch that run beside its stream (up to
-/// [`CONCURRENT_IMPORTS`] at once), each on a connection of its own,
-/// started once the references it has among the fetched paths are in.
-/// Dropped, it stops those under way.
-struct Imports {
+/// The import under way beside a fetch's stream, on a connection of its
+/// own, while the next NAR is read. One at a time, each after the one
+/// before: that keeps the runner's references-first order, and the
+/// store's database takes one writer anyway. Measured on wide-200's `all`
+/// (about 100 inputs fetched): a median of 79 ms one at a time, 109 with
+/// two at once, 95-133 with four, 100-258 with eight. Dropped, it stops
+/// the import under way.
+struct Import {
     spares: Arc<Spares>,
-    /// The paths this fetch brings.
-    fetched: std::collections::HashSet<String>,
-    /// Those of them imported.
-    done: std::collections::HashSet<String>,
-    running: tokio::task::JoinSet<Result<(String, DaemonClient), JobError>>,
-    /// Connections whose import ended, for the next.
-    idle: Vec<DaemonClient>,
+    /// At most one task (a set, so that dropping it aborts the task).
+    running: tokio::task::JoinSet<Result<DaemonClient, JobError>>,
+    /// The connection of the import that ended last, for the next.
+    idle: Option<DaemonClient>,
 }
 
-impl Imports {
-    fn new(spares: Arc<Spares>, fetched: std::collections::HashSet<String>) -> Imports {
-        Imports {
+impl Import {
+    fn new(spares: Arc<Spares>) -> Import {
+        Import {
             spares,
-            fetched,
-            done: Default::default(),
             running: Default::default(),
-            idle: Vec::new(),
+            idle: None,
         }
     }
 
-    /// Starts importing `nar` as `info` once its fetched references are in
-    /// and a place is free. Should a reference never come (the runner sent
-    /// it out of order, or not at all), the import starts when nothing else
-    /// runs, and the daemon's refusal names it.
+    /// Starts importing `nar` as `info` once the import before has ended.
     async fn start(&mut self, info: PathInfo, nar: Vec<u8>) -> Result<(), JobError> {
-        while !self.running.is_empty()
-            && (self.running.len() >= CONCURRENT_IMPORTS || self.waits_for_reference(&info))
-        {
-            self.one_ended().await?;
-        }
-        let mut daemon = match self.idle.pop() {
+        self.wait().await?;
+        let mut daemon = match self.idle.take() {
             Some(d) => d,
             None => self.spares.take().await?,
         };
@@ -680,40 +663,25 @@ impl Imports {
             daemon
                 .add_to_store_nar(&info, &mut nar.as_slice(), false, true)
                 .await?;
-            Ok((info.path, daemon))
+            Ok(daemon)
         });
         Ok(())
     }
 
-    fn waits_for_reference(&self, info: &PathInfo) -> bool {
-        info.references
-            .iter()
-            .any(|r| *r != info.path && self.fetched.contains(r) && !self.done.contains(r))
-    }
-
-    /// An import made elsewhere (streamed on the job's connection).
-    fn imported(&mut self, path: String) {
-        self.done.insert(path);
-    }
-
-    async fn one_ended(&mut self) -> Result<(), JobError> {
-        let Some(ended) = self.running.join_next().await else {
-            return Ok(());
-        };
-        let (path, daemon) = ended.map_err(|e| {
-            JobError::Daemon(DaemonError::Protocol(format!("an import task failed: {e}")))
-        })??;
-        self.done.insert(path);
-        self.idle.push(daemon);
+    async fn wait(&mut self) -> Result<(), JobError> {
+        if let Some(ended) = self.running.join_next().await {
+            let daemon = ended.map_err(|e| {
+                JobError::Daemon(DaemonError::Protocol(format!("an import task failed: {e}")))
+            })??;
+            self.idle = Some(daemon);
+        }
         Ok(())
     }
 
-    /// Waits for every import under way; gives their connections back.
+    /// Waits for the import under way; gives its connection back.
     async fn finish(&mut self) -> Result<(), JobError> {
-        while !self.running.is_empty() {
-            self.one_ended().await?;
-        }
-        for daemon in self.idle.drain(..) {
+        self.wait().await?;
+        if let Some(daemon) = self.idle.take() {
             self.spares.release(daemon);
         }
         Ok(())
