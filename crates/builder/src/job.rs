@@ -571,28 +571,24 @@ async fn fetch_inputs(
             continue;
         }
         import.finish().await?;
-        let (mut w, mut r) = tokio::io::duplex(CHUNK);
+        let (w, mut r) = tokio::io::duplex(CHUNK);
         let feed = async {
             use tokio::io::AsyncWriteExt;
+            // Owned here: its end, when the feed returns, is the NAR's end
+            // for the import.
+            let mut w = w;
             let mut left = info.nar_size;
-            let mut following = None;
-            while let Some(c) = stream.message().await? {
-                match c.part {
-                    Some(nar_chunk::Part::Data(d)) if d.len() as u64 <= left => {
-                        left -= d.len() as u64;
+            loop {
+                match next_piece(&mut stream, &info, &mut left).await? {
+                    Piece::Data(d) => {
                         if w.write_all(&d).await.is_err() {
-                            break; // the import stopped; its error says why
+                            // The import stopped; its error says why.
+                            return Ok::<_, JobError>(None);
                         }
                     }
-                    Some(nar_chunk::Part::Data(_)) => return Err(more_than_announced(&info)),
-                    other => {
-                        following = Some(NarChunk { part: other });
-                        break;
-                    }
+                    Piece::End(following) => return Ok(following),
                 }
             }
-            drop(w);
-            Ok::<_, JobError>(following)
         };
         let import = daemon.add_to_store_nar(&info, &mut r, false, true);
         let (fed, imported) = tokio::join!(feed, import);
@@ -602,11 +598,34 @@ async fn fetch_inputs(
     import.finish().await
 }
 
-fn more_than_announced(info: &PathInfo) -> JobError {
-    JobError::BadHeader(format!(
-        "more data than the {} bytes announced for {}",
-        info.nar_size, info.path
-    ))
+/// What comes next of the NAR whose header announced `info`.
+enum Piece {
+    Data(Vec<u8>),
+    /// The NAR ended: the message after it, if any.
+    End(Option<NarChunk>),
+}
+
+/// The next piece of the NAR announced by `info`; its data is counted
+/// against `left`, and more than announced is an error.
+async fn next_piece(
+    stream: &mut tonic::Streaming<NarChunk>,
+    info: &PathInfo,
+    left: &mut u64,
+) -> Result<Piece, JobError> {
+    let Some(c) = stream.message().await? else {
+        return Ok(Piece::End(None));
+    };
+    match c.part {
+        Some(nar_chunk::Part::Data(d)) if d.len() as u64 <= *left => {
+            *left -= d.len() as u64;
+            Ok(Piece::Data(d))
+        }
+        Some(nar_chunk::Part::Data(_)) => Err(JobError::BadHeader(format!(
+            "more data than the {} bytes announced for {}",
+            info.nar_size, info.path
+        ))),
+        other => Ok(Piece::End(Some(NarChunk { part: other }))),
+    }
 }
 
 /// Reads the NAR whose header announced `info` whole (at most
@@ -616,16 +635,13 @@ async fn read_whole_nar(
     info: &PathInfo,
 ) -> Result<(Vec<u8>, Option<NarChunk>), JobError> {
     let mut nar = Vec::with_capacity(info.nar_size as usize);
-    while let Some(c) = stream.message().await? {
-        match c.part {
-            Some(nar_chunk::Part::Data(d)) if (nar.len() + d.len()) as u64 <= info.nar_size => {
-                nar.extend_from_slice(&d);
-            }
-            Some(nar_chunk::Part::Data(_)) => return Err(more_than_announced(info)),
-            other => return Ok((nar, Some(NarChunk { part: other }))),
+    let mut left = info.nar_size;
+    loop {
+        match next_piece(stream, info, &mut left).await? {
+            Piece::Data(d) => nar.extend_from_slice(&d),
+            Piece::End(following) => return Ok((nar, following)),
         }
     }
-    Ok((nar, None))
 }
 
 /// The import under way beside a fetch's stream, on a connection of its
