@@ -10,14 +10,6 @@ use crate::derivation::aterm::output_fields;
 use crate::hash::{Hash, HashAlgo};
 use crate::{Derivation, StoreDir};
 
-/// The error for a path that is not valid where one was required.
-fn not_valid(path: &str) -> DaemonError {
-    DaemonError::Nix {
-        message: format!("path '{path}' is not valid"),
-        traces: vec![],
-    }
-}
-
 const WORKER_MAGIC_1: u64 = 0x6e697863;
 const WORKER_MAGIC_2: u64 = 0x6478696f;
 
@@ -74,6 +66,14 @@ enum Op {
 /// buffer, so this side's writes finish and it reads while the daemon
 /// answers, however large the answers.
 pub const PIPELINED: usize = 128;
+
+/// The error for a path that is not valid where one was required.
+fn not_valid(path: &str) -> DaemonError {
+    DaemonError::Nix {
+        message: format!("path '{path}' is not valid"),
+        traces: vec![],
+    }
+}
 
 /// Settings sent with `SetOptions`; limits apply to the builds that follow.
 #[derive(Debug, Clone, PartialEq, Eq)]
