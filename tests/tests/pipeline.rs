@@ -556,7 +556,7 @@ async fn a_step_fetches_many_inputs_that_refer_to_each_other_intact() {
     );
     let leaves: Vec<String> = (0..24).map(|i| format!("leaf{i}")).collect();
     for (i, leaf) in leaves.iter().enumerate() {
-        // Every third leaf refers to the chain's end: it waits for it.
+        // Every third leaf refers to the chain's end: imported after it.
         let refers = if i % 3 == 0 { "${c} " } else { "" };
         expr.push_str(&format!(
             "      {leaf} = mkDrv {{ name = \"{leaf}\"; requiredSystemFeatures = [ \"kvm\" ]; script = \"echo {refers}{i} > $out\"; }};\n"
