@@ -58,9 +58,10 @@ enum Scenario {
         #[arg(long, default_value_t = 100_000)]
         builds: usize,
     },
-    /// Submit-to-builder latency, alone and with a large queue.
+    /// Submit-to-builder latency, alone and with a large queue. 1,000
+    /// samples, so that a p99 is the 10th slowest and not one stall.
     Latency {
-        #[arg(long, default_value_t = 200)]
+        #[arg(long, default_value_t = 1000)]
         samples: usize,
         #[arg(long, default_value_t = 10_000)]
         queued: usize,
