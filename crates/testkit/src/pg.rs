@@ -10,6 +10,9 @@ use thiserror::Error;
 /// Set by `with-postgres` for the processes it runs: the admin URL of the
 /// run's cluster.
 pub const CLUSTER_URL_ENV: &str = "HYDRA_TEST_PG_URL";
+/// More server options for a cluster this crate starts, as `-c name=value`
+/// words (to look into a benchmark: `-c shared_preload_libraries=pg_stat_statements`).
+pub const EXTRA_OPTIONS_ENV: &str = "HQ_PG_OPTIONS";
 
 #[derive(Debug, Error)]
 pub enum PgError {
@@ -72,14 +75,16 @@ impl PgCluster {
     }
 
     /// `pg_ctl start` on the private socket directory and port, tuned for
-    /// tests (no fsync: the data is thrown away).
+    /// tests (no fsync: the data is thrown away), plus the options in
+    /// [`EXTRA_OPTIONS_ENV`].
     fn start_server(&self) -> Result<(), PgError> {
         let data = self.root.join("data");
         let options = format!(
             "-F -k {} -p {} -c listen_addresses=127.0.0.1 -c max_connections=400 \
-             -c synchronous_commit=off -c full_page_writes=off -c shared_buffers=128MB",
+             -c synchronous_commit=off -c full_page_writes=off -c shared_buffers=128MB {}",
             path_str(&self.root.join("sock")),
-            self.port
+            self.port,
+            std::env::var(EXTRA_OPTIONS_ENV).unwrap_or_default(),
         );
         let log = self.root.join("postgres.log");
         let args = [
