@@ -172,9 +172,11 @@ async fn cached_dataset(builds: usize) -> Result<(NixStore, Vec<String>)> {
 
 /// Reads the store's database and every file of its store once. The
 /// runner loads builds an evaluator has just written, whose `.drv` files
-/// are in the page cache; a dataset made hours before may not be (cargo's
-/// builds push it out), and a cold one measured 8,683 steps/s where the
-/// same one warm measured 22,897: the disk's speed, not the runner's.
+/// are in the page cache; a dataset made before may not be (this VM's
+/// kernel pages out what was not touched for about a minute: a DAMON
+/// `pageout` scheme, `kdamond`), and a cold one measured 8,683 steps/s
+/// where the same one warm measured 22,897: the disk's speed, not the
+/// runner's.
 fn read_into_page_cache(root: &std::path::Path) -> Result<usize> {
     let mut files = 0;
     let db = root.join("nix/var/nix/db/db.sqlite");
