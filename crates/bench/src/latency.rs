@@ -117,10 +117,11 @@ struct Sample {
     build: i32,
 }
 
-/// A sample's parts: the submit call; on to the `queued` event (the queue
-/// monitor woken and reading the build); on to `step_started` (loading,
-/// the dispatcher's round and its transaction); on to the builder
-/// receiving the job (the tunnel).
+/// A sample's parts: the submit call; on to the `queued` event (written
+/// by the submit's transaction, so a part of the call); on to
+/// `step_started` (the queue monitor woken, the build loaded, the
+/// dispatcher's round and its statement); on to the builder receiving the
+/// job (the tunnel).
 struct Parts {
     began_ms: i64,
     first_ms: i64,

@@ -4,9 +4,8 @@
 //! `scripts/bench.sh`, which builds in release mode and provides
 //! PostgreSQL.
 
-/// mimalloc rather than glibc's malloc: loading a queue allocates and
-/// frees millions of small values (store paths, steps), and glibc's
-/// free and consolidation were 5% of the CPU of ingestion (the runner it embeds).
+/// The runner's allocator (its `main.rs` says why): the runner measured
+/// here runs in this process.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

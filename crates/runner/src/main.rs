@@ -2,7 +2,7 @@
 
 /// mimalloc rather than glibc's malloc: loading a queue allocates and
 /// frees millions of small values (store paths, steps), and glibc's
-/// free and consolidation were 5% of the CPU of ingestion (the runner).
+/// free and consolidation were 5% of all CPU in the ingestion benchmark.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
