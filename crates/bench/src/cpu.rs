@@ -105,3 +105,47 @@ impl Sample {
         }
     }
 }
+
+/// The machine's CPU time so far, and how much of it the hypervisor took
+/// (`steal` in `/proc/stat`), in ticks. On this VM steal reached a fifth
+/// of a run for seconds at a time, and the same ingestion measured 12,250
+/// steps/s with 19% stolen and 22,694 with none: a figure is read beside
+/// its steal.
+pub fn steal_ticks() -> (u64, u64) {
+    let fields: Vec<u64> = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| s.lines().next().map(str::to_owned))
+        .map(|cpu| {
+            cpu.split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    // user nice system idle iowait irq softirq steal
+    let total = fields.iter().take(8).sum();
+    (fields.get(7).copied().unwrap_or(0), total)
+}
+
+/// The share of the CPU time from `before` to `after` (both
+/// [`steal_ticks`]) that the hypervisor took, in percent.
+pub fn stolen_percent(before: (u64, u64), after: (u64, u64)) -> f64 {
+    let total = after.1.saturating_sub(before.1);
+    if total == 0 {
+        return 0.0;
+    }
+    100.0 * after.0.saturating_sub(before.0) as f64 / total as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stolen_share_is_steal_over_all_time() {
+        assert_eq!(stolen_percent((10, 1000), (30, 1200)), 10.0);
+        assert_eq!(stolen_percent((10, 1000), (10, 1000)), 0.0);
+        let (steal, total) = steal_ticks();
+        assert!(steal <= total && total > 0);
+    }
+}

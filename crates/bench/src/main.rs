@@ -148,7 +148,8 @@ async fn probe() -> Result<serde_json::Value> {
 async fn main() -> Result<()> {
     hydra_testkit::farm::init_tracing_quiet();
     let cli = Cli::parse();
-    let (name, value) = match cli.scenario {
+    let steal_before = cpu::steal_ticks();
+    let (name, mut value) = match cli.scenario {
         Scenario::Makespan {
             shapes: list,
             size,
@@ -177,6 +178,13 @@ async fn main() -> Result<()> {
             scale::run(builders, steps, Duration::from_secs(seconds)).await?,
         ),
     };
+    let stolen = cpu::stolen_percent(steal_before, cpu::steal_ticks());
+    eprintln!(
+        "[{name}] the hypervisor took {stolen:.1}% of the machine's CPU time meanwhile (steal)"
+    );
+    if let Some(fields) = value.as_object_mut() {
+        fields.insert("steal_percent".into(), serde_json::json!(stolen));
+    }
     report::save(name, &value)?;
     Ok(())
 }
