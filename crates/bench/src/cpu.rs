@@ -34,19 +34,8 @@ fn ticks_per_second() -> f64 {
 
 impl Sample {
     pub fn now() -> Sample {
-        let busy = std::fs::read_to_string("/proc/stat")
-            .ok()
-            .and_then(|s| {
-                let cpu = s.lines().next()?.to_owned();
-                let f: Vec<u64> = cpu
-                    .split_whitespace()
-                    .skip(1)
-                    .filter_map(|x| x.parse().ok())
-                    .collect();
-                // user nice system idle iowait irq softirq steal
-                Some(f.iter().take(3).sum::<u64>() + f.get(5..7).map_or(0, |v| v.iter().sum()))
-            })
-            .unwrap_or(0);
+        let f = machine_ticks();
+        let busy = f.iter().take(3).sum::<u64>() + f.get(5..7).map_or(0, |v| v.iter().sum());
         let me = std::process::id();
         let mut procs = HashMap::new();
         if let Ok(dir) = std::fs::read_dir("/proc") {
@@ -112,7 +101,15 @@ impl Sample {
 /// steps/s with 19% stolen and 22,694 with none: a figure is read beside
 /// its steal.
 pub fn steal_ticks() -> (u64, u64) {
-    let fields: Vec<u64> = std::fs::read_to_string("/proc/stat")
+    let fields = machine_ticks();
+    let total = fields.iter().take(8).sum();
+    (fields.get(7).copied().unwrap_or(0), total)
+}
+
+/// The `cpu` line of `/proc/stat`: user nice system idle iowait irq
+/// softirq steal (and more), in ticks; empty when it cannot be read.
+fn machine_ticks() -> Vec<u64> {
+    std::fs::read_to_string("/proc/stat")
         .ok()
         .and_then(|s| s.lines().next().map(str::to_owned))
         .map(|cpu| {
@@ -121,10 +118,7 @@ pub fn steal_ticks() -> (u64, u64) {
                 .filter_map(|x| x.parse().ok())
                 .collect()
         })
-        .unwrap_or_default();
-    // user nice system idle iowait irq softirq steal
-    let total = fields.iter().take(8).sum();
-    (fields.get(7).copied().unwrap_or(0), total)
+        .unwrap_or_default()
 }
 
 /// The share of the CPU time from `before` to `after` (both
