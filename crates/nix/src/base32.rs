@@ -118,4 +118,20 @@ mod tests {
         let text = format!("{}é", "0".repeat(30));
         assert!(matches!(decode(&text), Err(Base32Error::InvalidChar(_))));
     }
+
+    proptest::proptest! {
+        /// Any text is decoded or refused, never a panic; what decodes
+        /// encodes back to itself.
+        #[test]
+        fn any_text_decodes_or_is_refused(text in "\\PC{0,60}") {
+            if let Ok(bytes) = decode(&text) {
+                proptest::prop_assert_eq!(encode(&bytes), text);
+            }
+        }
+
+        #[test]
+        fn any_bytes_round_trip(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            proptest::prop_assert_eq!(decode(&encode(&bytes)).unwrap(), bytes);
+        }
+    }
 }
